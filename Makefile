@@ -1,0 +1,59 @@
+# embbench — `make help` lists the targets. Everything installs into .venv from pyproject.toml.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The stamp changes with pyproject.toml, so `setup` reinstalls only when dependencies change.
+STAMP := $(VENV)/.embbench-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PARAMS ?=
+export MLFLOW_DISABLE_TELEMETRY := true
+export TF_CPP_MIN_LOG_LEVEL := 3
+export TF_ENABLE_ONEDNN_OPTS := 0
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: setup
+setup: $(STAMP) ## create .venv, install embbench with its pinned dependencies, register the kernel
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name embbench --display-name "Python (embbench)" >/dev/null
+	@rm -f $(VENV)/.embbench-* && touch $@
+
+.PHONY: demo
+demo: setup ## run the notebooks on the demo catalogue (embedded Milvus Lite + local MLflow)
+	$(PY) -m embbench demo
+
+.PHONY: test
+test: setup ## run the test suite (lint included)
+	$(PY) -m pytest -q
+
+.PHONY: lint
+lint: setup ## ruff over the package, tests and benchmarks
+	$(VENV)/bin/ruff check embbench tests benchmarks
+
+.PHONY: lab
+lab: setup ## JupyterLab on the project (http://127.0.0.1:8888)
+	$(VENV)/bin/jupyter lab --no-browser --ip 127.0.0.1 --port 8888 $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: mlflow-ui
+mlflow-ui: setup ## MLflow UI on the local store (http://127.0.0.1:5000)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
+
+nb-%: setup ## run notebooks/%.ipynb with params/%.yaml (+ PARAMS="more.yaml ...")
+	$(PY) -m embbench run-notebook $* -f params/$*.yaml $(foreach f,$(PARAMS),-f $(f))
+
+.PHONY: bench
+bench: setup ## run the benchmarks (prints ratios against their baselines)
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_embedding.py
+
+.PHONY: clean
+clean: ## remove caches, runs and reports (keeps .venv and data/)
+	rm -rf cache runs reports/*.html reports/notebooks

@@ -1,0 +1,5 @@
+"""``python -m embbench``: the command-line interface."""
+
+from embbench.cli import main
+
+raise SystemExit(main())

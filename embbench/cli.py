@@ -1,0 +1,158 @@
+"""Command-line entry points: ``embbench <command>`` or ``python -m embbench <command>``.
+
+Commands:
+  demo          run the notebooks on the demo catalogue (params/<nb>.yaml + params/demo/<nb>.yaml)
+  run-notebook  run one notebook with layered params files (validated) through papermill
+  embed         run stage 01 without a notebook (the torchrun entry point for several GPUs)
+  verify        check a local copy of a dataset against its published layout and counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from embbench import setup_logging
+
+logger = logging.getLogger("embbench.cli")
+
+DEMO_NOTEBOOKS = ("01_embed",)
+
+
+def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
+    """Whether the model hub answers a TCP connection (weights can be downloaded)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _params_for(name: str, root: Path, extra: list[str], demo: bool) -> list[Path]:
+    files = [root / "params" / f"{name}.yaml"]
+    if demo:
+        files.append(root / "params" / "demo" / f"{name}.yaml")
+    return files + [Path(f) for f in extra]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo notebooks in order and say where everything went."""
+    from embbench.notebooks import run_notebook
+    from embbench.paths import project_root, reports_dir, runs_dir
+    from embbench.tracking import default_tracking_uri
+
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        logger.warning(
+            "the model hub is unreachable: models fall back to RANDOM weights "
+            "(weights: auto); every result and report says so"
+        )
+    root = project_root()
+    names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
+    outputs = []
+    for name in names:
+        outputs.append(run_notebook(name, _params_for(name, root, args.params, demo=True)))
+    logger.info("demo finished")
+    lines = [
+        "",
+        "embbench demo finished.",
+        f"  MLflow runs:        {default_tracking_uri()}  (browse: make mlflow-ui)",
+        f"  result records:     {runs_dir() / 'results'}",
+        "  rendered notebooks: " + ", ".join(str(o) for o in outputs),
+    ]
+    report = reports_dir() / "report.html"
+    if report.is_file():
+        lines.append(f"  report:             {report}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_run_notebook(args: argparse.Namespace) -> int:
+    """Run one notebook with layered params files."""
+    import yaml
+
+    from embbench.notebooks import run_notebook
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    out = run_notebook(
+        args.notebook, args.params, overrides, output=Path(args.output) if args.output else None
+    )
+    sys.stdout.write(f"executed notebook: {out}\n")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Stage 01 without a notebook; under torchrun every rank embeds its shards."""
+    from embbench.embed_stage import EmbedConfig, run_embed
+
+    cfg = EmbedConfig.from_files(*args.params)
+    table = run_embed(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        sys.stdout.write(table.to_string(index=False) + "\n")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Delegate to the dataset verifier."""
+    from embbench.datasets._verify import verify_main
+
+    return verify_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(
+        prog="embbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the demo end to end")
+    d.add_argument("--notebooks", default="", help="comma-separated subset, e.g. 01_embed")
+    d.add_argument(
+        "-f",
+        "--params",
+        action="append",
+        default=[],
+        help="extra params file layered last (repeatable)",
+    )
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run-notebook", help="run one notebook with params files")
+    r.add_argument("notebook", help="e.g. 01_embed")
+    r.add_argument("-f", "--params", action="append", default=[], help="params YAML (repeatable)")
+    r.add_argument("--set", action="append", help="key=value override (YAML value)")
+    r.add_argument("--output", default="", help="executed notebook path")
+    r.set_defaults(func=cmd_run_notebook)
+
+    e = sub.add_parser("embed", help="stage 01 without a notebook (torchrun entry point)")
+    e.add_argument("-f", "--params", action="append", default=[], required=True)
+    e.set_defaults(func=cmd_embed)
+
+    v = sub.add_parser("verify", help="verify a local dataset copy", add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; errors people can fix are printed without a trace."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    from embbench.catalogue import CatalogueError
+    from embbench.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CatalogueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2

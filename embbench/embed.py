@@ -1,0 +1,345 @@
+"""Embedding extraction: images of one catalogue split -> cached vectors.
+
+Batched :class:`torch.utils.data.DataLoader` with worker processes decoding JPEGs while the
+model runs; ``torch.inference_mode``; channels_last; bf16/fp16 autocast and pinned memory on
+CUDA; a progress bar. Vectors go to an :class:`~embbench.cache.EmbeddingCache` shard by shard,
+so a killed run resumes from the finished shards.
+
+Several GPUs: run the same entry point under ``torchrun --nproc_per_node=N`` (see
+``python -m embbench embed --help``); each rank takes every N-th shard, and rank 0 joins them once
+all ranks reach the barrier. Images that cannot be read are skipped, recorded with the reason in
+the cache's ``failed.json`` and listed in the run's output; one bad image never stops a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from embbench.cache import EmbeddingCache, EmbeddingSet
+from embbench.catalogue import Catalogue
+
+logger = logging.getLogger(__name__)
+
+EXTRACTION_VERSION = 1  # bump when this module changes the vectors it produces
+
+
+# ---- devices, precision, distributed -----------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> this rank's CUDA device when available, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``.
+
+    ``auto`` is bf16 on CUDA that supports it, fp16 on older CUDA, none (fp32) on the CPU;
+    ``fp32``/``bf16``/``fp16`` force a choice.
+    """
+    allowed = {"auto", "fp32", "bf16", "fp16"}
+    if precision not in allowed:
+        raise ValueError(f"precision={precision!r}; allowed: {sorted(allowed)}")
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the consolidated outputs."""
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _barrier(dist_info: DistInfo) -> None:
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---- data --------------------------------------------------------------------------------------
+class ImageRows(Dataset):
+    """Decode and preprocess catalogue rows; a bad image yields its reason instead of a tensor."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from embbench.images import BadImageError, load_rgb
+
+        try:
+            img = load_rgb(self.paths[i])
+            return i, self.transform(img), None
+        except BadImageError as exc:
+            return i, None, exc.reason
+        except Exception as exc:  # a transform failing on an odd image must not stop the run
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    ok = [(i, t) for i, t, r in batch if r is None]
+    bad = [(i, r) for i, t, r in batch if r is not None]
+    tensor = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], tensor, bad
+
+
+class _ShardBatches(Sampler[list[int]]):
+    """Batches that never cross a shard boundary, over the shards this rank still has to do."""
+
+    def __init__(self, shards: list[tuple[int, int, int]], batch_size: int) -> None:
+        self.shards = shards
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, start, stop in self.shards:
+            for b in range(start, stop, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for _, start, stop in self.shards)
+
+
+# ---- extraction --------------------------------------------------------------------------------
+def embed_split(
+    embedder,
+    catalogue: Catalogue,
+    split: str,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "auto",
+    shard_size: int = 4096,
+    overwrite: bool = False,
+    cache_root=None,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """Embed every image of ``split``; return the cached vectors, computing only what is missing.
+
+    Args:
+        embedder: An :class:`embbench.models.Embedder` (model + its own preprocessing).
+        catalogue: The catalogue to read.
+        split: The split to embed.
+        batch_size: Images per forward pass (per GPU under torchrun).
+        num_workers: DataLoader decoding processes.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        shard_size: Images per cache shard (the unit of resumption).
+        overwrite: Recompute even when a complete cache exists.
+        cache_root: Cache root override (default ``cache_dir()/"embeddings"``).
+        progress: Show a progress bar.
+
+    Returns:
+        The split's vectors (memory-mapped) with ids and failures.
+    """
+    rows = catalogue.split(split)
+    cache = embedding_cache(embedder, catalogue, split, root=cache_root)
+    if cache.is_complete() and not overwrite:
+        logger.info("embeddings cached: %s", cache.path)
+        return cache.load()
+
+    dev = resolve_device(device)
+    dist_info = init_distributed(dev)
+    amp_dtype = resolve_precision(precision, dev)
+    ids = rows["item_id"].astype(str).tolist()
+    paths = rows["path"].astype(str).tolist()
+    if dist_info.is_main:
+        cache.begin(
+            ids,
+            shard_size,
+            provenance=_provenance(embedder, dev, amp_dtype, dist_info),
+            overwrite=overwrite,
+        )
+    _barrier(dist_info)
+    n_shards = cache.n_shards(len(ids), shard_size)
+    todo = [
+        (s, s * shard_size, min((s + 1) * shard_size, len(ids)))
+        for s in range(n_shards)
+        if s % dist_info.world_size == dist_info.rank and not cache.shard_done(s)
+    ]
+    if len(todo) < n_shards:
+        logger.info(
+            "resuming %s: %d of %d shard(s) already done",
+            cache.path,
+            n_shards - len(todo),
+            n_shards,
+        )
+
+    model = embedder.model.to(dev).eval()
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        ImageRows(paths, embedder.transform),
+        batch_sampler=_ShardBatches(todo, batch_size),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    shard_of = {}
+    for s, start, stop in todo:
+        shard_of.update(dict.fromkeys(range(start, stop), s))
+    pending = {
+        s: {"n": stop - start, "idx": [], "vec": [], "failed": []} for s, start, stop in todo
+    }
+    t0 = time.perf_counter()
+    n_images = 0
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else nullcontext()
+    )
+    bar = tqdm(
+        total=sum(stop - start for _, start, stop in todo),
+        disable=not progress,
+        desc=f"embed {embedder.spec.name} {catalogue.name}/{split}",
+        unit="img",
+    )
+    with torch.inference_mode():
+        for idx, images, bad in loader:
+            first = idx[0] if idx else bad[0][0]
+            shard = pending[shard_of[first]]
+            if images is not None:
+                images = images.to(dev, non_blocking=True)
+                if dev.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    out = model(images)
+                shard["vec"].append(out.float().cpu().numpy())
+                shard["idx"].extend(idx)
+            for i, reason in bad:
+                logger.warning("skipping unreadable image %s: %s", paths[i], reason)
+                shard["failed"].append({"item_id": ids[i], "path": paths[i], "reason": reason})
+            n_images += len(idx) + len(bad)
+            bar.update(len(idx) + len(bad))
+            if len(shard["idx"]) + len(shard["failed"]) == shard["n"]:
+                s = shard_of[first]
+                vec = (
+                    np.concatenate(shard["vec"])
+                    if shard["vec"]
+                    else np.zeros((0, embedder.embed_dim), np.float32)
+                )
+                cache.write_shard(s, vec, [ids[i] for i in shard["idx"]], shard["failed"])
+                del pending[s]
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    _barrier(dist_info)
+    if not dist_info.is_main:
+        return cache.load() if _wait_complete(cache) else None  # type: ignore[return-value]
+    result = cache.consolidate(
+        n_shards,
+        extra_meta={
+            "images_per_s": round(n_images / elapsed, 2) if elapsed > 0 and n_images else None,
+            "wall_s": round(elapsed, 2),
+        },
+    )
+    if result.failed:
+        logger.warning(
+            "%d image(s) of %s/%s could not be read and were skipped; listed in %s",
+            len(result.failed),
+            catalogue.name,
+            split,
+            result.path / "failed.json",
+        )
+    _barrier(dist_info)
+    return result
+
+
+def _wait_complete(cache: EmbeddingCache) -> bool:
+    import torch.distributed as dist
+
+    dist.barrier()
+    return cache.is_complete()
+
+
+def embedding_cache(embedder, catalogue: Catalogue, split: str, root=None) -> EmbeddingCache:
+    """The cache entry for ``embedder`` on ``catalogue``/``split`` (not necessarily computed)."""
+    identity = {
+        **embedder.cache_identity(),
+        "dataset_fingerprint": catalogue.fingerprint(),
+        "normalized": False,  # raw pooled features; consumers L2-normalise
+        "extraction_version": EXTRACTION_VERSION,
+    }
+    return EmbeddingCache(catalogue.name, embedder.spec.name, split, identity, root=root)
+
+
+def _provenance(embedder, dev: torch.device, amp_dtype, dist_info: DistInfo) -> dict:
+    return {
+        "weights_used": embedder.weights_used,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor(),
+        "autocast": str(amp_dtype) if amp_dtype is not None else "fp32",
+        "world_size": dist_info.world_size,
+        "torch": torch.__version__,
+    }
+
+
+def split_labels(es: EmbeddingSet, catalogue: Catalogue, column: str | None = None) -> np.ndarray:
+    """Labels of the cached vectors, in their order."""
+    return es.labels(catalogue.items, column or catalogue.default_label)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+__all__ = [
+    "embed_split",
+    "embedding_cache",
+    "split_labels",
+    "l2_normalize",
+    "resolve_device",
+    "resolve_precision",
+    "init_distributed",
+    "DistInfo",
+]

@@ -1,0 +1,5 @@
+"""Importing this module registers every stage's config (see :func:`embbench.config.config_for`)."""
+
+from __future__ import annotations
+
+import embbench.embed_stage  # noqa: F401  01_embed
