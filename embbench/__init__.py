@@ -17,12 +17,11 @@ __version__ = "0.1.0"
 
 def setup_logging(level: int | str = "INFO") -> None:
     """Log embbench's messages to stderr with timestamps (notebooks and the CLI call this)."""
+    # Third-party libraries (open_clip logs on the root logger) stay at WARNING.
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=False
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING
     )
     logging.getLogger("embbench").setLevel(level)
-    for noisy in ("urllib3", "PIL", "matplotlib", "alembic", "mlflow", "pymilvus", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

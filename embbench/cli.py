@@ -103,9 +103,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Delegate to the dataset verifier."""
-    from embbench.datasets._verify import verify_main
+    from embbench.datasets._verify import run_verify
 
-    return verify_main(args.rest)
+    return run_verify(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-f", "--params", action="append", default=[], required=True)
     e.set_defaults(func=cmd_embed)
 
-    v = sub.add_parser("verify", help="verify a local dataset copy", add_help=False)
-    v.add_argument("rest", nargs=argparse.REMAINDER)
+    from embbench.datasets._verify import build_parser as verify_parser
+
+    v = verify_parser(sub.add_parser("verify", help="verify a local dataset copy"))
     v.set_defaults(func=cmd_verify)
     return p
 

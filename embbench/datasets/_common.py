@@ -1,0 +1,402 @@
+"""Shared pieces of the dataset loaders: layout errors, finding the root, seeded splits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embbench.catalogue import IMAGE_SUFFIXES, CatalogueError
+
+logger = logging.getLogger(__name__)
+
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".7z", ".rar")
+
+
+class DatasetLayoutError(CatalogueError):
+    """A dataset copy does not have the published layout; the message says what is expected where.
+
+    Args:
+        message: The full message (what was expected, where, what was found, the fix).
+        root: The folder that was examined.
+    """
+
+    def __init__(self, message: str, *, root: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.root = str(root) if root is not None else None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one dataset looks on disk, for finding its root and for error messages.
+
+    Attributes:
+        title: Human-readable dataset name.
+        variants: Layout variant -> marker paths (relative to the root) that must all exist.
+        subdirs: Folder names below the given root to look in too (the archive's top folder).
+        archives: Archive file names the publisher ships (to spot an unextracted download).
+        tree: The expected tree, shown in error messages.
+    """
+
+    title: str
+    variants: dict[str, tuple[str, ...]]
+    subdirs: tuple[str, ...] = ()
+    archives: tuple[str, ...] = ()
+    tree: str = ""
+
+    def candidates(self, root: Path) -> list[Path]:
+        """``root`` and the usual sub-folders below it, in search order."""
+        return [root, *(root / s for s in self.subdirs)]
+
+
+@dataclass
+class LoadNotes:
+    """What a loader noticed while reading (kept in ``Catalogue.source`` for ``verify``).
+
+    Attributes:
+        notes: Human-readable remarks that are not problems of the copy.
+        problems: Remarks that are problems of the copy (each names the path and the fix).
+        missing: Item paths the annotation lists but the loader dropped (no image file).
+    """
+
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """A JSON-friendly dict for ``Catalogue.source``."""
+        return {"notes": list(self.notes), "problems": list(self.problems),
+                "missing": list(self.missing)}
+
+
+def _listing(folder: Path, limit: int = 12) -> str:
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    except OSError as err:
+        return f"(cannot list: {err})"
+    if not names:
+        return "(empty)"
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _archives_in(folders: Iterable[Path], known: Sequence[str]) -> list[Path]:
+    found = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            name = p.name.lower()
+            if p.is_file() and (p.name in known or name.endswith(_ARCHIVE_SUFFIXES)):
+                found.append(p)
+    return found
+
+
+def find_root(
+    layout: Layout,
+    root: Path,
+    *,
+    variant: str | None = None,
+    default_root: bool = False,
+) -> tuple[Path, str]:
+    """Find the folder holding the dataset at or below ``root`` and detect its layout variant.
+
+    Args:
+        layout: The dataset's layout description.
+        root: The folder the user gave (or the default).
+        variant: Force one layout variant instead of detecting it.
+        default_root: ``root`` was not given by the user but derived from ``data_dir()``.
+
+    Returns:
+        ``(folder, variant)``.
+
+    Raises:
+        DatasetLayoutError: No candidate folder has the layout; the message lists the expected
+            files, where they were looked for, what the root holds, and the fix.
+    """
+    variants = layout.variants
+    if variant is not None and variant not in variants:
+        raise DatasetLayoutError(
+            f"{layout.title}: unknown layout variant {variant!r}; choose one of {list(variants)}",
+            root=root,
+        )
+    wanted = {variant: variants[variant]} if variant else variants
+    if not root.exists():
+        how = (
+            "No root was given, so the default (data_dir()/<name>, set EMBBENCH_DATA to move "
+            "it) was used. "
+            if default_root
+            else ""
+        )
+        raise DatasetLayoutError(
+            f"{layout.title}: root folder {root} does not exist. {how}Download and extract the "
+            f"dataset, then pass the folder that holds it as root. Expected layout:\n"
+            f"{layout.tree}",
+            root=root,
+        )
+    if not root.is_dir():
+        raise DatasetLayoutError(
+            f"{layout.title}: root {root} is a file, not a folder"
+            + (" (an archive: extract it first and pass the extracted folder)"
+               if root.name.lower().endswith(_ARCHIVE_SUFFIXES) else "")
+            + f". Expected layout:\n{layout.tree}",
+            root=root,
+        )
+    candidates = layout.candidates(root)
+    for folder in candidates:
+        for name, markers in wanted.items():
+            if all((folder / m).exists() for m in markers):
+                if folder != root:
+                    logger.info("%s: using %s (below the given root %s)", layout.title,
+                                folder, root)
+                return folder, name
+    # Nothing matched: say what was expected, what is there, and what to do.
+    looked = [str(c) for c in candidates if c.is_dir()]
+    partial = []
+    for folder in candidates:
+        for name, markers in wanted.items():
+            have = [m for m in markers if (folder / m).exists()]
+            if have:
+                lacking = [m for m in markers if m not in have]
+                partial.append(
+                    f"{folder} has {have} but lacks {lacking} ({name} layout): the archive "
+                    "looks partly extracted or partly downloaded; extract it again completely"
+                )
+    expected = "; or ".join(
+        f"{' + '.join(m)} ({n} layout)" if len(wanted) > 1 else " + ".join(m)
+        for n, m in wanted.items()
+    )
+    parts = [
+        f"{layout.title}: expected {expected} in the root folder, but found none.",
+        f"Looked in: {', '.join(looked)}.",
+        f"{root} holds: {_listing(root)}.",
+    ]
+    parts.extend(partial)
+    archives = _archives_in(candidates, layout.archives)
+    if archives:
+        parts.append(
+            f"Found the archive {archives[0]}: extract it first (e.g. `unzip {archives[0].name}` "
+            f"or `tar xf {archives[0].name}` inside {archives[0].parent})."
+        )
+    parts.append(
+        "Fix: pass as root the folder that directly holds the files above. Expected layout:\n"
+        + layout.tree
+    )
+    raise DatasetLayoutError("\n".join(parts), root=root)
+
+
+def require_file(path: Path, title: str, what: str) -> Path:
+    """Return ``path`` or raise a DatasetLayoutError naming the file and what it is for."""
+    if not path.is_file():
+        where = path.parent
+        have = _listing(where) if where.is_dir() else f"the folder {where} does not exist"
+        raise DatasetLayoutError(
+            f"{title}: {what} {path} not found ({where} holds: {have}). Extract it from the "
+            "published archive into that folder.",
+            root=path.parent,
+        )
+    return path
+
+
+def read_text_lines(path: Path, title: str) -> list[str]:
+    """Read a UTF-8 text file (BOM tolerated, CRLF tolerated) into lines."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetLayoutError(
+            f"{title}: {path} is not UTF-8 text ({err}); re-download it", root=path.parent
+        ) from None
+    return text.splitlines()
+
+
+def join_paths(base: Path, relative: Iterable[str]) -> list[str]:
+    """``str(base / rel)`` for many POSIX-style relative paths, by string concatenation.
+
+    Path arithmetic costs seconds for a million images; this does not.
+    """
+    prefix = str(base) + os.sep
+    if os.sep == "/":
+        return [prefix + r for r in relative]
+    return [prefix + r.replace("/", os.sep) for r in relative]
+
+
+def suffix(name: str) -> str:
+    """The lower-case suffix of a file name (``".jpg"``), cheaper than ``Path(name).suffix``."""
+    i = name.rfind(".")
+    return name[i:].lower() if i > 0 else ""
+
+
+def list_images(folder: Path) -> list[str]:
+    """Names of the image files directly in ``folder`` (sorted); ``[]`` if it does not exist."""
+    try:
+        with os.scandir(folder) as it:
+            names = [
+                e.name for e in it
+                if e.is_file() and suffix(e.name) in IMAGE_SUFFIXES
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(names)
+
+
+def nested_image_dir(folder: Path) -> Path:
+    """``folder/<folder.name>`` when a mirror nested the image folder in itself, else ``folder``.
+
+    Kaggle mirrors of Cars196 and Products-10K ship ``cars_train/cars_train/00001.jpg``.
+    """
+    inner = folder / folder.name
+    if inner.is_dir() and not list_images(folder):
+        logger.info("using nested image folder %s", inner)
+        return inner
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded, deterministic splits
+
+
+def _allocate(counts: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Spread ``total`` over groups proportionally to ``counts`` (largest remainder), each < n."""
+    cap = np.maximum(counts - 1, 0)
+    eligible = cap.sum()
+    total = int(min(total, eligible))
+    if total <= 0:
+        return np.zeros_like(counts)
+    quota = counts * (total / counts[cap > 0].sum())
+    quota[cap == 0] = 0
+    take = np.minimum(np.floor(quota).astype(np.int64), cap)
+    remaining = total - int(take.sum())
+    if remaining > 0:
+        frac = quota - np.floor(quota)
+        tiebreak = rng.random(len(counts))
+        order = np.lexsort((tiebreak, -frac))
+        for i in order:
+            if remaining == 0:
+                break
+            if take[i] < cap[i]:
+                take[i] += 1
+                remaining -= 1
+    return take
+
+
+def stratified_pick(
+    items: pd.DataFrame,
+    candidates: pd.Index | np.ndarray,
+    stratify: str,
+    fraction: float,
+    seed: int,
+) -> pd.Index:
+    """Pick about ``fraction`` of the ``candidates`` rows, stratified by the column ``stratify``.
+
+    Every class keeps at least one image out of the pick (a class with one image is never
+    picked). Deterministic for a seed, whatever the row order: rows are ordered by
+    ``(stratify, item_id)`` before the seeded shuffle.
+
+    Args:
+        items: The catalogue table.
+        candidates: Index labels of the rows to pick from.
+        stratify: The class column.
+        fraction: Share of the candidate rows to pick.
+        seed: Random seed.
+
+    Returns:
+        Index labels of the picked rows.
+    """
+    rows = items.loc[candidates, [stratify, "item_id"]].copy()
+    if rows.empty or fraction <= 0:
+        return pd.Index([])
+    rows["_key"] = rows[stratify].astype(str)
+    rows = rows.sort_values(["_key", "item_id"], kind="stable")
+    groups = rows.groupby("_key", sort=True).indices
+    keys = list(groups)
+    counts = np.array([len(groups[k]) for k in keys], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    take = _allocate(counts, int(round(len(rows) * fraction)), rng)
+    picked = []
+    for key, n in zip(keys, take, strict=True):
+        if n:
+            idx = groups[key]
+            picked.extend(rows.index[rng.permutation(idx)[:n]])
+    return pd.Index(picked)
+
+
+def group_pick(
+    items: pd.DataFrame,
+    candidates: pd.Index | np.ndarray,
+    group: str,
+    fraction: float,
+    seed: int,
+) -> pd.Index:
+    """Pick whole classes (column ``group``) until about ``fraction`` of the rows are picked.
+
+    Used for the validation split of class-disjoint (``dml``) schemes, so that validation
+    classes are unseen in training like the test classes. At least one class stays unpicked.
+    """
+    rows = items.loc[candidates, [group]]
+    if rows.empty or fraction <= 0:
+        return pd.Index([])
+    keys = sorted(rows[group].astype(str).unique())
+    sizes = rows[group].astype(str).value_counts()
+    rng = np.random.default_rng(seed)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    target = len(rows) * fraction
+    chosen: set[str] = set()
+    n = 0
+    for key in order[:-1]:
+        if n >= target:
+            break
+        chosen.add(key)
+        n += int(sizes[key])
+    return rows.index[rows[group].astype(str).isin(chosen)]
+
+
+def carve_val(
+    items: pd.DataFrame,
+    *,
+    stratify: str,
+    fraction: float,
+    seed: int,
+    by_class: bool = False,
+) -> pd.DataFrame:
+    """Move about ``fraction`` of the ``train`` rows to a new ``val`` split (seeded).
+
+    Args:
+        items: The catalogue table with a ``split`` column.
+        stratify: Class column (stratification, or the unit of a class-disjoint pick).
+        fraction: Share of train moved to val.
+        seed: Random seed.
+        by_class: Move whole classes (class-disjoint schemes) instead of images per class.
+
+    Returns:
+        The table with the ``split`` column updated (a copy).
+    """
+    items = items.copy()
+    train = items.index[items["split"] == "train"]
+    pick = group_pick if by_class else stratified_pick
+    val = pick(items, train, stratify, fraction, seed)
+    items.loc[val, "split"] = "val"
+    return items
+
+
+def assign_test(
+    items: pd.DataFrame, *, stratify: str, fraction: float, seed: int
+) -> pd.DataFrame:
+    """Put every row in ``train`` except a stratified ``fraction`` in ``test`` (seeded)."""
+    items = items.copy()
+    items["split"] = "train"
+    test = stratified_pick(items, items.index, stratify, fraction, seed)
+    items.loc[test, "split"] = "test"
+    return items
+
+
+def check_fraction(name: str, value: float, *, allow_zero: bool = True) -> float:
+    """Validate a split fraction, naming the option in the error."""
+    lo_ok = value >= 0 if allow_zero else value > 0
+    if not (lo_ok and value < 1):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
