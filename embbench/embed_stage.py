@@ -85,7 +85,8 @@ def retrieval_plan(name: str, cat, label: str = "", protocol: str = "") -> dict:
     from embbench.datasets import get_dataset_info
 
     info = get_dataset_info(name) if name in _dataset_names() else None
-    label = label or (info.default_label if info else cat.default_label)
+    # The six public datasets have curated defaults; a user's catalogue keeps its own label.
+    label = label or (info.default_label if info and info.public else cat.default_label)
     protocol = protocol or (info.protocol if info else "within")
     query_split = info.query_split if info else "test"
     index_split = info.index_split if info else query_split
@@ -329,13 +330,17 @@ def _metric_key(name: str) -> str:
 
 
 def _row(record: dict) -> dict:
+    from embbench.metrics import metric_names
+
+    metrics = record["metrics"]
+    ordered = {m: metrics[m] for m in metric_names(record.get("k", 5)) if m in metrics}
     return {
         "model": record["model"],
         "dataset": record["dataset"],
         "mode": record["mode"],
         "family": record.get("family"),
         "weights": record.get("weights_kind"),
-        **record["metrics"],
+        **ordered,
         "n_queries": record.get("n_queries"),
         "n_lone": record.get("n_lone"),
         "n_failed": len(record.get("failed_images", [])),

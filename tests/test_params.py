@@ -46,6 +46,11 @@ def test_notebook_parameters_match_config_and_params_files(name):
         f"{name}: notebook-only {sorted(set(params) - fields)}, "
         f"config-only {sorted(fields - set(params))}")
     cls.from_params(params)  # the notebook's defaults are valid values
+    # papermill itself must parse every parameter (it skips lines with a second '=')
+    import papermill as pm
+
+    seen = set(pm.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb")))
+    assert seen == fields, f"{name}: papermill cannot parse {sorted(fields - seen)}"
     main = ROOT / "params" / f"{name}.yaml"
     assert main.is_file(), f"missing {main}"
     keys = set(yaml.safe_load(main.read_text()) or {})

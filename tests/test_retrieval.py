@@ -1,0 +1,274 @@
+"""Search backends (exact, Milvus Lite) and search_and_evaluate against a brute-force sort."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from embbench._registry import UnknownNameError
+from embbench.metrics import evaluate_rankings
+from embbench.retrieval import (
+    ExactBackend,
+    MilvusBackend,
+    create_backend,
+    l2_normalize,
+    list_backends,
+    search_and_evaluate,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def ref_search(index, queries, k, self_ids=None):
+    """Brute force: full sort of float64-accumulated scores by (score desc, id asc)."""
+    scores = (queries.astype(np.float64) @ index.astype(np.float64).T).astype(np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    dists = np.full((len(queries), k), np.inf, dtype=np.float32)
+    for i in range(len(queries)):
+        order = sorted(range(len(index)), key=lambda j, i=i: (-scores[i, j], j))
+        if self_ids is not None:
+            order = [j for j in order if j != self_ids[i]]
+        order = order[:k]
+        ids[i, : len(order)] = order
+        dists[i, : len(order)] = np.maximum(0, 2 - 2 * scores[i, order])
+    return ids, dists
+
+
+def clustered(seed, n=300, d=32, n_classes=12, dups=40, noise=0.35):
+    """Clustered unit vectors with exact duplicates (ties) at random positions."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    x = rng.standard_normal((n_classes, d))[labels] + noise * rng.standard_normal((n, d))
+    for a, b in rng.integers(0, n, (dups, 2)):
+        x[b] = x[a]
+        labels[b] = labels[a]
+    return l2_normalize(x), labels
+
+
+def one_hot(seed, n=200, d=6):
+    """Massive exact ties: every score is 0 or 1, so the k-th boundary always cuts a tie."""
+    rng = np.random.default_rng(seed)
+    return np.eye(d, dtype=np.float32)[rng.integers(0, d, n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact backend
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 7, None])
+@pytest.mark.parametrize("margin", [0, 8])
+def test_exact_matches_full_sort_with_ties_by_id(block_size, margin):
+    x, _ = clustered(0, n=517)  # 517: a size where GEMM gave duplicates unequal float32 scores
+    be = ExactBackend(block_size=block_size, margin=margin, threads=1)
+    ids, dists = be.search(x, x, 5, query_ids=np.arange(len(x)))
+    ref_ids, ref_d = ref_search(x, x, 5, self_ids=np.arange(len(x)))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(dists, ref_d, atol=1e-6)
+    # Cross search (nothing excluded), queries not in the index.
+    q, _ = clustered(1, n=60)
+    ids, _ = be.search(x, q, 7)
+    np.testing.assert_array_equal(ids, ref_search(x, q, 7)[0])
+
+
+@pytest.mark.parametrize("margin", [0, 3])
+def test_exact_boundary_ties_resolved_by_id(margin):
+    x = one_hot(1)
+    be = ExactBackend(block_size=16, margin=margin)
+    ids, dists = be.search(x, x, 5, query_ids=np.arange(len(x)))
+    np.testing.assert_array_equal(ids, ref_search(x, x, 5, self_ids=np.arange(len(x)))[0])
+    assert be.n_widened > 0  # the widening path ran
+    # Within a tie, ids ascend.
+    same = dists[:, 1:] == dists[:, :-1]
+    assert (ids[:, 1:][same] > ids[:, :-1][same]).all()
+
+
+def test_duplicates_tie_exactly_and_rank_by_id():
+    x, _ = clustered(2, n=300, d=32, dups=40)
+    n = len(x)
+    ids, dists = ExactBackend().search(x, x, n)
+    pos = np.argsort(ids, axis=1)  # pos[i, j] = rank of item j for query i
+    groups = {}
+    for j, row in enumerate(x):
+        groups.setdefault(row.tobytes(), []).append(j)
+    dup_groups = [g for g in groups.values() if len(g) > 1]
+    assert len(dup_groups) > 10
+    rows = np.arange(n)
+    for g in dup_groups:
+        d = dists[rows[:, None], pos[:, g]]
+        assert (d == d[:, :1]).all()  # bit-identical distances for identical vectors
+        assert (np.diff(pos[:, g], axis=1) > 0).all()  # and ranked by id
+    same = dists[:, 1:] == dists[:, :-1]
+    assert (ids[:, 1:][same] > ids[:, :-1][same]).all()
+
+
+def test_results_do_not_depend_on_block_size_or_threads():
+    # A query scored alone (gemv) or in a block (gemm) gets float32 scores that differ in the
+    # last bits; canonical re-scoring makes ids AND distances identical for any blocking.
+    x, _ = clustered(8, n=400, d=48)
+    runs = [
+        ExactBackend(block_size=b, threads=t).search(x, x, 10, query_ids=np.arange(len(x)))
+        for b, t in ((1, 1), (3, 2), (64, 1), (None, 2))
+    ]
+    for ids, dists in runs[1:]:
+        np.testing.assert_array_equal(ids, runs[0][0])
+        np.testing.assert_array_equal(dists, runs[0][1])
+
+
+def test_self_exclusion_is_by_id_not_rank_one():
+    rng = np.random.default_rng(0)
+    x = l2_normalize(rng.standard_normal((20, 8)))
+    x[7] = x[3]  # item 7 duplicates item 3: for query 7, rank 1 overall is item 3 (lower id)
+    x[12] = x[3]
+    ids, dists = ExactBackend().search(x, x, 4, query_ids=np.arange(20))
+    assert ids[7, 0] == 3 and 7 not in ids[7] and dists[7, 0] < 1e-6
+    assert list(ids[7, :2]) == [3, 12]
+    assert list(ids[3, :2]) == [7, 12] and 3 not in ids[3]
+    # Dropping rank 1 instead would have kept the query itself: the metrics layer refuses it.
+    wrong = np.stack([row[1:5] for row in ExactBackend().search(x, x, 5)[0]])
+    assert 7 in wrong[7]
+    with pytest.raises(ValueError, match="own result"):
+        evaluate_rankings(
+            wrong,
+            np.arange(20) % 5,
+            np.arange(20) % 5,
+            4,
+            exclude_self=True,
+            query_ids=np.arange(20),
+        )
+
+
+def test_padding_when_fewer_items_than_k():
+    x = l2_normalize(np.random.default_rng(0).standard_normal((4, 5)))
+    ids, dists = ExactBackend().search(x, x, 6, query_ids=np.arange(4))
+    assert ids.shape == (4, 6) and (ids[:, 3:] == -1).all() and np.isinf(dists[:, 3:]).all()
+    assert (ids[:, :3] >= 0).all()
+    ids, _ = ExactBackend().search(x, x[:2], 6)
+    assert (ids[:, 4:] == -1).all()
+
+
+def test_distances_are_squared_l2():
+    x, _ = clustered(3, n=80)
+    ids, dists = ExactBackend().search(x, x[:10], 5)
+    true = ((x[:10, None, :] - x[ids]) ** 2).sum(-1)
+    np.testing.assert_allclose(dists, true, atol=1e-5)
+
+
+def test_search_validation_errors():
+    be = ExactBackend()
+    x = l2_normalize(np.random.default_rng(0).standard_normal((10, 4)))
+    with pytest.raises(ValueError, match="dim 4 but queries have dim 3"):
+        be.search(x, x[:, :3], 2)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        be.search(x * 2, x, 2)
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf .*row 2"):
+        be.search(bad, x, 2)
+    with pytest.raises(ValueError, match="vectors differ"):
+        be.search(x, x[::-1], 2, query_ids=np.arange(10))
+    with pytest.raises(ValueError, match="positive integer"):
+        be.search(x, x, 0)
+
+
+def test_registry_and_factory():
+    assert {"exact", "milvus"} <= set(list_backends())
+    assert isinstance(create_backend("exact", block_size=None, threads=1), ExactBackend)
+    with pytest.raises(UnknownNameError, match="Did you mean 'exact'"):
+        create_backend("exakt")
+
+
+def test_l2_normalize_is_idempotent_bit_for_bit():
+    x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32) * 3
+    once = l2_normalize(x)
+    np.testing.assert_array_equal(l2_normalize(once), once)
+    with pytest.raises(ValueError, match="all zeros"):
+        l2_normalize(np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# search_and_evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_search_and_evaluate_within_and_cross():
+    x, labels = clustered(4, n=200, noise=0.9)
+    scaled = x * np.linspace(0.5, 3, len(x))[:, None]  # normalised inside
+    res = search_and_evaluate(scaled, labels, k=5, protocol="within")
+    ids, _ = ref_search(x, x, 5, self_ids=np.arange(len(x)))
+    ref = evaluate_rankings(ids, labels, labels, 5, exclude_self=True)
+    assert res.summary == pytest.approx(ref.summary)
+    assert 0 < res.summary["mMP@5"] < 1
+    # cross: queries 0..49 against index 50..199
+    res_c = search_and_evaluate(x[:50], labels[:50], x[50:], labels[50:], protocol="cross")
+    ids_c, _ = ref_search(x[50:], x[:50], 5)
+    ref_c = evaluate_rankings(ids_c, labels[:50], labels[50:], 5, exclude_self=False)
+    assert res_c.summary == pytest.approx(ref_c.summary)
+    # within with a subset of the index as queries
+    sub = np.arange(0, 200, 3)
+    res_s = search_and_evaluate(x[sub], labels[sub], x, labels, query_ids=sub)
+    ids_s, _ = ref_search(x, x[sub], 5, self_ids=sub)
+    ref_s = evaluate_rankings(ids_s, labels[sub], labels, 5, exclude_self=True)
+    assert res_s.summary == pytest.approx(ref_s.summary)
+
+
+def test_search_and_evaluate_errors():
+    x, labels = clustered(5, n=30)
+    with pytest.raises(ValueError, match="protocol must be"):
+        search_and_evaluate(x, labels, protocol="both")
+    with pytest.raises(ValueError, match="needs query_ids"):
+        search_and_evaluate(x[:5], labels[:5], x, labels)
+    with pytest.raises(ValueError, match="query_labels has shape"):
+        search_and_evaluate(x, labels[:-1])
+    with pytest.raises(ValueError, match="needs index_vectors"):
+        search_and_evaluate(x, labels, protocol="cross")
+
+
+# ---------------------------------------------------------------------------------------------
+# Milvus Lite
+# ---------------------------------------------------------------------------------------------
+
+
+def test_milvus_lite_matches_exact(tmp_path):
+    db = str(tmp_path / "milvus.db")
+    x, labels = clustered(6, n=300)
+    q, _ = clustered(7, n=40)
+    e = one_hot(2, n=150)
+    exact = ExactBackend()
+    with MilvusBackend(uri=db, collection_prefix="t", margin=4) as mb:
+        ids, dists = mb.search(x, x, 5, query_ids=np.arange(len(x)))
+        ref_ids, ref_d = exact.search(x, x, 5, query_ids=np.arange(len(x)))
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(dists, ref_d)  # same canonical scores, bit for bit
+        ids, _ = mb.search(x, q, 5)
+        np.testing.assert_array_equal(ids, exact.search(x, q, 5)[0])
+        # every boundary is a tie: widened by re-searching with a larger limit
+        ids, _ = mb.search(e, e, 5, query_ids=np.arange(len(e)))
+        np.testing.assert_array_equal(ids, exact.search(e, e, 5, query_ids=np.arange(150))[0])
+        assert mb.n_widened > 0
+        res = search_and_evaluate(x, labels, backend=mb)
+        assert res.summary == search_and_evaluate(x, labels, backend="exact").summary
+        name = mb.collection_name(x)
+        assert name.startswith("t_") and name.replace("_", "").isalnum()
+    # The lock is released: a new backend on the same file reuses the built collection.
+    with MilvusBackend(uri=db, collection_prefix="t") as mb2:
+        ids, _ = mb2.search(x, q, 5)
+        assert mb2.last_build_s == 0.0
+        np.testing.assert_array_equal(ids, exact.search(x, q, 5)[0])
+
+
+def test_milvus_backend_config_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="'IP' .*'COSINE'"):
+        MilvusBackend(uri=str(tmp_path / "m.db"), metric="L2")
+    with pytest.raises(ValueError, match="collection_prefix"):
+        MilvusBackend(uri=str(tmp_path / "m.db"), collection_prefix="my-models")
+    with pytest.raises(ValueError, match="batch"):
+        MilvusBackend(uri=str(tmp_path / "m.db"), batch=20_000)
+    monkeypatch.setenv("MILVUS_TOKEN", "secret-token")
+    monkeypatch.setenv("EMBBENCH_RUNS", str(tmp_path / "runs"))
+    be = MilvusBackend()
+    assert be.uri == str(tmp_path / "runs" / "milvus.db")
+    assert "secret-token" not in repr(be) and be.is_local
+    assert not MilvusBackend(uri="http://localhost:19530").is_local
