@@ -49,6 +49,10 @@ mlflow-ui: setup ## MLflow UI on the local store (http://127.0.0.1:5000)
 nb-%: setup ## run notebooks/%.ipynb with params/%.yaml (+ PARAMS="more.yaml ...")
 	$(PY) -m embbench run-notebook $* -f params/$*.yaml $(foreach f,$(PARAMS),-f $(f))
 
+.PHONY: report
+report: setup ## render notebook 05 to a self-contained HTML report (reports/report.html)
+	$(PY) -m embbench report -f params/05_analysis.yaml $(foreach f,$(PARAMS),-f $(f))
+
 .PHONY: bench
 bench: setup ## run the benchmarks (prints ratios against their baselines)
 	$(PY) benchmarks/bench_retrieval.py

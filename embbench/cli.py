@@ -4,6 +4,7 @@ Commands:
   demo          run the notebooks on the demo catalogue (params/<nb>.yaml + params/demo/<nb>.yaml)
   run-notebook  run one notebook with layered params files (validated) through papermill
   embed         run stage 01 without a notebook (the torchrun entry point for several GPUs)
+  report        render notebook 05 into a self-contained HTML report
   verify        check a local copy of a dataset against its published layout and counts
 """
 
@@ -20,7 +21,7 @@ from embbench import setup_logging
 
 logger = logging.getLogger("embbench.cli")
 
-DEMO_NOTEBOOKS = ("01_embed",)
+DEMO_NOTEBOOKS = ("01_embed", "02_finetune", "03_toptune", "04_crosstune", "05_analysis")
 
 
 def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
@@ -56,8 +57,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = project_root()
     names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
     outputs = []
+    report = None
     for name in names:
-        outputs.append(run_notebook(name, _params_for(name, root, args.params, demo=True)))
+        files = _params_for(name, root, args.params, demo=True)
+        if name == "05_analysis":  # the analysis notebook is rendered into the HTML report
+            from embbench.report import render_report
+
+            report = render_report(params_files=files)
+            outputs.append(reports_dir() / "notebooks" / "05_analysis.ipynb")
+        else:
+            outputs.append(run_notebook(name, files))
     logger.info("demo finished")
     lines = [
         "",
@@ -66,8 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  result records:     {runs_dir() / 'results'}",
         "  rendered notebooks: " + ", ".join(str(o) for o in outputs),
     ]
-    report = reports_dir() / "report.html"
-    if report.is_file():
+    if report is not None:
         lines.append(f"  report:             {report}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -99,6 +107,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         sys.stdout.write(table.to_string(index=False) + "\n")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Delegate to the report renderer."""
+    from embbench.report import report_main
+
+    return report_main(args.rest)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -137,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="stage 01 without a notebook (torchrun entry point)")
     e.add_argument("-f", "--params", action="append", default=[], required=True)
     e.set_defaults(func=cmd_embed)
+
+    rep = sub.add_parser("report", help="render notebook 05 to reports/report.html", add_help=False)
+    rep.add_argument("rest", nargs=argparse.REMAINDER)
+    rep.set_defaults(func=cmd_report)
 
     from embbench.datasets._verify import build_parser as verify_parser
 

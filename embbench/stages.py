@@ -2,4 +2,5 @@
 
 from __future__ import annotations
 
+import embbench.analysis  # noqa: F401  05_analysis
 import embbench.embed_stage  # noqa: F401  01_embed

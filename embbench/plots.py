@@ -1,0 +1,410 @@
+"""The paper's figures (2-7) drawn with seaborn from :mod:`embbench.analysis`'s tables.
+
+Each function takes the table its figure needs and returns a matplotlib ``Figure`` (closed
+from pyplot, so notebooks show it once, through :func:`embbench.report.show`), or ``None`` when
+the table holds nothing to draw. Missing values are left out of the drawing (and shown as grey
+cells in heatmaps), never drawn as zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from embbench.analysis import FAMILY_LABELS, MODE_LABELS, MODES
+
+logger = logging.getLogger(__name__)
+
+FAMILY_PALETTE = {
+    "supervised": "#4C72B0",
+    "ssl": "#DD8452",
+    "text-image": "#55A868",
+    "unknown": "#8C8C8C",
+}
+MISSING_COLOUR = "#E6E6E6"
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _sns():
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return sns
+
+
+def _done(fig):
+    """Detach ``fig`` from pyplot (no automatic second display) and return it."""
+    _plt().close(fig)
+    return fig
+
+
+def _palette(families) -> dict[str, str]:
+    return {f: FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]) for f in families}
+
+
+def _family_legend(ax, families) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(color=FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]), label=FAMILY_LABELS.get(f, f))
+        for f in families
+    ]
+    ax.legend(handles=handles, title="type", loc="best", fontsize="small")
+
+
+def model_facts_figure(facts: pd.DataFrame):
+    """Figure 2: parameters (M) vs GMACs per model, marker size = embedding size.
+
+    Falls back to a bar chart of embedding sizes when no parameter/FLOP counts are known.
+    """
+    if facts.empty:
+        return None
+    plt, sns = _plt(), _sns()
+    known = facts.dropna(subset=["params_m", "gmacs"])
+    if known.empty:
+        data = facts.dropna(subset=["embed_dim"])
+        if data.empty:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(data) + 1.5))
+        sns.barplot(
+            data=data,
+            y="paper_name",
+            x="embed_dim",
+            hue="family",
+            palette=_palette(data["family"].unique()),
+            dodge=False,
+            ax=ax,
+        )
+        ax.set(xlabel="embedding size", ylabel="", title="Embedding size (no FLOP counts)")
+        return _done(fig)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    dims = known["embed_dim"].fillna(known["embed_dim"].median())
+    size = 40 + 260 * (dims / max(dims.max(), 1))
+    for fam, grp in known.groupby("family"):
+        ax.scatter(
+            grp["params_m"],
+            grp["gmacs"],
+            s=size.loc[grp.index],
+            alpha=0.7,
+            color=FAMILY_PALETTE.get(fam, FAMILY_PALETTE["unknown"]),
+            label=FAMILY_LABELS.get(fam, fam),
+            edgecolor="black",
+            linewidth=0.5,
+        )
+    for r in known.itertuples():
+        dim = "?" if pd.isna(r.embed_dim) else int(r.embed_dim)
+        ax.annotate(
+            f"{r.paper_name} ({dim})",
+            (r.params_m, r.gmacs),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set(
+        xlabel="parameters of the image encoder (M)",
+        ylabel="GMACs per image (timm's 'GFLOPs')",
+        title="Models: parameters, compute and embedding size (marker and label)",
+    )
+    ax.legend(title="type", fontsize="small")
+    return _done(fig)
+
+
+def correlation_figure(corr: pd.DataFrame):
+    """Figure 3: correlation between the retrieval metrics (and accuracy when recorded)."""
+    if corr.empty or corr.isna().all().all():
+        return None
+    plt, sns = _plt(), _sns()
+    n = len(corr)
+    fig, ax = plt.subplots(figsize=(1.1 * n + 2.5, 0.9 * n + 1.8))
+    mask = corr.isna()
+    ax.set_facecolor(MISSING_COLOUR)
+    sns.heatmap(
+        corr.astype(float),
+        mask=mask,
+        annot=True,
+        fmt=".2f",
+        vmin=-1,
+        vmax=1,
+        cmap="vlag",
+        square=True,
+        cbar_kws={"label": "correlation"},
+        ax=ax,
+    )
+    ax.set_title("Correlation between metrics over all results")
+    return _done(fig)
+
+
+def all_models_figure(long: pd.DataFrame, metric: str):
+    """Figure 4a: every model's ``metric`` per dataset, one panel per mode."""
+    if long.empty:
+        return None
+    plt, sns = _plt(), _sns()
+    modes = [m for m in MODES if m in set(long["mode"])]
+    order = sorted(long["dataset"].unique())
+    ncols = min(3, len(modes))
+    nrows = math.ceil(len(modes) / ncols)
+    width = max(4.5, 0.9 * len(order) + 2)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols, 4.2 * nrows), sharey=True, squeeze=False
+    )
+    families = sorted(long["family"].unique())
+    for ax, mode in zip(axes.flat, modes, strict=False):
+        data = long[long["mode"] == mode]
+        sns.stripplot(
+            data=data,
+            x="dataset",
+            y=metric,
+            hue="family",
+            order=order,
+            palette=_palette(families),
+            dodge=True,
+            size=7,
+            jitter=0.15,
+            ax=ax,
+            legend=False,
+        )
+        ax.set(title=MODE_LABELS.get(mode, mode), xlabel="", ylabel=metric)
+        ax.tick_params(axis="x", rotation=30)
+    for ax in list(axes.flat)[len(modes) :]:
+        fig.delaxes(ax)
+    _family_legend(axes.flat[0], families)
+    fig.suptitle(f"All models: {metric} per dataset and mode")
+    fig.tight_layout()
+    return _done(fig)
+
+
+def best_per_type_figure(best: pd.DataFrame, metric: str):
+    """Figure 4b: the best model of each type (mode x family) per dataset, named on its bar."""
+    if best.empty:
+        return None
+    plt, sns = _plt(), _sns()
+    types = list(dict.fromkeys(best.sort_values(["mode", "family"])["type"]))
+    n_ds = best["dataset"].nunique()
+    fig, ax = plt.subplots(figsize=(max(7, 1.0 * n_ds * len(types) * 0.45 + 3), 5))
+    order = sorted(best["dataset"].unique())
+    sns.barplot(data=best, x="dataset", y=metric, hue="type", order=order, hue_order=types, ax=ax)
+    names = {(r.dataset, r.type): str(r.paper_name) for r in best.itertuples()}
+    for container, typ in zip(ax.containers, types, strict=False):
+        for bar in container:
+            x = bar.get_x() + bar.get_width() / 2
+            ds = order[int(round(x))] if 0 <= round(x) < len(order) else None
+            label = names.get((ds, typ), "")
+            if label and not math.isnan(bar.get_height()):
+                ax.annotate(
+                    label,
+                    (x, bar.get_height()),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                )
+    top = best[metric].max()
+    ax.set_ylim(0, max(1.0, top) * 1.35)
+    ax.set(xlabel="", ylabel=metric, title=f"Best model of each type per dataset ({metric})")
+    ax.legend(title="type", fontsize="small", ncol=2)
+    return _done(fig)
+
+
+def zscore_figure(z: pd.DataFrame, metric: str):
+    """Figure 4c: mean z-scored ``metric`` (within dataset) vs embedding size."""
+    data = z.dropna(subset=["z", "embed_dim"])
+    if data.empty:
+        return None
+    plt, _ = _plt(), _sns()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for fam, grp in data.groupby("family"):
+        ax.scatter(
+            grp["embed_dim"],
+            grp["z"],
+            s=60,
+            color=FAMILY_PALETTE.get(fam, FAMILY_PALETTE["unknown"]),
+            label=FAMILY_LABELS.get(fam, fam),
+        )
+    ax.legend(title="type", fontsize="small")
+    for r in data.itertuples():
+        ax.annotate(
+            r.paper_name, (r.embed_dim, r.z), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    ax.set_xscale("log", base=2)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(
+        xlabel="embedding size",
+        ylabel=f"mean z-score of {metric}",
+        title="Performance (z-scored within each dataset) vs embedding size",
+    )
+    return _done(fig)
+
+
+def pretrained_figure(long: pd.DataFrame, metric: str):
+    """Figure 5: every pretrained model per dataset, sorted, with its bootstrap CI."""
+    data = long[long["mode"] == "pretrained"]
+    if data.empty:
+        return None
+    plt, _ = _plt(), _sns()
+    datasets = sorted(data["dataset"].unique())
+    ncols = min(3, len(datasets))
+    nrows = math.ceil(len(datasets) / ncols)
+    n_models = data["model"].nunique()
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5 * ncols, 0.32 * n_models * nrows + 1.8 * nrows), squeeze=False
+    )
+    low, high = f"{metric} low", f"{metric} high"
+    for ax, ds in zip(axes.flat, datasets, strict=False):
+        d = data[data["dataset"] == ds].sort_values(metric)
+        colours = [FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]) for f in d["family"]]
+        ax.barh(d["paper_name"].astype(str), d[metric], color=colours)
+        has_ci = d[low].notna() & d[high].notna()
+        if has_ci.any():
+            dd = d[has_ci]
+            ax.errorbar(
+                dd[metric],
+                dd["paper_name"].astype(str),
+                xerr=[dd[metric] - dd[low], dd[high] - dd[metric]],
+                fmt="none",
+                ecolor="black",
+                capsize=2,
+                linewidth=0.8,
+            )
+        ax.set(title=ds, xlabel=metric, xlim=(0, 1))
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(datasets) :]:
+        fig.delaxes(ax)
+    _family_legend(axes.flat[0], sorted(data["family"].unique()))
+    fig.suptitle(f"Pretrained models per dataset ({metric}, 95% bootstrap CI)")
+    fig.tight_layout()
+    return _done(fig)
+
+
+def tuning_figure(tuning: pd.DataFrame, metric: str, what: str = "top-tuning"):
+    """Figure 6: change in ``metric`` from tuning, per model and dataset (grey = not run).
+
+    Cells are annotated with the difference, and ``*`` when a paired bootstrap test finds it
+    significant.
+    """
+    if tuning.empty:
+        return None
+    plt, sns = _plt(), _sns()
+    delta = tuning.pivot_table(index="paper_name", columns="dataset", values="delta")
+    sig = tuning.pivot_table(
+        index="paper_name", columns="dataset", values="significant", aggfunc="first"
+    ).reindex_like(delta)
+    labels = np.empty(delta.shape, dtype=object)
+    for i in range(delta.shape[0]):
+        for j in range(delta.shape[1]):
+            v = delta.iat[i, j]
+            s = sig.iat[i, j] if sig is not None else None
+            labels[i, j] = "" if pd.isna(v) else f"{v:+.3f}" + ("*" if s is True else "")
+    lim = float(np.nanmax(np.abs(delta.to_numpy()))) if delta.notna().any().any() else 1.0
+    fig, ax = plt.subplots(figsize=(1.3 * delta.shape[1] + 3.5, 0.45 * delta.shape[0] + 1.8))
+    ax.set_facecolor(MISSING_COLOUR)
+    sns.heatmap(
+        delta,
+        mask=delta.isna(),
+        annot=labels,
+        fmt="",
+        cmap="RdYlGn",
+        center=0,
+        vmin=-lim,
+        vmax=lim,
+        cbar_kws={"label": f"Δ {metric}"},
+        ax=ax,
+    )
+    ax.set(xlabel="", ylabel="")
+    ax.set_title(
+        f"Effect of {what}: Δ {metric} vs pretrained (* significant; grey = not run)",
+        fontsize=10,
+    )
+    return _done(fig)
+
+
+def cross_figure(cross: pd.DataFrame, metric: str):
+    """Figure 7: cross-tuning Δ ``metric`` vs the same backbone's pretrained embeddings.
+
+    x = the target dataset (evaluated on), colour = the source dataset the backbone was
+    fine-tuned on (cross-tuned) or its MLP top-tuned on (cross-top-tuned); bars are the mean
+    over backbones, dots the backbones. One panel per cross mode.
+    """
+    data = cross.dropna(subset=["delta"])
+    if data.empty:
+        return None
+    plt, sns = _plt(), _sns()
+    modes = [m for m in MODES if m in set(data["mode"])]
+    fig, axes = plt.subplots(
+        1, len(modes), figsize=(6 * len(modes) + 1, 4.6), sharey=True, squeeze=False
+    )
+    order = sorted(data["target"].unique())
+    sources = sorted(data["source"].dropna().unique())
+    for ax, mode in zip(axes[0], modes, strict=True):
+        d = data[data["mode"] == mode]
+        sns.barplot(
+            data=d,
+            x="target",
+            y="delta",
+            hue="source",
+            order=order,
+            hue_order=sources,
+            errorbar=None,
+            alpha=0.8,
+            ax=ax,
+        )
+        sns.stripplot(
+            data=d,
+            x="target",
+            y="delta",
+            hue="source",
+            order=order,
+            hue_order=sources,
+            dodge=True,
+            palette="dark:black",
+            size=3,
+            legend=False,
+            ax=ax,
+        )
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(
+            title=MODE_LABELS.get(mode, mode),
+            xlabel="target dataset (evaluated on)",
+            ylabel=f"Δ {metric} vs pretrained",
+        )
+        if ax.get_legend() is not None:
+            title = "MLP top-tuned on" if mode == "cross-top-tuned" else "fine-tuned on"
+            ax.legend(title=title, fontsize="small")
+    fig.suptitle(f"Cross-tuning: Δ {metric} against the same backbone's pretrained embeddings")
+    fig.tight_layout()
+    return _done(fig)
+
+
+FIGURES: Mapping[str, str] = {
+    "2": "model_facts_figure",
+    "3": "correlation_figure",
+    "4a": "all_models_figure",
+    "4b": "best_per_type_figure",
+    "4c": "zscore_figure",
+    "5": "pretrained_figure",
+    "6": "tuning_figure",
+    "7": "cross_figure",
+}
+
+__all__ = [
+    "FAMILY_PALETTE",
+    "FIGURES",
+    "all_models_figure",
+    "best_per_type_figure",
+    "correlation_figure",
+    "cross_figure",
+    "model_facts_figure",
+    "pretrained_figure",
+    "tuning_figure",
+    "zscore_figure",
+]

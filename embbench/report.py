@@ -1,0 +1,525 @@
+"""Render stage 05 into a self-contained HTML report for stakeholders.
+
+:func:`render_report` runs ``notebooks/05_analysis.ipynb`` through papermill (validated params,
+like every notebook) and converts the executed copy with nbconvert's ``HTMLExporter``: code
+hidden, figures embedded as base64 PNGs, no external script (the template's require.js, MathJax
+and mermaid links are removed), log output dropped. The notebook's first cell states the
+weights used (loudly when they were random) and the MLflow run ids behind every number.
+
+The notebook calls :func:`show`, :func:`show_table`, :func:`show_header` and
+:func:`show_sentences` to display things the same way in JupyterLab and in the report.
+
+Command line: ``python -m embbench report [-f params.yaml ...] [--demo] [--output path]``
+(:func:`report_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from embbench.analysis import (
+    FAMILY_LABELS,
+    IMPROVEMENT,
+    MODE_LABELS,
+    Analysis,
+    AnalysisConfig,
+    AnalysisError,
+    runs_summary,
+    weights_summary,
+)
+from embbench.paths import params_dir, reports_dir
+
+logger = logging.getLogger(__name__)
+
+NOTEBOOK = "05_analysis"
+MISSING = "—"
+HIDE_TAG = "report-hide"  # cells with this tag are left out of the HTML (the notebook's intro)
+_TEMPLATE_NAME = "embbench_report.html.j2"
+# The lab template, minus every script it would fetch from a CDN: the report opens offline.
+_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{% block html_head_js_requirejs %}{% endblock html_head_js_requirejs %}
+{% block html_head_js_mathjax %}{% endblock html_head_js_mathjax %}
+{% block html_head_js_mermaidjs %}{% endblock html_head_js_mermaidjs %}
+{% block data_png scoped %}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+alt="{{ (output | get_metadata('alt', 'image/png')) or 'figure' | escape_html }}">
+</div>
+{%- endblock data_png %}
+"""
+
+
+class ReportError(RuntimeError):
+    """The report could not be rendered; the message names the notebook or file to look at."""
+
+
+# ----------------------------------------------------------------- display (in notebook 05)
+
+
+def figure_png(fig: Any, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def figure_title(fig: Any) -> str:
+    """The figure's title (suptitle, else its first axes' title), for alternative text."""
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        return sup.get_text()
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    return titles[0] if titles else "figure"
+
+
+def show(fig: Any, missing: str = "No data for this figure in the runs analysed.") -> None:
+    """Display a figure as an embedded PNG (titled alt text), or an italic note when ``None``."""
+    from IPython.display import Markdown, display
+
+    if fig is None:
+        display(Markdown(f"*{missing}*"))
+        return
+    title = figure_title(fig)
+    data = base64.b64encode(figure_png(fig)).decode("ascii")
+    display(
+        {"image/png": data, "text/plain": f"<figure: {title}>"},
+        raw=True,
+        metadata={"image/png": {"alt": title}},
+    )
+
+
+def style_table(
+    df: pd.DataFrame,
+    *,
+    digits: int = 3,
+    best: str | None = "max",
+    best_columns: Sequence[str] | None = None,
+    caption: str = "",
+) -> Any:
+    """A pandas Styler: numbers rounded, missing cells shown as "—", best values in bold.
+
+    Args:
+        df: The table.
+        digits: Decimals shown.
+        best: ``"max"``, ``"min"`` or ``None``: which value of each column is bolded.
+        best_columns: Columns to highlight (default: every numeric column).
+        caption: Table caption.
+
+    Returns:
+        The Styler (rendered as HTML by Jupyter and the report).
+    """
+    styler = df.style.format(precision=digits, na_rep=MISSING)
+    numeric = [
+        c
+        for c in df.columns
+        if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+    ]
+    whole = [
+        c
+        for c in numeric
+        if df[c].notna().any() and (df[c].dropna() == df[c].dropna().round()).all()
+    ]
+    if whole:  # counts and sizes: no decimals
+        styler = styler.format(precision=0, na_rep=MISSING, subset=whole)
+    if isinstance(df.index, pd.RangeIndex):
+        styler = styler.hide(axis="index")
+    cols = [c for c in (best_columns if best_columns is not None else numeric) if c in numeric]
+    if best and cols:
+        props = "font-weight: bold"
+        if best == "max":
+            styler = styler.highlight_max(subset=cols, props=props)
+        else:
+            styler = styler.highlight_min(subset=cols, props=props)
+    if caption:
+        styler = styler.set_caption(caption)
+    return styler
+
+
+def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
+    """Table 3 with readable row labels (e.g. "Top-tuned SSL", "Δ top-tuning SSL")."""
+    labels = []
+    for fam, row in t3.index:
+        name = FAMILY_LABELS.get(fam, fam)
+        labels.append(
+            f"Δ top-tuning {name}" if row == IMPROVEMENT else f"{MODE_LABELS[row]} {name}"
+        )
+    out = t3.copy()
+    out.index = pd.Index(labels, name="model type")
+    out.columns = [str(c) for c in out.columns]
+    return out
+
+
+def style_table3(t3: pd.DataFrame, digits: int = 3) -> Any:
+    """Table 3 styled like the paper: best score per column in bold, improvements coloured."""
+    shown = table3_display(t3)
+    is_delta = pd.Series([lab.startswith("Δ") for lab in shown.index], index=shown.index)
+    styler = shown.style.format(precision=digits, na_rep=MISSING)
+    scores = shown.loc[~is_delta.to_numpy()]
+    if not scores.empty:
+        best = scores.max()
+
+        def bold(col: pd.Series) -> list[str]:
+            return [
+                "font-weight: bold"
+                if not is_delta[i] and pd.notna(v) and v >= best[col.name] - 1e-12
+                else ""
+                for i, v in col.items()
+            ]
+
+        styler = styler.apply(bold, axis=0)
+
+    def colour(row: pd.Series) -> list[str]:
+        if not is_delta[row.name]:
+            return [""] * len(row)
+        return [
+            ""
+            if pd.isna(v)
+            else (
+                "color: #1a7f37; font-style: italic"
+                if v > 0
+                else "color: #b42318; font-style: italic"
+            )
+            for v in row
+        ]
+
+    styler = styler.apply(colour, axis=1)
+    n = t3.attrs.get("metric", "")
+    return styler.set_caption(
+        f"{n} per model type (mean over the models of that type), pretrained vs top-tuned; "
+        f"{MISSING} = not run"
+    )
+
+
+def show_table(
+    df: pd.DataFrame | Any, empty: str = "No data for this table.", **style: Any
+) -> None:
+    """Display a DataFrame styled by :func:`style_table` (or a Styler as is); a note if empty."""
+    from IPython.display import Markdown, display
+
+    if isinstance(df, pd.DataFrame):
+        if df.empty:
+            display(Markdown(f"*{empty}*"))
+            return
+        df = style_table(df, **style)
+    display(df)
+
+
+def show_table3(t3: pd.DataFrame) -> None:
+    """Display table 3 styled by :func:`style_table3` (a note when there is nothing to show)."""
+    from IPython.display import Markdown, display
+
+    if t3.empty:
+        display(Markdown("*No pretrained or top-tuned results to tabulate.*"))
+        return
+    display(style_table3(t3))
+
+
+def guide_display(guide: pd.DataFrame) -> pd.DataFrame:
+    """The practical guide as a compact table: one row per dataset, task and strategy."""
+    if guide.empty:
+        return guide
+    ci = [
+        f"[{lo:.3f}, {hi:.3f}]" if pd.notna(lo) and pd.notna(hi) else MISSING
+        for lo, hi in zip(guide["low"], guide["high"], strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "dataset": guide["dataset"],
+            "task": guide["task"],
+            "strategy": guide["strategy"],
+            "model": guide["model"],
+            "score": guide["score"],
+            "of": guide["score_name"],
+            "95% CI": ci,
+            "gain vs pretrained": guide["gain"],
+            "training h": guide["train_hours"],
+            "GPU-h": guide["gpu_hours"],
+            "gain / h": guide["gain_per_hour"],
+            "gain / GPU-h": guide["gain_per_gpu_hour"],
+            "pick": ["✓" if r else "" for r in guide["recommended"]],
+        }
+    ).reset_index(drop=True)
+
+
+def ci_display(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``metric`` with its bootstrap CI per result (rows) and dataset (columns), as text.
+
+    Cells read ``0.812 [0.790, 0.833]``; a result without per-query arrays shows its value
+    alone, a cell that was not run shows "—".
+    """
+    if results.empty:
+        return pd.DataFrame()
+    low, high = f"{metric} low", f"{metric} high"
+    cells = []
+    for r in results[results[metric].notna()].to_dict("records"):
+        text = f"{r[metric]:.3f}"
+        if pd.notna(r.get(low)) and pd.notna(r.get(high)):
+            text += f" [{r[low]:.3f}, {r[high]:.3f}]"
+        cells.append({"result": r["entry"], "dataset": r["dataset"], "value": text})
+    if not cells:
+        return pd.DataFrame()
+    table = pd.DataFrame(cells).pivot(index="result", columns="dataset", values="value")
+    return table.fillna(MISSING)
+
+
+def show_sentences(sentences: Iterable[str]) -> None:
+    """Display generated sentences as a bullet list."""
+    from IPython.display import Markdown, display
+
+    items = [s for s in sentences if s]
+    display(Markdown("\n".join(f"- {s}" for s in items) if items else "*Nothing to say yet.*"))
+
+
+def header_html(analysis: Analysis, *, max_open_runs: int = 40) -> str:
+    """The top of the report, as HTML.
+
+    Title, sources, the weights used (a red banner when any were random), git commits, notes,
+    and the run ids behind every number.
+    """
+    cfg = analysis.cfg
+    df = analysis.results
+    w = weights_summary(df)
+    esc = html.escape
+    parts = [f"<h1>{esc(cfg.title)}</h1>"]
+    parts.append(
+        "<p>Generated {when} from {src}: {n} results, {m} models, {d} datasets ({ds}); modes: "
+        "{modes}. Headline metric: <b>{metric}</b> (k={k}); confidence intervals: {ci}.</p>".format(
+            when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            src=esc(str(df.attrs.get("source", cfg.source))),
+            n=len(df),
+            m=df["model"].nunique(),
+            d=df["dataset"].nunique(),
+            ds=esc(", ".join(sorted(df["dataset"].unique()))),
+            modes=esc(", ".join(m for m in MODE_LABELS if m in set(df["mode"]))),
+            metric=esc(cfg.metric),
+            k=cfg.k,
+            ci=(
+                f"{cfg.confidence:.0%} bootstrap over queries, {cfg.n_boot} resamples"
+                if cfg.n_boot
+                else "not computed (n_boot = 0)"
+            ),
+        )
+    )
+    counts = ", ".join(f"{esc(str(k))}: {v}" for k, v in sorted(w["counts"].items()))
+    if w["random_models"]:
+        parts.append(
+            '<div class="embbench-random-weights" style="border:3px solid #b42318;'
+            "background:#fdecea;color:#7a1a12;padding:0.8em;margin:0.8em 0;font-size:1.15em;"
+            'font-weight:bold">WARNING: RANDOM WEIGHTS. Results of '
+            f"{esc(', '.join(w['random_models']))} were computed with randomly initialised "
+            "weights (pretrained weights were not requested or could not be downloaded). Their "
+            "numbers say nothing about these models; rerun with weights: pretrained on a machine "
+            "that can reach the model hub.</div>"
+        )
+    else:
+        parts.append(
+            '<div class="embbench-weights" style="border:2px solid #1a7f37;background:#eaf6ec;'
+            'padding:0.6em;margin:0.8em 0">Every result used published pretrained weights or '
+            "a trained checkpoint (no random initialisation).</div>"
+        )
+    parts.append(f"<p><b>Weights used</b> (results per kind): {counts}.</p>")
+    if w["fell_back_models"]:
+        parts.append(
+            "<p><b>Fell back to random weights</b> (weights: auto): "
+            f"{esc(', '.join(w['fell_back_models']))}.</p>"
+        )
+    shas = sorted({str(s) for s in df.get("git_sha", pd.Series(dtype=object)).dropna()})
+    if shas:
+        parts.append(f"<p><b>Code versions</b> (git): {esc(', '.join(s[:12] for s in shas))}.</p>")
+    if analysis.notes:
+        parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in analysis.notes) + "</ul>")
+    runs = runs_summary(df).drop(columns=["entry"], errors="ignore")
+    if "git_sha" in runs:
+        runs["git_sha"] = runs["git_sha"].map(lambda v: v[:12] if isinstance(v, str) else v)
+    runs = runs.rename(
+        columns={"mlflow_run_id": "MLflow run id", "weights_kind": "weights", "git_sha": "git"}
+    )
+    table = runs.to_html(index=False, na_rep=MISSING, border=0, classes="embbench-runs")
+    open_attr = " open" if len(runs) <= max_open_runs else ""
+    parts.append(
+        f"<details{open_attr}><summary><b>Runs behind these numbers</b> ({len(runs)}; MLflow "
+        f"experiment {esc(cfg.experiment)!s})</summary>{table}</details>"
+    )
+    return "\n".join(parts)
+
+
+def show_header(analysis: Analysis) -> None:
+    """Display :func:`header_html`."""
+    from IPython.display import HTML, display
+
+    display(HTML(header_html(analysis)))
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def export_html(
+    notebook: str | Path, output: str | Path, *, title: str = "embbench report"
+) -> Path:
+    """Convert an executed notebook to one self-contained HTML file, code hidden.
+
+    Log output (stderr streams) and cells tagged ``report-hide`` are dropped; figures stay
+    embedded as base64 PNGs; no script or stylesheet is fetched from the network.
+
+    Raises:
+        ReportError: The notebook holds a failed cell, or the HTML would load external scripts.
+    """
+    import nbformat
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    from embbench.cache import atomic_write_bytes
+
+    notebook, output = Path(notebook), Path(output)
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells = [c for c in nb.cells if HIDE_TAG not in c.get("metadata", {}).get("tags", [])]
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        if errors:
+            raise ReportError(
+                f"{notebook}: cell {i} failed ({errors[0].get('ename')}: "
+                f"{errors[0].get('evalue')}); fix it before rendering the report"
+            )
+        cell.outputs = [
+            o for o in cell.outputs if not (o.output_type == "stream" and o.get("name") == "stderr")
+        ]
+    nb.metadata["title"] = title
+    exporter = HTMLExporter(
+        extra_loaders=[DictLoader({_TEMPLATE_NAME: _TEMPLATE})],
+        template_file=_TEMPLATE_NAME,
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+        embed_images=True,
+    )
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    external = re.findall(r"<(?:script|link|img)\b[^>]*(?:src|href)=[\"']?(?:https?:)?//", body)
+    if external:
+        raise ReportError(f"the report would load external resources: {external[:3]}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, body.encode("utf-8"))
+    output.chmod(0o644)  # a report is meant to be shared (temp files are created 0600)
+    logger.info("report written: %s (%.1f MB)", output, len(body) / 1e6)
+    return output
+
+
+def render_report(
+    output: str | Path | None = None,
+    params_files: Iterable[str | Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    notebook_output: Path | None = None,
+) -> Path:
+    """Run notebook 05 with validated params and write its HTML report.
+
+    Args:
+        output: The HTML file (default ``<reports_dir>/<report_name>.html``).
+        params_files: Layered params files (default ``params/05_analysis.yaml``).
+        overrides: Parameter values applied last.
+        notebook_output: Where the executed notebook goes (default
+            ``<reports_dir>/notebooks/05_analysis.ipynb``).
+
+    Returns:
+        The HTML report's path; the executed notebook's path when the params say
+        ``report: false`` and no ``output`` is given.
+
+    Raises:
+        embbench.config.ConfigError: A params file has an unknown key or a bad value.
+        ReportError: A cell of the notebook failed (the executed copy names it).
+    """
+    from embbench.config import read_params_files
+    from embbench.notebooks import run_notebook
+
+    files = list(params_files) or [params_dir() / f"{NOTEBOOK}.yaml"]
+    params, origin = read_params_files(files)
+    params.update(overrides or {})
+    cfg = AnalysisConfig.from_params(params, origin)
+    try:
+        executed = run_notebook(NOTEBOOK, files, overrides, output=notebook_output)
+    except Exception as exc:
+        if type(exc).__name__ != "PapermillExecutionError":
+            raise
+        where = notebook_output or reports_dir() / "notebooks" / f"{NOTEBOOK}.ipynb"
+        raise ReportError(
+            f"notebook {NOTEBOOK} failed ({getattr(exc, 'ename', '')}: "
+            f"{getattr(exc, 'evalue', exc)}); the executed copy is {where}"
+        ) from None
+    if output is None and not cfg.report:
+        logger.info("report: false in the params; executed notebook only: %s", executed)
+        return executed
+    output = Path(output) if output else reports_dir() / f"{cfg.report_name}.html"
+    return export_html(executed, output, title=cfg.title)
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``embbench report``: render notebook 05 to HTML; returns the exit status."""
+    from embbench.config import ConfigError
+
+    p = argparse.ArgumentParser(
+        prog="embbench report",
+        description="Run notebooks/05_analysis.ipynb and write a self-contained HTML report.",
+    )
+    p.add_argument(
+        "-f",
+        "--params",
+        action="append",
+        default=[],
+        help="params YAML, layered in order (default params/05_analysis.yaml)",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="layer params/demo/05_analysis.yaml after the others"
+    )
+    p.add_argument("--set", action="append", default=[], help="key=value override (YAML value)")
+    p.add_argument("--output", default="", help="HTML path (default reports/<report_name>.html)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    import yaml
+
+    files = [Path(f) for f in args.params] or [params_dir() / f"{NOTEBOOK}.yaml"]
+    if args.demo:
+        files.append(params_dir() / "demo" / f"{NOTEBOOK}.yaml")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        out = render_report(args.output or None, files, overrides)
+    except (ConfigError, AnalysisError, ReportError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    import sys
+
+    sys.stdout.write(f"report: {out}\n")
+    return 0
+
+
+__all__ = [
+    "ReportError",
+    "export_html",
+    "figure_png",
+    "header_html",
+    "render_report",
+    "report_main",
+    "show",
+    "show_header",
+    "show_sentences",
+    "show_table",
+    "show_table3",
+    "ci_display",
+    "guide_display",
+    "style_table",
+    "style_table3",
+    "table3_display",
+]

@@ -1,0 +1,243 @@
+"""The HTML report: self-contained, code hidden, weights and run ids on top, every figure drawn.
+
+The slow tests run notebook 05 with the smoke params on synthetic MLflow runs (written the way
+stages 01-04 write theirs), render the report, and open it in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis import log_mlflow_runs
+
+from embbench import analysis as an
+from embbench import report as rep
+from embbench.paths import project_root
+from embbench.results import ResultStore
+
+N_FIGURES = 8  # figures 2, 3, 4a, 4b, 4c, 5, 6 and 7: the synthetic runs feed all of them
+
+
+def _png() -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _executed_notebook(path, *, error: bool = False):
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_markdown_cell("# Title\n## Figure 1"))
+    code = nbformat.v4.new_code_cell("secret_code_marker = 1\nshow(fig)")
+    code.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="INFO noisy log line\n"),
+        nbformat.v4.new_output("display_data", data={"image/png": _png(), "text/plain": "fig"}),
+        nbformat.v4.new_output("display_data", data={"text/html": "<b>a table</b>"}),
+    ]
+    nb.cells.append(code)
+    if error:
+        bad = nbformat.v4.new_code_cell("1/0")
+        bad.outputs = [
+            nbformat.v4.new_output(
+                "error", ename="ZeroDivisionError", evalue="division by zero", traceback=[]
+            )
+        ]
+        nb.cells.append(bad)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_export_html_is_self_contained_and_hides_code(tmp_path):
+    out = rep.export_html(_executed_notebook(tmp_path / "x.ipynb"), tmp_path / "r.html",
+                          title="My report")
+    html = out.read_text()
+    assert "<title>My report</title>" in html
+    assert "secret_code_marker" not in html  # code hidden
+    assert "noisy log line" not in html  # logs dropped
+    assert "<b>a table</b>" in html
+    imgs = re.findall(r'<img[^>]+src="data:image/png;base64,([^"]+)"', html)
+    assert len(imgs) == 1 and len(imgs[0]) > 100
+    assert 'alt="figure"' in html  # no title given: a generic alternative text
+    assert not re.search(r"<script[^>]+src=", html)  # no CDN scripts (require.js, MathJax)
+    assert not re.search(r"<link[^>]+href=[\"']https?://", html)
+
+
+def test_export_html_refuses_a_failed_notebook(tmp_path):
+    with pytest.raises(rep.ReportError, match="ZeroDivisionError"):
+        rep.export_html(_executed_notebook(tmp_path / "x.ipynb", error=True), tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+def _analysis(results: pd.DataFrame, **cfg) -> an.Analysis:
+    empty = pd.DataFrame()
+    return an.Analysis(
+        cfg=an.AnalysisConfig(**cfg), results=results, table3=empty, table2=empty, facts=empty,
+        correlation=empty, tuning=empty, cross=empty, paired=empty, ci=empty, guide=empty,
+        sentences=[], notes=["a note to the reader"],
+    )
+
+
+def _rows(kinds):
+    rows = []
+    for i, kind in enumerate(kinds):
+        rows.append({"model": f"m{i}", "dataset": "d", "mode": "pretrained", "entry": f"m{i}",
+                     "weights_kind": kind, "weights_fell_back": kind == "random",
+                     "mlflow_run_id": f"run{i:04d}", "git_sha": "abc123", "mMP@5": 0.5})
+    return pd.DataFrame(rows)
+
+
+def test_header_states_weights_and_run_ids():
+    html = rep.header_html(_analysis(_rows(["pretrained", "random"]), title="T"))
+    assert "<h1>T</h1>" in html
+    assert "RANDOM WEIGHTS" in html and "m1" in html.split("RANDOM WEIGHTS")[1][:300]
+    assert "run0000" in html and "run0001" in html
+    assert "a note to the reader" in html and "abc123" in html
+    clean = rep.header_html(_analysis(_rows(["pretrained", "pretrained"])))
+    assert "RANDOM WEIGHTS" not in clean and "no random initialisation" in clean
+
+
+def test_tables_show_missing_cells_as_a_dash_never_zero():
+    df = pd.DataFrame({"model": ["a", "b"], "alpha": [0.5, np.nan], "beta": [np.nan, 0.25]})
+    html = rep.style_table(df).to_html()
+    assert html.count(f">{rep.MISSING}<") == 2 and "nan" not in html.lower()
+    assert ">0.000<" not in html
+    t3 = pd.DataFrame(
+        [[0.4, np.nan, np.nan], [0.5, np.nan, np.nan], [0.1, np.nan, np.nan]],
+        index=pd.MultiIndex.from_tuples(
+            [("ssl", "pretrained"), ("ssl", "top-tuned"), ("ssl", "improvement")],
+            names=["type", "row"]),
+        columns=["alpha", "beta", "Mean"],
+    )
+    shown = rep.table3_display(t3)
+    assert list(shown.index) == ["Pretrained SSL", "Top-tuned SSL", "Δ top-tuning SSL"]
+    html3 = rep.style_table3(t3).to_html()
+    assert html3.count(f">{rep.MISSING}<") == 6 and "#1a7f37" in html3  # improvement green
+    res = pd.DataFrame({"entry": ["a", "b"], "dataset": ["x", "y"], "mMP@5": [0.5, 0.6],
+                        "mMP@5 low": [0.4, np.nan], "mMP@5 high": [0.6, np.nan]})
+    ci = rep.ci_display(res, "mMP@5")
+    assert ci.loc["a", "x"] == "0.500 [0.400, 0.600]" and ci.loc["b", "y"] == "0.600"
+    assert ci.loc["a", "y"] == rep.MISSING
+
+
+def test_report_main_names_a_bad_params_file(tmp_path, caplog):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nboot: 3\n")
+    assert rep.report_main(["-f", str(bad)]) == 2
+    assert "did you mean 'n_boot'" in caplog.text
+
+
+# --------------------------------------------------------- the real report (slow, notebook)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """Notebook 05 run with the smoke params on synthetic MLflow runs, rendered to HTML."""
+    home = tmp_path_factory.mktemp("report_home")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("EMBBENCH_RUNS", "runs"), ("EMBBENCH_REPORTS", "reports"),
+                         ("EMBBENCH_CACHE", "cache"), ("EMBBENCH_DATA", "data")):
+            mp.setenv(var, str(home / sub))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = f"sqlite:///{home / 'runs' / 'mlflow.db'}"
+        recs = log_mlflow_runs(uri, "embbench", ResultStore(home / "runs" / "results"))
+        params = project_root() / "params"
+        html = rep.render_report(
+            params_files=[params / "05_analysis.yaml", params / "smoke" / "05_analysis.yaml"]
+        )
+    nb = nbformat.read(home / "reports" / "notebooks" / "05_analysis.ipynb", as_version=4)
+    return {"html": html, "records": recs, "notebook": nb, "home": home}
+
+
+def _png_outputs(nb) -> int:
+    return sum(
+        1
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if "image/png" in out.get("data", {})
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_report_renders_every_table_and_figure(rendered):
+    html_path = rendered["html"]
+    assert html_path == rendered["home"] / "reports" / "report.html"
+    html = html_path.read_text()
+    nb = rendered["notebook"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors
+    assert _png_outputs(nb) == N_FIGURES
+    imgs = re.findall(r'<img[^>]+src="data:image/png;base64,([^"]*)"', html)
+    assert len(imgs) == N_FIGURES and all(len(i) > 1000 for i in imgs)
+    assert "Traceback" not in html
+    assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html  # no error, no log
+    alts = re.findall(r'<img[^>]+alt="([^"]*)"', html)
+    assert len(alts) == N_FIGURES and all(a and a != "figure" for a in alts)
+    assert not re.search(r"<script[^>]+src=", html)
+    # the top states the weights (random here, loudly) and every run id
+    top = html[: html.index("Table 3")]
+    assert "RANDOM WEIGHTS" in top
+    for rec in rendered["records"]:
+        assert rec["mlflow_run_id"] in top
+    for heading in ("Table 3", "Table 2", "Figure 2", "Figure 3", "4a", "4b", "4c", "Figure 5",
+                    "Figure 6", "Figure 7", "Practical guide", "confidence intervals",
+                    "Paired bootstrap"):
+        assert heading in html, heading
+    assert "alpha, visual search: use" in html  # generated guide sentence
+    assert "import embbench" not in html  # code hidden
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.browser
+def test_report_opens_in_headless_chromium(rendered, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+    html = rendered["html"].read_text()
+    # after load, count the images the browser actually decoded
+    probe = (
+        "<script>window.addEventListener('load', () => {"
+        "const imgs = [...document.images];"
+        "document.body.setAttribute('data-imgs', imgs.length);"
+        "document.body.setAttribute('data-decoded',"
+        " imgs.filter(i => i.complete && i.naturalWidth > 0).length);"
+        "});</script>"
+    )
+    page = tmp_path / "report.html"
+    page.write_text(html.replace("</body>", probe + "</body>"))
+    proc = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000", "--dump-dom", page.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", proc.stdout)
+    assert body, proc.stdout[:500]
+    n_imgs = int(re.search(r'data-imgs="(\d+)"', body.group(0)).group(1))
+    decoded = int(re.search(r'data-decoded="(\d+)"', body.group(0)).group(1))
+    assert n_imgs == decoded == N_FIGURES
+    dom = proc.stdout
+    assert "Traceback" not in dom and "RANDOM WEIGHTS" in dom
