@@ -9,6 +9,7 @@ record and log one MLflow run. Finished cells are skipped unless ``overwrite="al
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Literal
 
@@ -247,7 +248,7 @@ def score_and_record(
         k=cfg.k,
         backend=cfg.backend,
         milvus_uri=cfg.milvus_uri,
-        collection=f"{dataset}_{model}_{mode}",
+        collection=_collection_name(dataset, model, mode),
     )
     failed = list(query.failed) + ([] if index is query else list(index.failed))
     record = {
@@ -322,6 +323,12 @@ def score_and_record(
         path,
     )
     return record
+
+
+def _collection_name(*parts: str) -> str:
+    """A valid Milvus collection name (letters, digits, underscores; starts with a letter)."""
+    name = re.sub(r"\W", "_", "_".join(parts))
+    return name if name[:1].isalpha() else f"c_{name}"
 
 
 def _metric_key(name: str) -> str:

@@ -352,6 +352,10 @@ def get_model_spec(name: str) -> ModelSpec:
     adhoc = _adhoc_spec(name)
     if adhoc is not None:
         return adhoc
+    # Fine-tuned models (stage 02) are listed in runs/finetuned_models.json: load them on demand.
+    from embbench.finetune import register_finetuned_models
+
+    register_finetuned_models()
     try:
         return _MODELS.get(name)
     except UnknownNameError as e:

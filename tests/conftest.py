@@ -7,6 +7,8 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# OpenMP threads that spin while waiting slow tiny-model steps ~20x on 2 busy cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -23,6 +25,17 @@ def _isolated_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_model_registry():
+    """Models registered by a test (e.g. a fine-tuned checkpoint) do not leak into the next."""
+    from embbench import models
+
+    before = set(models._MODELS.names())
+    yield
+    for name in set(models._MODELS.names()) - before:
+        models.unregister_model(name)
 
 
 @pytest.fixture(scope="session")

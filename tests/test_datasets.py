@@ -74,7 +74,7 @@ def _classes(cat, split: str, col: str | None = None) -> set:
 
 
 def test_registry_names_and_did_you_mean():
-    assert set(PUBLIC) | {"manifest", "folder", "demo"} == set(list_datasets())
+    assert set(PUBLIC) | {"manifest", "folder", "demo", "demo_b"} == set(list_datasets())
     assert list_datasets(public_only=True) == sorted(PUBLIC)
     with pytest.raises(UnknownNameError, match="Did you mean 'sop'"):
         create_catalogue("sopp")

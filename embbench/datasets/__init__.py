@@ -131,8 +131,17 @@ def _load_demo(root: str | Path | None, *, seed: int, variant: str | None,
     return make_demo_catalogue(root=root, seed=seed, **options)
 
 
+def _load_demo_b(root: str | Path | None, *, seed: int, variant: str | None,
+                 label: str | None = None, **options: Any) -> Catalogue:
+    """The demo's twin: the same shapes, other products (seed + 1), for cross-tuning demos."""
+    import dataclasses
+
+    cat = _load_demo(root, seed=seed + 1, variant=variant, label=label, **options)
+    return dataclasses.replace(cat, name="demo_b", source={**cat.source, "variant_of": "demo"})
+
+
 for _name, _loader in (("manifest", _load_manifest), ("folder", _load_folder),
-                       ("demo", _load_demo)):
+                       ("demo", _load_demo), ("demo_b", _load_demo_b)):
     register_dataset(DatasetEntry(name=_name, loader=_loader, public=False))
 
 

@@ -1,0 +1,214 @@
+"""The ResNet-strikes-back training procedures A1, A2 and A3 as data, with the paper's changes.
+
+Values follow timm's own RSB hyper-parameter files and the RSB paper (Wightman, Touvron and
+Jegou 2021, table 1), as ported by timm and mmpretrain; ``docs/protocol.md`` lists them. The
+e-commerce paper changed two things, and so do these recipes:
+
+- cross-entropy instead of RSB's binary cross-entropy (soft-target cross-entropy under
+  mixup/cutmix, timm ``SoftTargetCrossEntropy``);
+- no stochastic depth (``drop_path_rate=0``; RSB used 0.05 for A1 and A2).
+
+Every recipe was tuned for a global batch of 2048 images. When the global batch differs, the
+learning rate is scaled explicitly (:func:`scale_lr`, linear rule by default) and the scaled
+value is what the optimizer gets and what is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training procedure.
+
+    Attributes:
+        name: ``A1``, ``A2`` or ``A3``.
+        epochs: Training epochs.
+        lr: Peak learning rate at ``batch_size``.
+        batch_size: Global batch the learning rate was tuned for.
+        weight_decay: Decoupled weight decay (not applied to biases and norm parameters).
+        opt: timm optimizer name (``create_optimizer_v2``).
+        sched: timm scheduler name (``create_scheduler_v2``).
+        warmup_epochs: Linear warm-up epochs.
+        warmup_lr: Learning rate at the start of the warm-up.
+        min_lr: Floor of the cosine decay.
+        auto_augment: timm RandAugment string (``create_transform(auto_augment=...)``).
+        mixup: Mixup alpha (0 = off).
+        cutmix: CutMix alpha (0 = off).
+        mixup_prob: Probability of mixing a batch.
+        mixup_switch_prob: Probability of CutMix instead of mixup when both are on.
+        smoothing: Label smoothing.
+        aug_repeats: Repeated augmentation (timm ``RepeatAugSampler``): copies of each image
+            per epoch, 0 = off.
+        train_size: Training resolution (random-resized-crop side).
+        test_size: Evaluation resolution.
+        test_crop_pct: Centre-crop fraction at evaluation.
+        hflip: Horizontal flip probability.
+        train_interpolation: Resize interpolation of the training crops (timm's training
+            default ``random``: bilinear or bicubic per image).
+        re_prob: Random-erasing probability.
+        drop_path_rate: Stochastic depth (the paper: none).
+        loss: ``ce`` (the paper) instead of RSB's ``bce``.
+        changed_from_rsb: What differs from the original RSB procedure, and why.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int = 2048
+    opt: str = "lamb"
+    sched: str = "cosine"
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-4
+    min_lr: float = 1e-6
+    auto_augment: str = "rand-m7-mstd0.5-inc1"
+    mixup: float = 0.1
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.0
+    aug_repeats: int = 3
+    train_size: int = 224
+    test_size: int = 224
+    test_crop_pct: float = 0.95
+    hflip: float = 0.5
+    train_interpolation: str = "random"
+    re_prob: float = 0.0
+    drop_path_rate: float = 0.0
+    loss: str = "ce"
+    changed_from_rsb: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (for logs, hashes and records)."""
+        return dataclasses.asdict(self)
+
+
+_PAPER_CHANGES = {
+    "loss": "cross-entropy instead of BCE (target threshold 0.2)",
+    "drop_path_rate": "no stochastic depth",
+}
+
+RECIPES: dict[str, Recipe] = {
+    "A1": Recipe(
+        name="A1",
+        epochs=600,
+        lr=5e-3,
+        weight_decay=0.01,
+        mixup=0.2,
+        changed_from_rsb={**_PAPER_CHANGES, "drop_path_rate": "RSB A1: 0.05; here 0"},
+    ),
+    "A2": Recipe(
+        name="A2",
+        epochs=300,
+        lr=5e-3,
+        weight_decay=0.02,
+        mixup=0.1,
+        changed_from_rsb={**_PAPER_CHANGES, "drop_path_rate": "RSB A2: 0.05; here 0"},
+    ),
+    "A3": Recipe(
+        name="A3",
+        epochs=100,
+        lr=8e-3,
+        weight_decay=0.02,
+        auto_augment="rand-m6-mstd0.5-inc1",
+        mixup=0.1,
+        aug_repeats=0,
+        train_size=160,
+        test_size=224,
+        changed_from_rsb=dict(_PAPER_CHANGES),
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe ``name`` (case-insensitive); raise naming the recipes that exist."""
+    key = str(name).upper()
+    if key not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[key]
+
+
+def scale_lr(lr: float, global_batch: int, reference_batch: int, rule: str = "linear") -> float:
+    """Scale a learning rate tuned at ``reference_batch`` to ``global_batch``.
+
+    Args:
+        lr: The learning rate at the reference batch.
+        global_batch: Images per optimizer step over all processes (and accumulation steps).
+        reference_batch: The batch ``lr`` was tuned for.
+        rule: ``linear`` (Goyal et al.: lr * B / B_ref), ``sqrt`` (lr * sqrt(B / B_ref), timm's
+            default for adaptive optimizers such as LAMB) or ``none``.
+
+    Returns:
+        The learning rate to use.
+    """
+    if global_batch <= 0 or reference_batch <= 0:
+        raise ValueError(
+            f"global_batch={global_batch} and reference_batch={reference_batch} must be positive"
+        )
+    if rule == "none":
+        return float(lr)
+    ratio = global_batch / reference_batch
+    if rule == "linear":
+        return float(lr * ratio)
+    if rule == "sqrt":
+        return float(lr * math.sqrt(ratio))
+    raise ValueError(f"lr scaling rule {rule!r} is not one of {LR_SCALING}")
+
+
+def resolve_recipe(
+    recipe: Recipe,
+    *,
+    global_batch: int,
+    epochs: int = 0,
+    lr: float = 0.0,
+    reference_batch: int = 0,
+    lr_scaling: str = "linear",
+    train_size: int = 0,
+    test_size: int = 0,
+) -> dict[str, Any]:
+    """The recipe's values with the run's overrides applied and the learning rate scaled.
+
+    Args:
+        recipe: The procedure.
+        global_batch: Images per optimizer step over all processes.
+        epochs: Override of the epochs (0 = the recipe's). A shorter run keeps the recipe's
+            share of warm-up epochs (5 of 300 epochs -> 1/60 of the run).
+        lr: Override of the learning rate at ``reference_batch`` (0 = the recipe's).
+        reference_batch: Batch the learning rate refers to (0 = the recipe's, 2048).
+        lr_scaling: ``linear``, ``sqrt`` or ``none``.
+        train_size: Override of the training resolution (0 = the recipe's).
+        test_size: Override of the evaluation resolution (0 = the recipe's).
+
+    Returns:
+        Every value the trainer uses: the recipe's fields plus ``lr_base``,
+        ``reference_batch``, ``global_batch``, ``lr_scaling`` and the scaled ``lr``.
+    """
+    out = recipe.to_dict()
+    n_epochs = int(epochs or recipe.epochs)
+    warmup = float(recipe.warmup_epochs)
+    if n_epochs < recipe.epochs:
+        warmup = recipe.warmup_epochs * n_epochs / recipe.epochs
+    ref = int(reference_batch or recipe.batch_size)
+    base = float(lr or recipe.lr)
+    out.update(
+        epochs=n_epochs,
+        warmup_epochs=warmup,
+        lr_base=base,
+        reference_batch=ref,
+        global_batch=int(global_batch),
+        lr_scaling=lr_scaling,
+        lr=scale_lr(base, global_batch, ref, lr_scaling),
+        train_size=int(train_size or recipe.train_size),
+        test_size=int(test_size or recipe.test_size),
+    )
+    return out
+
+
+__all__ = ["LR_SCALING", "RECIPES", "Recipe", "get_recipe", "resolve_recipe", "scale_lr"]
