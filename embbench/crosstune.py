@@ -153,23 +153,13 @@ class _Targets:
 
     def embed(self, embedder, dataset: str) -> dict[str, Any]:
         """The (cached) embedding sets of the splits the target's retrieval plan needs."""
-        from embbench.embed import embed_split
+        from embbench.embed import embed_splits
 
         cat, plan = self.catalogue(dataset)
         cfg = self.cfg
-        return {
-            s: embed_split(
-                embedder,
-                cat,
-                s,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                device=cfg.device,
-                precision=cfg.precision,
-                progress=False,
-            )
-            for s in sorted({plan["query_split"], plan["index_split"]})
-        }
+        return embed_splits(
+            embedder, cat, sorted({plan["query_split"], plan["index_split"]}), cfg, progress=False
+        )
 
     def baseline(self, model: str, dataset: str) -> dict:
         """Stage 01's record of ``model`` pretrained on ``dataset`` (run now when missing)."""

@@ -290,6 +290,26 @@ def embed_split(
     return result
 
 
+def embed_splits(embedder, catalogue: Catalogue, splits, cfg, *, progress: bool = True) -> dict:
+    """Run :func:`embed_split` for each of ``splits``; return ``{split: EmbeddingSet}``.
+
+    Batch size, workers, device and precision come from the stage config ``cfg``.
+    """
+    return {
+        s: embed_split(
+            embedder,
+            catalogue,
+            s,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            device=cfg.device,
+            precision=cfg.precision,
+            progress=progress,
+        )
+        for s in sorted(set(splits))
+    }
+
+
 def _wait_complete(cache: EmbeddingCache) -> bool:
     import torch.distributed as dist
 
@@ -335,6 +355,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "embed_split",
+    "embed_splits",
     "embedding_cache",
     "split_labels",
     "l2_normalize",

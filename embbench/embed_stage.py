@@ -154,7 +154,7 @@ def evaluate_embeddings(
 
 def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFrame:
     """Run every (model, dataset) cell of ``cfg``; return one row per cell with its metrics."""
-    from embbench.embed import embed_split
+    from embbench.embed import embed_splits
     from embbench.models import create_embedder
     from embbench.tracking import setup_mlflow
 
@@ -177,18 +177,7 @@ def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFram
                 rows.append(_row(done))
                 continue
             t0 = time.perf_counter()
-            sets = {
-                s: embed_split(
-                    embedder,
-                    cat,
-                    s,
-                    batch_size=cfg.batch_size,
-                    num_workers=cfg.num_workers,
-                    device=cfg.device,
-                    precision=cfg.precision,
-                )
-                for s in splits
-            }
+            sets = embed_splits(embedder, cat, splits, cfg)
             record = score_and_record(
                 stage="embed",
                 mode="pretrained",

@@ -1331,7 +1331,7 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
         classification metrics, training wall time, GPU-hours and the registered name (empty
         on ranks other than 0 under torchrun).
     """
-    from embbench.embed import embed_split, embedding_cache, init_distributed
+    from embbench.embed import embed_splits, embedding_cache, init_distributed
     from embbench.embed_stage import score_and_record
     from embbench.models import create_embedder
     from embbench.tracking import setup_mlflow
@@ -1381,19 +1381,7 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
             embedder = create_embedder(name, device="cpu")
             t0 = time.perf_counter()
             splits = sorted({cell.plan["query_split"], cell.plan["index_split"]})
-            sets = {
-                s: embed_split(
-                    embedder,
-                    cell.cat,
-                    s,
-                    batch_size=cfg.batch_size,
-                    num_workers=cfg.num_workers,
-                    device=cfg.device,
-                    precision=cfg.precision,
-                    progress=False,
-                )
-                for s in splits
-            }
+            sets = embed_splits(embedder, cell.cat, splits, cfg, progress=False)
             if not dist_info.is_main:
                 continue
             keys = {s: embedding_cache(embedder, cell.cat, s).key for s in splits}

@@ -428,7 +428,7 @@ def run_toptune(cfg: TopTuneConfig, store: ResultStore | None = None) -> pd.Data
         pretrained baseline's metrics (``pretrained_<metric>``) on the same data, the search
         budget and outcome, and where the model and MLflow runs are.
     """
-    from embbench.embed import embed_split, embedding_cache
+    from embbench.embed import embed_splits, embedding_cache
     from embbench.embed_stage import load_catalogue, retrieval_plan
     from embbench.models import create_embedder
 
@@ -449,18 +449,7 @@ def run_toptune(cfg: TopTuneConfig, store: ResultStore | None = None) -> pd.Data
                 rows.append(result_row(done))
                 continue
             t0 = time.perf_counter()
-            sets = {
-                s: embed_split(
-                    embedder,
-                    cat,
-                    s,
-                    batch_size=cfg.batch_size,
-                    num_workers=cfg.num_workers,
-                    device=cfg.device,
-                    precision=cfg.precision,
-                )
-                for s in splits
-            }
+            sets = embed_splits(embedder, cat, splits, cfg)
             record = toptune_cell(
                 cfg,
                 model=model,
