@@ -16,6 +16,7 @@ datasets, the demo catalogue and a user's own catalogue share one code path.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,14 +101,18 @@ class Catalogue:
         return self.items[column]
 
     def fingerprint(self) -> str:
-        """A hash of the table's content (ids, paths relative to root, splits, labels).
+        """A hash of the table's content (ids, splits, labels) and its source.
 
-        It changes when images are added, removed, relabelled or moved between splits, so
-        embedding caches and results keyed by it are never reused for different data.
+        It changes when images are added, removed, relabelled or moved between splits, or when
+        the loader's options change (e.g. the demo generator's seed, a split scheme), so
+        embedding caches and results keyed by it are never reused for different data. It does
+        not read the image files: a copy whose images were replaced under the same names keeps
+        its fingerprint (rerun with ``overwrite`` then).
         """
         cols = ["item_id", "split", *self.label_columns]
         table = self.items[cols].astype(str)
         h = hashlib.sha256()
+        h.update(json.dumps(self.source, sort_keys=True, default=str).encode())
         h.update("\x1f".join(cols).encode())
         h.update(pd.util.hash_pandas_object(table, index=False).values.tobytes())
         return h.hexdigest()[:16]

@@ -51,6 +51,7 @@ def test_demo_catalogue_structure_and_determinism(tmp_path):
         image_size=32,
     )
     assert c.root != a.root
+    assert c.fingerprint() != a.fingerprint()  # another seed never reuses a's caches
 
 
 def test_catalogue_validation_names_the_problem():

@@ -607,3 +607,14 @@ def test_cli_verify_delegates(trees, capsys):
 
     assert main(["verify", "food2k", "--root", str(trees["food2k"])]) == 0
     assert "food2k at" in capsys.readouterr().out
+
+
+def test_demo_b_is_the_demo_with_other_products(tmp_path):
+    a = create_catalogue("demo", tmp_path, n_categories=2, products_per_category=2,
+                         views=(1, 1, 2), image_size=24)
+    b = create_catalogue("demo_b", tmp_path, n_categories=2, products_per_category=2,
+                         views=(1, 1, 2), image_size=24)
+    assert b.name == "demo_b" and b.source["variant_of"] == "demo"
+    assert set(a.items["category"]) == set(b.items["category"])  # same shapes
+    assert a.root != b.root and a.fingerprint() != b.fingerprint()  # other images
+    assert get_dataset_info("demo_b").default_label == "product"
