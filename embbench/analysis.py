@@ -656,7 +656,7 @@ class BootstrapCache:
     @staticmethod
     def key(*parts: Any) -> str:
         """The cache key of ``parts``."""
-        from embbench.config import stable_hash
+        from embbench._utils import stable_hash
 
         return stable_hash(list(parts), length=24)
 
@@ -673,7 +673,7 @@ class BootstrapCache:
         """Write the cache if anything was added."""
         if not self._dirty:
             return
-        from embbench.cache import atomic_write_json
+        from embbench._utils import atomic_write_json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self._data)

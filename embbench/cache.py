@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from embbench.config import stable_hash
+from embbench._utils import (
+    atomic_save_npy,
+    atomic_write_json,
+    safe_name,
+    stable_hash,
+)
 from embbench.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -42,45 +44,6 @@ CACHE_FORMAT = 1
 
 class CacheError(RuntimeError):
     """A cache folder is corrupt or does not match what was asked for."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` in .npy format, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 @dataclass
@@ -143,7 +106,7 @@ class EmbeddingCache:
         }
         self.key = stable_hash(self.identity, 16)
         base = root if root is not None else cache_dir() / "embeddings"
-        self.path = base / _safe(dataset) / _safe(model) / f"{_safe(split)}-{self.key}"
+        self.path = base / safe_name(dataset) / safe_name(model) / f"{safe_name(split)}-{self.key}"
 
     # ---- reading -------------------------------------------------------------------------
     def _read_meta(self) -> dict | None:

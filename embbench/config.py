@@ -13,8 +13,6 @@ Stage configs register themselves under their notebook's name with :func:`regist
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -23,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from embbench._registry import Registry
+from embbench._utils import stable_hash
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -163,9 +162,3 @@ class StageConfig(BaseModel):
         """A stable 12-hex-digit hash of the fields that change results."""
         data = self.model_dump(mode="json", exclude=set(self.hash_exclude))
         return stable_hash(data)
-
-
-def stable_hash(data: Any, length: int = 12) -> str:
-    """SHA-256 of the canonical JSON of ``data`` (sorted keys), truncated to ``length``."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from embbench.config import StageConfig, register_stage, stable_hash
+from embbench._utils import stable_hash
+from embbench.config import StageConfig, register_stage
 from embbench.results import ResultStore
 
 logger = logging.getLogger(__name__)

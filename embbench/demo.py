@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from embbench._utils import stable_hash
 from embbench.catalogue import Catalogue
-from embbench.config import stable_hash
 from embbench.paths import data_dir
 
 logger = logging.getLogger(__name__)

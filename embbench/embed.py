@@ -14,87 +14,29 @@ the cache's ``failed.json`` and listed in the run's output; one bad image never 
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from embbench._torch_utils import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+)
 from embbench.cache import EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue
 
 logger = logging.getLogger(__name__)
 
 EXTRACTION_VERSION = 1  # bump when this module changes the vectors it produces
-
-
-# ---- devices, precision, distributed -----------------------------------------------------------
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> this rank's CUDA device when available, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``.
-
-    ``auto`` is bf16 on CUDA that supports it, fp16 on older CUDA, none (fp32) on the CPU;
-    ``fp32``/``bf16``/``fp16`` force a choice.
-    """
-    allowed = {"auto", "fp32", "bf16", "fp16"}
-    if precision not in allowed:
-        raise ValueError(f"precision={precision!r}; allowed: {sorted(allowed)}")
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes the consolidated outputs."""
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
-def _barrier(dist_info: DistInfo) -> None:
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -194,7 +136,7 @@ def embed_split(
             provenance=_provenance(embedder, dev, amp_dtype, dist_info),
             overwrite=overwrite,
         )
-    _barrier(dist_info)
+    barrier(dist_info)
     n_shards = cache.n_shards(len(ids), shard_size)
     todo = [
         (s, s * shard_size, min((s + 1) * shard_size, len(ids)))
@@ -268,7 +210,7 @@ def embed_split(
                 del pending[s]
     bar.close()
     elapsed = time.perf_counter() - t0
-    _barrier(dist_info)
+    barrier(dist_info)
     if not dist_info.is_main:
         return cache.load() if _wait_complete(cache) else None  # type: ignore[return-value]
     result = cache.consolidate(
@@ -286,7 +228,7 @@ def embed_split(
             split,
             result.path / "failed.json",
         )
-    _barrier(dist_info)
+    barrier(dist_info)
     return result
 
 

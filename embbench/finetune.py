@@ -57,8 +57,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from embbench._recipes import get_recipe, resolve_recipe
-from embbench.cache import atomic_write_json
-from embbench.config import StageConfig, register_stage, stable_hash
+from embbench._utils import atomic_write_json, stable_hash
+from embbench.config import StageConfig, register_stage
 from embbench.paths import runs_dir
 from embbench.results import ResultStore
 

@@ -379,7 +379,7 @@ def export_html(
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    from embbench.cache import atomic_write_bytes
+    from embbench._utils import atomic_write_bytes
 
     notebook, output = Path(notebook), Path(output)
     nb = nbformat.read(notebook, as_version=4)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embbench.cache import atomic_write_bytes, atomic_write_json
+from embbench._utils import atomic_write_bytes, atomic_write_json
 from embbench.paths import runs_dir
 
 logger = logging.getLogger(__name__)

@@ -52,8 +52,9 @@ from embbench._toptune_backend import (
     installed_backends,
     use_keras_backend,
 )
-from embbench.cache import CacheError, EmbeddingCache, EmbeddingSet, atomic_write_json
-from embbench.config import StageConfig, register_stage, stable_hash
+from embbench._utils import atomic_write_json, stable_hash
+from embbench.cache import CacheError, EmbeddingCache, EmbeddingSet
+from embbench.config import StageConfig, register_stage
 from embbench.paths import runs_dir
 from embbench.results import ResultStore
 

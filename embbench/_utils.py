@@ -1,0 +1,134 @@
+"""Small utilities shared by every layer: atomic writes, stable hashes, safe names.
+
+This module sits at the bottom of the package (it imports nothing from embbench), so any
+building block, the cell engine or a stage may use it. Device, precision and distributed helpers
+that need torch live in :mod:`embbench._torch_utils`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_save_npy",
+    "stable_hash",
+    "sha256_file",
+    "safe_name",
+    "collection_name",
+    "metric_key",
+    "jsonable",
+    "l2_normalize_rows",
+]
+
+
+def _replace_from_temp(path: Path, write) -> None:
+    """Create ``path`` by writing a temporary sibling with ``write(fh)``, fsync, then rename.
+
+    The temporary file is created with the user's umask (``tempfile.mkstemp`` would force 0600,
+    which makes a team's shared cache unreadable to the others).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    _replace_from_temp(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (sorted keys), atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` in .npy format (no pickles), atomically."""
+    _replace_from_temp(Path(path), lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+def stable_hash(data: Any, length: int = 12) -> str:
+    """SHA-256 of the canonical JSON of ``data`` (sorted keys), truncated to ``length``."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_name(name: Any) -> str:
+    """A file-name-safe version of ``name``: letters, digits, ``-``, ``_`` and ``.`` are kept."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+
+
+def collection_name(*parts: str) -> str:
+    """A valid Milvus collection name (ASCII letters, digits, underscores; starts with a letter).
+
+    Milvus allows at most 255 characters; longer names keep a readable head and a hash of the
+    whole, so two long names never collide.
+    """
+    name = re.sub(r"[^A-Za-z0-9_]", "_", "_".join(str(p) for p in parts))
+    if not name[:1].isalpha():
+        name = f"c_{name}"
+    if len(name) > 255:
+        name = f"{name[:240]}_{stable_hash(name, 12)}"
+    return name
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names cannot hold ``@``: ``mMP@5`` -> ``mMP_at_5``."""
+    return name.replace("@", "_at_")
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: tuples become lists, numpy scalars numbers, the rest ``str``."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    return str(obj)
+
+
+def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation to float32; all-zero rows stay zero (no error).
+
+    The retrieval code uses the strict :func:`embbench.retrieval.l2_normalize`, which refuses
+    zero rows; this lenient form serves training inputs, where a zero row is harmless.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
