@@ -100,7 +100,7 @@ def cmd_run_notebook(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Stage 01 without a notebook; under torchrun every rank embeds its shards."""
-    from embbench.embed_stage import EmbedConfig, run_embed
+    from embbench.stages.embed import EmbedConfig, run_embed
 
     cfg = EmbedConfig.from_files(*args.params)
     table = run_embed(cfg)

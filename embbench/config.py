@@ -6,8 +6,10 @@ are layered: later files win (``-f params/01_embed.yaml -f params/demo/01_embed.
 unknown key fails with the file, the key and a did-you-mean suggestion, because papermill alone
 only warns on one and silently runs the default.
 
-Stage configs register themselves under their notebook's name with :func:`register_stage`, so
-``config_for("01_embed")`` finds the class and the tests can check every notebook against it.
+Stage configs register themselves under their notebook's name with :func:`register_stage`;
+:func:`embbench.stages.config_for` imports every stage and finds the class by notebook name, and
+the tests check every notebook against it. The fields shared by the stages that embed and score
+a grid of (model, dataset) cells are declared once, in :class:`GridConfig`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from embbench._registry import Registry
 from embbench._utils import stable_hash
@@ -43,17 +45,18 @@ def register_stage(notebook: str):
     return wrap
 
 
-def config_for(notebook: str) -> type[StageConfig]:
-    """The config class registered for ``notebook``; importing the stage modules registers them."""
-    import embbench.stages  # noqa: F401  (registers every stage)
+def registered_stage(notebook: str) -> type[StageConfig]:
+    """The config class registered for ``notebook``.
 
+    Stages register themselves when :mod:`embbench.stages` is imported; this module imports no
+    stage (configs sit below the stages). Use :func:`embbench.stages.config_for`, which imports
+    them all first.
+    """
     return _STAGES.get(notebook)
 
 
-def stage_names() -> list[str]:
-    """All registered notebook names."""
-    import embbench.stages  # noqa: F401
-
+def registered_stage_names() -> list[str]:
+    """The notebook names registered so far."""
     return _STAGES.names()
 
 
@@ -162,3 +165,45 @@ class StageConfig(BaseModel):
         """A stable 12-hex-digit hash of the fields that change results."""
         data = self.model_dump(mode="json", exclude=set(self.hash_exclude))
         return stable_hash(data)
+
+
+class GridConfig(StageConfig):
+    """Fields shared by every stage that runs a grid of (model, dataset) cells (01-04).
+
+    Declared once here, mirrored name for name by each notebook's parameters cell and params
+    file, so one overlay (e.g. ``params/smoke/``) shrinks every stage. ``backend`` is checked
+    against the backend registry by the cell engine before the first cell runs.
+    """
+
+    models: list[str] = Field(default_factory=lambda: ["resnet50"])  # model registry names
+    weights: str = "pretrained"  # pretrained | random | auto (pretrained, else random) | ckpt path
+    datasets: list[str] = Field(default_factory=lambda: ["demo"])  # dataset registry names
+    data_root: dict[str, str] = Field(default_factory=dict)  # dataset -> folder or manifest
+    label: str = ""  # label column for relevance (and classification); "" = dataset default
+    protocol: Literal["", "within", "cross"] = ""  # retrieval protocol; "" = dataset default
+    k: int = Field(5, ge=1, le=100)  # cut-off of the @k retrieval metrics
+    max_images: int = Field(0, ge=0)  # per split, 0 = all (seeded, class-preserving subsample)
+    batch_size: int = Field(64, ge=1)  # images per forward pass (per GPU)
+    num_workers: int = Field(2, ge=0)  # DataLoader decoding processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype on CUDA
+    backend: str = "milvus"  # retrieval backend: milvus | exact (the backend registry's names)
+    milvus_uri: str = ""  # "" = Milvus Lite file runs/milvus.db; or http://host:19530
+    tracking_uri: str = ""  # "" = sqlite runs/mlflow.db (or $MLFLOW_TRACKING_URI)
+    experiment: str = "embbench"  # MLflow experiment name
+    overwrite: Literal["never", "always"] = "never"  # recompute finished cells?
+    seed: int = 0  # subsampling, initialisation and search seed
+
+    # Fields that do not change a cell's numbers. ``backend`` is NOT here: a record names the
+    # backend that searched, so switching backends scores again (from the cached vectors).
+    hash_exclude = frozenset(
+        {"models", "datasets", "data_root", "batch_size", "num_workers", "device", "milvus_uri",
+         "tracking_uri", "experiment", "overwrite"}
+    )
+
+    @field_validator("models", "datasets")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one entry")
+        return v

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from embbench.config import config_for, read_params_files
+from embbench.config import read_params_files
+from embbench.stages import config_for
 from embbench.paths import project_root, reports_dir
 
 logger = logging.getLogger(__name__)

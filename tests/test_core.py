@@ -12,8 +12,8 @@ from embbench.cache import CacheError, EmbeddingCache
 from embbench.catalogue import Catalogue, CatalogueError, from_image_folder, from_manifest
 from embbench.config import ConfigError
 from embbench.demo import make_demo_catalogue
-from embbench.embed_stage import EmbedConfig
-from embbench.results import ResultStore, results_table
+from embbench.records import Lineage, ResultRecord, ResultStore, results_table
+from embbench.stages.embed import EmbedConfig
 
 
 def test_demo_catalogue_structure_and_determinism(tmp_path):
@@ -122,8 +122,8 @@ def test_config_layering_and_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_sise.*typo\.yaml.*did you mean 'batch_size'"):
         EmbedConfig.from_files(base, bad)
     worse = tmp_path / "value.yaml"
-    worse.write_text("backend: faiss\n")
-    with pytest.raises(ConfigError, match=r"backend='faiss'.*value\.yaml"):
+    worse.write_text("precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"precision='fp8'.*value\.yaml"):
         EmbedConfig.from_files(worse)
     # the hash ignores fields that cannot change results
     assert cfg.config_hash() == EmbedConfig.from_files(base).config_hash()
@@ -161,17 +161,12 @@ def test_cache_resume_and_identity(tmp_path):
 
 def test_result_store_roundtrip(tmp_path):
     store = ResultStore(tmp_path)
-    rec = {
-        "stage": "embed",
-        "dataset": "d",
-        "model": "m",
-        "mode": "pretrained",
-        "config_hash": "abc",
-        "metrics": {"mMP@5": 0.5},
-    }
+    rec = ResultRecord(stage="embed", dataset="d", model="m", mode="pretrained",
+                       config_hash="abc", metrics={"mMP@5": 0.5},
+                       lineage=Lineage(base_model="m", weights_kind="random"))
     store.save(rec, per_query={"mMP@5": np.array([0.25, 0.75])})
     got = store.get("embed", "d", "m", "pretrained", "abc")
-    assert got["metrics"] == {"mMP@5": 0.5}
+    assert got.metrics == {"mMP@5": 0.5} and got.lineage.weights_kind == "random"
     assert np.allclose(store.per_query(got)["mMP@5"], [0.25, 0.75])
     table = results_table(store)
     assert table.loc[0, "mMP@5"] == 0.5 and table.loc[0, "model"] == "m"

@@ -13,7 +13,7 @@ import nbformat
 import pytest
 import yaml
 
-from embbench.config import config_for, stage_names
+from embbench.stages import config_for, stage_names
 from embbench.notebooks import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from embbench.embed import embed_split, l2_normalize
-from embbench.embed_stage import EmbedConfig, run_embed
+from embbench.stages.embed import EmbedConfig, run_embed
 from embbench.models import create_embedder
 from embbench.paths import project_root, runs_dir
-from embbench.results import ResultStore
+from embbench.records import ResultStore
 from embbench.retrieval import create_backend
 
 PARAMS = project_root() / "params"
@@ -43,7 +43,7 @@ def test_milvus_and_exact_return_the_same_rankings_on_demo(small_demo):
 
 @pytest.mark.slow
 def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
-    import embbench.embed_stage as stage
+    import embbench.cells as stage
 
     monkeypatch.setattr(stage, "load_catalogue", lambda *a, **k: small_demo)
     cfg = EmbedConfig(models=["test_resnet", "test_clip"], weights="random", datasets=["demo"],
@@ -57,8 +57,8 @@ def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
     records = ResultStore().records("embed")
     assert len(records) == 2
     rec = records[0]
-    assert rec["weights_used"]["kind"] == "random" and rec["git_sha"]
-    assert rec["protocol"] == "within" and rec["label"] == "product"
+    assert rec.lineage.weights_kind == "random" and rec.git_sha
+    assert rec.protocol == "within" and rec.label == "product" and rec.backend == "milvus"
     runs = mlflow.search_runs(experiment_names=["embbench"])
     assert len(runs) == 2
     assert set(runs["tags.family"]) == {"supervised", "text-image"}
@@ -67,10 +67,13 @@ def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
     client = mlflow.MlflowClient()
     art = client.download_artifacts(runs["run_id"].iloc[0], "result.json")
     assert json.loads(Path(art).read_text())["mode"] == "pretrained"
-    # the exact backend gives the same numbers (ranking agreement on real embeddings)
-    again = run_embed(cfg.model_copy(update={"backend": "exact", "overwrite": "always"}))
+    # the exact backend gives the same numbers (ranking agreement on real embeddings); changing
+    # only the backend scores again (from the cached vectors) and the record names the backend
+    again = run_embed(cfg.model_copy(update={"backend": "exact"}))
     assert np.allclose(again["mMP@5"], table["mMP@5"]) and np.allclose(again["NDCG@5"],
                                                                           table["NDCG@5"])
+    assert {r.backend for r in ResultStore().records("embed")} == {"milvus", "exact"}
+    cfg = cfg.model_copy(update={"backend": "exact"})
     # reruns skip finished cells
     n_runs = len(mlflow.search_runs(experiment_names=["embbench"]))
     run_embed(cfg)

@@ -1,0 +1,508 @@
+"""The cell engine: the one loop that runs a stage's grid of (model, dataset) cells.
+
+Every stage (01 embed, 02 fine-tune, 03 top-tune, 04 cross-tune) is a grid of cells. The engine
+owns everything the cells share, in this order:
+
+1. **validate the whole grid up front**: every model, dataset, data root, label, protocol and the
+   retrieval backend are checked before the first cell runs, so a typo in the fifth model fails
+   in seconds, not after four models have run;
+2. **load** each dataset's catalogue once (fetching http(s) rows of a manifest) and **plan** its
+   retrieval (label, protocol, query and index splits);
+3. per cell: compute the **cell hash** (the stage config's hash, the plan, the stage's identity
+   of its inputs), **skip** a finished cell or recompute it (``overwrite``), open the cell's
+   **single MLflow run** (started when the cell's work starts), call the stage's **produce**
+   step, **score** retrieval with the backend object, and **write the record**.
+
+A stage supplies a :class:`StageSteps` object: its grid, its extra checks, the identity of a
+cell's inputs (for the hash) and the ``produce`` step that returns the query and index
+embeddings with their lineage. This follows mteb's ``AbsTask`` (the task owns the loop, each
+task fills in its step) and pytorch-metric-learning's injected ``knn_func`` (the backend is an
+object passed in, not a string).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from embbench._registry import UnknownNameError
+from embbench._utils import metric_key, stable_hash
+from embbench.cache import EmbeddingSet
+from embbench.catalogue import Catalogue, CatalogueError
+from embbench.config import ConfigError, GridConfig
+from embbench.records import Lineage, ResultRecord, ResultStore, Timings
+from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
+
+logger = logging.getLogger(__name__)
+
+
+class GridError(ConfigError):
+    """The grid cannot run: every problem found before the first cell, with its fix."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a stage's grid.
+
+    Attributes:
+        stage: The record's stage name (``embed``, ``finetune``, ``toptune``, ``crosstune``).
+        mode: ``pretrained``, ``top-tuned``, ``fine-tuned``, ``cross-tuned`` or
+            ``cross-top-tuned``.
+        model: The zoo model name.
+        dataset: The dataset scored (for cross-tuning: the target).
+        source: The dataset the model was tuned on, for cross-tuning cells.
+    """
+
+    stage: str
+    mode: str
+    model: str
+    dataset: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        origin = f" (tuned on {self.source})" if self.source else ""
+        return f"{self.stage} {self.mode} {self.model} on {self.dataset}{origin}"
+
+
+@dataclass(frozen=True)
+class RetrievalPlan:
+    """How a dataset is scored: relevance label, protocol, and the query and index splits."""
+
+    label: str
+    protocol: str
+    query_split: str
+    index_split: str
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits retrieval needs, sorted."""
+        return sorted({self.query_split, self.index_split})
+
+    def as_dict(self) -> dict[str, str]:
+        """The plan as a plain mapping (records, hashes, MLflow params)."""
+        return {
+            "label": self.label,
+            "protocol": self.protocol,
+            "query_split": self.query_split,
+            "index_split": self.index_split,
+        }
+
+
+@dataclass
+class CellInputs:
+    """What the engine hands a stage's steps for one dataset: the catalogue and its plan."""
+
+    dataset: str
+    catalogue: Catalogue
+    plan: RetrievalPlan
+
+
+@dataclass
+class Produced:
+    """What a stage's ``produce`` step returns for one cell.
+
+    Attributes:
+        query: The query split's embeddings.
+        index: The index split's embeddings (the same object as ``query`` under ``within``).
+        lineage: Where the vectors come from.
+        spec: The model's spec (``family``, ``backbone``, ``paper_name``).
+        classification: Test-split classification metrics, when the cell trained a classifier.
+        val_accuracy: Validation accuracy, when the cell trained a classifier.
+        pretrained_metrics: The pretrained baseline's metrics on the same data (tuned modes).
+        timings: ``embed_s``, ``train_s``, ``gpu_hours`` as measured by the stage.
+        details: Stage-specific facts and paths for the record.
+        tags: Extra MLflow tags for the cell's run.
+        baseline: The pretrained embeddings ``(query, index)`` of the same data, scored by the
+            engine with the same backend into ``pretrained_metrics`` (tuned modes).
+    """
+
+    query: EmbeddingSet
+    index: EmbeddingSet
+    lineage: Lineage
+    spec: Any
+    classification: dict[str, float] = field(default_factory=dict)
+    val_accuracy: float | None = None
+    pretrained_metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float | None] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    baseline: tuple[EmbeddingSet, EmbeddingSet] | None = None
+
+
+class StageSteps(Protocol):
+    """What a stage supplies to the engine."""
+
+    def grid(self) -> list[Cell]:
+        """The cells, in run order."""
+
+    def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
+        """Stage-specific problems found before any cell runs (empty when none)."""
+
+    def identity(self, cell: Cell, inputs: CellInputs) -> dict[str, Any]:
+        """Everything beyond the config and the plan that changes the cell's result.
+
+        Typically the embedding cache keys of the vectors the cell will score, the training
+        hash of a fine-tuned model, or the hash of the top-tuned head applied.
+        """
+
+    def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
+        """Compute the cell's query and index embeddings (and any training) with lineage."""
+
+
+# ---- loading and planning --------------------------------------------------------------------
+def load_catalogue(
+    name: str,
+    data_root: Mapping[str, str],
+    *,
+    label: str = "",
+    max_images: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> Catalogue:
+    """Create catalogue ``name``, subsample it and fetch its http(s) rows.
+
+    Args:
+        name: A registered dataset name.
+        data_root: Dataset -> folder (or manifest CSV); default ``data/<name>``.
+        label: Label column for a user's catalogue (a manifest reads this column).
+        max_images: Per-split subsample size (0 = all), seeded and class-preserving.
+        seed: Subsampling and split seed.
+        progress: Show a progress bar while fetching URLs.
+    """
+    from embbench.datasets import create_catalogue, fetch_urls, list_datasets
+
+    root = data_root.get(name) or None
+    public = name in list_datasets(public_only=True)
+    cat = create_catalogue(name, root, label=None if public or not label else label)
+    cat = cat.subset(max_images, seed=seed)
+    if cat.items["path"].astype(str).str.match(r"^https?://").any():
+        cat, report = fetch_urls(cat, progress=progress)
+        if report.failed:
+            logger.warning("%s: %d URL(s) could not be fetched:\n%s", name,
+                           len(report.failed), report.format())
+    return cat
+
+
+def retrieval_plan(name: str, cat: Catalogue, label: str = "", protocol: str = "") -> RetrievalPlan:
+    """Label column, protocol and query/index splits for dataset ``name`` (overrides win).
+
+    Raises:
+        GridError: The catalogue lacks a split the protocol needs, or the label column.
+    """
+    from embbench.datasets import get_dataset_info, list_datasets
+
+    info = get_dataset_info(name) if name in list_datasets() else None
+    # The six public datasets have curated defaults; a user's catalogue keeps its own label.
+    label = label or (info.default_label if info and info.public else cat.default_label)
+    protocol = protocol or (info.protocol if info else "within")
+    query_split = info.query_split if info else "test"
+    index_split = info.index_split if info else query_split
+    if protocol == "within":
+        index_split = query_split
+    elif index_split == query_split:
+        index_split = "train"
+    for split in sorted({query_split, index_split}):
+        if split not in cat.splits:
+            raise GridError(
+                f"dataset {name!r}: protocol {protocol!r} needs split {split!r}, the catalogue "
+                f"has {cat.splits}. Fix: choose protocol 'within', or give the catalogue that "
+                "split."
+            )
+    if label not in cat.label_columns:
+        raise GridError(
+            f"dataset {name!r}: label {label!r} is not among its label columns "
+            f"{list(cat.label_columns)}. Fix: set label to one of them ('' = the default)."
+        )
+    return RetrievalPlan(label, protocol, query_split, index_split)
+
+
+# ---- the engine -------------------------------------------------------------------------------
+class CellEngine:
+    """Runs a stage's grid: validate, load, plan, hash, skip, produce, score, record.
+
+    Args:
+        cfg: The stage's config (the shared grid fields are read from it).
+        steps: The stage's steps.
+        store: The result store (default: the project's).
+        backend: The retrieval backend object (default: created from ``cfg.backend``).
+    """
+
+    def __init__(
+        self,
+        cfg: GridConfig,
+        steps: StageSteps,
+        *,
+        store: ResultStore | None = None,
+        backend: SearchBackend | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.steps = steps
+        self.store = store or ResultStore()
+        self._backend = backend
+        self._owns_backend = backend is None
+        self.inputs: dict[str, CellInputs] = {}
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self, cells: Sequence[Cell]) -> None:
+        """Check the whole grid before any work; load and plan every dataset once.
+
+        Raises:
+            GridError: Listing every problem found (unknown models and datasets with close
+                matches, an unknown backend, a missing split or label), each with its fix.
+        """
+        from embbench.datasets import list_datasets
+        from embbench.models import get_model_spec
+
+        problems: list[str] = []
+        if self.cfg.backend not in list_backends():
+            problems.append(
+                f"backend {self.cfg.backend!r} is unknown; choose one of {list_backends()}"
+            )
+        for model in dict.fromkeys(c.model for c in cells):
+            try:
+                get_model_spec(model)
+            except UnknownNameError as exc:
+                problems.append(str(exc))
+        known = set(list_datasets())
+        for dataset in dict.fromkeys(c.dataset for c in cells):
+            if dataset not in known:
+                from embbench._registry import did_you_mean
+
+                problems.append(did_you_mean(dataset, sorted(known), "dataset"))
+                continue
+            try:
+                self.inputs_for(dataset)
+            except (CatalogueError, GridError, ValueError, TypeError) as exc:
+                problems.append(f"dataset {dataset!r}: {exc}")
+        if not problems:
+            problems += self.steps.check(cells, self.inputs)
+        if problems:
+            raise GridError(
+                f"{len(problems)} problem(s) in the grid, found before running any cell:\n- "
+                + "\n- ".join(problems)
+            )
+
+    def inputs_for(self, dataset: str) -> CellInputs:
+        """The catalogue and plan of ``dataset`` (loaded once per engine)."""
+        if dataset not in self.inputs:
+            cfg = self.cfg
+            cat = load_catalogue(
+                dataset, cfg.data_root, label=cfg.label, max_images=cfg.max_images, seed=cfg.seed
+            )
+            plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
+            self.inputs[dataset] = CellInputs(dataset, cat, plan)
+        return self.inputs[dataset]
+
+    # -- running ----------------------------------------------------------------------------
+    @property
+    def backend(self) -> SearchBackend:
+        """The retrieval backend (created on first use from the config)."""
+        if self._backend is None:
+            kwargs: dict[str, Any] = {}
+            if self.cfg.backend == "milvus":
+                kwargs = {"uri": self.cfg.milvus_uri or None, "collection_prefix": "embbench"}
+            self._backend = create_backend(self.cfg.backend, **kwargs)
+        return self._backend
+
+    def run(self, select: Callable[[Cell], bool] | None = None) -> list[ResultRecord]:
+        """Validate the grid, then run every cell; return the records in grid order.
+
+        Args:
+            select: Run only the cells for which this returns true (e.g. the one cell of a
+                pipeline task); the others are neither validated nor run.
+        """
+        from embbench.tracking import setup_mlflow
+
+        cells = [c for c in self.steps.grid() if select is None or select(c)]
+        self.validate(cells)
+        setup_mlflow(self.cfg.tracking_uri, self.cfg.experiment)
+        records = []
+        try:
+            for i, cell in enumerate(cells, 1):
+                logger.info("[%d/%d] %s", i, len(cells), cell)
+                records.append(self.run_cell(cell))
+        finally:
+            if self._owns_backend and self._backend is not None:
+                self._backend.close()
+                self._backend = None
+        return records
+
+    def cell_hash(self, cell: Cell, inputs: CellInputs) -> str:
+        """The hash of everything that changes the cell's result."""
+        return stable_hash(
+            {
+                "cfg": self.cfg.config_hash(),
+                "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source],
+                "plan": inputs.plan.as_dict(),
+                "inputs": self.steps.identity(cell, inputs),
+            }
+        )
+
+    def run_cell(self, cell: Cell) -> ResultRecord:
+        """Run one cell (or read it back when finished and ``overwrite`` is ``never``)."""
+        inputs = self.inputs_for(cell.dataset)
+        chash = self.cell_hash(cell, inputs)
+        done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+        if done is not None and self.cfg.overwrite == "never":
+            logger.info("skipped %s: finished earlier (record %s)", cell,
+                        self.store.path(*done.key()))
+            return done
+        started = datetime.now(UTC).isoformat()
+        t0 = time.perf_counter()
+        with self._cell_run(cell, chash) as run:
+            produced = self.steps.produce(cell, inputs)
+            record, per_query = self._score(cell, inputs, chash, produced, started)
+            record.timings.wall_s = round(time.perf_counter() - t0, 3)
+            record.mlflow_run_id = run.info.run_id if run is not None else None
+            self._log(record, produced)
+        path = self.store.save(record, per_query)
+        logger.info("done %s in %.1f s: %s (record %s)", cell, record.timings.wall_s or 0.0,
+                    ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()), path)
+        return record
+
+    @contextmanager
+    def _cell_run(self, cell: Cell, chash: str) -> Iterator[Any]:
+        from embbench.tracking import mlflow_run
+
+        tags = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
+                "dataset": cell.dataset, "config_hash": chash}
+        if cell.source:
+            tags["source_dataset"] = cell.source
+        name = f"{cell.stage}:{cell.model}:{cell.dataset}:{cell.mode}"
+        if cell.source:
+            name += f":from-{cell.source}"
+        with mlflow_run(name, tags=tags) as run:
+            yield run
+
+    def _score(
+        self, cell: Cell, inputs: CellInputs, chash: str, produced: Produced, started: str
+    ) -> tuple[ResultRecord, dict[str, np.ndarray]]:
+        plan = inputs.plan
+        cat = inputs.catalogue
+        query, index = produced.query, produced.index
+        t0 = time.perf_counter()
+        result = self.evaluate(query, index, inputs)
+        search_s = round(time.perf_counter() - t0, 3)
+        pretrained = dict(produced.pretrained_metrics)
+        if produced.baseline is not None:
+            pretrained = dict(self.evaluate(*produced.baseline, inputs).summary)
+        failed = list(query.failed) + ([] if index is query else list(index.failed))
+        from embbench.tracking import provenance
+
+        spec = produced.spec
+        timings = Timings(**{**produced.timings, "search_s": search_s})
+        record = ResultRecord(
+            stage=cell.stage,
+            mode=cell.mode,
+            model=cell.model,
+            dataset=cell.dataset,
+            config_hash=chash,
+            family=getattr(spec, "family", "unknown") or "unknown",
+            backbone=getattr(spec, "backbone", "unknown") or "unknown",
+            paper_name=getattr(spec, "paper_name", "") or cell.model,
+            lineage=produced.lineage,
+            backend=self.cfg.backend,
+            k=self.cfg.k,
+            **plan.as_dict(),
+            metrics={k: float(v) for k, v in result.summary.items()},
+            n_queries=result.n_queries,
+            n_lone=result.n_lone,
+            n_index=int(len(index.vectors)),
+            embed_dim=int(query.vectors.shape[1]),
+            classification=produced.classification,
+            val_accuracy=produced.val_accuracy,
+            pretrained_metrics={k: float(v) for k, v in pretrained.items()},
+            timings=timings,
+            config=self.cfg.model_dump(mode="json"),
+            dataset_fingerprint=cat.fingerprint(),
+            dataset_root=str(cat.root) if cat.root else None,
+            caches={"query": str(query.path), "index": str(index.path)},
+            failed_images=failed,
+            provenance=provenance(),
+            details=produced.details,
+            started=started,
+        )
+        per_query = {**result.per_query, "query_index": result.query_index}
+        return record, per_query
+
+    def evaluate(self, query: EmbeddingSet, index: EmbeddingSet, inputs: CellInputs) -> Any:
+        """Score one query/index pair of ``inputs``' dataset with the engine's backend."""
+        plan, items = inputs.plan, inputs.catalogue.items
+        shared = plan.protocol == "within" and index is query
+        return search_and_evaluate(
+            np.asarray(query.vectors),
+            query.labels(items, plan.label),
+            None if shared else np.asarray(index.vectors),
+            None if shared else index.labels(items, plan.label),
+            k=self.cfg.k,
+            protocol=plan.protocol,
+            backend=self.backend,
+        )
+
+    def _log(self, record: ResultRecord, produced: Produced) -> None:
+        """Log the record into the cell's active MLflow run."""
+        import mlflow
+
+        from embbench.tracking import log_json_artifact, log_params
+
+        lin = record.lineage
+        mlflow.set_tags(
+            {
+                "family": record.family,
+                "backbone": record.backbone,
+                "weights": lin.weights_kind,
+                "lineage": lin.describe(),
+                "backend": record.backend,
+                **({"tuned_on": record.tuned_on} if record.tuned_on else {}),
+                **produced.tags,
+            }
+        )
+        log_params({"config": record.config, **record.model_dump(
+            include={"label", "protocol", "query_split", "index_split", "k"})})
+        metrics = {metric_key(k): v for k, v in record.metrics.items()}
+        metrics.update({f"test_{k}": v for k, v in record.classification.items()})
+        metrics.update({f"pretrained_{metric_key(k)}": v
+                        for k, v in record.pretrained_metrics.items()})
+        metrics.update({f"delta_{metric_key(k)}": v - record.pretrained_metrics[k]
+                        for k, v in record.metrics.items() if k in record.pretrained_metrics})
+        if record.val_accuracy is not None:
+            metrics["val_accuracy"] = record.val_accuracy
+        metrics.update(n_queries=record.n_queries, n_lone=record.n_lone,
+                       n_failed_images=len(record.failed_images))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        log_json_artifact(record.model_dump(mode="json"), "result.json")
+        if record.failed_images:
+            log_json_artifact(record.failed_images, "failed_images.json")
+
+
+def run_grid(
+    cfg: GridConfig,
+    steps: StageSteps,
+    *,
+    store: ResultStore | None = None,
+    backend: SearchBackend | None = None,
+    select: Callable[[Cell], bool] | None = None,
+) -> list[ResultRecord]:
+    """Run ``steps``' grid (or the ``select``-ed cells) under ``cfg`` through a CellEngine."""
+    return CellEngine(cfg, steps, store=store, backend=backend).run(select)
+
+
+__all__ = [
+    "Cell",
+    "CellEngine",
+    "CellInputs",
+    "GridError",
+    "Produced",
+    "RetrievalPlan",
+    "StageSteps",
+    "load_catalogue",
+    "retrieval_plan",
+    "run_grid",
+]

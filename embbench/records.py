@@ -1,0 +1,379 @@
+"""Result records: one typed record per cell, written by every stage, read by the analysis.
+
+A :class:`ResultRecord` holds what one (stage, mode, model, dataset, config hash) cell measured
+and where it came from: the retrieval plan, the metrics, the per-query arrays file, timings, the
+code version and the **lineage** (which weights the embedder started from, what it was tuned on
+and how). Every stage writes this one shape through the cell engine; the analysis reads it
+without a table of aliases.
+
+Layout: ``<runs_dir>/results/<stage>/<dataset>/<model>/<mode>-<config_hash>.json`` with, beside
+it, ``...-per_query.npz`` holding the per-query retrieval values (for bootstrap confidence
+intervals and paired tests) and the top-k result ids. Records are written atomically and never
+overwritten silently: reruns skip finished cells unless the overwrite policy says ``always``.
+
+Records written before the schema existed (``schema_version`` 1, flat dicts) are migrated on
+read by :func:`migrate_record`, so earlier runs keep loading.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from embbench._utils import atomic_write_bytes, atomic_write_json, safe_name
+from embbench.paths import runs_dir
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+OVERWRITE_POLICIES = ("never", "always")
+Mode = Literal["pretrained", "top-tuned", "fine-tuned", "cross-tuned", "cross-top-tuned"]
+MODES: tuple[str, ...] = ("pretrained", "top-tuned", "fine-tuned", "cross-tuned", "cross-top-tuned")
+
+
+class RecordError(ValueError):
+    """A result record does not match the schema; the message names the file and the field."""
+
+
+class Lineage(BaseModel):
+    """Where the vectors of a cell come from, end to end.
+
+    A fine-tuned model's record says both that its embedder is a checkpoint and which weights
+    the fine-tuning started from, so a run that began from random initialisation stays visible
+    in every table and sentence built on it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str  # the zoo model at the root of the lineage
+    weights: dict[str, Any] = Field(default_factory=dict)  # the embedder's weights, as used
+    weights_kind: str = "unknown"  # pretrained | random | checkpoint | ...
+    control: bool = False  # a random-init control of a real architecture
+    finetuned_on: str | None = None  # dataset of the full fine-tuning, if any
+    finetune_recipe: str | None = None  # A1 | A2 | A3
+    finetune_start: str | None = None  # weights kind the fine-tuning started from
+    toptuned_on: str | None = None  # dataset the MLP head was top-tuned on, if any
+    variant: dict[str, Any] = Field(default_factory=dict)  # compression / index variant
+
+    @property
+    def start_kind(self) -> str:
+        """The weights the whole lineage started from (``random`` means no pretrained signal)."""
+        return self.finetune_start or self.weights_kind
+
+    def describe(self) -> str:
+        """The lineage in words, e.g. ``fine-tuned on demo (A2, from random init)``."""
+        start = {"random": "random init", "pretrained": "pretrained weights"}
+        parts = []
+        if self.finetuned_on:
+            origin = start.get(self.finetune_start or "", self.finetune_start or "unknown start")
+            recipe = f"{self.finetune_recipe}, " if self.finetune_recipe else ""
+            parts.append(f"fine-tuned on {self.finetuned_on} ({recipe}from {origin})")
+        if self.toptuned_on:
+            parts.append(f"top-tuned on {self.toptuned_on}")
+        if not parts:
+            parts.append(start.get(self.weights_kind, f"weights: {self.weights_kind}"))
+        if self.control:
+            parts.append("control")
+        return "; ".join(parts)
+
+
+class Timings(BaseModel):
+    """Wall-clock seconds of a cell's parts (``None`` when a part did not run)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embed_s: float | None = None  # computing the embeddings (0 when all came from the cache)
+    train_s: float | None = None  # fine-tuning or top-tuning (search + final fit)
+    search_s: float | None = None  # retrieval search and scoring
+    wall_s: float | None = None  # the whole cell
+    gpu_hours: float | None = None  # accelerator hours of the training, when measured
+
+
+class ResultRecord(BaseModel):
+    """One cell's result: identity, lineage, retrieval plan, metrics, timings, provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    stage: str  # embed | finetune | toptune | crosstune | ...
+    mode: Mode
+    model: str  # the zoo model name (for fine-tuned models: the base model)
+    dataset: str  # the dataset scored (for cross-tuning: the target)
+    config_hash: str  # hash of everything that changes the result
+    family: str = "unknown"  # supervised | ssl | text-image
+    backbone: str = "unknown"  # convolutional | transformer | ...
+    paper_name: str = ""
+    lineage: Lineage
+    backend: str = "exact"  # the retrieval backend that searched
+    protocol: str = "within"  # within | cross
+    label: str = ""  # the relevance / classification label column
+    query_split: str = "test"
+    index_split: str = "test"
+    k: int = 5
+    metrics: dict[str, float] = Field(default_factory=dict)  # retrieval metrics (mMP@5, ...)
+    n_queries: int = 0
+    n_lone: int = 0  # queries with no relevant item in the index (left out of the means)
+    n_index: int = 0
+    embed_dim: int = 0
+    classification: dict[str, float] = Field(default_factory=dict)  # test split, when trained
+    val_accuracy: float | None = None
+    pretrained_metrics: dict[str, float] = Field(default_factory=dict)  # baseline, same data
+    timings: Timings = Field(default_factory=Timings)
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved stage config
+    dataset_fingerprint: str = ""
+    dataset_root: str | None = None
+    caches: dict[str, str] = Field(default_factory=dict)  # role -> embedding cache folder
+    failed_images: list[dict[str, Any]] = Field(default_factory=list)
+    per_query_file: str | None = None
+    mlflow_run_id: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)  # git sha, versions, platform
+    details: dict[str, Any] = Field(default_factory=dict)  # stage-specific facts and paths
+    started: str | None = None
+    saved: str | None = None
+
+    @property
+    def tuned_on(self) -> str | None:
+        """The dataset the embedder was adapted on (fine- or top-tuned), if any."""
+        return self.lineage.finetuned_on or self.lineage.toptuned_on
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """Test-split classification accuracy, when the cell trained a classifier."""
+        return self.classification.get("accuracy")
+
+    @property
+    def git_sha(self) -> str:
+        """The code version that produced the record."""
+        return str(self.provenance.get("git_sha", "unknown"))
+
+    def key(self) -> tuple[str, str, str, str, str]:
+        """(stage, dataset, model, mode, config_hash): where the record lives."""
+        return (self.stage, self.dataset, self.model, self.mode, self.config_hash)
+
+
+# ---- migration of records written before the schema ------------------------------------------
+_V1_TOP = {
+    "stage", "mode", "model", "dataset", "config_hash", "family", "backbone", "paper_name",
+    "backend", "protocol", "label", "query_split", "index_split", "k", "metrics", "n_queries",
+    "n_lone", "n_index", "embed_dim", "classification", "val_accuracy", "pretrained_metrics",
+    "config", "dataset_fingerprint", "dataset_root", "caches", "failed_images",
+    "per_query_file", "mlflow_run_id", "saved",
+}  # fmt: skip
+_V1_PROVENANCE = ("git_sha", "git_dirty", "versions", "python", "platform")
+_V1_DROPPED = ("weights_used", "weights_kind", "wall_s", "embed_wall_s", "search_wall_s",
+               "train_wall_s", "tuner_wall_s", "final_fit_wall_s", "gpu_hours", "source_dataset",
+               "tuned_on", "recipe", "source_model")  # fmt: skip
+
+
+def migrate_record(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A record of any schema version as a current-schema mapping.
+
+    Version 1 records (flat dicts written by the first landing) keep every value: known fields
+    move to their typed place (lineage, timings, provenance), the rest goes to ``details``.
+    """
+    if int(raw.get("schema_version", 1)) >= SCHEMA_VERSION:
+        return dict(raw)
+    old = dict(raw)
+    weights = dict(old.get("weights_used") or {})
+    mode = old.get("mode")
+    source = old.get("source_dataset") or old.get("finetuned_on")
+    finetuned = mode in ("fine-tuned", "cross-tuned")
+    toptuned = mode in ("top-tuned", "cross-top-tuned")
+    if mode == "fine-tuned":
+        source = old.get("dataset")
+    if mode == "top-tuned":
+        source = old.get("tuned_on") or old.get("dataset")
+    cfg = old.get("config") or {}
+    lineage = {
+        "base_model": old.get("model", ""),
+        "weights": weights,
+        "weights_kind": str(old.get("weights_kind") or weights.get("kind") or "unknown"),
+        "finetuned_on": source if finetuned else None,
+        "finetune_recipe": old.get("recipe") if finetuned else None,
+        # v1 did not record the fine-tuning's starting weights; its config's `weights` did
+        "finetune_start": (_kind(cfg.get("weights")) if finetuned else None),
+        "toptuned_on": (old.get("tuned_on") or source) if toptuned else None,
+    }
+    timings = {
+        "embed_s": old.get("embed_wall_s"),
+        "search_s": old.get("search_wall_s"),
+        "train_s": _sum(old.get("train_wall_s"), old.get("tuner_wall_s"),
+                        old.get("final_fit_wall_s")),
+        "wall_s": old.get("wall_s"),
+        "gpu_hours": old.get("gpu_hours"),
+    }
+    new: dict[str, Any] = {k: old[k] for k in _V1_TOP if k in old and old[k] is not None}
+    new["classification"] = {
+        k: float(v) for k, v in (old.get("classification") or {}).items()
+        if isinstance(v, int | float)
+    }
+    new["schema_version"] = SCHEMA_VERSION
+    new["lineage"] = lineage
+    new["timings"] = {k: v for k, v in timings.items() if v is not None}
+    new["provenance"] = {k: old[k] for k in _V1_PROVENANCE if k in old}
+    new["caches"] = {k: str(v) for k, v in (old.get("caches") or {}).items()}
+    skip = _V1_TOP | set(_V1_PROVENANCE) | set(_V1_DROPPED)
+    new["details"] = {k: v for k, v in old.items() if k not in skip}
+    new["details"]["migrated_from"] = 1
+    return new
+
+
+def _kind(weights: Any) -> str | None:
+    if weights in (None, ""):
+        return None
+    return str(weights) if weights in ("pretrained", "random", "auto") else "checkpoint"
+
+
+def _sum(*values: Any) -> float | None:
+    nums = [float(v) for v in values if isinstance(v, int | float)]
+    return round(sum(nums), 3) if nums else None
+
+
+def parse_record(raw: Mapping[str, Any], source: str = "record") -> ResultRecord:
+    """Validate a stored mapping (any schema version) into a :class:`ResultRecord`.
+
+    Raises:
+        RecordError: Naming ``source`` and every field that does not fit.
+    """
+    try:
+        return ResultRecord.model_validate(migrate_record(raw))
+    except ValidationError as exc:
+        bad = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise RecordError(f"{source}: not a valid result record ({bad})") from None
+
+
+# ---- the store --------------------------------------------------------------------------------
+class ResultStore:
+    """Reads and writes result records under ``root`` (default ``<runs_dir>/results``)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else runs_dir() / "results"
+
+    def path(self, stage: str, dataset: str, model: str, mode: str, config_hash: str) -> Path:
+        """Where the record for this cell lives."""
+        return (
+            self.root / safe_name(stage) / safe_name(dataset) / safe_name(model)
+            / f"{safe_name(mode)}-{config_hash}.json"
+        )
+
+    def get(
+        self, stage: str, dataset: str, model: str, mode: str, config_hash: str
+    ) -> ResultRecord | None:
+        """The stored record, or ``None``."""
+        p = self.path(stage, dataset, model, mode, config_hash)
+        return self.read(p) if p.is_file() else None
+
+    @staticmethod
+    def read(path: Path) -> ResultRecord:
+        """Read and validate one record file.
+
+        Raises:
+            RecordError: The file is not JSON or not a record; names the file.
+        """
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(
+                f"{path}: unreadable result record ({exc}); move it aside and rerun the cell"
+            ) from None
+        return parse_record(raw, str(path))
+
+    def save(
+        self, record: ResultRecord, per_query: Mapping[str, np.ndarray] | None = None
+    ) -> Path:
+        """Write ``record`` (and its per-query arrays) atomically; returns the JSON path."""
+        p = self.path(*record.key())
+        record.saved = datetime.now(UTC).isoformat()
+        if per_query:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **{k: np.asarray(v) for k, v in per_query.items()})
+            pq = p.with_name(p.stem + "-per_query.npz")
+            atomic_write_bytes(pq, buf.getvalue())
+            record.per_query_file = pq.name
+        atomic_write_json(p, record.model_dump(mode="json"))
+        return p
+
+    def per_query(self, record: ResultRecord | Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The per-query arrays saved with ``record`` (empty when there are none)."""
+        rec = record if isinstance(record, ResultRecord) else parse_record(record)
+        if not rec.per_query_file:
+            return {}
+        p = self.path(*rec.key()).with_name(rec.per_query_file)
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def records(self, stage: str | None = None) -> list[ResultRecord]:
+        """Every stored record (optionally of one stage), sorted by path.
+
+        Unreadable or invalid files are skipped with a warning naming them.
+        """
+        base = self.root / safe_name(stage) if stage else self.root
+        out = []
+        for p in sorted(base.rglob("*.json")):
+            try:
+                out.append(self.read(p))
+            except RecordError as exc:
+                logger.warning("skipping %s", exc)
+        return out
+
+
+def record_row(record: ResultRecord) -> dict[str, Any]:
+    """The flat table row of a record: identity, lineage, the metrics, counts and run id."""
+    lin = record.lineage
+    return {
+        "stage": record.stage,
+        "mode": record.mode,
+        "model": record.model,
+        "dataset": record.dataset,
+        "family": record.family,
+        "weights": lin.weights_kind,
+        "lineage": lin.describe(),
+        "tuned_on": record.tuned_on,
+        **record.metrics,
+        **{f"pretrained_{k}": v for k, v in record.pretrained_metrics.items()},
+        **{
+            f"delta_{k}": v - record.pretrained_metrics[k]
+            for k, v in record.metrics.items()
+            if k in record.pretrained_metrics
+        },
+        **{f"test_{k}": v for k, v in record.classification.items()},
+        "n_queries": record.n_queries,
+        "n_lone": record.n_lone,
+        "n_failed": len(record.failed_images),
+        "wall_s": record.timings.wall_s,
+        "config_hash": record.config_hash,
+        "mlflow_run_id": record.mlflow_run_id,
+    }
+
+
+def results_table(store: ResultStore | None = None, stage: str | None = None) -> pd.DataFrame:
+    """One row per record (see :func:`record_row`)."""
+    store = store or ResultStore()
+    return pd.DataFrame([record_row(r) for r in store.records(stage)])
+
+
+__all__ = [
+    "MODES",
+    "OVERWRITE_POLICIES",
+    "SCHEMA_VERSION",
+    "Lineage",
+    "RecordError",
+    "ResultRecord",
+    "ResultStore",
+    "Timings",
+    "migrate_record",
+    "parse_record",
+    "record_row",
+    "results_table",
+]

@@ -1,0 +1,32 @@
+"""The pipeline stages, one module per notebook; importing this package registers them all.
+
+| notebook        | module                          | what it produces                           |
+|-----------------|---------------------------------|--------------------------------------------|
+| ``01_embed``    | :mod:`embbench.stages.embed`    | pretrained embeddings -> retrieval metrics |
+| ``02_finetune`` | :mod:`embbench.finetune`        | fine-tuned models -> retrieval metrics     |
+| ``03_toptune``  | :mod:`embbench.toptune_stage`   | top-tuned MLPs -> retrieval metrics        |
+| ``04_crosstune``| :mod:`embbench.stages.crosstune`| tuned on A, scored on B                    |
+| ``05_analysis`` | :mod:`embbench.analysis`        | the paper's tables and figures, the report |
+
+Each stage module holds its config (a :class:`embbench.config.GridConfig` for 01-04), its steps
+for the cell engine (:mod:`embbench.cells`) and a ``run_*`` function. Stages sit at the top of
+the package: nothing below imports them.
+"""
+
+from __future__ import annotations
+
+from embbench.config import StageConfig, registered_stage, registered_stage_names
+from embbench import analysis, finetune, toptune  # noqa: F401  (register 05, 02, 03)
+from embbench.stages import crosstune, embed  # noqa: F401  (register 04, 01)
+
+__all__ = ["config_for", "stage_names"]
+
+
+def config_for(notebook: str) -> type[StageConfig]:
+    """The config class of ``notebook`` (``01_embed`` ... ``05_analysis``)."""
+    return registered_stage(notebook)
+
+
+def stage_names() -> list[str]:
+    """Every registered notebook name."""
+    return registered_stage_names()
