@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from embbench.config import read_params_files
-from embbench.stages import config_for
 from embbench.paths import project_root, reports_dir
+from embbench.stages import config_for
 
 logger = logging.getLogger(__name__)
 

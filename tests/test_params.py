@@ -13,8 +13,8 @@ import nbformat
 import pytest
 import yaml
 
-from embbench.stages import config_for, stage_names
 from embbench.notebooks import NOTEBOOKS
+from embbench.stages import config_for, stage_names
 
 ROOT = Path(__file__).resolve().parent.parent
 

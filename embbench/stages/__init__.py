@@ -15,11 +15,15 @@ the package: nothing below imports them.
 
 from __future__ import annotations
 
-from embbench.config import StageConfig, registered_stage, registered_stage_names
+from collections.abc import Callable
+
 from embbench import analysis, finetune, toptune  # noqa: F401  (register 05, 02, 03)
+from embbench.cells import StageSteps
+from embbench.config import GridConfig, StageConfig, registered_stage, registered_stage_names
+from embbench.records import ResultStore
 from embbench.stages import crosstune, embed  # noqa: F401  (register 04, 01)
 
-__all__ = ["config_for", "stage_names"]
+__all__ = ["config_for", "stage_names", "steps_for"]
 
 
 def config_for(notebook: str) -> type[StageConfig]:
@@ -30,3 +34,24 @@ def config_for(notebook: str) -> type[StageConfig]:
 def stage_names() -> list[str]:
     """Every registered notebook name."""
     return registered_stage_names()
+
+
+_STEPS: dict[str, Callable[[GridConfig, ResultStore], StageSteps]] = {
+    "01_embed": lambda cfg, store: embed.EmbedSteps(cfg),
+    "04_crosstune": lambda cfg, store: crosstune.CrosstuneSteps(cfg, store),
+}
+
+
+def steps_for(cfg: GridConfig, store: ResultStore | None = None) -> StageSteps:
+    """The cell-engine steps of ``cfg``'s stage (``cfg.notebook`` names it).
+
+    Raises:
+        KeyError: The stage has no grid of cells (05_analysis).
+    """
+    try:
+        factory = _STEPS[cfg.notebook]
+    except KeyError:
+        raise KeyError(
+            f"stage {cfg.notebook!r} has no cells; stages with cells: {sorted(_STEPS)}"
+        ) from None
+    return factory(cfg, store or ResultStore())
