@@ -34,8 +34,9 @@ test: setup ## run the test suite (lint included)
 	$(PY) -m pytest -q
 
 .PHONY: lint
-lint: setup ## ruff over the package, tests and benchmarks
+lint: setup ## ruff over the package, tests and benchmarks; import-linter's layer contracts
 	$(VENV)/bin/ruff check embbench tests benchmarks
+	$(VENV)/bin/lint-imports
 
 .PHONY: lab
 lab: setup ## JupyterLab on the project (http://127.0.0.1:8888)
