@@ -212,7 +212,7 @@ def run_crosstune(cfg: CrosstuneConfig, store: ResultStore | None = None) -> pd.
         CrosstuneError: A source model is missing (unless ``skip_missing``); the message lists
             every missing cell and the stage to run.
     """
-    from embbench.finetune import register_finetuned_models
+    from embbench.models.finetuned import register_finetuned_models
     from embbench.tracking import setup_mlflow
 
     store = store or ResultStore()
@@ -264,7 +264,7 @@ def _missing_text(cfg: CrosstuneConfig, c: dict) -> str:
 def _find_source(cfg: CrosstuneConfig, c: dict, store: ResultStore) -> dict | None:
     """The fine-tuned index entry, or the newest top-tuning record, of a cell's source."""
     if c["mode"] == CROSS_TUNED:
-        from embbench.finetune import find_finetuned
+        from embbench.models.finetuned import find_finetuned
 
         return find_finetuned(c["model"], c["source"], cfg.recipe)
     from embbench.models import get_model_spec
