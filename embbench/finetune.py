@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -48,7 +47,6 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,14 +57,20 @@ from pydantic import Field, field_validator
 from embbench._recipes import get_recipe, resolve_recipe
 from embbench._utils import atomic_write_json, stable_hash
 from embbench.config import StageConfig, register_stage
+from embbench.models.finetuned import (
+    find_finetuned,
+    finetuned_index_path,
+    finetuned_name,
+    read_finetuned_index,
+    register_finetuned,
+    register_finetuned_models,
+)
 from embbench.paths import runs_dir
 from embbench.results import ResultStore
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-INDEX_NAME = "finetuned_models.json"
-INDEX_VERSION = 1
 _FINETUNABLE_SOURCES = ("timm", "torch.hub", "checkpoint")
 CLASSIFICATION_KEYS = (
     "accuracy",
@@ -167,13 +171,6 @@ TRAIN_FIELDS = (
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
-
-
-def finetuned_name(model: str, dataset: str, recipe: str) -> str:
-    """Registry name of a fine-tuned model: ``<model>_ft_<dataset>_<recipe>`` (``a2``...)."""
-    from embbench.models import get_model_spec
-
-    return f"{get_model_spec(model).name}_ft_{_safe(dataset)}_{recipe.lower()}"
 
 
 # ------------------------------------------------------------------------------------- data
@@ -1156,131 +1153,38 @@ def _set_rng_state(state: dict[str, Any], dev) -> None:
 
 
 # ---------------------------------------------------------------------- fine-tuned models
-def finetuned_index_path() -> Path:
-    """``runs_dir()/finetuned_models.json``: every fine-tuned model, so any process finds it."""
-    return runs_dir() / INDEX_NAME
-
-
-def read_finetuned_index(path: Path | None = None) -> dict[str, dict]:
-    """The index's entries by registry name (empty when there is none yet)."""
-    path = path or finetuned_index_path()
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FinetuneError(
-            f"{path} is not valid JSON ({exc}); fix or delete it (re-running 02_finetune "
-            "rewrites its entries)"
-        ) from None
-    return dict(data.get("models", {}))
-
-
-@contextlib.contextmanager
-def _index_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_suffix(".lock").open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _add_to_index(name: str, entry: dict, path: Path | None = None) -> None:
-    path = path or finetuned_index_path()
-    with _index_lock(path):
-        models = read_finetuned_index(path)
-        models[name] = entry
-        atomic_write_json(path, {"version": INDEX_VERSION, "models": models})
-
-
-def register_finetuned_models(path: Path | None = None) -> list[str]:
-    """Register every model of the index whose checkpoint still exists; return their names.
-
-    Lets any process (a notebook, ``01_embed``) use fine-tuned models by name.
-    """
-    from embbench.models import ModelSpec, register_model
-
-    names = []
-    for name, entry in read_finetuned_index(path).items():
-        spec = dict(entry.get("spec") or {})
-        if not spec or not Path(spec.get("checkpoint_path") or "").is_file():
-            logger.warning("fine-tuned model %s: checkpoint missing; not registered", name)
-            continue
-        if isinstance(spec.get("data_config"), dict) and "input_size" in spec["data_config"]:
-            spec["data_config"]["input_size"] = tuple(spec["data_config"]["input_size"])
-        register_model(ModelSpec(**spec), overwrite=True)
-        names.append(name)
-    return names
-
-
-def find_finetuned(base: str, dataset: str, recipe: str) -> dict | None:
-    """The newest index entry of ``base`` fine-tuned on ``dataset`` with ``recipe``, if any."""
-    from embbench.models import get_model_spec
-
-    base_name = get_model_spec(base).name
-    hits = [
-        e
-        for e in read_finetuned_index().values()
-        if e.get("base") == base_name
-        and e.get("dataset") == dataset
-        and str(e.get("recipe", "")).upper() == recipe.upper()
-        and Path(e.get("spec", {}).get("checkpoint_path") or "").is_file()
-    ]
-    return max(hits, key=lambda e: e.get("created", "")) if hits else None
-
-
 def register_finetuned_checkpoint(cell: CellPlan, summary: dict, registry: dict | None) -> Any:
     """Register the headless model of a finished training by name, and list it in the index.
 
     Returns:
         The registered :class:`embbench.models.ModelSpec`.
     """
-    from embbench.models import ModelSpec, get_model_spec, register_model
+    from embbench.models import get_model_spec
 
     base = get_model_spec(cell.model)
-    if base.source == "checkpoint":
-        identifier, tag = base.identifier, base.pretrained
-    else:
-        identifier = f"timm:{_timm_arch(base)}"
-        tag = base.pretrained if base.source == "timm" else None
-    name = finetuned_name(cell.model, cell.dataset, summary["recipe"])
-    dc = dict(summary["eval_data_config"])
-    dc["input_size"] = tuple(dc["input_size"])
-    spec = ModelSpec(
-        name=name,
-        source="checkpoint",
-        identifier=identifier,
-        pretrained=tag,
-        family=base.family,
-        backbone=base.backbone,
+    return register_finetuned(
+        finetuned_name(cell.model, cell.dataset, summary["recipe"]),
+        cell.model,
+        cell.model_path,
         paper_name=f"{base.paper_name} (fine-tuned on {cell.dataset}, {summary['recipe']})",
         notes=(
             f"fine-tuned from {base.name} on {cell.dataset} with recipe {summary['recipe']} "
             f"(training {cell.train_hash}, MLflow run {summary.get('mlflow_run_id')})"
         ),
-        embed_dim=base.embed_dim,
-        data_config=dc,
-        model_kwargs={**dict(base.model_kwargs), **summary.get("extra_model_kwargs", {})},
-        checkpoint_path=str(cell.model_path.resolve()),
+        data_config=summary["eval_data_config"],
+        extra_model_kwargs=summary.get("extra_model_kwargs", {}),
+        index_entry={
+            "dataset": cell.dataset,
+            "recipe": summary["recipe"],
+            "label": summary["label"],
+            "train_hash": cell.train_hash,
+            "sha256": summary.get("model_sha256"),
+            "val_accuracy": summary["val_accuracy"],
+            "mlflow_run_id": summary.get("mlflow_run_id"),
+            "mlflow_registry": registry,
+        },
+        overwrite=True,
     )
-    register_model(spec, overwrite=True)
-    entry = {
-        "spec": spec.to_dict(),
-        "base": base.name,
-        "dataset": cell.dataset,
-        "recipe": summary["recipe"],
-        "label": summary["label"],
-        "train_hash": cell.train_hash,
-        "sha256": summary.get("model_sha256"),
-        "val_accuracy": summary["val_accuracy"],
-        "mlflow_run_id": summary.get("mlflow_run_id"),
-        "mlflow_registry": registry,
-        "created": datetime.now(UTC).isoformat(),
-    }
-    _add_to_index(name, entry)
-    return spec
 
 
 def _register_in_mlflow(cell: CellPlan, summary: dict, spec_name: str) -> dict | None:

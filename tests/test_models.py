@@ -25,6 +25,7 @@ from embbench.models import (
     list_models,
     model_facts,
 )
+from embbench.paths import cache_dir
 
 TINY = ["test_vit", "test_resnet", "test_clip"]
 
@@ -126,7 +127,9 @@ def test_identifiers_exist_in_the_installed_libraries():
     timm_pretrained = set(timm.list_pretrained())
     for name in list_models(include_tiny=True):
         spec = get_model_spec(name)
-        if spec.source == "timm":
+        if spec.source == "timm" and (spec.packaged_weights or spec.control):
+            assert timm.is_model(spec.identifier), spec.name  # weights not from timm's hub
+        elif spec.source == "timm":
             assert spec.full_id in timm_pretrained, spec.name
         elif spec.source == "open_clip":
             assert spec.identifier in open_clip.list_models(), spec.name
@@ -460,13 +463,13 @@ def test_model_facts_count_parameters(monkeypatch):
     assert facts["params_m"] == pytest.approx(0.119552, abs=1e-3)
     assert facts["embed_dim"] == 32 and facts["input_size"] == [3, 64, 64]
     assert facts["gflops"] > 0 and facts["gmacs"] == pytest.approx(facts["gflops"] / 2, rel=1e-3)
-    cached = json.loads((models.cache_dir() / "model_facts.json").read_text())
+    cached = json.loads((cache_dir() / "model_facts.json").read_text())
     assert cached["test_clip"]["params"] == 119552
 
     def boom(*a, **k):
         raise AssertionError("model_facts should have used its cache")
 
-    monkeypatch.setattr(models, "create_embedder", boom)
+    monkeypatch.setattr(models.facts, "create_embedder", boom)
     assert model_facts("test_clip") == facts
 
 

@@ -1,0 +1,133 @@
+"""Builder for open_clip models (and open_clip models on the Hugging Face Hub): the image tower.
+
+The text tower is dropped; the transform is open_clip's own validation transform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from embbench.models._builder import Built, no_published_weights, unavailable
+from embbench.models._zoo import CONFIG_DIR, ModelError, ModelSpec, WeightsUnavailableError
+
+_OPEN_CLIP_READY = False
+
+
+def open_clip_module() -> Any:
+    """Import open_clip once, with embbench's tiny configs registered."""
+    global _OPEN_CLIP_READY
+    import open_clip
+
+    if not _OPEN_CLIP_READY:
+        open_clip.add_model_config(CONFIG_DIR)
+        _OPEN_CLIP_READY = True
+    return open_clip
+
+
+def _open_clip_preprocess_overrides(data_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not data_config:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("mean", "std", "interpolation", "resize_mode"):
+        if key in data_config:
+            v = data_config[key]
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
+    oc = open_clip_module()
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    force_pp: dict[str, Any] = {}
+    if spec.source == "hf-hub":
+        if pretrained:
+            arch, tag = spec.identifier, None
+        else:
+            if not spec.arch:
+                raise WeightsUnavailableError(
+                    f"Model {spec.name!r} ({spec.identifier}) takes its architecture from the "
+                    "Hub, and this spec has no `arch` to build it offline. Fix: register it "
+                    "with arch=<open_clip architecture> or use weights='pretrained' online."
+                )
+            arch, tag = spec.arch, None
+            force_pp = _open_clip_preprocess_overrides(spec.data_config)
+    else:
+        arch, tag = spec.identifier, spec.pretrained
+        if oc.get_model_config(arch) is None:
+            raise ModelError(
+                f"Model {spec.name!r}: {arch!r} is not an open_clip architecture. See "
+                "open_clip.list_models()."
+            )
+        if tag and not oc.get_pretrained_cfg(arch, tag):
+            raise ModelError(
+                f"Model {spec.name!r}: open_clip has no pretrained tag {tag!r} for {arch!r}. "
+                f"Known tags: {oc.list_pretrained_tags_by_model(arch)}."
+            )
+        if pretrained and not tag:
+            raise no_published_weights(spec)
+        if not pretrained and tag:
+            # Random weights still get the preprocessing of the tag (mean/std/interpolation).
+            pcfg = oc.get_pretrained_cfg(arch, tag)
+            force_pp = {
+                k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pcfg
+            }
+        force_pp.update(_open_clip_preprocess_overrides(spec.data_config))
+    kwargs = dict(spec.model_kwargs)
+    try:
+        clip = oc.create_model(
+            arch,
+            pretrained=tag if pretrained else None,
+            pretrained_text=False,
+            force_preprocess_cfg=force_pp or None,
+            require_pretrained=pretrained,
+            **kwargs,
+        )
+    except (RuntimeError, OSError) as e:
+        if pretrained:  # architecture and tag were validated above: this is a fetch failure
+            raise unavailable(spec, e) from e
+        raise
+    visual = clip.visual
+    pp = dict(visual.preprocess_cfg)
+    transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+    size = pp["size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    data_config = {
+        "input_size": (3, int(h), int(w)),
+        "interpolation": pp.get("interpolation"),
+        "mean": tuple(pp.get("mean", ())),
+        "std": tuple(pp.get("std", ())),
+        "crop_pct": 1.0,
+        "crop_mode": "squash" if pp.get("resize_mode") == "squash" else "center",
+        "resize_mode": pp.get("resize_mode"),
+    }
+    embed_dim = _open_clip_embed_dim(visual, data_config["input_size"])
+    del clip  # the text tower is not needed; only the image tower is kept
+    full = spec.identifier if spec.source == "hf-hub" else (f"{arch}/{tag}" if tag else arch)
+    info: dict[str, Any] = {"kind": "pretrained" if pretrained else "random", "id": full}
+    if pretrained:
+        info["tag"] = tag
+    return Built(
+        model=visual,
+        transform=transform,
+        data_config=data_config,
+        input_size=data_config["input_size"],
+        embed_dim=embed_dim,
+        info=info,
+        keep_prefix="visual.",
+    )
+
+
+def _open_clip_embed_dim(visual: Any, input_size: tuple[int, int, int]) -> int:
+    dim = getattr(visual, "output_dim", None)
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    import torch
+
+    with torch.no_grad():
+        was_training = visual.training
+        visual.eval()
+        out = visual(torch.zeros(1, *input_size))
+        visual.train(was_training)
+    return int(out.shape[-1])
