@@ -159,7 +159,9 @@ class _Targets:
         cat, plan = self.catalogue(dataset)
         cfg = self.cfg
         return embed_splits(
-            embedder, cat, sorted({plan["query_split"], plan["index_split"]}), cfg, progress=False
+            embedder, cat, sorted({plan["query_split"], plan["index_split"]}),
+            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+            precision=cfg.precision, progress=False,
         )
 
     def baseline(self, model: str, dataset: str) -> dict:

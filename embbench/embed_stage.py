@@ -178,7 +178,10 @@ def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFram
                 rows.append(_row(done))
                 continue
             t0 = time.perf_counter()
-            sets = embed_splits(embedder, cat, splits, cfg)
+            sets = embed_splits(
+                embedder, cat, splits, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                device=cfg.device, precision=cfg.precision,
+            )
             record = score_and_record(
                 stage="embed",
                 mode="pretrained",
