@@ -7,10 +7,12 @@ that need torch live in :mod:`embbench._torch_utils`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DiskFullError",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_npy",
@@ -32,14 +35,48 @@ __all__ = [
 ]
 
 
+class DiskFullError(OSError):
+    """A write failed because the file system holding ``path`` is full (or over quota)."""
+
+
+def _is_disk_full(err: OSError) -> bool:
+    # numpy's tofile reports a short write as "N requested and M written", without an errno.
+    text = str(err)
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        "requested and" in text and "written" in text
+    )
+
+
+def _disk_full_error(path: Path, err: OSError) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        errno.ENOSPC,
+        f"disk full while writing {path} ({free}; {err}); free space on that file system "
+        "or point EMBBENCH_CACHE / EMBBENCH_RUNS at a larger one, then rerun (finished work "
+        "is kept)",
+    )
+
+
 def _replace_from_temp(path: Path, write) -> None:
     """Create ``path`` by writing a temporary sibling with ``write(fh)``, fsync, then rename.
 
     The temporary file is created with the user's umask (``tempfile.mkstemp`` would force 0600,
     which makes a team's shared cache unreadable to the others).
+
+    Raises:
+        DiskFullError: The file system is full (``ENOSPC``/``EDQUOT`` or a short write); the
+            message names ``path`` and says "disk full". The temporary file is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if _is_disk_full(err):
+            raise _disk_full_error(path, err) from err
+        raise
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -49,6 +86,11 @@ def _replace_from_temp(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise _disk_full_error(path, err) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

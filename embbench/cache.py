@@ -2,12 +2,17 @@
 
 Layout, one folder per (dataset, model, split, key)::
 
-    <cache_dir>/embeddings/<dataset>/<model>/<split>-<key>/
-        meta.json            # identity (everything that changes the vectors), status, provenance
-        shard-00000.npy      # float32 (n_i, dim) while a run is in progress
-        shard-00000.ids.npy  # the item_ids of those rows
-        shard-00000.failed.json  # images of that shard that could not be read, with reasons
-        vectors.npy / ids.npy / failed.json   # consolidated once every shard is done
+    <cache_dir>/embeddings/<dataset>/<model>/
+        <split>-<key>.lock           # held while a run embeds this split (filelock)
+        <split>-<key>.lock.holder.json   # pid, host and start time of the run holding it
+        <split>-<key>/
+            meta.json            # identity, status, provenance, checksums of the files below
+            shard-00000.npy      # float32 (n_i, dim) while a run is in progress
+            shard-00000.ids.npy  # the item_ids of those rows
+            shard-00000.json     # checksums of the two files + the images that failed (written
+                                 # last: it marks the shard done)
+            vectors.npy / ids.npy / failed.json   # consolidated once every shard is done
+            corrupt/             # files that failed verification, moved aside (never read)
 
 The key is a hash of the identity: model name and identifier, the weights actually used (tag,
 checkpoint sha256 or random seed), the preprocessing fingerprint, the dataset name and
@@ -15,19 +20,35 @@ fingerprint, the split, the normalisation flag and the extraction code's version
 written to a temporary name and renamed, so a killed run leaves only whole shards, and a rerun
 resumes from them. ``meta.json`` is checked on read: a folder whose identity does not match is
 never returned. Milvus indexes and top-tuning read from here; nothing else is authoritative.
+
+Integrity: every shard and consolidated file carries its size and an xxh3-64 checksum of its
+bytes, taken when it was written, together with its stat signature (inode, size, mtime, ctime).
+Every read checks the size (a truncated file is named, never reported as numpy's "Failed to read
+all data"); the bytes are hashed again whenever the file's stat signature differs from the one
+recorded (any write, truncation, ``touch``, copy or restore changes ctime), once per process per
+file, or on every read with ``EMBBENCH_VERIFY=full``. Vectors are checked to be finite before
+they are written. A corrupt shard is moved to ``corrupt/`` and embedded again by the same run; a
+corrupt consolidated file is moved aside and rebuilt from kept shards or embedded again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xxhash
+from filelock import FileLock, Timeout
 
 from embbench._utils import (
     atomic_save_npy,
@@ -39,11 +60,107 @@ from embbench.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1  # checksums were added without changing keys: older folders are stamped on read
+_CHUNK = 1 << 20
+_VERIFIED: dict[str, list[int]] = {}  # path -> stat signature whose bytes this process hashed
 
 
 class CacheError(RuntimeError):
     """A cache folder is corrupt or does not match what was asked for."""
+
+
+class CorruptCacheError(CacheError):
+    """A cache file is missing, truncated or fails its checksum; ``path`` names it."""
+
+    def __init__(self, path: Path, problem: str, fix: str = "") -> None:
+        fix = fix or (
+            "run the embed step again (stage 01 or any stage that embeds): it moves the file "
+            "to corrupt/ and recomputes what is missing"
+        )
+        super().__init__(f"{path} {problem}; {fix}")
+        self.path = Path(path)
+
+
+class CacheBusyError(CacheError):
+    """Another run holds the lock of a cache split."""
+
+
+def file_checksum(path: Path) -> str:
+    """The xxh3-64 hex digest of a file's bytes (read in 1 MiB chunks)."""
+    digest = xxhash.xxh3_64()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with Path(path).open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _signature(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_record(path: Path) -> dict:
+    """Size, checksum and stat signature of a file just written (stored in the meta)."""
+    st = Path(path).stat()
+    record = {"bytes": st.st_size, "xxh3_64": file_checksum(path), "stat": _signature(st)}
+    _VERIFIED[str(path)] = record["stat"]
+    return record
+
+
+def verify_file(path: Path, record: dict, *, full: bool | None = None) -> None:
+    """Check ``path`` against the ``record`` taken when it was written.
+
+    Args:
+        path: The file.
+        record: Its :func:`file_record`.
+        full: Hash the bytes even when the stat signature is unchanged (default: the
+            ``EMBBENCH_VERIFY=full`` environment variable).
+
+    Raises:
+        CorruptCacheError: The file is missing, has another size or fails its checksum.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CorruptCacheError(path, "is missing") from None
+    if st.st_size != record["bytes"]:
+        raise CorruptCacheError(
+            path, f"is truncated or overwritten: {st.st_size:,} bytes, {record['bytes']:,} written"
+        )
+    if full is None:
+        full = os.environ.get("EMBBENCH_VERIFY", "").lower() == "full"
+    sig = _signature(st)
+    if not full and (sig == record.get("stat") or _VERIFIED.get(str(path)) == sig):
+        return
+    if file_checksum(path) != record["xxh3_64"]:
+        _VERIFIED.pop(str(path), None)
+        raise CorruptCacheError(path, "fails its checksum (its bytes changed after it was written)")
+    _VERIFIED[str(path)] = sig
+
+
+def _load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """``np.load`` that names the file instead of numpy's bare "Failed to read all data"."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise CorruptCacheError(path, "is missing") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise CorruptCacheError(path, f"cannot be read as a .npy array ({err})") from None
+
+
+def _check_finite(vectors: np.ndarray, path: Path, ids: list[str]) -> None:
+    finite = np.isfinite(vectors)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.all(axis=1))
+    n_nan, n_inf = int(np.isnan(vectors).sum()), int(np.isinf(vectors).sum())
+    raise CacheError(
+        f"refusing to write {path}: {n_nan} NaN and {n_inf} inf value(s) in {len(rows)} row(s) "
+        f"(first: item {ids[rows[0]]!r}); the model produced non-finite outputs: run it with "
+        "precision='fp32' or check its weights"
+    )
 
 
 @dataclass
@@ -84,7 +201,7 @@ class EmbeddingSet:
 
 
 class EmbeddingCache:
-    """Sharded, resumable, atomically written embedding store keyed by identity.
+    """Sharded, resumable, verified, atomically written embedding store keyed by identity.
 
     Args:
         dataset: Dataset name.
@@ -93,6 +210,8 @@ class EmbeddingCache:
         identity: Everything that changes the vectors (see module docstring); hashed into the key.
         root: Cache root (default ``cache_dir()/"embeddings"``).
     """
+
+    CONSOLIDATED = ("vectors.npy", "ids.npy", "failed.json")
 
     def __init__(
         self, dataset: str, model: str, split: str, identity: dict, root: Path | None = None
@@ -107,6 +226,8 @@ class EmbeddingCache:
         self.key = stable_hash(self.identity, 16)
         base = root if root is not None else cache_dir() / "embeddings"
         self.path = base / safe_name(dataset) / safe_name(model) / f"{safe_name(split)}-{self.key}"
+        self.lock_path = self.path.parent / f"{self.path.name}.lock"
+        self.holder_path = self.path.parent / f"{self.path.name}.lock.holder.json"
 
     # ---- reading -------------------------------------------------------------------------
     def _read_meta(self) -> dict | None:
@@ -115,8 +236,8 @@ class EmbeddingCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CacheError(f"{meta_path} is not valid JSON ({exc}); delete the folder") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptCacheError(meta_path, f"is not valid JSON ({exc})") from None
         if meta.get("key") != self.key or meta.get("identity") != json.loads(
             json.dumps(self.identity, default=str)
         ):
@@ -127,30 +248,150 @@ class EmbeddingCache:
         return meta
 
     def is_complete(self) -> bool:
-        """Whether the consolidated vectors exist and match the identity."""
+        """Whether the consolidated vectors exist and match the identity (not yet verified)."""
         meta = self._read_meta()
         return bool(
             meta and meta.get("status") == "complete" and (self.path / "vectors.npy").is_file()
         )
 
     def load(self) -> EmbeddingSet:
-        """Memory-map the consolidated vectors.
+        """Verify and memory-map the consolidated vectors.
 
         Raises:
+            CorruptCacheError: A consolidated file is missing, truncated or fails its checksum
+                (the message names it).
             CacheError: The cache is missing, incomplete or inconsistent.
         """
         meta = self._read_meta()
         if not meta or meta.get("status") != "complete":
             raise CacheError(f"no complete embeddings at {self.path}; run the embed stage first")
-        vectors = np.load(self.path / "vectors.npy", mmap_mode="r")
-        ids = np.load(self.path / "ids.npy", allow_pickle=False)
+        files = meta.get("files")
+        if files:
+            for name in self.CONSOLIDATED:
+                verify_file(self.path / name, files[name])
+        vectors = _load_npy(self.path / "vectors.npy", mmap=True)
+        ids = _load_npy(self.path / "ids.npy")
         if vectors.shape != (meta["n"], meta["dim"]) or len(ids) != meta["n"]:
-            raise CacheError(
-                f"{self.path}: vectors {vectors.shape} / ids {len(ids)} disagree with "
-                f"meta.json (n={meta['n']}, dim={meta['dim']}); delete the folder"
+            raise CorruptCacheError(
+                self.path / "vectors.npy",
+                f"holds vectors {vectors.shape} / ids {len(ids)}, but meta.json says "
+                f"n={meta['n']}, dim={meta['dim']}",
             )
-        failed = json.loads((self.path / "failed.json").read_text())
+        failed = self._read_json(self.path / "failed.json")
+        if not files:
+            self._stamp_legacy(meta)
         return EmbeddingSet(vectors=vectors, item_ids=ids, meta=meta, failed=failed, path=self.path)
+
+    @staticmethod
+    def _read_json(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CorruptCacheError(path, "is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptCacheError(path, f"is not valid JSON ({exc})") from None
+
+    def _stamp_legacy(self, meta: dict) -> None:
+        """Add checksums to a folder written before they existed (when it is writable)."""
+        meta = {**meta, "files": {n: file_record(self.path / n) for n in self.CONSOLIDATED}}
+        try:
+            atomic_write_json(self.path / "meta.json", meta)
+            logger.info("added checksums to %s (written by an older embbench)", self.path)
+        except OSError as err:
+            logger.debug("cannot stamp checksums into %s: %s", self.path, err)
+
+    # ---- repair --------------------------------------------------------------------------
+    def quarantine(self, names: list[str] | tuple[str, ...], reason: str) -> Path:
+        """Move files of the folder to ``corrupt/`` (named with a timestamp); return that folder."""
+        dest = self.path / "corrupt"
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        moved = []
+        for name in names:
+            src = self.path / name
+            if src.exists():
+                dest.mkdir(parents=True, exist_ok=True)
+                src.replace(dest / f"{name}.{stamp}")
+                _VERIFIED.pop(str(src), None)
+                moved.append(name)
+        if moved:
+            logger.warning("%s: moved %s to %s (%s)", self.path, ", ".join(moved), dest, reason)
+        return dest
+
+    def quarantine_consolidated(self, reason: str) -> None:
+        """Move the consolidated files aside and mark the folder partial, keeping verified shards.
+
+        The next run rebuilds the consolidated files from the shards that are kept and verify,
+        and embeds the rest again.
+        """
+        try:
+            meta = self._read_meta()
+        except CorruptCacheError:
+            meta = None
+        self.quarantine([*self.CONSOLIDATED, *([] if meta else ["meta.json"])], reason)
+        if meta:
+            meta = {k: v for k, v in meta.items() if k not in ("files", "n", "dim", "n_failed")}
+            meta["status"] = "partial"
+            atomic_write_json(self.path / "meta.json", meta)
+
+    # ---- locking -------------------------------------------------------------------------
+    def holder(self) -> dict:
+        """Who holds (or last held) the lock: ``{"pid", "host", "since"}`` (empty if unknown)."""
+        try:
+            return json.loads(self.holder_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @contextmanager
+    def lock(self, timeout: float | None = None, notify_after: float = 5.0) -> Iterator[None]:
+        """Hold this split's file lock (one run embeds a split at a time).
+
+        A busy lock is waited for: after ``notify_after`` seconds, and every minute after that,
+        a WARNING names the holder's pid and host. The operating system releases the lock of a
+        killed run, so waiting never outlives the holder.
+
+        Args:
+            timeout: Give up after this many seconds with :class:`CacheBusyError` (``None``:
+                wait as long as the holder runs; ``0``: fail at once).
+            notify_after: Seconds before the first WARNING.
+
+        Raises:
+            CacheBusyError: Still busy after ``timeout`` seconds; the message names the holder.
+        """
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        flock = FileLock(self.lock_path)
+        start = time.monotonic()
+        step = notify_after
+        while True:
+            left = None if timeout is None else timeout - (time.monotonic() - start)
+            wait = step if left is None else max(0.0, min(step, left))
+            try:
+                flock.acquire(timeout=wait)
+                break
+            except Timeout:
+                h = self.holder()
+                who = (
+                    f"pid {h.get('pid', '?')} on host {h.get('host', '?')} (since "
+                    f"{h.get('since', '?')})"
+                )
+                waited = time.monotonic() - start
+                if timeout is not None and waited >= timeout:
+                    raise CacheBusyError(
+                        f"{self.path} is being embedded by {who}; lock {self.lock_path}. Wait "
+                        "for that run to finish (its vectors are then reused), or stop it"
+                    ) from None
+                logger.warning("waiting %.0f s for %s, which is embedding %s", waited, who,
+                               self.path)
+                step = 60.0
+        try:
+            atomic_write_json(
+                self.holder_path,
+                {"pid": os.getpid(), "host": socket.gethostname(),
+                 "since": datetime.now(UTC).isoformat(timespec="seconds")},
+            )
+            yield
+        finally:
+            self.holder_path.unlink(missing_ok=True)
+            flock.release()
 
     # ---- writing -------------------------------------------------------------------------
     def begin(
@@ -159,10 +400,14 @@ class EmbeddingCache:
         """Create (or reopen, to resume) the folder for a run over ``expected_ids``.
 
         A partial folder from an interrupted run is kept when it was started for the same items
-        and shard size; otherwise (or with ``overwrite``) it is cleared.
+        and shard size; otherwise (or with ``overwrite``) it is cleared. Hold :meth:`lock`.
         """
         ids_hash = stable_hash(list(expected_ids), 16)
-        meta = None if overwrite else self._read_meta()
+        try:
+            meta = None if overwrite else self._read_meta()
+        except CorruptCacheError as err:
+            logger.warning("%s; restarting this split", err)
+            meta = None
         if meta and (meta.get("items_hash") != ids_hash or meta.get("shard_size") != shard_size):
             logger.info("cache %s was started for other items or shard size; restarting", self.path)
             meta = None
@@ -185,32 +430,92 @@ class EmbeddingCache:
         """How many shards ``n_items`` take."""
         return max(1, -(-n_items // shard_size))
 
+    def _shard_names(self, index: int) -> tuple[str, str, str]:
+        stem = f"shard-{index:05d}"
+        return f"{stem}.npy", f"{stem}.ids.npy", f"{stem}.json"
+
     def shard_done(self, index: int) -> bool:
-        """Whether shard ``index`` was written completely (its three files exist)."""
-        stem = self.path / f"shard-{index:05d}"
-        return all(Path(f"{stem}{s}").is_file() for s in (".npy", ".ids.npy", ".failed.json"))
+        """Whether shard ``index`` was written completely and verifies.
+
+        A shard that fails verification (truncated, flipped bytes, missing file) is moved to
+        ``corrupt/`` with a WARNING naming it, and reported as not done, so it is embedded again.
+        """
+        try:
+            self.read_shard(index)
+        except FileNotFoundError:
+            return False
+        except CorruptCacheError as err:
+            self.quarantine(self._shard_names(index), str(err))
+            return False
+        return True
+
+    def read_shard(self, index: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """A finished shard's ``(vectors, ids, failed)``, verified.
+
+        Raises:
+            FileNotFoundError: The shard was not finished (its ``.json`` is absent).
+            CorruptCacheError: A file of the shard is missing, truncated or corrupt.
+        """
+        vec_name, ids_name, json_name = self._shard_names(index)
+        if not (self.path / json_name).is_file():
+            raise FileNotFoundError(self.path / json_name)
+        info = self._read_json(self.path / json_name)
+        try:
+            verify_file(self.path / vec_name, info["files"][vec_name])
+            verify_file(self.path / ids_name, info["files"][ids_name])
+        except KeyError:
+            raise CorruptCacheError(self.path / json_name, "lacks its checksums") from None
+        vecs = _load_npy(self.path / vec_name)
+        ids = _load_npy(self.path / ids_name)
+        if len(vecs) != info["n"] or len(ids) != info["n"]:
+            raise CorruptCacheError(self.path / vec_name, f"does not hold {info['n']} rows")
+        return vecs, ids, info["failed"]
 
     def write_shard(
         self, index: int, vectors: np.ndarray, ids: list[str], failed: list[dict]
     ) -> None:
-        """Write one shard's vectors, ids and failures (failures last: they mark it done)."""
+        """Write one shard's vectors, ids and checksums (the ``.json`` last: it marks it done).
+
+        Raises:
+            CacheError: The vectors hold NaN or inf (the message names the file), or their
+                count differs from the ids'.
+        """
         if len(vectors) != len(ids):
             raise CacheError(f"shard {index}: {len(vectors)} vectors for {len(ids)} ids")
-        stem = self.path / f"shard-{index:05d}"
-        atomic_save_npy(Path(f"{stem}.npy"), np.ascontiguousarray(vectors, dtype=np.float32))
-        atomic_save_npy(Path(f"{stem}.ids.npy"), np.asarray(ids, dtype=str))
-        atomic_write_json(Path(f"{stem}.failed.json"), failed)
+        vec_name, ids_name, json_name = self._shard_names(index)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        _check_finite(vectors, self.path / vec_name, list(ids))
+        atomic_save_npy(self.path / vec_name, vectors)
+        atomic_save_npy(self.path / ids_name, np.asarray(ids, dtype=str))
+        info = {
+            "n": len(vectors),
+            "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+            "files": {n: file_record(self.path / n) for n in (vec_name, ids_name)},
+            "failed": failed,
+        }
+        atomic_write_json(self.path / json_name, info)
 
-    def consolidate(self, n_shards: int, extra_meta: dict | None = None) -> EmbeddingSet:
-        """Join all shards into ``vectors.npy``/``ids.npy``, mark complete and drop the shards."""
+    def consolidate(
+        self, n_shards: int, extra_meta: dict | None = None, *, keep_shards: bool = False
+    ) -> EmbeddingSet:
+        """Join all shards into ``vectors.npy``/``ids.npy``, mark complete, drop the shards.
+
+        Args:
+            n_shards: How many shards the split has.
+            extra_meta: More entries for ``meta.json``.
+            keep_shards: Keep the shards (doubles the disk used), so that a corrupt
+                consolidated file can be rebuilt without embedding again.
+        """
         vecs, ids, failed = [], [], []
         for i in range(n_shards):
             if not self.shard_done(i):
-                raise CacheError(f"{self.path}: shard {i} is missing; rerun to resume")
-            stem = self.path / f"shard-{i:05d}"
-            vecs.append(np.load(f"{stem}.npy"))
-            ids.append(np.load(f"{stem}.ids.npy"))
-            failed.extend(json.loads(Path(f"{stem}.failed.json").read_text()))
+                raise CacheError(
+                    f"{self.path}: shard {i} is missing or was corrupt; rerun to embed it"
+                )
+            v, d, f = self.read_shard(i)
+            vecs.append(v)
+            ids.append(d)
+            failed.extend(f)
         dims = {v.shape[1] for v in vecs if len(v)}
         if len(dims) > 1:
             raise CacheError(f"{self.path}: shards disagree on the dimension {sorted(dims)}")
@@ -237,13 +542,16 @@ class EmbeddingCache:
                 "dim": dim,
                 "n_failed": len(failed),
                 "completed": datetime.now(UTC).isoformat(),
+                "files": {n: file_record(self.path / n) for n in self.CONSOLIDATED},
+                "shards_kept": keep_shards,
                 **(extra_meta or {}),
             }
         )
         atomic_write_json(self.path / "meta.json", meta)
-        for i in range(n_shards):
-            for suffix in (".npy", ".ids.npy", ".failed.json"):
-                Path(f"{self.path / f'shard-{i:05d}'}{suffix}").unlink(missing_ok=True)
+        # under the lock no other run writes here: leftovers of killed runs go too
+        strays = [*self.path.glob(".*.tmp"), *([] if keep_shards else self.path.glob("shard-*"))]
+        for stray in strays:
+            stray.unlink(missing_ok=True)
         return self.load()
 
     def save_complete(
@@ -253,8 +561,9 @@ class EmbeddingCache:
         provenance: dict,
         failed: list[dict] | None = None,
     ) -> EmbeddingSet:
-        """Write a whole split at once (derived embeddings, e.g. top-tuned ones)."""
+        """Write a whole split at once (derived embeddings, e.g. top-tuned ones), under the lock."""
         ids = [str(i) for i in ids]
-        self.begin(ids, shard_size=max(1, len(ids)), provenance=provenance, overwrite=True)
-        self.write_shard(0, vectors, ids, failed or [])
-        return self.consolidate(1)
+        with self.lock():
+            self.begin(ids, shard_size=max(1, len(ids)), provenance=provenance, overwrite=True)
+            self.write_shard(0, vectors, ids, failed or [])
+            return self.consolidate(1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,11 +163,15 @@ def from_manifest(
     split_column: str | None = "split",
     default_split: str = "test",
     id_column: str | None = None,
+    allow_outside_root: bool = False,
 ) -> Catalogue:
     """Read a user's catalogue from a CSV manifest.
 
-    Relative image paths are resolved against the manifest's folder; http(s) URLs are kept as
-    they are (fetch them with :func:`embbench.datasets.fetch_urls` before embedding).
+    Relative image paths are resolved against the manifest's folder and must stay under it
+    (``..`` escapes and absolute paths elsewhere are refused unless ``allow_outside_root``;
+    the check is on the written path, so a symlink placed under the folder is trusted).
+    http(s) URLs are kept as they are (fetch them with :func:`embbench.datasets.fetch_urls`
+    before embedding); ``file://`` and other schemes are refused.
 
     Args:
         path: The CSV file.
@@ -176,12 +181,14 @@ def from_manifest(
         split_column: Column holding the split, or ``None`` when the manifest has none.
         default_split: Split given to every row when ``split_column`` is absent.
         id_column: Column holding a unique id (default: the path column's value).
+        allow_outside_root: Accept image paths outside the manifest's folder.
 
     Returns:
         The catalogue.
 
     Raises:
-        CatalogueError: The file is missing or lacks a named column.
+        CatalogueError: The file is missing, lacks a named column, or a row's path escapes the
+            manifest's folder or uses an unsupported scheme (the message names the row).
     """
     path = Path(path)
     if not path.is_file():
@@ -202,17 +209,29 @@ def from_manifest(
         )
         split_column = None
     base = path.parent.resolve()
-
-    def resolve(p: str) -> str:
-        if p.startswith(("http://", "https://")):
-            return p
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else base / q)
+    resolved = [_resolve_row(p, base) for p in df[path_column]]
+    bad = [(i, p, why) for i, (p, why) in enumerate(resolved) if why == "scheme"]
+    if bad:
+        i, p, _ = bad[0]
+        raise CatalogueError(
+            f"manifest {path}, row {i + 2} ({path_column}={df[path_column].iloc[i]!r}): only "
+            f"local paths and http(s) URLs are supported ({len(bad)} row(s) use another scheme, "
+            "e.g. file://); write the path itself, relative to the manifest's folder"
+        )
+    outside = [(i, p) for i, (p, why) in enumerate(resolved) if why == "outside"]
+    if outside and not allow_outside_root:
+        i, p = outside[0]
+        raise CatalogueError(
+            f"manifest {path}, row {i + 2} ({path_column}={df[path_column].iloc[i]!r}): resolves "
+            f"to {p}, outside the manifest's folder {base} ({len(outside)} row(s) do); move the "
+            "images under that folder, or pass allow_outside_root=True (dataset option) to "
+            "accept other roots"
+        )
 
     items = pd.DataFrame(
         {
             "item_id": df[id_column] if id_column else df[path_column],
-            "path": df[path_column].map(resolve),
+            "path": [p for p, _ in resolved],
             "split": df[split_column] if split_column else default_split,
         }
     )
@@ -226,6 +245,16 @@ def from_manifest(
         root=str(path),
         source={"loader": "manifest", "path_column": path_column},
     )
+
+
+def _resolve_row(p: str, base: Path) -> tuple[str, str]:
+    """``(absolute path or URL, problem)`` of one manifest row; problem is "", scheme, outside."""
+    if p.startswith(("http://", "https://")):
+        return p, ""
+    if "://" in p or p.lower().startswith("file:"):
+        return p, "scheme"
+    q = Path(os.path.normpath(base / Path(p).expanduser()))
+    return str(q), "" if q == base or base in q.parents else "outside"
 
 
 def from_image_folder(root: str | Path, *, name: str | None = None) -> Catalogue:

@@ -1285,7 +1285,11 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
             embedder = create_embedder(name, device="cpu")
             t0 = time.perf_counter()
             splits = sorted({cell.plan["query_split"], cell.plan["index_split"]})
-            sets = embed_splits(embedder, cell.cat, splits, cfg, progress=False)
+            sets = embed_splits(
+                embedder, cell.cat, splits, batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
+                progress=False,
+            )
             if not dist_info.is_main:
                 continue
             keys = {s: embedding_cache(embedder, cell.cat, s).key for s in splits}

@@ -450,7 +450,10 @@ def run_toptune(cfg: TopTuneConfig, store: ResultStore | None = None) -> pd.Data
                 rows.append(result_row(done))
                 continue
             t0 = time.perf_counter()
-            sets = embed_splits(embedder, cat, splits, cfg)
+            sets = embed_splits(
+                embedder, cat, splits, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                device=cfg.device, precision=cfg.precision,
+            )
             record = toptune_cell(
                 cfg,
                 model=model,

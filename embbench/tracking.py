@@ -6,6 +6,12 @@ mlflow-ui`` serves it. Teams with a tracking server pass its URI (``tracking_uri
 the ``MLFLOW_TRACKING_URI`` environment variable); credentials come only from MLflow's own
 environment variables (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) and
 are never logged. Keys that look like secrets are refused by :func:`log_params`.
+
+The local store is created once, atomically: under a file lock (``mlflow.db.lock``) it is built
+in a temporary file and renamed into place, so two first runs never race on its tables and a
+full disk never leaves a half-made store. A store found half-made (no ``alembic_version``, e.g.
+from an older embbench) is moved aside and rebuilt when it holds no runs, else reported with the
+path to move aside. A tracking server is probed (``GET /health``, 3 s timeout) before any work.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
@@ -23,7 +30,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from embbench.paths import project_root, runs_dir
+from embbench.services import ServiceUnreachableError, check_tracking
+
+__all__ = [
+    "ServiceUnreachableError",
+    "TrackingStoreError",
+    "check_tracking",
+    "default_tracking_uri",
+    "ensure_sqlite_store",
+    "flatten",
+    "git_info",
+    "log_json_artifact",
+    "log_params",
+    "mlflow_run",
+    "package_versions",
+    "provenance",
+    "provenance_tags",
+    "setup_mlflow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +81,109 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{(runs_dir() / 'mlflow.db').resolve()}"
 
 
+class TrackingStoreError(RuntimeError):
+    """The local MLflow store is damaged and holds runs; the message says what to move aside."""
+
+
+def _store_state(db: Path) -> tuple[bool, int | None, str]:
+    """``(healthy, n_runs, problem)`` of an existing sqlite store (``n_runs`` None: unknown)."""
+    import sqlite3
+
+    if db.stat().st_size == 0:
+        return False, 0, "it is empty (0 bytes)"
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            tables = {r[0] for r in rows}
+            n_runs = (
+                con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+            )
+            version = (
+                con.execute("SELECT version_num FROM alembic_version").fetchall()
+                if "alembic_version" in tables
+                else []
+            )
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:
+        return False, None, f"it is not a readable sqlite database ({err})"
+    missing = sorted({"experiments", "runs", "alembic_version"} - tables)
+    if missing or not version:
+        what = f"table(s) {missing} missing" if missing else "no alembic version recorded"
+        return False, n_runs, f"it was left half-made ({what}; {len(tables)} tables)"
+    return True, n_runs, ""
+
+
+def ensure_sqlite_store(db: Path) -> None:
+    """Create the sqlite store ``db`` once, atomically; repair or report a half-made one.
+
+    Raises:
+        TrackingStoreError: ``db`` is damaged and holds runs (or cannot be read); the message
+            gives the command that moves it aside.
+    """
+    db = Path(db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        if db.exists():
+            healthy, n_runs, problem = _store_state(db)
+            if healthy:
+                return
+            if n_runs != 0:
+                held = "some runs" if n_runs is None else f"{n_runs} run(s)"
+                raise TrackingStoreError(
+                    f"MLflow store {db}: {problem}, and it holds {held}. Move it aside "
+                    f"(mv {db} {db}.broken) and rerun to start a new store; the old file "
+                    "keeps its runs for inspection"
+                )
+            aside = db.with_name(f"{db.name}.half-made-{int(time.time())}")
+            logger.warning("MLflow store %s: %s and holds no runs; moved to %s and rebuilt",
+                           db, problem, aside)
+            db.replace(aside)
+        _build_store(db)
+
+
+def _build_store(db: Path) -> None:
+    """Initialise a store in a temporary file, then rename it to ``db``."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    art = runs_dir() / "mlartifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{tmp}"
+    try:
+        SqlAlchemyStore(uri, art.resolve().as_uri())
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+        tmp.replace(db)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
     """Point MLflow at ``uri`` (default :func:`default_tracking_uri`) and select ``experiment``.
 
-    A new experiment on a local store gets its artifacts under ``<runs_dir>/mlartifacts``.
+    A local sqlite store is created once, atomically (:func:`ensure_sqlite_store`); a tracking
+    server is probed first (:func:`check_tracking`, seconds, not minutes of retries). A new
+    experiment on a local store gets its artifacts under ``<runs_dir>/mlartifacts``.
 
     Returns:
         The tracking URI in use.
+
+    Raises:
+        ServiceUnreachableError: The tracking server does not answer (the message names it).
+        TrackingStoreError: The local store is damaged and holds runs.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = uri or default_tracking_uri()
+    check_tracking(uri)
+    if uri.startswith("sqlite:///"):
+        ensure_sqlite_store(Path(uri[len("sqlite:///") :]))
     import mlflow
 
-    uri = uri or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(experiment) is None:

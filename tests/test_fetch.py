@@ -101,7 +101,8 @@ def _catalogue(base: str, paths: list[str], local: Path | None = None) -> Catalo
     return Catalogue(name="shop", items=items, label_columns=("label",), default_label="label")
 
 
-OPTS = {"retries": 2, "backoff": 0.01, "timeout": 0.3, "concurrency": 4, "progress": False}
+OPTS = {"retries": 2, "backoff": 0.01, "timeout": 0.3, "concurrency": 4, "progress": False,
+        "allow_private": True}  # the test server listens on 127.0.0.1
 
 
 def test_fetch_report_and_rerun(server, tmp_path):

@@ -7,6 +7,11 @@ downloads only what is missing. Downloads run on a bounded thread pool with retr
 exponential backoff on 5xx, 429, timeouts and dropped connections (never on 404 or other 4xx),
 a size limit, and a check that the bytes decode as an image. Rows that fail are removed from the
 returned catalogue and listed in the :class:`FetchReport` with the URL and the reason.
+
+Only public hosts are fetched: a URL whose host resolves to a loopback, link-local, private,
+multicast, reserved or unspecified address is refused (``allow_private=True`` lifts this, e.g.
+for an intranet image server or a test server on 127.0.0.1), and each redirect hop is checked
+the same way. (A DNS answer that changes between the check and the connection is not caught.)
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -30,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embbench import paths
+from embbench._utils import atomic_write_json
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.images import BadImageError, load_rgb
 
@@ -137,21 +146,54 @@ def _read_index(index_path: Path) -> dict[str, dict]:
 
 
 def _write_index(index_path: Path, urls: dict[str, dict]) -> None:
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=index_path.parent)
+    atomic_write_json(index_path, {"version": 1, "urls": urls})  # with the user's umask
+
+
+def check_public_url(url: str, *, allow_private: bool = False) -> None:
+    """Refuse ``url`` unless it is http(s) and its host resolves only to public addresses.
+
+    Raises:
+        _Fatal: With the reason (not http(s), unresolvable, or a non-public address).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Fatal(f"refused: {url!r} is not an http(s) URL")
+    if allow_private:
+        return
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "urls": urls}, fh, indent=0, sort_keys=True)
-        Path(tmp).replace(index_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as err:
+        raise _Retryable(f"connection failed: cannot resolve {parts.hostname} ({err})") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not addr.is_global or addr.is_multicast:
+            kind = next((k for k in ("loopback", "link_local", "private", "multicast",
+                                     "reserved", "unspecified")
+                         if getattr(addr, f"is_{k}")), "non-public")
+            raise _Fatal(
+                f"refused: host {parts.hostname} resolves to {addr}, a {kind.replace('_', '-')} "
+                "address; pass allow_private=True to fetch from private networks"
+            )
 
 
-def _download(url: str, *, timeout: float, max_bytes: int) -> bytes:
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Check every redirect hop's host like the first URL's."""
+
+    def __init__(self, allow_private: bool) -> None:
+        super().__init__()
+        self.allow_private = allow_private
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        check_public_url(newurl, allow_private=self.allow_private)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(url: str, *, timeout: float, max_bytes: int, allow_private: bool = False) -> bytes:
+    check_public_url(url, allow_private=allow_private)
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    opener = urllib.request.build_opener(_CheckedRedirects(allow_private))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
+        with opener.open(request, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             if expected is not None and expected > max_bytes:
@@ -190,6 +232,9 @@ def _store(data: bytes, images_dir: Path) -> tuple[str, str]:
     shard = images_dir / sha[:2]
     shard.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{sha[:8]}-", suffix=".part", dir=shard)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from the team
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     try:
@@ -208,13 +253,15 @@ def _store(data: bytes, images_dir: Path) -> tuple[str, str]:
 
 
 def _fetch_one(url: str, images_dir: Path, *, retries: int, backoff: float, timeout: float,
-               max_bytes: int, stop: threading.Event) -> tuple[str, str, int, int]:
+               max_bytes: int, stop: threading.Event,
+               allow_private: bool = False) -> tuple[str, str, int, int]:
     """Download, check and store one URL; return ``(sha, rel_path, bytes, attempts)``."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            data = _download(url, timeout=timeout, max_bytes=max_bytes)
+            data = _download(url, timeout=timeout, max_bytes=max_bytes,
+                             allow_private=allow_private)
             sha, rel = _store(data, images_dir)
             return sha, rel, len(data), attempt
         except _Retryable as err:
@@ -239,6 +286,7 @@ def fetch_urls(
     timeout: float = 20,
     max_bytes: int = 20_000_000,
     progress: bool = True,
+    allow_private: bool = False,
 ) -> tuple[Catalogue, FetchReport]:
     """Download the rows whose path is an http(s) URL; return a catalogue of local files.
 
@@ -253,6 +301,8 @@ def fetch_urls(
         timeout: Seconds to wait for the connection and for each read.
         max_bytes: Largest accepted download.
         progress: Show a progress bar.
+        allow_private: Also fetch from loopback, link-local and private addresses (refused by
+            default, for the first URL and every redirect).
 
     Returns:
         ``(catalogue, report)``: the catalogue with local paths and without the rows that
@@ -297,7 +347,8 @@ def fetch_urls(
         try:
             futures = {
                 pool.submit(_fetch_one, url, images_dir, retries=retries, backoff=backoff,
-                            timeout=timeout, max_bytes=max_bytes, stop=stop): url
+                            timeout=timeout, max_bytes=max_bytes, stop=stop,
+                            allow_private=allow_private): url
                 for url in todo
             }
             since_flush = 0

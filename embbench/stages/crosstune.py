@@ -25,7 +25,12 @@ from embbench.cache import EmbeddingCache
 from embbench.cells import Cell, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.records import Lineage, ResultRecord, ResultStore, record_row
-from embbench.stages.embed import PretrainedEmbedder, lineage_of, weights_problem
+from embbench.stages.embed import (
+    PretrainedEmbedder,
+    embed_options,
+    lineage_of,
+    weights_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +187,7 @@ class CrosstuneSteps:
             from embbench.embed import embed_splits
 
             emb = self._finetuned_embedder(cell)
-            sets = embed_splits(emb, inputs.catalogue, splits, self.cfg)
+            sets = embed_splits(emb, inputs.catalogue, splits, **embed_options(self.cfg))
             used = dict(emb.weights_used)
             start = (src.get("start_weights") or {}).get("kind")
             lineage = Lineage(

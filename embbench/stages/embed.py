@@ -55,6 +55,12 @@ def lineage_of(embedder: Any, base_model: str) -> Lineage:
     )
 
 
+def embed_options(cfg: GridConfig) -> dict[str, Any]:
+    """The embedding settings of a stage config, as :func:`embbench.embed.embed_splits` takes them."""
+    return {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": cfg.device,
+            "precision": cfg.precision}
+
+
 class PretrainedEmbedder:
     """One embedder per model for a run (created once, shared by identity and produce)."""
 
@@ -81,7 +87,8 @@ class PretrainedEmbedder:
         """``{split: EmbeddingSet}``, computed or read from the cache."""
         from embbench.embed import embed_splits
 
-        return embed_splits(self(model), inputs.catalogue, sorted(set(splits)), self.cfg)
+        return embed_splits(self(model), inputs.catalogue, sorted(set(splits)),
+                            **embed_options(self.cfg))
 
 
 class EmbedSteps:
@@ -124,5 +131,5 @@ def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFram
     return pd.DataFrame([record_row(r) for r in records])
 
 
-__all__ = ["EmbedConfig", "EmbedSteps", "PretrainedEmbedder", "lineage_of", "run_embed",
-           "weights_problem"]
+__all__ = ["EmbedConfig", "EmbedSteps", "PretrainedEmbedder", "embed_options", "lineage_of",
+           "run_embed", "weights_problem"]
