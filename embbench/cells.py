@@ -23,14 +23,18 @@ object passed in, not a string).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from embbench._registry import UnknownNameError
 from embbench._utils import metric_key, stable_hash
@@ -164,6 +168,7 @@ def load_catalogue(
     label: str = "",
     max_images: int = 0,
     seed: int = 0,
+    options: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Catalogue:
     """Create catalogue ``name``, subsample it and fetch its http(s) rows.
@@ -174,16 +179,20 @@ def load_catalogue(
         label: Label column for a user's catalogue (a manifest reads this column).
         max_images: Per-split subsample size (0 = all), seeded and class-preserving.
         seed: Subsampling and split seed.
+        options: Loader options (see :func:`embbench.datasets.create_catalogue`); and
+            ``allow_private``: fetch URLs on private or loopback addresses (an internal CDN).
         progress: Show a progress bar while fetching URLs.
     """
     from embbench.datasets import create_catalogue, fetch_urls, list_datasets
 
     root = data_root.get(name) or None
     public = name in list_datasets(public_only=True)
-    cat = create_catalogue(name, root, label=None if public or not label else label)
+    options = dict(options or {})
+    allow_private = bool(options.pop("allow_private", False))
+    cat = create_catalogue(name, root, label=None if public or not label else label, **options)
     cat = cat.subset(max_images, seed=seed)
     if cat.items["path"].astype(str).str.match(r"^https?://").any():
-        cat, report = fetch_urls(cat, progress=progress)
+        cat, report = fetch_urls(cat, progress=progress, allow_private=allow_private)
         if report.failed:
             logger.warning("%s: %d URL(s) could not be fetched:\n%s", name,
                            len(report.failed), report.format())
@@ -283,6 +292,13 @@ class CellEngine:
                 problems.append(f"dataset {dataset!r}: {exc}")
         if not problems:
             problems += self.steps.check(cells, self.inputs)
+        if self.cfg.backend == "milvus" and self.cfg.milvus_uri.startswith(("http", "tcp")):
+            from embbench.services import ServiceUnreachableError, check_milvus
+
+            try:
+                check_milvus(self.cfg.milvus_uri, os.environ.get("MILVUS_TOKEN", ""))
+            except ServiceUnreachableError as exc:
+                problems.append(str(exc))
         if problems:
             raise GridError(
                 f"{len(problems)} problem(s) in the grid, found before running any cell:\n- "
@@ -294,7 +310,8 @@ class CellEngine:
         if dataset not in self.inputs:
             cfg = self.cfg
             cat = load_catalogue(
-                dataset, cfg.data_root, label=cfg.label, max_images=cfg.max_images, seed=cfg.seed
+                dataset, cfg.data_root, label=cfg.label, max_images=cfg.max_images,
+                seed=cfg.seed, options=cfg.data_options.get(dataset),
             )
             plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
             self.inputs[dataset] = CellInputs(dataset, cat, plan)
@@ -346,35 +363,55 @@ class CellEngine:
         )
 
     def run_cell(self, cell: Cell) -> ResultRecord:
-        """Run one cell (or read it back when finished and ``overwrite`` is ``never``)."""
+        """Run one cell (or read it back when finished and ``overwrite`` is ``never``).
+
+        The cell's lock is held from the skip check to the record, so two runs of the same
+        grid never compute (or log) one cell twice: the second waits, then skips it.
+        """
         inputs = self.inputs_for(cell.dataset)
         chash = self.cell_hash(cell, inputs)
-        done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
-        if done is not None and self.cfg.overwrite == "never":
-            logger.info("skipped %s: finished earlier (record %s)", cell,
-                        self.store.path(*done.key()))
-            return done
-        started = datetime.now(UTC).isoformat()
-        t0 = time.perf_counter()
-        with self._cell_run(cell, chash) as run:
-            produced = self.steps.produce(cell, inputs)
-            record, per_query = self._score(cell, inputs, chash, produced, started)
-            record.timings.wall_s = round(time.perf_counter() - t0, 3)
-            record.mlflow_run_id = run.info.run_id if run is not None else None
-            self._log(record, produced)
-        path = self.store.save(record, per_query)
+        path = self.store.path(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+        with hold_lock(path.with_name(path.name + ".lock"), str(cell)):
+            done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+            if done is not None and self.cfg.overwrite == "never":
+                logger.info("skipped %s: finished earlier (record %s)", cell, path)
+                _close_stale_run(done.mlflow_run_id)
+                return done
+            started = datetime.now(UTC).isoformat()
+            t0 = time.perf_counter()
+            with self._cell_run(cell, chash) as run:
+                produced = self.steps.produce(cell, inputs)
+                record, per_query = self._score(cell, inputs, chash, produced, started)
+                record.timings.wall_s = round(time.perf_counter() - t0, 3)
+                record.mlflow_run_id = run.info.run_id
+                self._log(record, produced)
+                self.store.save(record, per_query)
         logger.info("done %s in %.1f s: %s (record %s)", cell, record.timings.wall_s or 0.0,
                     ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()), path)
         return record
 
     @contextmanager
     def _cell_run(self, cell: Cell, chash: str) -> Iterator[Any]:
+        """The cell's one MLflow run: a run left RUNNING or FAILED by a crash is resumed."""
+        import mlflow
+
         from embbench.tracking import mlflow_run
 
         tags = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
                 "dataset": cell.dataset, "config_hash": chash}
         if cell.source:
             tags["source_dataset"] = cell.source
+        stale = mlflow.search_runs(
+            filter_string=f"tags.config_hash = '{chash}' and tags.stage = '{cell.stage}' and "
+            f"tags.mode = '{cell.mode}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], output_format="list",
+        )
+        if stale:
+            logger.info("resuming MLflow run %s of %s, left %s by an earlier attempt",
+                        stale[0].info.run_id, cell, stale[0].info.status)
+            with mlflow.start_run(run_id=stale[0].info.run_id) as run:
+                yield run
+            return
         name = f"{cell.stage}:{cell.model}:{cell.dataset}:{cell.mode}"
         if cell.source:
             name += f":from-{cell.source}"
@@ -480,6 +517,46 @@ class CellEngine:
         log_json_artifact(record.model_dump(mode="json"), "result.json")
         if record.failed_images:
             log_json_artifact(record.failed_images, "failed_images.json")
+
+
+@contextmanager
+def hold_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold the file lock ``path`` for ``what``; when busy, say who holds it and wait.
+
+    The holder's pid, host and start time are written beside the lock, so a waiting run names
+    them. The operating system releases the lock of a killed process.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    holder = path.with_name(path.name + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = holder.read_text(encoding="utf-8").strip() if holder.is_file() else "unknown"
+        logger.warning("%s is being run by another process (%s); waiting for it to finish",
+                       what, who)
+        lock.acquire()
+    try:
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{datetime.now(UTC).isoformat(timespec='seconds')}", encoding="utf-8")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _close_stale_run(run_id: str | None) -> None:
+    """Mark FINISHED the run of a recorded cell that a crash left RUNNING (record written)."""
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FINISHED")
+    except mlflow.exceptions.MlflowException:
+        logger.debug("run %s of a finished cell is not in this tracking store", run_id)
 
 
 def run_grid(

@@ -179,6 +179,8 @@ class GridConfig(StageConfig):
     weights: str = "pretrained"  # pretrained | random | auto (pretrained, else random) | ckpt path
     datasets: list[str] = Field(default_factory=lambda: ["demo"])  # dataset registry names
     data_root: dict[str, str] = Field(default_factory=dict)  # dataset -> folder or manifest
+    # dataset -> loader options, e.g. {manifest: {allow_outside_root: true, allow_private: true}}
+    data_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     label: str = ""  # label column for relevance (and classification); "" = dataset default
     protocol: Literal["", "within", "cross"] = ""  # retrieval protocol; "" = dataset default
     k: int = Field(5, ge=1, le=100)  # cut-off of the @k retrieval metrics
@@ -197,7 +199,7 @@ class GridConfig(StageConfig):
     # Fields that do not change a cell's numbers. ``backend`` is NOT here: a record names the
     # backend that searched, so switching backends scores again (from the cached vectors).
     hash_exclude = frozenset(
-        {"models", "datasets", "data_root", "batch_size", "num_workers", "device", "milvus_uri",
+        {"models", "datasets", "data_root", "data_options", "batch_size", "num_workers", "device", "milvus_uri",
          "tracking_uri", "experiment", "overwrite"}
     )
 

@@ -44,11 +44,16 @@ def test_unknown_backend_and_dataset_are_listed_together(small_demo, monkeypatch
 @pytest.mark.slow
 def test_manifest_label_column_is_passed_to_the_catalogue(small_demo, tmp_path):
     # a user's CSV whose label column is not called "label": stage 01 must read `label`
+    import shutil
+
     rows = small_demo.items.sample(24, random_state=0)
     csv = tmp_path / "shop" / "catalogue.csv"
-    csv.parent.mkdir()
+    (csv.parent / "images").mkdir(parents=True)
+    for p in rows["path"]:
+        shutil.copy(p, csv.parent / "images")
     lines = ["path,category,split"] + [
-        f"{p},{c},test" for p, c in zip(rows["path"], rows["category"], strict=True)
+        f"images/{Path(p).name},{c},test" for p, c in zip(rows["path"], rows["category"],
+                                                          strict=True)
     ]
     csv.write_text("\n".join(lines) + "\n")
     cfg = EmbedConfig(models=["test_resnet"], datasets=["manifest"], label="category",
@@ -57,6 +62,15 @@ def test_manifest_label_column_is_passed_to_the_catalogue(small_demo, tmp_path):
     assert table.loc[0, "n_queries"] == 24
     (rec,) = ResultStore().records("embed")
     assert rec.label == "category" and rec.backend == "exact"
+    # images outside the manifest's folder are refused before any work, unless allowed
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("path,category\n" + "".join(
+        f"{p},{c}\n" for p, c in zip(rows["path"], rows["category"], strict=True)))
+    cfg = cfg.model_copy(update={"data_root": {"manifest": str(outside)}})
+    with pytest.raises(GridError, match="outside the manifest's folder"):
+        run_embed(cfg)
+    allowed = cfg.model_copy(update={"data_options": {"manifest": {"allow_outside_root": True}}})
+    assert run_embed(allowed).loc[0, "n_queries"] == 24
 
 
 @pytest.mark.parametrize("path", sorted(OLD_RECORDS.glob("*.json")), ids=lambda p: p.stem)

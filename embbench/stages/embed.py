@@ -56,7 +56,7 @@ def lineage_of(embedder: Any, base_model: str) -> Lineage:
 
 
 def embed_options(cfg: GridConfig) -> dict[str, Any]:
-    """The embedding settings of a stage config, as :func:`embbench.embed.embed_splits` takes them."""
+    """A stage config's embedding settings, as :func:`embbench.embed.embed_splits` takes them."""
     return {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": cfg.device,
             "precision": cfg.precision}
 
