@@ -199,8 +199,8 @@ class GridConfig(StageConfig):
     # Fields that do not change a cell's numbers. ``backend`` is NOT here: a record names the
     # backend that searched, so switching backends scores again (from the cached vectors).
     hash_exclude = frozenset(
-        {"models", "datasets", "data_root", "data_options", "batch_size", "num_workers", "device", "milvus_uri",
-         "tracking_uri", "experiment", "overwrite"}
+        {"models", "datasets", "data_root", "data_options", "batch_size", "num_workers",
+         "device", "milvus_uri", "tracking_uri", "experiment", "overwrite"}
     )
 
     @field_validator("models", "datasets")
