@@ -6,4 +6,4 @@ import embbench.analysis  # noqa: F401  05_analysis
 import embbench.crosstune  # noqa: F401  04_crosstune
 import embbench.embed_stage  # noqa: F401  01_embed
 import embbench.finetune  # noqa: F401  02_finetune
-import embbench.toptune  # noqa: F401  03_toptune
+import embbench.toptune_stage  # noqa: F401  03_toptune
