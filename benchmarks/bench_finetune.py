@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 import embbench.embed_stage as embed_stage  # noqa: E402
 from embbench.demo import make_demo_catalogue  # noqa: E402
-from embbench.finetune import FinetuneConfig, FineTuner, plan_cell  # noqa: E402
+from embbench.finetune import FinetuneConfig, make_trainer, plan_cell  # noqa: E402
+from embbench.train import FineTuner  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -104,7 +105,7 @@ def main() -> None:
             device="cpu",
             backend="exact",
         )
-        trainer = FineTuner(cfg, plan_cell(cfg, args.model, "demo"))
+        trainer = make_trainer(cfg, plan_cell(cfg, args.model, "demo"))
         n_train = len(cat.split("train"))
         print(
             f"{args.model} {args.recipe} at {args.size} px, batch {args.batch}, "

@@ -8,7 +8,7 @@ memory-mapped by each worker. Model: the stage's MLP at a fixed configuration (7
 Per backend, in a fresh process (Keras fixes its backend on import):
 - ``plain``: build + compile + ``model.fit`` for ``--epochs`` epochs with validation each epoch;
   the first epoch (compilation/tracing) is reported apart from the steady per-epoch time.
-- ``tuner``: ``embbench._toptune_keras.run_search`` with a one-point search space (the same
+- ``tuner``: ``embbench.toptune.search.run_search`` with a one-point search space (the same
   model), one trial, one execution, the same epochs: what keras-tuner adds (oracle, trial
   files, best-epoch checkpoints, the extra build it does to learn the space).
   Target: tuner overhead < 20% of plain.
@@ -34,7 +34,7 @@ epoch); the target (< 20%) holds. torch is the most sensitive to CPU
 contention (two of three runs had epochs 10-20x slower). Without the ``gc.freeze`` in
 ``run_search``, keras-tuner's two ``gc.collect()`` per trial cost ~0.7 s each in a process
 holding torch, pandas and MLflow. Hence ``auto`` = JAX when installed, else TensorFlow, else torch
-(``embbench._toptune_backend.AUTO_ORDER``); all three pass tests/test_toptune.py.
+(``embbench.toptune.backend.AUTO_ORDER``); all three pass tests/test_toptune.py.
 """
 
 from __future__ import annotations
@@ -66,12 +66,13 @@ def make_data(folder: Path, n: int, n_val: int, dim: int, classes: int, seed: in
 
 def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from embbench._toptune_backend import use_keras_backend
+    from embbench.toptune.backend import use_keras_backend
 
     use_keras_backend(backend)
     import numpy as np
 
-    from embbench import _toptune_keras as K
+    from embbench.toptune import keras_model as K
+    from embbench.toptune import search as S
 
     x = np.load(folder / "x_train.npy", mmap_mode="r")
     y = np.load(folder / "y_train.npy")
@@ -128,7 +129,7 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
         "val_accuracy": round(float(history["val_accuracy"][-1]), 4),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        tuner = K.make_tuner(
+        tuner = S.make_tuner(
             K.MLPHyperModel(space, x.shape[1], classes),
             directory=Path(tmp),
             project_name="b",
@@ -137,7 +138,7 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
             seed=0,
         )
         t0 = time.perf_counter()
-        K.run_search(tuner, x, y, xv, yv, epochs=epochs, batch_size=batch, seed=0)
+        S.run_search(tuner, x, y, xv, yv, epochs=epochs, batch_size=batch, seed=0)
         out["tuner_total_s"] = round(time.perf_counter() - t0, 2)
     plain_b, _, _ = plain_fit(epochs)  # again after the tuner: order effects cancel in the mean
     out["plain_total_s"] = round((plain_a + plain_b) / 2, 2)
@@ -166,7 +167,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.data, args.epochs, args.batch)))
         return
-    from embbench._toptune_backend import installed_backends
+    from embbench.toptune.backend import installed_backends
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

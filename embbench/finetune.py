@@ -1,12 +1,10 @@
 """Stage 02 (notebook ``02_finetune``): full fine-tuning with the ResNet-strikes-back recipes.
 
 For every (model, dataset) cell: train an ImageNet-initialised timm model on the dataset's
-training split with recipe A1, A2 (the paper's choice) or A3 (:mod:`embbench._recipes`), built
-from timm's own parts: ``create_optimizer_v2`` (LAMB, no weight decay on biases and norms),
-``create_scheduler_v2`` (cosine with linear warm-up, stepped per update), ``Mixup`` (mixup and
-CutMix), ``create_transform`` (random-resized crop, flip, RandAugment) and ``RepeatAugSampler``
-(repeated augmentation), with the paper's two changes: cross-entropy (soft-target under mixup)
-instead of BCE, and no stochastic depth.
+training split with recipe A1, A2 (the paper's choice) or A3 (:mod:`embbench.train.recipes`),
+with the paper's two changes: cross-entropy (soft-target under mixup) instead of BCE, and no
+stochastic depth. The training itself is :class:`embbench.train.FineTuner`; this module plans
+the cells, hashes them, registers and scores the trained models, and records the results.
 
 - The learning rate is scaled to the global batch (``batch_size`` x processes x ``grad_accum``)
   from the recipe's reference batch (2048) by the linear rule; the scaled value is logged.
@@ -35,57 +33,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
+import fcntl
 import json
 import logging
-import math
-import os
-import platform
-import random
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from embbench._recipes import get_recipe, resolve_recipe
-from embbench._utils import atomic_write_json, stable_hash
+from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
+from embbench._utils import atomic_write_json, safe_name, stable_hash
 from embbench.config import StageConfig, register_stage
-from embbench.models.finetuned import (
-    find_finetuned,
-    finetuned_index_path,
-    finetuned_name,
-    read_finetuned_index,
-    register_finetuned,
-    register_finetuned_models,
-)
+from embbench.metrics import CLASSIFICATION_KEYS
 from embbench.paths import runs_dir
 from embbench.results import ResultStore
+from embbench.train import (
+    CHECKPOINT_FORMAT,
+    FinetuneError,
+    FineTuner,
+    TrainJob,
+    TrainSettings,
+    build_trainable,
+    get_recipe,
+    resolve_recipe,
+)
+from embbench.train.model import timm_arch as _timm_arch
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-_FINETUNABLE_SOURCES = ("timm", "torch.hub", "checkpoint")
-CLASSIFICATION_KEYS = (
-    "accuracy",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-    "precision_weighted",
-    "recall_weighted",
-    "f1_weighted",
-)
-
-
-class FinetuneError(RuntimeError):
-    """Fine-tuning cannot run as configured; the message names the cause and the fix."""
-
+INDEX_NAME = "finetuned_models.json"
+INDEX_VERSION = 1
 
 @register_stage("02_finetune")
 class FinetuneConfig(StageConfig):
@@ -173,198 +156,23 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
 
 
-# ------------------------------------------------------------------------------------- data
-class TrainImages:
-    """Catalogue rows -> (augmented tensor, class index); a bad image yields its reason.
+def finetuned_name(model: str, dataset: str, recipe: str) -> str:
+    """Registry name of a fine-tuned model: ``<model>_ft_<dataset>_<recipe>`` (``a2``...)."""
+    from embbench.models import get_model_spec
 
-    Args:
-        paths: Image files.
-        targets: Class index per image.
-        transform: timm transform (training or evaluation).
-    """
-
-    def __init__(self, paths: list[str], targets: list[int], transform) -> None:
-        self.paths = paths
-        self.targets = targets
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from embbench.images import BadImageError, load_rgb
-
-        try:
-            return self.transform(load_rgb(self.paths[i])), self.targets[i], i, None
-        except BadImageError as exc:
-            return None, self.targets[i], i, exc.reason
-        except Exception as exc:  # an odd image breaking a transform must not stop training
-            return None, self.targets[i], i, f"{type(exc).__name__}: {exc}"
-
-
-def _collate(batch):
-    import torch
-
-    ok = [b for b in batch if b[3] is None]
-    bad = [(b[2], b[3]) for b in batch if b[3] is not None]
-    if not ok:
-        return None, None, [], bad
-    x = torch.stack([b[0] for b in ok])
-    y = torch.tensor([b[1] for b in ok], dtype=torch.long)
-    return x, y, [b[2] for b in ok], bad
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a DataLoader worker (timm's RandAugment draws from both)."""
-    import torch
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-# ------------------------------------------------------------------------------------ model
-def build_trainable(
-    model: str, weights: str, num_classes: int, sizes: tuple[int, ...], seed: int = 0
-) -> tuple[Any, Any, dict[str, Any]]:
-    """A timm model from the zoo with its weights and a new ``num_classes`` head.
-
-    The backbone and its weights come from :func:`embbench.models.create_embedder` (same
-    ``weights`` semantics as stage 01); the head is timm's ``reset_classifier``. ViT-like models
-    whose position embeddings are fixed to another resolution than ``sizes`` are rebuilt with
-    timm's ``dynamic_img_size=True`` (same parameters, interpolated position embeddings).
-
-    Args:
-        model: Registry name (a timm, torch.hub-with-arch or fine-tuned checkpoint entry) or
-            ``timm:<arch>[.<tag>]``.
-        weights: ``pretrained``, ``random``, ``auto`` or a checkpoint path.
-        num_classes: Classes of the new head.
-        sizes: Input sides the model must accept (training and evaluation).
-        seed: Seed of the head's initialisation.
-
-    Returns:
-        ``(module, embedder, extra_model_kwargs)``: the trainable module (train mode), the
-        embedder it came from (spec, weights used, data config) and the constructor arguments
-        added here (to rebuild it for embedding).
-
-    Raises:
-        FinetuneError: The model is not a timm model, or cannot run at ``sizes``.
-    """
-    import torch
-
-    from embbench.models import create_embedder, get_model_spec
-
-    spec = get_model_spec(model)
-    if spec.source not in _FINETUNABLE_SOURCES or (
-        spec.source == "checkpoint" and spec.identifier.startswith("open_clip:")
-    ):
-        raise FinetuneError(
-            f"model {model!r} ({spec.source} {spec.identifier}) is not a timm model; full "
-            "fine-tuning with the RSB recipes supports timm architectures (the paper fine-tuned "
-            "ResNet50, ConvNeXt-B, ViT-B/16 and ViT-L/32). Fix: pick a timm model from "
-            "embbench.models.list_models(source='timm') or 'timm:<arch>'."
-        )
-    emb = create_embedder(model, weights=weights, device="cpu")
-    net = emb.model
-    if not hasattr(net, "reset_classifier"):
-        raise FinetuneError(f"model {model!r} has no timm reset_classifier(); cannot add a head")
-    extra: dict[str, Any] = {}
-    grid = getattr(getattr(net, "patch_embed", None), "img_size", None)
-    if getattr(net, "dynamic_img_size", None) is False and grid is not None:
-        native = int(grid[0]) if isinstance(grid, list | tuple) else int(grid)
-        if any(s != native for s in sizes):
-            import timm
-
-            arch = _timm_arch(spec)
-            kwargs = {**dict(spec.model_kwargs), "dynamic_img_size": True}
-            rebuilt = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-            rebuilt.load_state_dict(net.state_dict())
-            net, extra = rebuilt, {"dynamic_img_size": True}
-            logger.info(
-                "%s: position embeddings are for %d px; rebuilt with dynamic_img_size=True "
-                "to train/evaluate at %s px",
-                model,
-                native,
-                sorted(set(sizes)),
-            )
-    if float(dict(spec.model_kwargs).get("drop_path_rate", 0.0) or 0.0) > 0:
-        logger.warning(
-            "%s: its model_kwargs set drop_path_rate; the paper trains without stochastic depth",
-            model,
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net.reset_classifier(num_classes)
-    net.train()
-    for side in sorted(set(sizes)):
-        try:
-            with torch.no_grad():
-                net.eval()
-                out = net(torch.zeros(2, *emb.input_size[:1], side, side))
-            net.train()
-        except Exception as exc:
-            raise FinetuneError(
-                f"model {model!r} cannot run at {side} px ({type(exc).__name__}: {exc}). Fix: "
-                f"set train_size/test_size to a side it accepts (its default is "
-                f"{emb.input_size[1]} px)."
-            ) from exc
-        if tuple(out.shape) != (2, num_classes):
-            raise FinetuneError(
-                f"model {model!r}: the new head gives {tuple(out.shape)}, expected "
-                f"(2, {num_classes})"
-            )
-    return net, emb, extra
-
-
-def _timm_arch(spec) -> str:
-    if spec.source == "timm":
-        return spec.identifier
-    if spec.source == "torch.hub" and spec.arch:
-        return spec.arch
-    return spec.identifier.removeprefix("timm:")
+    return f"{get_model_spec(model).name}_ft_{_safe(dataset)}_{recipe.lower()}"
 
 
 # ------------------------------------------------------------------------------ cell set-up
 @dataclass
-class CellPlan:
-    """Everything one (model, dataset) training needs before any model is built.
+class CellPlan(TrainJob):
+    """One (model, dataset) cell: the training job plus the retrieval plan it is scored with.
 
     Attributes:
-        model: Model registry name.
-        dataset: Dataset name.
-        cat: The (subsampled) catalogue.
         plan: Retrieval plan (label, protocol, query/index splits).
-        classes: Class names of the training split (the head's order).
-        hp: The resolved recipe (:func:`embbench._recipes.resolve_recipe`).
-        train_hash: Hash of everything that changes the trained weights.
-        run_dir: Folder of checkpoints, the headless model and the summary.
-        world_size: Training processes.
     """
 
-    model: str
-    dataset: str
-    cat: Any
-    plan: dict
-    classes: list[str]
-    hp: dict
-    train_hash: str
-    run_dir: Path
-    world_size: int = 1
-
-    @property
-    def summary_path(self) -> Path:
-        """``summary.json``: written last, it marks a finished training."""
-        return self.run_dir / "summary.json"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        """``last.pt``: the resumable checkpoint."""
-        return self.run_dir / "last.pt"
-
-    @property
-    def model_path(self) -> Path:
-        """``model.pt``: the headless state dict."""
-        return self.run_dir / "model.pt"
+    plan: dict = field(default_factory=dict)
 
 
 def plan_cell(cfg: FinetuneConfig, model: str, dataset: str, world_size: int = 1) -> CellPlan:
@@ -406,785 +214,161 @@ def plan_cell(cfg: FinetuneConfig, model: str, dataset: str, world_size: int = 1
             "format": CHECKPOINT_FORMAT,
         }
     )
-    run_dir = runs_dir() / "finetune" / _safe(model) / _safe(dataset) / train_hash
-    return CellPlan(model, dataset, cat, plan, classes, hp, train_hash, run_dir, world_size)
-
-
-# ------------------------------------------------------------------------------ the trainer
-@dataclass
-class TrainState:
-    """Progress that a checkpoint carries across restarts."""
-
-    epoch: int = 0  # next epoch to run
-    num_updates: int = 0
-    train_wall_s: float = 0.0
-    history: list[dict] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    resumed_at: list[int] = field(default_factory=list)
-
-
-def _after_epoch(trainer: FineTuner, epoch: int) -> None:
-    """Hook called after each epoch's checkpoint (tests replace it to kill a run)."""
-
-
-class FineTuner:
-    """One cell's training: model, data, optimizer, schedule, checkpoints.
-
-    Args:
-        cfg: The stage config.
-        cell: The cell's plan (:func:`plan_cell`).
-        dist_info: This process's rank (:func:`embbench.embed.init_distributed`).
-    """
-
-    def __init__(self, cfg: FinetuneConfig, cell: CellPlan, dist_info=None) -> None:
-        import torch
-        from timm.data import Mixup, create_transform
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
-        from embbench.embed import DistInfo, resolve_precision
-
-        self.cfg = cfg
-        self.cell = cell
-        self.dist = dist_info or DistInfo()
-        self.dev = _train_device(cfg.device, self.dist)
-        self.amp_dtype = resolve_precision(cfg.precision, self.dev)
-        self.hp = hp = cell.hp
-        self.state = TrainState()
-        self.class_index = {c: i for i, c in enumerate(cell.classes)}
-
-        _seed_all(cfg.seed)
-        net, self.embedder, self.extra_model_kwargs = build_trainable(
-            cell.model,
-            cfg.weights,
-            len(cell.classes),
-            (hp["train_size"], hp["test_size"]),
-            seed=cfg.seed,
-        )
-        if self.dist.rank:  # same initial weights (DDP broadcasts rank 0's); own mixup draws
-            _seed_all(cfg.seed + 7919 * self.dist.rank)
-        net.to(self.dev)
-        if self.dev.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        self.net = net
-        self.model = net
-        if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(
-                net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
-            )
-
-        dc = self.embedder.data_config
-        self.mean, self.std = tuple(dc["mean"]), tuple(dc["std"])
-        self.interpolation = dc.get("interpolation") or "bicubic"
-        self.train_transform = create_transform(
-            input_size=(3, hp["train_size"], hp["train_size"]),
-            is_training=True,
-            auto_augment=hp["auto_augment"] or None,
-            interpolation=hp["train_interpolation"],
-            mean=self.mean,
-            std=self.std,
-            hflip=hp["hflip"],
-            re_prob=hp["re_prob"],
-        )
-        self.eval_data_config = {
-            "input_size": [3, hp["test_size"], hp["test_size"]],
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_pct": hp["test_crop_pct"],
-            "crop_mode": "center",
-        }
-        self.eval_transform = create_transform(
-            input_size=(3, hp["test_size"], hp["test_size"]),
-            is_training=False,
-            interpolation=self.interpolation,
-            mean=self.mean,
-            std=self.std,
-            crop_pct=hp["test_crop_pct"],
-            crop_mode="center",
-        )
-
-        label = cell.plan["label"]
-        rows = cell.cat.split("train")
-        self.train_paths = rows["path"].astype(str).tolist()
-        self.train_ids = rows["item_id"].astype(str).tolist()
-        targets = [self.class_index[str(v)] for v in rows[label]]
-        self.train_set = TrainImages(self.train_paths, targets, self.train_transform)
-        if hp["aug_repeats"]:
-            from timm.data.distributed_sampler import RepeatAugSampler
-
-            self.sampler = RepeatAugSampler(
-                self.train_set,
-                num_replicas=self.dist.world_size,
-                rank=self.dist.rank,
-                shuffle=True,
-                num_repeats=hp["aug_repeats"],
-            )
-        else:
-            from torch.utils.data import DistributedSampler
-
-            self.sampler = DistributedSampler(
-                self.train_set,
-                num_replicas=self.dist.world_size,
-                rank=self.dist.rank,
-                shuffle=True,
-                seed=cfg.seed,
-            )
-        self.generator = torch.Generator()
-        n_per_rank = len(self.sampler)
-        self.loader = torch.utils.data.DataLoader(
-            self.train_set,
-            batch_size=cfg.batch_size,
-            sampler=self.sampler,
-            num_workers=cfg.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.dev.type == "cuda",
-            drop_last=n_per_rank > cfg.batch_size,
-            worker_init_fn=_seed_worker,
-            generator=self.generator,
-            prefetch_factor=4 if cfg.num_workers > 0 else None,
-            persistent_workers=False,
-        )
-        self.updates_per_epoch = max(1, math.ceil(len(self.loader) / cfg.grad_accum))
-
-        self.mixup = None
-        if hp["mixup"] > 0 or hp["cutmix"] > 0:
-            self.mixup = Mixup(
-                mixup_alpha=hp["mixup"],
-                cutmix_alpha=hp["cutmix"],
-                prob=hp["mixup_prob"],
-                switch_prob=hp["mixup_switch_prob"],
-                mode="batch",
-                label_smoothing=hp["smoothing"],
-                num_classes=len(cell.classes),
-            )
-            self.criterion = SoftTargetCrossEntropy()
-        elif hp["smoothing"] > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=hp["smoothing"])
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss()
-
-        self.optimizer = create_optimizer_v2(
-            net,
-            opt=hp["opt"],
-            lr=hp["lr"],
-            weight_decay=hp["weight_decay"],
-            filter_bias_and_bn=True,
-        )
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=hp["sched"],
-            num_epochs=hp["epochs"],
-            warmup_epochs=hp["warmup_epochs"],
-            warmup_lr=hp["warmup_lr"],
-            min_lr=hp["min_lr"],
-            step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch,
-        )
-        self.scaler = torch.amp.GradScaler(
-            self.dev.type, enabled=self.amp_dtype == torch.float16 and self.dev.type == "cuda"
-        )
-
-    # ---- checkpoints ---------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write ``last.pt`` atomically (rank 0); every rank waits for it."""
-        import torch
-
-        path = self.cell.checkpoint_path
-        if self.dist.is_main:
-            s = self.state
-            payload = {
-                "format": CHECKPOINT_FORMAT,
-                "train_hash": self.cell.train_hash,
-                "classes": list(self.cell.classes),
-                "epoch": s.epoch,
-                "num_updates": s.num_updates,
-                "train_wall_s": s.train_wall_s,
-                "history": s.history,
-                "failed": s.failed,
-                "mlflow_run_id": s.mlflow_run_id or "",
-                "resumed_at": s.resumed_at,
-                "model": self.net.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": _rng_state(self.dev),
-            }
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(payload, tmp)
-            tmp.replace(path)
-        _barrier(self.dist)
-        return path
-
-    def resume(self) -> int:
-        """Load ``last.pt`` if it exists; return the epoch training continues at (0 if none).
-
-        Raises:
-            FinetuneError: The checkpoint belongs to another training (hash or classes differ).
-        """
-        import torch
-
-        path = self.cell.checkpoint_path
-        if not path.is_file():
-            return 0
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("train_hash") != self.cell.train_hash or ckpt.get("classes") != list(
-            self.cell.classes
-        ):
-            raise FinetuneError(
-                f"checkpoint {path} belongs to another training (hash {ckpt.get('train_hash')} "
-                f"!= {self.cell.train_hash}); delete it or set resume=False"
-            )
-        self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.dist.is_main:
-            _set_rng_state(ckpt["rng"], self.dev)
-        else:  # the checkpoint holds rank 0's streams; other ranks draw their own
-            _seed_all(self.cfg.seed + 7919 * self.dist.rank + int(ckpt["epoch"]))
-        self.state = TrainState(
-            epoch=int(ckpt["epoch"]),
-            num_updates=int(ckpt["num_updates"]),
-            train_wall_s=float(ckpt["train_wall_s"]),
-            history=list(ckpt["history"]),
-            failed=dict(ckpt["failed"]),
-            mlflow_run_id=ckpt.get("mlflow_run_id") or None,
-            resumed_at=[*ckpt.get("resumed_at", []), int(ckpt["epoch"])],
-        )
-        self.scheduler.step_update(self.state.num_updates)
-        logger.info(
-            "%s on %s: resuming from %s at epoch %d (%d updates done)",
-            self.cell.model,
-            self.cell.dataset,
-            path,
-            self.state.epoch,
-            self.state.num_updates,
-        )
-        return self.state.epoch
-
-    # ---- training --------------------------------------------------------------------------
-    def _autocast(self):
-        import torch
-
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.dev.type, dtype=self.amp_dtype)
-
-    def batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
-        """The epoch's training batches on the device, mixed, with bad images recorded."""
-        import torch
-
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch + 1_000_003 * self.cfg.seed)
-        self.generator.manual_seed(self.cfg.seed * 100_003 + epoch)
-        for x, y, _, bad in self.loader:
-            for i, reason in bad:
-                if self.train_paths[i] not in self.state.failed:
-                    logger.warning("skipping unreadable image %s: %s", self.train_paths[i], reason)
-                self.state.failed[self.train_paths[i]] = reason
-            if x is None:
-                continue
-            if self.mixup is not None and len(x) % 2:
-                x, y = x[:-1], y[:-1]  # timm's batch mixup pairs images with the flipped batch
-            if len(x) == 0:
-                continue
-            x = x.to(self.dev, non_blocking=True)
-            y = y.to(self.dev, non_blocking=True)
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
-            if self.dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
-
-    def train_step(self, x, y, *, sync: bool = True):
-        """Forward, backward and (when ``sync``) one optimizer step; returns the loss tensor."""
-        ddp = self.model is not self.net
-        ctx = self.model.no_sync() if ddp and not sync else nullcontext()
-        with ctx:
-            with self._autocast():
-                loss = self.criterion(self.model(x), y)
-            self.scaler.scale(loss / self.cfg.grad_accum).backward()
-        if sync:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.num_updates += 1
-            self.scheduler.step_update(self.state.num_updates)
-        return loss
-
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the sampler; returns mean loss, lr, images and images/s."""
-        self.model.train()
-        n_batches = len(self.loader)
-        total, n_images, micro = 0.0, 0, 0
-        t0 = time.perf_counter()
-        for b, (x, y) in enumerate(self.batches(epoch)):
-            micro += 1
-            sync = micro % self.cfg.grad_accum == 0 or b == n_batches - 1
-            loss = self.train_step(x, y, sync=sync)
-            total += float(loss.detach()) * len(x)
-            n_images += len(x)
-        if micro % self.cfg.grad_accum:  # the loader ended early (bad images): flush
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.num_updates += 1
-            self.scheduler.step_update(self.state.num_updates)
-        wall = time.perf_counter() - t0
-        return {
-            "train_loss": total / max(n_images, 1),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "train_images": n_images,
-            "train_images_per_s": n_images / wall if wall > 0 else 0.0,
-        }
-
-    # ---- evaluation ------------------------------------------------------------------------
-    def predict(self, split: str) -> dict[str, Any]:
-        """Classify ``split`` (rows whose label the head knows); gathered over all ranks.
-
-        Returns:
-            ``y_true``, ``y_pred`` (class names), ``failed`` (path -> reason) and
-            ``n_unknown`` (rows whose label is not a training class, left out).
-        """
-        import torch
-
-        label = self.cell.plan["label"]
-        rows = self.cell.cat.split(split)
-        labels = rows[label].astype(str).tolist()
-        known = [i for i, v in enumerate(labels) if v in self.class_index]
-        mine = known[self.dist.rank :: self.dist.world_size]
-        paths = rows["path"].astype(str).tolist()
-        ds = TrainImages(
-            [paths[i] for i in mine],
-            [self.class_index[labels[i]] for i in mine],
-            self.eval_transform,
-        )
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=self.cfg.batch_size,
-            shuffle=False,
-            num_workers=self.cfg.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.dev.type == "cuda",
-        )
-        out_true: list[int] = []
-        out_pred: list[int] = []
-        failed: dict[str, str] = {}
-        self.net.eval()
-        with torch.inference_mode():
-            for x, y, _, bad in loader:
-                for j, reason in bad:
-                    failed[ds.paths[j]] = reason
-                if x is None:
-                    continue
-                x = x.to(self.dev, non_blocking=True)
-                if self.dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with self._autocast():
-                    logits = self.net(x)
-                out_pred.extend(logits.argmax(1).cpu().tolist())
-                out_true.extend(y.tolist())
-        self.net.train()
-        part = (out_true, out_pred, failed)
-        if self.dist.world_size > 1:
-            import torch.distributed as dist
-
-            parts: list[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(parts, part)
-        else:
-            parts = [part]
-        classes = self.cell.classes
-        y_true = [classes[t] for p in parts for t in p[0]]
-        y_pred = [classes[t] for p in parts for t in p[1]]
-        failed_all = {k: v for p in parts for k, v in p[2].items()}
-        return {
-            "y_true": y_true,
-            "y_pred": y_pred,
-            "failed": failed_all,
-            "n_unknown": len(labels) - len(known),
-        }
-
-    # ---- the loop ----------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        """Train (resuming if a checkpoint exists and ``cfg.resume``), evaluate, save.
-
-        Returns:
-            The training summary (also written to ``summary.json`` on rank 0).
-        """
-        from embbench.metrics import classification_metrics, confusion_matrix
-
-        cfg, cell, hp = self.cfg, self.cell, self.hp
-        start = self.resume() if cfg.resume else 0
-        val_split = "val" if "val" in cell.cat.splits else "test"
-        test_split = "test" if "test" in cell.cat.splits else val_split
-        run = self._mlflow_start()
-        try:
-            for epoch in range(start, hp["epochs"]):
-                t0 = time.perf_counter()
-                stats = self.train_epoch(epoch)
-                last = epoch == hp["epochs"] - 1
-                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0) and not last:
-                    pred = self.predict(val_split)
-                    stats["val_accuracy"] = _accuracy(pred["y_true"], pred["y_pred"])
-                stats["epoch_wall_s"] = time.perf_counter() - t0
-                self.state.train_wall_s += stats["epoch_wall_s"]
-                self.state.history.append({"epoch": epoch, **stats})
-                self.state.epoch = epoch + 1
-                if run is not None:
-                    import mlflow
-
-                    mlflow.log_metrics(
-                        {k: float(v) for k, v in stats.items()}, step=epoch, run_id=run
-                    )
-                (logger.info if self.dist.is_main else logger.debug)(
-                    "%s on %s, epoch %d/%d: %s",
-                    cell.model,
-                    cell.dataset,
-                    epoch + 1,
-                    hp["epochs"],
-                    ", ".join(f"{k}={v:.4g}" for k, v in stats.items()),
-                )
-                if (epoch + 1) % cfg.checkpoint_every == 0 or last:
-                    self.save_checkpoint()
-                _after_epoch(self, epoch)
-
-            t0 = time.perf_counter()
-            val = self.predict(val_split)
-            test = val if test_split == val_split else self.predict(test_split)
-            eval_wall = time.perf_counter() - t0
-            if test["y_true"]:
-                test_metrics = classification_metrics(test["y_true"], test["y_pred"])
-            else:  # class-disjoint split (e.g. SOP products): no test image has a known class
-                logger.warning(
-                    "%s on %s: no %s image has a training class of label %r (class-disjoint "
-                    "split); classification metrics are undefined",
-                    cell.model,
-                    cell.dataset,
-                    test_split,
-                    cell.plan["label"],
-                )
-                test_metrics = {}
-            if self.state.history and "val_accuracy" not in self.state.history[-1]:
-                self.state.history[-1]["val_accuracy"] = _accuracy(val["y_true"], val["y_pred"])
-            summary = self._summary(val_split, val, test_split, test, test_metrics, eval_wall)
-            if self.dist.is_main:
-                self._save_outputs(summary, test)
-                if run is not None:
-                    self._mlflow_finish(run, summary, test, confusion_matrix)
-            _barrier(self.dist)
-        except BaseException:
-            if run is not None:
-                import mlflow
-
-                with contextlib.suppress(Exception):
-                    mlflow.MlflowClient().set_terminated(run, status="KILLED")
-            raise
-        return summary
-
-    def _summary(self, val_split, val, test_split, test, test_metrics, eval_wall) -> dict:
-        import torch
-
-        s = self.state
-        gpu = self.dev.type == "cuda"
-        gpu_hours = s.train_wall_s * self.dist.world_size / 3600 if gpu else 0.0
-        return {
-            "model": self.cell.model,
-            "dataset": self.cell.dataset,
-            "recipe": self.hp["name"],
-            "train_hash": self.cell.train_hash,
-            "label": self.cell.plan["label"],
-            "n_classes": len(self.cell.classes),
-            "n_train": len(self.train_paths),
-            "epochs": self.hp["epochs"],
-            "num_updates": s.num_updates,
-            "resumed_at": s.resumed_at,
-            "hyperparameters": self.hp,
-            "lr_base": self.hp["lr_base"],
-            "lr_scaled": self.hp["lr"],
-            "lr_scaling": self.hp["lr_scaling"],
-            "reference_batch": self.hp["reference_batch"],
-            "global_batch": self.hp["global_batch"],
-            "world_size": self.dist.world_size,
-            "device": str(self.dev),
-            "device_name": torch.cuda.get_device_name(self.dev)
-            if gpu
-            else (platform.processor() or platform.machine()),
-            "autocast": str(self.amp_dtype) if self.amp_dtype is not None else "fp32",
-            "train_wall_s": round(s.train_wall_s, 3),
-            "eval_wall_s": round(eval_wall, 3),
-            "gpu_hours": round(gpu_hours, 6),
-            "gpu_hours_note": (
-                f"{self.dist.world_size} GPU(s) x training wall time"
-                if gpu
-                else "CPU run: no GPU time (gpu_hours = 0)"
-            ),
-            "val_split": val_split,
-            "val_accuracy": _accuracy(val["y_true"], val["y_pred"]),
-            "val_n": len(val["y_true"]),
-            "val_n_unknown_label": val["n_unknown"],
-            "classification_split": test_split,
-            "classification": test_metrics,
-            "classification_n": len(test["y_true"]),
-            "classification_n_unknown_label": test["n_unknown"],
-            "failed_images": [
-                {"path": p, "reason": r}
-                for p, r in sorted({**s.failed, **val["failed"], **test["failed"]}.items())
-            ],
-            "history": s.history,
-            "embedder_weights": self.embedder.weights_used,
-            "eval_data_config": self.eval_data_config,
-            "extra_model_kwargs": self.extra_model_kwargs,
-            "mlflow_run_id": s.mlflow_run_id,
-            "model_path": str(self.cell.model_path),
-        }
-
-    def _save_outputs(self, summary: dict, test: dict) -> None:
-        import torch
-
-        cell = self.cell
-        self.net.reset_classifier(0)  # headless: pooled features, as stage 01 embeds them
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        tmp = cell.model_path.with_name(f".{cell.model_path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(cell.model_path)
-        summary["model_sha256"] = _sha256(cell.model_path)
-        atomic_write_json(cell.run_dir / "classes.json", list(cell.classes))
-        pd.DataFrame({"y_true": test["y_true"], "y_pred": test["y_pred"]}).to_csv(
-            cell.run_dir / "test_predictions.csv", index=False
-        )
-        atomic_write_json(cell.summary_path, summary)
-        # finished: the resumable checkpoint (weights + optimizer state, ~3x the model) has
-        # served its purpose; the headless model.pt and summary.json are what later stages use
-        cell.checkpoint_path.unlink(missing_ok=True)
-
-    # ---- MLflow ------------------------------------------------------------------------------
-    def _mlflow_start(self) -> str | None:
-        """Open (or reopen, when resuming) the training's MLflow run on rank 0; its id."""
-        if not self.dist.is_main:
-            return None
-        import mlflow
-
-        from embbench.tracking import log_params, provenance_tags
-
-        cell = self.cell
-        run_id = self.state.mlflow_run_id
-        if run_id:
-            try:
-                mlflow.MlflowClient().update_run(run_id, status="RUNNING")
-                return run_id
-            except Exception as exc:  # deleted run, or another tracking store
-                logger.warning("cannot reopen MLflow run %s (%s); starting a new one", run_id, exc)
-        tags = {
-            **provenance_tags(),
-            "stage": "finetune",
-            "mode": "training",
-            "model": cell.model,
-            "dataset": cell.dataset,
-            "recipe": self.hp["name"],
-            "train_hash": cell.train_hash,
-        }
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            raise FinetuneError(
-                f"MLflow experiment {self.cfg.experiment!r} does not exist; call "
-                "embbench.tracking.setup_mlflow first (run_finetune does)"
-            )
-        run = client.create_run(
-            experiment.experiment_id,
-            tags=tags,
-            run_name=f"finetune-train:{cell.model}:{cell.dataset}",
-        )
-        run_id = run.info.run_id
-        with mlflow.start_run(run_id=run_id):
-            log_params(
-                {
-                    "config": self.cfg.model_dump(mode="json"),
-                    "hp": self.hp,
-                    "n_classes": len(cell.classes),
-                    "n_train": len(self.train_paths),
-                    "world_size": self.dist.world_size,
-                    "device": str(self.dev),
-                    "label": cell.plan["label"],
-                    "weights_used": self.embedder.weights_used,
-                }
-            )
-        client.update_run(run_id, status="RUNNING")
-        self.state.mlflow_run_id = run_id
-        logger.info(
-            "training %s on %s: lr %.4g (recipe %s: %.4g at batch %d, %s rule, global batch %d)",
-            cell.model,
-            cell.dataset,
-            self.hp["lr"],
-            self.hp["name"],
-            self.hp["lr_base"],
-            self.hp["reference_batch"],
-            self.hp["lr_scaling"],
-            self.hp["global_batch"],
-        )
-        return run_id
-
-    def _mlflow_finish(self, run_id: str, summary: dict, test: dict, confusion_matrix) -> None:
-        import mlflow
-
-        from embbench.tracking import log_json_artifact
-
-        metrics = {
-            "train_wall_s": summary["train_wall_s"],
-            "gpu_hours": summary["gpu_hours"],
-            "lr_scaled": summary["lr_scaled"],
-            **{f"test_{k}": v for k, v in summary["classification"].items()},
-        }
-        client = mlflow.MlflowClient()
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            mlflow.log_metric(
-                "val_accuracy", float(summary["val_accuracy"]), step=max(summary["epochs"] - 1, 0)
-            )
-            log_json_artifact(summary, "summary.json")
-            mlflow.log_artifact(str(self.cell.model_path), artifact_path="headless")
-            if test["y_true"]:
-                matrix, order = confusion_matrix(test["y_true"], test["y_pred"])
-                rows, cols = np.nonzero(matrix)
-                cm = pd.DataFrame(
-                    {
-                        "true": [order[i] for i in rows],
-                        "pred": [order[j] for j in cols],
-                        "count": matrix[rows, cols],
-                    }
-                )
-                cm_path = self.cell.run_dir / "confusion_matrix.csv"
-                cm.to_csv(cm_path, index=False)  # sparse: (true, pred, count) of non-zero cells
-                mlflow.log_artifact(str(cm_path))
-        client.set_terminated(run_id, status="FINISHED")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _accuracy(y_true: list, y_pred: list) -> float:
-    if not y_true:
-        return float("nan")
-    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
-
-
-def _train_device(device: str, dist_info):
-    import torch
-
-    from embbench.embed import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"device={device!r} but CUDA is not available; use device='auto'")
-    return dev
-
-
-def _barrier(dist_info) -> None:
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _seed_all(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rng_state(dev) -> dict[str, Any]:
-    """RNG states as tensors and plain lists (so checkpoints load with ``weights_only``)."""
-    import torch
-
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {
-            "version": int(py_state[0]),
-            "state": torch.tensor(py_state[1], dtype=torch.int64),
-            "gauss": py_state[2],
-        },
-    }
-    if dev.type == "cuda":
-        out["cuda"] = torch.cuda.get_rng_state(dev)
-    return out
-
-
-def _set_rng_state(state: dict[str, Any], dev) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
+    run_dir = runs_dir() / "finetune" / safe_name(model) / safe_name(dataset) / train_hash
+    return CellPlan(
+        model=model,
+        dataset=dataset,
+        cat=cat,
+        label=plan["label"],
+        classes=classes,
+        hp=hp,
+        train_hash=train_hash,
+        run_dir=run_dir,
+        world_size=world_size,
+        plan=plan,
     )
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-    if dev.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+def train_settings(cfg: FinetuneConfig) -> TrainSettings:
+    """The trainer's settings: the fields of ``cfg`` that :class:`TrainSettings` names."""
+    return TrainSettings(**{f.name: getattr(cfg, f.name) for f in fields(TrainSettings)})
+
+
+def make_trainer(
+    cfg: FinetuneConfig, cell: CellPlan, dist_info: DistInfo | None = None
+) -> FineTuner:
+    """The trainer of one cell; its MLflow run logs ``cfg`` as its ``config`` parameters."""
+    return FineTuner(
+        train_settings(cfg), cell, dist_info, run_params={"config": cfg.model_dump(mode="json")}
+    )
 
 
 # ---------------------------------------------------------------------- fine-tuned models
+def finetuned_index_path() -> Path:
+    """``runs_dir()/finetuned_models.json``: every fine-tuned model, so any process finds it."""
+    return runs_dir() / INDEX_NAME
+
+
+def read_finetuned_index(path: Path | None = None) -> dict[str, dict]:
+    """The index's entries by registry name (empty when there is none yet)."""
+    path = path or finetuned_index_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FinetuneError(
+            f"{path} is not valid JSON ({exc}); fix or delete it (re-running 02_finetune "
+            "rewrites its entries)"
+        ) from None
+    return dict(data.get("models", {}))
+
+
+@contextlib.contextmanager
+def _index_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _add_to_index(name: str, entry: dict, path: Path | None = None) -> None:
+    path = path or finetuned_index_path()
+    with _index_lock(path):
+        models = read_finetuned_index(path)
+        models[name] = entry
+        atomic_write_json(path, {"version": INDEX_VERSION, "models": models})
+
+
+def register_finetuned_models(path: Path | None = None) -> list[str]:
+    """Register every model of the index whose checkpoint still exists; return their names.
+
+    Lets any process (a notebook, ``01_embed``) use fine-tuned models by name.
+    """
+    from embbench.models import ModelSpec, register_model
+
+    names = []
+    for name, entry in read_finetuned_index(path).items():
+        spec = dict(entry.get("spec") or {})
+        if not spec or not Path(spec.get("checkpoint_path") or "").is_file():
+            logger.warning("fine-tuned model %s: checkpoint missing; not registered", name)
+            continue
+        if isinstance(spec.get("data_config"), dict) and "input_size" in spec["data_config"]:
+            spec["data_config"]["input_size"] = tuple(spec["data_config"]["input_size"])
+        register_model(ModelSpec(**spec), overwrite=True)
+        names.append(name)
+    return names
+
+
+def find_finetuned(base: str, dataset: str, recipe: str) -> dict | None:
+    """The newest index entry of ``base`` fine-tuned on ``dataset`` with ``recipe``, if any."""
+    from embbench.models import get_model_spec
+
+    base_name = get_model_spec(base).name
+    hits = [
+        e
+        for e in read_finetuned_index().values()
+        if e.get("base") == base_name
+        and e.get("dataset") == dataset
+        and str(e.get("recipe", "")).upper() == recipe.upper()
+        and Path(e.get("spec", {}).get("checkpoint_path") or "").is_file()
+    ]
+    return max(hits, key=lambda e: e.get("created", "")) if hits else None
+
+
 def register_finetuned_checkpoint(cell: CellPlan, summary: dict, registry: dict | None) -> Any:
     """Register the headless model of a finished training by name, and list it in the index.
 
     Returns:
         The registered :class:`embbench.models.ModelSpec`.
     """
-    from embbench.models import get_model_spec
+    from embbench.models import ModelSpec, get_model_spec, register_model
 
     base = get_model_spec(cell.model)
-    return register_finetuned(
-        finetuned_name(cell.model, cell.dataset, summary["recipe"]),
-        cell.model,
-        cell.model_path,
+    if base.source == "checkpoint":
+        identifier, tag = base.identifier, base.pretrained
+    else:
+        identifier = f"timm:{_timm_arch(base)}"
+        tag = base.pretrained if base.source == "timm" else None
+    name = finetuned_name(cell.model, cell.dataset, summary["recipe"])
+    dc = dict(summary["eval_data_config"])
+    dc["input_size"] = tuple(dc["input_size"])
+    spec = ModelSpec(
+        name=name,
+        source="checkpoint",
+        identifier=identifier,
+        pretrained=tag,
+        family=base.family,
+        backbone=base.backbone,
         paper_name=f"{base.paper_name} (fine-tuned on {cell.dataset}, {summary['recipe']})",
         notes=(
             f"fine-tuned from {base.name} on {cell.dataset} with recipe {summary['recipe']} "
             f"(training {cell.train_hash}, MLflow run {summary.get('mlflow_run_id')})"
         ),
-        data_config=summary["eval_data_config"],
-        extra_model_kwargs=summary.get("extra_model_kwargs", {}),
-        index_entry={
-            "dataset": cell.dataset,
-            "recipe": summary["recipe"],
-            "label": summary["label"],
-            "train_hash": cell.train_hash,
-            "sha256": summary.get("model_sha256"),
-            "val_accuracy": summary["val_accuracy"],
-            "mlflow_run_id": summary.get("mlflow_run_id"),
-            "mlflow_registry": registry,
-        },
-        overwrite=True,
+        embed_dim=base.embed_dim,
+        data_config=dc,
+        model_kwargs={**dict(base.model_kwargs), **summary.get("extra_model_kwargs", {})},
+        checkpoint_path=str(cell.model_path.resolve()),
     )
+    register_model(spec, overwrite=True)
+    entry = {
+        "spec": spec.to_dict(),
+        "base": base.name,
+        "dataset": cell.dataset,
+        "recipe": summary["recipe"],
+        "label": summary["label"],
+        "train_hash": cell.train_hash,
+        "sha256": summary.get("model_sha256"),
+        "val_accuracy": summary["val_accuracy"],
+        "mlflow_run_id": summary.get("mlflow_run_id"),
+        "mlflow_registry": registry,
+        "created": datetime.now(UTC).isoformat(),
+    }
+    _add_to_index(name, entry)
+    return spec
 
 
 def _register_in_mlflow(cell: CellPlan, summary: dict, spec_name: str) -> dict | None:
@@ -1235,16 +419,16 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
         classification metrics, training wall time, GPU-hours and the registered name (empty
         on ranks other than 0 under torchrun).
     """
-    from embbench.embed import embed_splits, embedding_cache, init_distributed
+    from embbench.embed import embed_splits, embedding_cache
     from embbench.embed_stage import score_and_record
     from embbench.models import create_embedder
     from embbench.tracking import setup_mlflow
 
     store = store or ResultStore()
-    dist_info = init_distributed(_train_device(cfg.device, None))
+    dist_info = init_distributed(resolve_device(cfg.device))
     if dist_info.is_main:
         setup_mlflow(cfg.tracking_uri, cfg.experiment)
-    _barrier(dist_info)
+    barrier(dist_info)
     rows = []
     for dataset in cfg.datasets:
         for model in cfg.models:
@@ -1252,12 +436,12 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
             cell = (
                 plan_cell(cfg, model, dataset, dist_info.world_size) if dist_info.is_main else None
             )
-            _barrier(dist_info)
+            barrier(dist_info)
             cell = cell or plan_cell(cfg, model, dataset, dist_info.world_size)
             if cfg.overwrite == "always" and dist_info.is_main:
                 for p in (cell.summary_path, cell.checkpoint_path):
                     p.unlink(missing_ok=True)
-            _barrier(dist_info)
+            barrier(dist_info)
             record_hash = stable_hash(
                 {"train": cell.train_hash, "cfg": cfg.config_hash(), "plan": cell.plan}
             )
@@ -1270,7 +454,7 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
                 summary = json.loads(cell.summary_path.read_text())
                 logger.info("%s on %s: trained earlier (%s)", model, dataset, cell.run_dir)
             else:
-                summary = FineTuner(cfg, cell, dist_info).fit()
+                summary = make_trainer(cfg, cell, dist_info).fit()
             name = finetuned_name(model, dataset, summary["recipe"])
             registry = None
             if dist_info.is_main:
@@ -1279,17 +463,13 @@ def run_finetune(cfg: FinetuneConfig, store: ResultStore | None = None) -> pd.Da
                     registry = _register_in_mlflow(cell, summary, name)
                     if registry:
                         register_finetuned_checkpoint(cell, summary, registry)
-            _barrier(dist_info)
+            barrier(dist_info)
             if not dist_info.is_main:
                 register_finetuned_models()
             embedder = create_embedder(name, device="cpu")
             t0 = time.perf_counter()
             splits = sorted({cell.plan["query_split"], cell.plan["index_split"]})
-            sets = embed_splits(
-                embedder, cell.cat, splits, batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
-                progress=False,
-            )
+            sets = embed_splits(embedder, cell.cat, splits, cfg, progress=False)
             if not dist_info.is_main:
                 continue
             keys = {s: embedding_cache(embedder, cell.cat, s).key for s in splits}
@@ -1436,11 +616,13 @@ __all__ = [
     "finetuned_index_path",
     "finetuned_name",
     "main",
+    "make_trainer",
     "plan_cell",
     "read_finetuned_index",
     "register_finetuned_checkpoint",
     "register_finetuned_models",
     "run_finetune",
+    "train_settings",
     "training_history",
 ]
 

@@ -30,7 +30,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CLASSIFICATION_KEYS",
     "RetrievalResult",
+    "accuracy",
     "bootstrap_ci",
     "classification_metrics",
     "confusion_matrix",
@@ -39,6 +41,17 @@ __all__ = [
     "paired_bootstrap_test",
     "retrieval_metrics",
 ]
+
+# The keys of :func:`classification_metrics`, in its order (the columns of stage tables).
+CLASSIFICATION_KEYS = (
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+)
 
 _BOOT_CHUNK_ELEMENTS = 4_000_000  # bootstrap draws materialised at once (int64: 32 MB)
 
@@ -357,6 +370,14 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     out = np.zeros_like(num, dtype=np.float64)
     np.divide(num, den, out=out, where=den > 0)
     return out
+
+
+def accuracy(y_true: Any, y_pred: Any) -> float:
+    """Share of ``y_pred`` equal to ``y_true``; NaN when there is nothing to score."""
+    if len(y_true) == 0:
+        return float("nan")
+    yt, yp = _check_pair(y_true, y_pred)
+    return float(np.mean(yt == yp))
 
 
 def classification_metrics(y_true: Any, y_pred: Any, labels: Any = None) -> dict[str, float]:

@@ -88,7 +88,7 @@ def test_missing_sources_name_the_stage_to_run(use_demos):
 @pytest.mark.slow
 def test_cross_tuned_and_cross_top_tuned_cells_give_deltas(use_demos):
     from embbench.finetune import FinetuneConfig, run_finetune
-    from embbench.toptune import TopTuneConfig, run_toptune
+    from embbench.toptune_stage import TopTuneConfig, run_toptune
 
     run_finetune(
         FinetuneConfig(

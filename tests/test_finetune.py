@@ -17,21 +17,22 @@ import torch
 
 import embbench.embed_stage as embed_stage
 import embbench.finetune as ft
-from embbench._recipes import RECIPES, get_recipe, resolve_recipe, scale_lr
+import embbench.train.trainer as trainer_mod
 from embbench.catalogue import Catalogue
 from embbench.demo import make_demo_catalogue
 from embbench.finetune import (
     FinetuneConfig,
     FinetuneError,
-    FineTuner,
     build_trainable,
     finetuned_index_path,
+    make_trainer,
     plan_cell,
     read_finetuned_index,
     register_finetuned_models,
     run_finetune,
 )
 from embbench.results import ResultStore
+from embbench.train.recipes import RECIPES, get_recipe, resolve_recipe, scale_lr
 
 TINY = dict(
     models=["test_resnet"],
@@ -130,7 +131,7 @@ def test_one_short_epoch_of_each_recipe(use_tiny, recipe):
 
     cfg = FinetuneConfig(**{**TINY, "recipe": recipe})
     cell = plan_cell(cfg, "test_resnet", "demo")
-    trainer = FineTuner(cfg, cell)
+    trainer = make_trainer(cfg, cell)
     assert isinstance(trainer.optimizer, Lamb)
     assert isinstance(trainer.criterion, SoftTargetCrossEntropy)
     assert trainer.mixup.mixup_alpha == RECIPES[recipe].mixup and trainer.mixup.cutmix_alpha == 1
@@ -158,7 +159,7 @@ def test_unreadable_training_image_is_skipped_and_recorded(use_tiny, tmp_path, m
     cat = dataclasses.replace(use_tiny, items=items)
     monkeypatch.setattr(embed_stage, "load_catalogue", lambda *a, **k: cat)
     cfg = FinetuneConfig(**{**TINY, "recipe": "A3"})
-    trainer = FineTuner(cfg, plan_cell(cfg, "test_resnet", "demo"))
+    trainer = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo"))
     stats = trainer.train_epoch(0)
     assert list(trainer.state.failed) == [str(bad)]
     # 15 readable images; the bad one's batch keeps 3, trimmed to 2 (mixup pairs images)
@@ -186,7 +187,7 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
         if epoch == 0:
             raise _Killed
 
-    monkeypatch.setattr(ft, "_after_epoch", kill_after_first)
+    monkeypatch.setattr(trainer_mod, "_after_epoch", kill_after_first)
     with pytest.raises(_Killed):
         run_finetune(cfg)
     cell = plan_cell(cfg, "test_resnet", "demo")
@@ -194,7 +195,7 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
     assert ckpt["epoch"] == 1 and not cell.summary_path.exists()
 
     # a new trainer restores the optimizer, scheduler and progress from the checkpoint
-    trainer = FineTuner(cfg, cell)
+    trainer = make_trainer(cfg, cell)
     assert trainer.resume() == 1
     restored = trainer.optimizer.state_dict()
     assert restored["state"] and restored["state"].keys() == ckpt["optimizer"]["state"].keys()
@@ -205,7 +206,7 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
     del trainer
 
     seen = []
-    monkeypatch.setattr(ft, "_after_epoch", lambda trainer, epoch: seen.append(epoch))
+    monkeypatch.setattr(trainer_mod, "_after_epoch", lambda trainer, epoch: seen.append(epoch))
     table = run_finetune(cfg)
     assert seen == [1]  # started at the second epoch
     summary = json.loads(cell.summary_path.read_text())
@@ -255,6 +256,54 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
 
 def test_bf16_autocast_path_runs_on_the_cpu(use_tiny):
     cfg = FinetuneConfig(**{**TINY, "recipe": "A3", "precision": "bf16", "device": "cpu"})
-    trainer = FineTuner(cfg, plan_cell(cfg, "test_resnet", "demo"))
+    trainer = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo"))
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     assert math.isfinite(trainer.train_epoch(0)["train_loss"])
+
+
+def test_trainer_takes_explicit_settings_not_the_stage_config(use_tiny):
+    from embbench.train import FineTuner, TrainJob, TrainSettings
+    from embbench.train.recipes import get_recipe, resolve_recipe
+
+    cfg = FinetuneConfig(**{**TINY, "recipe": "A3", "batch_size": 8, "seed": 3})
+    cell = plan_cell(cfg, "test_resnet", "demo")
+    settings = ft.train_settings(cfg)
+    assert isinstance(settings, TrainSettings) and isinstance(cell, TrainJob)
+    assert (settings.batch_size, settings.seed, settings.weights) == (8, 3, "random")
+    job = TrainJob(
+        model="test_resnet",
+        dataset="demo",
+        cat=use_tiny,
+        label="product",
+        classes=cell.classes,
+        hp=resolve_recipe(get_recipe("A3"), global_batch=8, epochs=1, train_size=32, test_size=32),
+        train_hash="x",
+        run_dir=cell.run_dir,
+    )
+    trainer = FineTuner(TrainSettings(weights="random", batch_size=8, num_workers=0), job)
+    assert not hasattr(trainer, "cfg") and trainer.settings.batch_size == 8
+    assert math.isfinite(trainer.train_epoch(0)["train_loss"])
+
+
+def test_building_blocks_import_no_stage():
+    """embbench.train and embbench.toptune import neither a stage module nor keras eagerly."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stages = {"embbench.finetune", "embbench.toptune_stage", "embbench.embed_stage",
+              "embbench.crosstune", "embbench.stages", "embbench.config"}
+    root = Path(__file__).resolve().parent.parent / "embbench"
+    for pkg in ("train", "toptune"):
+        for path in (root / pkg).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                assert not stages & set(names), f"{path.name} imports {stages & set(names)}"
+    code = "import sys, embbench.train, embbench.toptune; print('keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -25,16 +25,18 @@ from embbench.catalogue import Catalogue
 from embbench.config import ConfigError
 from embbench.results import ResultStore
 from embbench.toptune import (
-    TopTuneConfig,
     TopTuneError,
     load_toptuned,
     prepare_data,
-    pretrained_vs_toptuned,
     required_splits,
+    use_keras_backend,
+)
+from embbench.toptune_stage import (
+    TopTuneConfig,
+    pretrained_vs_toptuned,
     result_row,
     toptune_cell,
     trials_table,
-    use_keras_backend,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,35 +225,37 @@ def test_load_toptuned_missing_model_says_how_to_make_it(tmp_path):
 
 def test_all_zero_toptuned_rows_get_a_direction():
     from embbench.retrieval import l2_normalize
-    from embbench.toptune import _fill_zero_rows
+    from embbench.toptune import fill_zero_rows
 
     v = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0]], np.float32)
-    assert _fill_zero_rows(v, "test") == 1
+    assert fill_zero_rows(v, "test") == 1
     np.testing.assert_allclose(l2_normalize(v)[0], 0.5)  # retrieval accepts it now
-    assert _fill_zero_rows(v, "test") == 0
+    assert fill_zero_rows(v, "test") == 0
 
 
 # ---- the search ---------------------------------------------------------------------------------
 def _keras_space(cfg: TopTuneConfig):
-    from embbench import _toptune_keras as K
+    from embbench.toptune import SearchSpace
+    from embbench.toptune import keras_model as K
+    from embbench.toptune import search as S
 
-    return K, K.SearchSpace(**cfg.search_space())
+    return K, S, SearchSpace(**cfg.search_space())
 
 
 @pytest.mark.slow
 def test_search_runs_resumes_and_extends(tmp_path):
-    K, space = _keras_space(tiny_cfg(hidden_layers=[2, 3]))
+    K, S, space = _keras_space(tiny_cfg(hidden_layers=[2, 3]))
     cat, sets = synthetic()
     data = prepare_data(sets, cat, "label", dataset="synth")
     args = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
 
     def search(max_trials, hypermodel_cls=K.MLPHyperModel):
         hm = hypermodel_cls(space, data.dim, len(data.classes))
-        tuner = K.make_tuner(
+        tuner = S.make_tuner(
             hm, directory=tmp_path, project_name="s", max_trials=max_trials,
             executions_per_trial=1, seed=0,
         )
-        return tuner, hm, K.run_search(tuner, *args, epochs=2, batch_size=32, seed=0)
+        return tuner, hm, S.run_search(tuner, *args, epochs=2, batch_size=32, seed=0)
 
     class Interrupted(K.MLPHyperModel):
         fits = 0
@@ -265,12 +269,12 @@ def test_search_runs_resumes_and_extends(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         search(3, Interrupted)
     tuner, hm, new = search(3)  # resumes: reruns the interrupted trial, then one more
-    assert new == 2 and K.completed_trials(tuner) == 3
+    assert new == 2 and S.completed_trials(tuner) == 3
     tuner, hm, new = search(3)  # finished: nothing is trained again
     assert new == 0 and hm.builds <= 1
     tuner, hm, new = search(4)  # a larger budget continues the same search
-    assert new == 1 and K.completed_trials(tuner) == 4
-    for t in K.trial_summaries(tuner):
+    assert new == 1 and S.completed_trials(tuner) == 4
+    for t in S.trial_summaries(tuner):
         model = hm.build(tuner.oracle.trials[t["trial_id"]].hyperparameters)
         names = K.hidden_layer_names(model)
         assert 2 <= len(names) <= 3 and len(names) == t["hyperparameters"]["hidden_layers"]
@@ -354,7 +358,8 @@ def test_tensorflow_backend_works(tmp_path):
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_toptune import synthetic, tiny_cfg, PLAN, SPEC
-        from embbench.toptune import toptune_cell, load_toptuned
+        from embbench.toptune import load_toptuned
+        from embbench.toptune_stage import toptune_cell
         import numpy as np
         cat, sets = synthetic()
         rec = toptune_cell(tiny_cfg(keras_backend="tensorflow"), model="fake", dataset="synth",
@@ -386,7 +391,7 @@ def test_tensorflow_backend_works(tmp_path):
 @pytest.mark.slow
 def test_run_toptune_on_demo(small_demo, monkeypatch):
     import embbench.embed_stage as stage
-    from embbench.toptune import run_toptune
+    from embbench.toptune_stage import run_toptune
 
     monkeypatch.setattr(stage, "load_catalogue", lambda *a, **k: small_demo)
     cfg = tiny_cfg(

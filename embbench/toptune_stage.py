@@ -24,20 +24,19 @@ trial (hyperparameters, validation metrics), the final model, the classification
 confusion matrix; the retrieval run of the top-tuned embeddings is its child too.
 
 The final Keras model is saved as ``model.keras`` beside ``toptune.json``; its path is the
-record's ``toptune_model_path``. :func:`load_toptuned` loads it for cross-top-tuning.
+record's ``toptune_model_path``. :func:`embbench.toptune.load_toptuned` loads it for
+cross-top-tuning; the building blocks of this stage are in :mod:`embbench.toptune`.
 
 Keras's backend is chosen by ``keras_backend`` before keras is imported (see
-:mod:`embbench._toptune_backend`); once keras is imported a process cannot switch.
+:mod:`embbench.toptune.backend`); once keras is imported a process cannot switch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,49 +44,38 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from embbench._toptune_backend import (
-    AUTO_ORDER,
-    KERAS_BACKENDS,
+from embbench._utils import (
+    atomic_write_json,
+    collection_name,
+    l2_normalize_rows,
+    metric_key,
+    stable_hash,
+)
+from embbench.cache import EmbeddingCache, EmbeddingSet
+from embbench.config import StageConfig, register_stage
+from embbench.metrics import CLASSIFICATION_KEYS
+from embbench.results import ResultStore
+from embbench.toptune import (
+    ACTIVATIONS,
+    OPTIMIZERS,
+    TEST,
+    TRAIN,
+    VAL,
+    SearchSpace,
     TopTuneError,
-    installed_backends,
+    fill_zero_rows,
+    prepare_data,
+    required_splits,
+    test_classification,
+    toptune_dir,
     use_keras_backend,
 )
-from embbench._utils import atomic_write_json, stable_hash
-from embbench.cache import CacheError, EmbeddingCache, EmbeddingSet
-from embbench.config import StageConfig, register_stage
-from embbench.paths import runs_dir
-from embbench.results import ResultStore
 
 logger = logging.getLogger(__name__)
 
 STAGE = "toptune"
 MODE = "top-tuned"
-TRAIN, VAL, TEST = "train", "val", "test"
 TOPTUNE_VERSION = 1  # bump when this module changes what it computes
-OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "adamax", "rmsprop", "adagrad")
-ACTIVATIONS = (
-    "relu",
-    "gelu",
-    "selu",
-    "elu",
-    "tanh",
-    "sigmoid",
-    "silu",
-    "swish",
-    "leaky_relu",
-    "mish",
-    "softplus",
-    "linear",
-)
-CLASSIFICATION_KEYS = (
-    "accuracy",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-    "precision_weighted",
-    "recall_weighted",
-    "f1_weighted",
-)
 
 
 @register_stage("03_toptune")
@@ -208,7 +196,7 @@ class TopTuneConfig(StageConfig):
         return sorted({float(c) for c in v})
 
     def search_space(self) -> dict[str, tuple]:
-        """The search space, as keyword arguments of ``embbench._toptune_keras.SearchSpace``."""
+        """The search space, as keyword arguments of :class:`embbench.toptune.SearchSpace`."""
         return {
             "hidden_layers": tuple(self.hidden_layers),
             "units": tuple(self.units),
@@ -218,156 +206,6 @@ class TopTuneConfig(StageConfig):
             "optimizers": tuple(self.optimizers),
             "clipvalue": tuple(self.clipvalue),
         }
-
-
-# ---- data -------------------------------------------------------------------------------------
-@dataclass
-class TopTuneData:
-    """Normalised embeddings and encoded labels of every split, ready for Keras.
-
-    Attributes:
-        x: Split -> (n, dim) float32, L2-normalised once, shared by every trial.
-        y: Split -> (n,) int32 class index; -1 for a label never seen in train.
-        labels: Split -> the original label values.
-        classes: The train split's classes (index -> label value), sorted.
-        label: The label column.
-        sets: Split -> the source :class:`EmbeddingSet` (pretrained vectors).
-        n_unseen: Split -> how many items carry a label absent from train.
-    """
-
-    x: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    classes: np.ndarray
-    label: str
-    sets: dict[str, EmbeddingSet]
-    n_unseen: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        """Input embedding dimension."""
-        return int(self.x[TRAIN].shape[1])
-
-    def seen(self, split: str) -> np.ndarray:
-        """Boolean mask of the split's items whose class exists in train."""
-        return self.y[split] >= 0
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def required_splits(cat, plan: Mapping[str, str], dataset: str) -> list[str]:
-    """Splits top-tuning needs: train (fit), val (selection), test (report), the retrieval ones.
-
-    Raises:
-        TopTuneError: The catalogue lacks one, naming the dataset, the split and the fix.
-    """
-    need = [TRAIN, VAL, TEST]
-    need += [s for s in (plan["query_split"], plan["index_split"]) if s not in need]
-    missing = [s for s in need if s not in cat.splits]
-    if missing:
-        raise TopTuneError(
-            f"dataset {dataset!r}: top-tuning needs the splits {need} (train to fit, val to "
-            f"select, test to report), but the catalogue has {cat.splits}, missing {missing}. "
-            "Fix: give the catalogue a val split (the dataset loaders carve one from train; a "
-            "manifest needs rows with split=val) or a test split."
-        )
-    return [*need, *[s for s in cat.splits if s not in need]]
-
-
-def prepare_data(
-    sets: Mapping[str, EmbeddingSet], cat, label: str, *, dataset: str, model: str = ""
-) -> TopTuneData:
-    """Check the cached embeddings and labels, normalise once, encode the classes.
-
-    Args:
-        sets: Split -> the model's pretrained embeddings (at least train, val and test).
-        cat: The catalogue (labels are read from ``cat.items`` by item id).
-        label: The label column to classify.
-        dataset: Dataset name, for messages.
-        model: Model name, for messages.
-
-    Raises:
-        TopTuneError: A split's embeddings are missing; the label column is unknown; labels are
-            absent (empty) for items of a split; train has fewer than two classes; val or test
-            share no class with train; the splits disagree on the dimension.
-    """
-    where = f"top-tuning {model or 'model'} on {dataset!r}"
-    for split in (TRAIN, VAL, TEST):
-        if split not in sets:
-            raise TopTuneError(
-                f"{where}: no embeddings for split {split!r} (have {sorted(sets)}). Fix: embed "
-                f"it (run 01_embed, or run_toptune, which embeds missing splits from the "
-                f"catalogue), and check that the catalogue has a {split!r} split."
-            )
-    if label not in cat.items.columns:
-        raise TopTuneError(
-            f"{where}: label {label!r} is not a column of the catalogue; its labels are "
-            f"{list(cat.label_columns)}. Fix: set label to one of them ('' = the default, "
-            f"{cat.default_label!r})."
-        )
-    dims = {s: es.dim for s, es in sets.items()}
-    if len(set(dims.values())) > 1:
-        raise TopTuneError(
-            f"{where}: the cached splits disagree on the dimension {dims}; they come from "
-            "different models. Fix: delete the stale cache folders and embed again."
-        )
-    labels: dict[str, np.ndarray] = {}
-    for split, es in sets.items():
-        try:
-            values = es.labels(cat.items, label)
-        except CacheError as exc:
-            raise TopTuneError(f"{where}, split {split!r}: {exc}") from None
-        absent = pd.isna(values)
-        if absent.any():
-            ids = np.asarray(es.item_ids)[absent][:3].tolist()
-            raise TopTuneError(
-                f"{where}: {int(absent.sum())} of {len(values)} item(s) of split {split!r} "
-                f"have no {label!r} label (e.g. {ids}). Fix: fill the label in the catalogue, "
-                "drop those items, or choose another label column with `label`."
-            )
-        if len(values) == 0:
-            raise TopTuneError(
-                f"{where}: split {split!r} has no embedded items (all images failed or the "
-                f"split is empty; cache {es.path}). Fix: check the images of that split."
-            )
-        labels[split] = values
-    classes = np.unique(labels[TRAIN])
-    if len(classes) < 2:
-        raise TopTuneError(
-            f"{where}: the train split has a single class ({classes.tolist()}) for label "
-            f"{label!r}; a classifier needs at least two. Fix: choose a label with several "
-            f"classes (catalogue labels: {list(cat.label_columns)}) or check the split."
-        )
-    index = pd.Index(classes)
-    x, y, n_unseen = {}, {}, {}
-    for split, es in sets.items():
-        codes = index.get_indexer(labels[split]).astype(np.int32)
-        n_unseen[split] = int((codes < 0).sum())
-        if split in (VAL, TEST) and n_unseen[split] == len(codes):
-            raise TopTuneError(
-                f"{where}: no item of split {split!r} has a {label!r} class seen in train "
-                "(class-disjoint splits, as in deep-metric-learning benchmarks); a classifier "
-                "cannot be selected or tested there. Fix: use a coarser label shared by all "
-                "splits (e.g. SOP super_class_id) or the dataset's closed-set split scheme."
-            )
-        if n_unseen[split]:
-            logger.warning(
-                "%s: %d of %d item(s) of split %r have a class absent from train; they are "
-                "left out of validation/classification (but embedded for retrieval)",
-                where,
-                n_unseen[split],
-                len(codes),
-                split,
-            )
-        x[split] = _l2_normalize(es.vectors)
-        y[split] = codes
-    return TopTuneData(
-        x=x, y=y, labels=labels, classes=classes, label=label, sets=dict(sets), n_unseen=n_unseen
-    )
 
 
 # ---- keys and folders -------------------------------------------------------------------------
@@ -400,24 +238,7 @@ def search_key(cfg: TopTuneConfig, label: str, cache_keys: Mapping[str, str]) ->
     )
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
-
-
-def toptune_dir(dataset: str, model: str) -> Path:
-    """``<runs_dir>/toptune/<dataset>/<model>``: searches and final models of one cell."""
-    return runs_dir() / "toptune" / _safe(dataset) / _safe(model)
-
-
 # ---- the stage --------------------------------------------------------------------------------
-def _keras(backend: str):
-    """Choose the backend, then import the Keras half of this stage."""
-    use_keras_backend(backend)
-    from embbench import _toptune_keras
-
-    return _toptune_keras
-
-
 def run_toptune(cfg: TopTuneConfig, store: ResultStore | None = None) -> pd.DataFrame:
     """Top-tune every (model, dataset) cell of ``cfg``; one row per cell.
 
@@ -520,7 +341,11 @@ def toptune_cell(
         logger.info("skip top-tuning %s on %s: finished (%s)", model, dataset, chash)
         return done
     data = prepare_data(sets, cat, label, dataset=dataset, model=model)
-    K = _keras(cfg.keras_backend)
+    use_keras_backend(cfg.keras_backend)
+    # keras: imported only now, after the configured backend is chosen
+    from embbench.toptune import keras_model as K
+    from embbench.toptune import search as S
+
     setup_mlflow(cfg.tracking_uri, cfg.experiment)
 
     base = toptune_dir(dataset, model)
@@ -530,8 +355,8 @@ def toptune_cell(
         shutil.rmtree(out_dir)
 
     # ---- search (resumable) ----
-    hypermodel = K.MLPHyperModel(K.SearchSpace(**cfg.search_space()), data.dim, len(data.classes))
-    tuner = K.make_tuner(
+    hypermodel = K.MLPHyperModel(SearchSpace(**cfg.search_space()), data.dim, len(data.classes))
+    tuner = S.make_tuner(
         hypermodel,
         directory=base,
         project_name=f"search-{skey}",
@@ -540,7 +365,7 @@ def toptune_cell(
         seed=cfg.seed,
         overwrite=cfg.overwrite == "always",
     )
-    resumed = K.completed_trials(tuner)
+    resumed = S.completed_trials(tuner)
     x_val, y_val = data.x[VAL][data.seen(VAL)], data.y[VAL][data.seen(VAL)]
     x_tr, y_tr = data.x[TRAIN], data.y[TRAIN]
     t0 = time.perf_counter()
@@ -560,7 +385,7 @@ def toptune_cell(
         resumed,
         tuner.project_dir,
     )
-    n_new = K.run_search(
+    n_new = S.run_search(
         tuner,
         x_tr,
         y_tr,
@@ -571,11 +396,11 @@ def toptune_cell(
         seed=cfg.seed,
     )
     tuner_wall = time.perf_counter() - t0
-    trials = K.trial_summaries(tuner)
+    trials = S.trial_summaries(tuner)
 
     # ---- final training from the best checkpoint ----
     t0 = time.perf_counter()
-    final_model, final = K.train_final(
+    final_model, final = S.train_final(
         tuner,
         x_tr,
         y_tr,
@@ -594,7 +419,7 @@ def toptune_cell(
     test_seen = data.seen(TEST)
     probs = K.predict(final_model, data.x[TEST])
     pred = data.classes[np.argmax(probs, axis=1)] if len(probs) else data.labels[TEST][:0]
-    classification, cm_path = _classification(data, pred, test_seen, out_dir)
+    classification, cm_path = test_classification(data, pred, test_seen, out_dir)
 
     # ---- top-tuned embeddings of every split -> cache ----
     embed_model = K.embedding_model(final_model)
@@ -620,7 +445,7 @@ def toptune_cell(
     n_zero: dict[str, int] = {}
     for split, es in sets.items():
         vectors = K.predict(embed_model, data.x[split])
-        n_zero[split] = _fill_zero_rows(vectors, f"{model} on {dataset}/{split}")
+        n_zero[split] = fill_zero_rows(vectors, f"{model} on {dataset}/{split}")
         identity = {
             "source_cache": keys[split],
             "toptune": chash,
@@ -705,57 +530,13 @@ def toptune_cell(
     )
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_metrics(
-            {f"retrieval_{_metric_key(k)}": float(v) for k, v in record["metrics"].items()}
+            {f"retrieval_{metric_key(k)}": float(v) for k, v in record["metrics"].items()}
         )
         if pretrained:
             mlflow.log_metrics(
-                {f"pretrained_{_metric_key(k)}": float(v) for k, v in pretrained.items()}
+                {f"pretrained_{metric_key(k)}": float(v) for k, v in pretrained.items()}
             )
     return record
-
-
-def _fill_zero_rows(vectors: np.ndarray, where: str) -> int:
-    """Give all-zero top-tuned rows a fixed direction; return how many there were.
-
-    A ReLU-like last hidden layer can output exactly zero for an input (all units inactive): such
-    a vector has no direction, cannot be L2-normalised and the retrieval code rejects it. Those
-    rows become the constant unit vector (equidistant from nothing in particular, the same for
-    every such item) and are counted in the record (``n_zero_embeddings``).
-    """
-    zero = ~np.any(vectors != 0, axis=1)
-    n = int(zero.sum())
-    if n:
-        logger.warning(
-            "top-tuned embeddings of %s: %d of %d row(s) are all zeros (no active unit in the "
-            "last hidden layer); they get a constant direction for retrieval",
-            where,
-            n,
-            len(vectors),
-        )
-        vectors[zero] = 1.0 / np.sqrt(vectors.shape[1])
-    return n
-
-
-def _metric_key(name: str) -> str:
-    return name.replace("@", "_at_")
-
-
-def _classification(
-    data: TopTuneData, pred: np.ndarray, seen: np.ndarray, out_dir: Path
-) -> tuple[dict, Path]:
-    """Test metrics on the items whose class exists in train; confusion matrix to ``out_dir``."""
-    from embbench.metrics import classification_metrics, confusion_matrix
-
-    y_true = data.labels[TEST][seen]
-    y_pred = pred[seen]
-    metrics = {k: float(v) for k, v in classification_metrics(y_true, y_pred).items()}
-    metrics["n_test"] = int(seen.sum())
-    metrics["n_test_unseen_class"] = int((~seen).sum())
-    matrix, order = confusion_matrix(y_true, y_pred, labels=data.classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "confusion_matrix.npz"
-    np.savez_compressed(path, matrix=matrix, labels=np.asarray(order).astype(str))
-    return metrics, path
 
 
 def _log_search(
@@ -817,12 +598,6 @@ def _log_search(
         return parent.info.run_id
 
 
-def _collection_name(text: str) -> str:
-    """A valid Milvus collection name part: letters, digits, underscores, a letter first."""
-    name = "".join(ch if ch.isascii() and (ch.isalnum() or ch == "_") else "_" for ch in text)
-    return name if name[:1].isalpha() else f"c_{name}"
-
-
 def _log_series(run_id: str, series: Mapping[str, list[float]], prefix: str = "") -> None:
     """Log per-epoch values as metric steps in few batched calls (not one call per value)."""
     from mlflow import MlflowClient
@@ -872,15 +647,15 @@ def _pretrained_baseline(
     from embbench.embed_stage import evaluate_embeddings
 
     result = evaluate_embeddings(
-        _l2_normalize(query.vectors),
-        _l2_normalize(index.vectors),
+        l2_normalize_rows(query.vectors),
+        l2_normalize_rows(index.vectors),
         query_labels=query.labels(cat.items, plan["label"]),
         index_labels=index.labels(cat.items, plan["label"]),
         protocol=plan["protocol"],
         k=cfg.k,
         backend=cfg.backend,
         milvus_uri=cfg.milvus_uri,
-        collection=_collection_name(f"{dataset}_{model}_toptune_baseline"),
+        collection=collection_name(dataset, model, "toptune_baseline"),
     )
     return {k: float(v) for k, v in result.summary.items()}, "computed by 03_toptune"
 
@@ -963,138 +738,13 @@ def pretrained_vs_toptuned(results: pd.DataFrame, metric: str = "mMP@5") -> pd.D
     )
 
 
-# ---- using a top-tuned model (cross-top-tuning) -----------------------------------------------
-@dataclass
-class TopTunedModel:
-    """A saved top-tuning MLP, used as an embedding head.
-
-    Attributes:
-        path: The ``model.keras`` file.
-        source_model: The embedding model whose (pretrained) vectors it takes.
-        source_dataset: The dataset it was top-tuned on.
-        label: The label it classifies.
-        classes: Class index -> label value.
-        input_dim: Expected input dimension.
-        embed_dim: Output (last hidden layer) dimension.
-        meta: Everything in ``toptune.json`` (hyperparameters, versions, hashes).
-    """
-
-    path: Path
-    source_model: str
-    source_dataset: str
-    label: str
-    classes: list
-    input_dim: int
-    embed_dim: int
-    meta: dict
-    _model: Any = field(default=None, repr=False)
-    _embed: Any = field(default=None, repr=False)
-
-    def _check(self, vectors: np.ndarray) -> np.ndarray:
-        x = np.asarray(vectors, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.input_dim:
-            raise TopTuneError(
-                f"{self.path}: expects (n, {self.input_dim}) embeddings of "
-                f"{self.source_model!r}, got shape {x.shape}. Fix: feed embeddings of the same "
-                "model the MLP was top-tuned on."
-            )
-        return _l2_normalize(x)
-
-    def embed(self, vectors: np.ndarray) -> np.ndarray:
-        """Top-tuned embeddings (last hidden layer) of pretrained ``vectors``.
-
-        Args:
-            vectors: (n, input_dim) pretrained embeddings of ``source_model`` (raw; they are
-                L2-normalised here, as in training).
-
-        Returns:
-            (n, embed_dim) float32.
-        """
-        from embbench import _toptune_keras as K
-
-        return K.predict(self._embed, self._check(vectors))
-
-    def predict_labels(self, vectors: np.ndarray) -> np.ndarray:
-        """The classifier's predicted label for each of ``vectors``."""
-        from embbench import _toptune_keras as K
-
-        probs = K.predict(self._model, self._check(vectors))
-        return np.asarray(self.classes, dtype=object)[np.argmax(probs, axis=1)]
-
-
-def load_toptuned(record_or_path: Mapping[str, Any] | str | Path) -> TopTunedModel:
-    """Load a top-tuned MLP for use as an embedding head (e.g. cross-top-tuning).
-
-    Args:
-        record_or_path: A top-tuning result record (dict, or the path of its JSON), a
-            ``model.keras`` path, or its folder.
-
-    Returns:
-        The model with ``.embed(vectors)`` and its source (model, dataset, label).
-
-    Raises:
-        TopTuneError: Nothing loadable there (naming the path and how to produce it).
-    """
-    if isinstance(record_or_path, Mapping):
-        record = record_or_path
-        if "toptune_model_path" not in record:
-            raise TopTuneError(
-                f"record of stage {record.get('stage')!r} ({record.get('model')} on "
-                f"{record.get('dataset')}) has no toptune_model_path; pass a 03_toptune record"
-            )
-        path = Path(record["toptune_model_path"])
-    else:
-        path = Path(record_or_path)
-        if path.suffix == ".json" and path.is_file():
-            data = json.loads(path.read_text())
-            if "toptune_model_path" in data:
-                path = Path(data["toptune_model_path"])
-            else:
-                path = path.parent
-        if path.is_dir():
-            path = path / "model.keras"
-    meta_path = path.parent / "toptune.json"
-    if not path.is_file() or not meta_path.is_file():
-        raise TopTuneError(
-            f"no top-tuned model at {path} (with {meta_path.name} beside it). Fix: run "
-            "03_toptune for that model and dataset (its record's toptune_model_path says where "
-            "the model is)."
-        )
-    meta = json.loads(meta_path.read_text())
-    K = _keras("auto")
-    keras_model = K.load_model(path)
-    return TopTunedModel(
-        path=path,
-        source_model=meta["source_model"],
-        source_dataset=meta["source_dataset"],
-        label=meta["label"],
-        classes=meta["classes"],
-        input_dim=int(meta["input_dim"]),
-        embed_dim=int(meta["embed_dim"]),
-        meta=meta,
-        _model=keras_model,
-        _embed=K.embedding_model(keras_model),
-    )
-
-
 __all__ = [
-    "AUTO_ORDER",
-    "KERAS_BACKENDS",
     "TopTuneConfig",
-    "TopTuneData",
-    "TopTuneError",
-    "TopTunedModel",
     "cell_hash",
-    "installed_backends",
-    "load_toptuned",
-    "prepare_data",
     "pretrained_vs_toptuned",
-    "required_splits",
     "result_row",
     "run_toptune",
     "search_key",
     "toptune_cell",
-    "toptune_dir",
     "trials_table",
-    "use_keras_backend",
 ]

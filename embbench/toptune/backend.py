@@ -1,9 +1,10 @@
 """Choose Keras 3's backend for top-tuning, before anything imports keras.
 
 Keras reads ``KERAS_BACKEND`` once, when it is first imported, and cannot switch afterwards. So
-:func:`use_keras_backend` sets the variable and must run before ``import keras``;
-``embbench.toptune`` calls it first thing in every entry point, and ``embbench._toptune_keras``
-(the only module that imports keras) calls it at its top.
+:func:`use_keras_backend` sets the variable and must run before ``import keras``; stage 03
+(:mod:`embbench.toptune_stage`) calls it first thing in every entry point, and
+:mod:`embbench.toptune.keras_model` and :mod:`embbench.toptune.search` (the only modules that
+import keras) call it at their top.
 
 ``auto`` takes ``KERAS_BACKEND`` when the user set it, otherwise the first installed backend of
 :data:`AUTO_ORDER`. The order comes from ``benchmarks/bench_toptune.py`` (an MLP on 100k x 768
@@ -22,6 +23,15 @@ import os
 import sys
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AUTO_ORDER",
+    "KERAS_BACKENDS",
+    "TopTuneError",
+    "active_keras_backend",
+    "installed_backends",
+    "use_keras_backend",
+]
 
 KERAS_BACKENDS = ("tensorflow", "torch", "jax")
 # Fastest first, as measured by benchmarks/bench_toptune.py (numbers in its docstring).

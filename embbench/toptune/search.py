@@ -1,0 +1,249 @@
+"""The keras-tuner search of top-tuning and the final training of its best trial.
+
+Resumable: the tuner's state lives in a folder; an interrupted trial is run again, finished ones
+are kept, and a larger ``max_trials`` adds trials to the same search. Imports keras, so the
+backend must be chosen first (:func:`embbench.toptune.backend.use_keras_backend`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embbench.toptune.backend import use_keras_backend
+
+use_keras_backend("auto")  # no-op when the stage already chose one
+
+import keras  # noqa: E402
+import keras_tuner  # noqa: E402
+
+from embbench.toptune.keras_model import PREDICT_BATCH, MLPHyperModel, set_seed  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OBJECTIVE",
+    "best_trial",
+    "completed_trials",
+    "load_checkpoint",
+    "make_tuner",
+    "run_search",
+    "train_final",
+    "trial_summaries",
+]
+
+OBJECTIVE = "val_accuracy"  # trials are selected on the validation split's accuracy
+
+
+def make_tuner(
+    hypermodel: MLPHyperModel,
+    *,
+    directory: Path,
+    project_name: str,
+    max_trials: int,
+    executions_per_trial: int,
+    seed: int,
+    overwrite: bool = False,
+) -> keras_tuner.BayesianOptimization:
+    """A Bayesian-optimisation tuner whose state lives in ``directory/project_name``.
+
+    With ``overwrite=False`` an existing project is reloaded: finished trials are kept, an
+    interrupted one is run again, and only the remaining ``max_trials`` are new.
+    """
+    return keras_tuner.BayesianOptimization(
+        hypermodel,
+        objective=keras_tuner.Objective(OBJECTIVE, direction="max"),
+        max_trials=max_trials,
+        executions_per_trial=executions_per_trial,
+        seed=seed + 1,  # keras-tuner treats seed 0 as "no seed" (random)
+        directory=str(directory),
+        project_name=project_name,
+        overwrite=overwrite,
+        max_consecutive_failed_trials=3,
+    )
+
+
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Exclude the objects that exist now from garbage collection while the search runs.
+
+    keras-tuner calls ``gc.collect()`` (twice) before building each trial's model; in a process
+    holding torch, pandas, MLflow... that full collection took ~0.7 s each on 2 cores. Frozen
+    objects are still freed by reference counting; they are unfrozen afterwards.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def completed_trials(tuner: keras_tuner.Tuner) -> int:
+    """How many trials of the tuner's project have finished."""
+    return sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values())
+
+
+def run_search(
+    tuner: keras_tuner.Tuner,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> int:
+    """Run (or resume) the search; return how many trials finished in this call.
+
+    The arrays are passed by reference to every trial: the embeddings are never re-read.
+    """
+    before = completed_trials(tuner)
+    set_seed(seed)
+    with _gc_frozen():
+        tuner.search(
+            x_train,
+            y_train,
+            validation_data=(x_val, y_val),
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            verbose=0,
+        )
+    return completed_trials(tuner) - before
+
+
+def trial_summaries(tuner: keras_tuner.Tuner) -> list[dict]:
+    """One dict per trial: id, status, score (mean best val accuracy), hyperparameters, metrics.
+
+    ``history`` maps each metric to its per-epoch mean over the trial's executions.
+    """
+    out = []
+    for trial_id in sorted(tuner.oracle.trials):
+        trial = tuner.oracle.trials[trial_id]
+        metrics, history = {}, {}
+        for name in trial.metrics.metrics:
+            best = trial.metrics.get_best_value(name)
+            if best is not None:
+                metrics[name] = float(best)
+            history[name] = [float(np.mean(obs.value)) for obs in trial.metrics.get_history(name)]
+        out.append(
+            {
+                "trial_id": trial_id,
+                "status": trial.status,
+                "score": None if trial.score is None else float(trial.score),
+                "best_step": trial.best_step,
+                "hyperparameters": dict(trial.hyperparameters.values),
+                "metrics": metrics,
+                "history": history,
+            }
+        )
+    return out
+
+
+def best_trial(tuner: keras_tuner.Tuner):
+    """The completed trial with the highest validation accuracy."""
+    best = tuner.oracle.get_best_trials(1)
+    if not best:
+        raise RuntimeError(
+            f"keras-tuner finished no trial in {tuner.project_dir}; see the errors above"
+        )
+    return best[0]
+
+
+def load_checkpoint(tuner: keras_tuner.Tuner, trial) -> keras.Model:
+    """The trial's model at its best epoch, optimizer state included.
+
+    keras-tuner's own ``load_model`` skips the optimizer's variables (it does not build the
+    optimizer first), so continued training would restart the optimizer from scratch.
+    """
+    model = tuner.hypermodel.build(trial.hyperparameters)
+    model.optimizer.build(model.trainable_variables)
+    path = Path(tuner.get_trial_dir(trial.trial_id)) / "checkpoint.weights.h5"
+    if not path.is_file():
+        raise RuntimeError(
+            f"trial {trial.trial_id} of {tuner.project_dir} has no checkpoint {path}; "
+            "delete that folder to search again"
+        )
+    model.load_weights(path)
+    return model
+
+
+def train_final(
+    tuner: keras_tuner.Tuner,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int,
+    patience: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[keras.Model, dict]:
+    """Continue the best trial from its best-epoch checkpoint, early-stopping on val loss.
+
+    The model ends with the weights of its lowest validation loss, the checkpoint's included
+    (never worse on val loss than where it started).
+
+    Returns:
+        The model and facts about the run (epochs run, best epoch, val loss/accuracy before and
+        after, history).
+    """
+    trial = best_trial(tuner)
+    model = load_checkpoint(tuner, trial)
+    set_seed(seed)
+    loss0, acc0 = model.evaluate(x_val, y_val, batch_size=PREDICT_BATCH, verbose=0)
+    info: dict[str, Any] = {
+        "best_trial": trial.trial_id,
+        "checkpoint_val_loss": float(loss0),
+        "checkpoint_val_accuracy": float(acc0),
+        "epochs_run": 0,
+        "best_epoch": 0,
+        "history": {},
+    }
+    if epochs <= 0:
+        info.update(val_loss=float(loss0), val_accuracy=float(acc0))
+        return model, info
+    start = [w.copy() for w in model.get_weights()]
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True
+    )
+    t0 = time.perf_counter()
+    hist = model.fit(
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        callbacks=[stop],
+        verbose=0,
+    )
+    val_loss = [float(v) for v in hist.history["val_loss"]]
+    finite = [v for v in val_loss if math.isfinite(v)]
+    best = min(finite) if finite else math.inf
+    if not best < loss0:
+        model.set_weights(start)  # continuing never beat the checkpoint: keep the checkpoint
+        best_epoch = 0
+    else:
+        best_epoch = int(np.nanargmin(np.where(np.isfinite(val_loss), val_loss, np.nan))) + 1
+    loss, acc = model.evaluate(x_val, y_val, batch_size=PREDICT_BATCH, verbose=0)
+    info.update(
+        epochs_run=len(val_loss),
+        best_epoch=best_epoch,
+        val_loss=float(loss),
+        val_accuracy=float(acc),
+        fit_wall_s=round(time.perf_counter() - t0, 3),
+        history={k: [float(v) for v in vs] for k, vs in hist.history.items()},
+    )
+    return model, info
