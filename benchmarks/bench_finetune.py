@@ -1,6 +1,6 @@
 """Fine-tuning throughput: the full training pipeline vs the bare step on pre-made tensors.
 
-Full pipeline (what ``embbench.finetune`` runs): a DataLoader decoding JPEGs in worker
+Full pipeline (what ``embbench.stages.finetune`` runs): a DataLoader decoding JPEGs in worker
 processes, the recipe's augmentation (random-resized crop, flip, RandAugment), repeated-
 augmentation sampling, mixup/CutMix, then forward, backward and the LAMB step, for one whole
 epoch (every batch is produced inside the timed window, so prefetching cannot hide its cost).
@@ -30,9 +30,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-import embbench.embed_stage as embed_stage  # noqa: E402
+import embbench.cells as embed_stage  # noqa: E402
 from embbench.demo import make_demo_catalogue  # noqa: E402
-from embbench.finetune import FinetuneConfig, make_trainer, plan_cell  # noqa: E402
+from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell  # noqa: E402
 from embbench.train import FineTuner  # noqa: E402
 
 

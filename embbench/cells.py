@@ -37,6 +37,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from embbench._registry import UnknownNameError
+from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
 from embbench._utils import metric_key, stable_hash
 from embbench.cache import EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
@@ -257,6 +258,7 @@ class CellEngine:
         self._backend = backend
         self._owns_backend = backend is None
         self.inputs: dict[str, CellInputs] = {}
+        self.dist = DistInfo()
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, cells: Sequence[Cell]) -> None:
@@ -337,14 +339,23 @@ class CellEngine:
         """
         from embbench.tracking import setup_mlflow
 
+        # under torchrun every rank runs the grid; rank 0 loads first (it may generate the demo
+        # catalogue), logs, locks and records, the others join the collective work of produce
+        self.dist = init_distributed(resolve_device(self.cfg.device))
         cells = [c for c in self.steps.grid() if select is None or select(c)]
-        self.validate(cells)
-        setup_mlflow(self.cfg.tracking_uri, self.cfg.experiment)
+        if self.dist.is_main:
+            self.validate(cells)
+            setup_mlflow(self.cfg.tracking_uri, self.cfg.experiment)
+        barrier(self.dist)
+        if not self.dist.is_main:
+            self.validate(cells)
         records = []
         try:
             for i, cell in enumerate(cells, 1):
                 logger.info("[%d/%d] %s", i, len(cells), cell)
-                records.append(self.run_cell(cell))
+                record = self.run_cell(cell)
+                if record is not None:
+                    records.append(record)
         finally:
             if self._owns_backend and self._backend is not None:
                 self._backend.close()
@@ -362,15 +373,22 @@ class CellEngine:
             }
         )
 
-    def run_cell(self, cell: Cell) -> ResultRecord:
+    def run_cell(self, cell: Cell) -> ResultRecord | None:
         """Run one cell (or read it back when finished and ``overwrite`` is ``never``).
 
         The cell's lock is held from the skip check to the record, so two runs of the same
-        grid never compute (or log) one cell twice: the second waits, then skips it.
+        grid never compute (or log) one cell twice: the second waits, then skips it. Under
+        torchrun, ranks other than 0 only take part in ``produce`` and return ``None``.
         """
         inputs = self.inputs_for(cell.dataset)
         chash = self.cell_hash(cell, inputs)
         path = self.store.path(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+        if not self.dist.is_main:
+            done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+            if done is None or self.cfg.overwrite == "always":
+                self.steps.produce(cell, inputs)
+            barrier(self.dist)
+            return None
         with hold_lock(path.with_name(path.name + ".lock"), str(cell)):
             done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
             if done is not None and self.cfg.overwrite == "never":
@@ -386,6 +404,7 @@ class CellEngine:
                 record.mlflow_run_id = run.info.run_id
                 self._log(record, produced)
                 self.store.save(record, per_query)
+        barrier(self.dist)
         logger.info("done %s in %.1f s: %s (record %s)", cell, record.timings.wall_s or 0.0,
                     ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()), path)
         return record

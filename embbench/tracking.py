@@ -217,9 +217,15 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_params(params: Mapping[str, Any]) -> None:
-    """Log flattened params (lists as JSON, long values truncated with a note)."""
+def log_params(params: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Log flattened params (lists as JSON, long values truncated with a note).
+
+    Args:
+        params: Nested mapping; keys are flattened to ``a.b``.
+        run_id: The run to log into (default: the active run).
+    """
     import mlflow
+    from mlflow.entities import Param
 
     flat = flatten(params)
     clean = {}
@@ -227,18 +233,29 @@ def log_params(params: Mapping[str, Any]) -> None:
         _check_no_secret(key)
         text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
         clean[key] = text if len(text) <= 6000 else text[:5980] + "...(truncated)"
-    for i in range(0, len(clean), 100):
-        mlflow.log_params(dict(list(clean.items())[i : i + 100]))
+    items = list(clean.items())
+    for i in range(0, len(items), 100):
+        if run_id is None:
+            mlflow.log_params(dict(items[i : i + 100]))
+        else:
+            mlflow.MlflowClient().log_batch(
+                run_id, params=[Param(k, v) for k, v in items[i : i + 100]]
+            )
 
 
-def log_json_artifact(obj: Any, name: str, artifact_path: str | None = None) -> None:
-    """Log ``obj`` as JSON file ``name`` into the active run's artifacts."""
+def log_json_artifact(
+    obj: Any, name: str, artifact_path: str | None = None, run_id: str | None = None
+) -> None:
+    """Log ``obj`` as JSON file ``name`` into a run's artifacts (default: the active run)."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        if run_id is None:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 @contextmanager

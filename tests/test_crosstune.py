@@ -12,19 +12,19 @@ import dataclasses
 import mlflow
 import pytest
 
-import embbench.embed_stage as embed_stage
+import embbench.cells as embed_stage
+from embbench.cells import GridError
 from embbench.config import ConfigError
-from embbench.crosstune import (
+from embbench.demo import make_demo_catalogue
+from embbench.records import ResultStore
+from embbench.stages.crosstune import (
     CROSS_TOP_TUNED,
     CROSS_TUNED,
     CrosstuneConfig,
-    CrosstuneError,
     delta_matrix,
     grid,
     run_crosstune,
 )
-from embbench.demo import make_demo_catalogue
-from embbench.results import ResultStore
 
 BASE = dict(models=["test_resnet"], weights="random", batch_size=8, num_workers=0, backend="exact")
 
@@ -61,7 +61,7 @@ def test_grid_is_sources_times_targets_without_the_diagonal():
         models=["m"], finetuned_on=["a", "b"], toptuned_on=["a"], datasets=["a", "b", "c"]
     )
     cells = grid(cfg)
-    assert [(c["mode"], c["source"], c["target"]) for c in cells] == [
+    assert [(c.mode, c.source, c.dataset) for c in cells] == [
         (CROSS_TUNED, "b", "a"),
         (CROSS_TUNED, "a", "b"),
         (CROSS_TOP_TUNED, "a", "b"),
@@ -76,7 +76,7 @@ def test_grid_is_sources_times_targets_without_the_diagonal():
 
 def test_missing_sources_name_the_stage_to_run(use_demos):
     cfg = CrosstuneConfig(**BASE, finetuned_on=["demo"], toptuned_on=["demo"], datasets=["demo_b"])
-    with pytest.raises(CrosstuneError) as err:
+    with pytest.raises(GridError) as err:
         run_crosstune(cfg)
     text = str(err.value)
     assert "02_finetune models=[test_resnet] datasets=[demo] recipe=A2" in text
@@ -87,8 +87,8 @@ def test_missing_sources_name_the_stage_to_run(use_demos):
 
 @pytest.mark.slow
 def test_cross_tuned_and_cross_top_tuned_cells_give_deltas(use_demos):
-    from embbench.finetune import FinetuneConfig, run_finetune
-    from embbench.toptune_stage import TopTuneConfig, run_toptune
+    from embbench.stages.finetune import FinetuneConfig, run_finetune
+    from embbench.stages.toptune import TopTuneConfig, run_toptune
 
     run_finetune(
         FinetuneConfig(
@@ -121,15 +121,16 @@ def test_cross_tuned_and_cross_top_tuned_cells_give_deltas(use_demos):
         assert 0 <= row["mMP@5"] <= 1 and 0 <= row["pretrained_mMP@5"] <= 1
         assert row["delta_mMP@5"] == pytest.approx(row["mMP@5"] - row["pretrained_mMP@5"])
     store = ResultStore()
-    baseline = [r for r in store.records("embed") if r["dataset"] == "demo_b"]
-    assert len(baseline) == 1 and baseline[0]["mode"] == "pretrained"  # computed when missing
-    records = {r["mode"]: r for r in store.records("crosstune")}
-    assert records[CROSS_TUNED]["source_dataset"] == "demo"
-    assert records[CROSS_TUNED]["finetuned_model"] == "test_resnet_ft_demo_a2"
-    assert records[CROSS_TUNED]["weights_used"]["kind"] == "checkpoint"
-    assert records[CROSS_TOP_TUNED]["tuned_on"] == "demo"
-    assert records[CROSS_TOP_TUNED]["embed_dim"] == 16  # the MLP's last hidden layer
-    run = mlflow.get_run(records[CROSS_TUNED]["mlflow_run_id"])
+    records = {r.mode: r for r in store.records("crosstune")}
+    ct, ctt = records[CROSS_TUNED], records[CROSS_TOP_TUNED]
+    assert ct.tuned_on == "demo" and ct.lineage.finetuned_on == "demo"
+    assert ct.details["finetuned_model"] == "test_resnet_ft_demo_a2"
+    assert ct.lineage.weights_kind == "checkpoint"
+    # the fine-tuning started from random weights: visible in the cross-tuned record too
+    assert ct.lineage.finetune_start == "random" and "from random init" in ct.lineage.describe()
+    assert ctt.lineage.toptuned_on == "demo" and ctt.tuned_on == "demo"
+    assert ctt.embed_dim == 16  # the MLP's last hidden layer
+    run = mlflow.get_run(ct.mlflow_run_id)
     assert run.data.tags["source_dataset"] == "demo" and "delta_mMP_at_5" in run.data.metrics
     matrix = delta_matrix(table, CROSS_TUNED)
     assert matrix.loc["demo", "demo_b"] == pytest.approx(table["delta_mMP@5"].iloc[0])

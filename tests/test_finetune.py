@@ -15,23 +15,19 @@ import pandas as pd
 import pytest
 import torch
 
-import embbench.embed_stage as embed_stage
-import embbench.finetune as ft
+import embbench.cells as embed_stage
+import embbench.stages.finetune as ft
 import embbench.train.trainer as trainer_mod
 from embbench.catalogue import Catalogue
 from embbench.demo import make_demo_catalogue
-from embbench.finetune import (
-    FinetuneConfig,
-    FinetuneError,
-    build_trainable,
+from embbench.models.finetuned import (
     finetuned_index_path,
-    make_trainer,
-    plan_cell,
     read_finetuned_index,
     register_finetuned_models,
-    run_finetune,
 )
-from embbench.results import ResultStore
+from embbench.records import ResultStore
+from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell, run_finetune
+from embbench.train import FinetuneError, build_trainable
 from embbench.train.recipes import RECIPES, get_recipe, resolve_recipe, scale_lr
 
 TINY = dict(
@@ -221,8 +217,12 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
     assert 0 <= row["mMP@5"] <= 1 and 0 <= row["val_accuracy"] <= 1
     assert {"test_accuracy", "test_f1_macro", "test_precision_weighted"} <= set(table.columns)
     record = ResultStore().records("finetune")[0]
-    assert record["mode"] == "fine-tuned" and record["classification"]["accuracy"] >= 0
-    assert record["weights_used"]["kind"] == "checkpoint"
+    assert record.mode == "fine-tuned" and record.classification["accuracy"] >= 0
+    assert record.lineage.weights_kind == "checkpoint"
+    # the training started from random weights, and the record says so in words
+    assert record.lineage.finetune_start == "random" and record.lineage.finetuned_on == "demo"
+    assert "from random init" in record.lineage.describe()
+    assert set(record.pretrained_metrics) == set(record.metrics)  # baseline on the same data
 
     # the model is registered in MLflow's registry and its training run is finished
     versions = mlflow.MlflowClient().search_model_versions("name='test_resnet_ft_demo_a2'")
@@ -292,8 +292,7 @@ def test_building_blocks_import_no_stage():
     import sys
     from pathlib import Path
 
-    stages = {"embbench.finetune", "embbench.toptune_stage", "embbench.embed_stage",
-              "embbench.crosstune", "embbench.stages", "embbench.config"}
+    stages = {"embbench.stages", "embbench.cells", "embbench.config"}
     root = Path(__file__).resolve().parent.parent / "embbench"
     for pkg in ("train", "toptune"):
         for path in (root / pkg).glob("*.py"):

@@ -22,21 +22,22 @@ import pytest
 
 from embbench.cache import EmbeddingCache
 from embbench.catalogue import Catalogue
+from embbench.cells import run_grid
 from embbench.config import ConfigError
-from embbench.results import ResultStore
+from embbench.records import ResultStore
+from embbench.stages.toptune import (
+    TopTuneConfig,
+    TopTuneSteps,
+    pretrained_vs_toptuned,
+    result_row,
+    trials_table,
+)
 from embbench.toptune import (
     TopTuneError,
     load_toptuned,
     prepare_data,
     required_splits,
     use_keras_backend,
-)
-from embbench.toptune_stage import (
-    TopTuneConfig,
-    pretrained_vs_toptuned,
-    result_row,
-    toptune_cell,
-    trials_table,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,10 +82,41 @@ def synthetic(
     return cat, sets
 
 
+class SyntheticPretrained:
+    """Stands in for a model's pretrained embedder: the synthetic cached embeddings."""
+
+    def __init__(self, sets):
+        self.sets = sets
+
+    def __call__(self, model):
+        return SimpleNamespace(spec=SPEC, weights_used={"kind": "synthetic"})
+
+    def embed(self, model, inputs, splits):
+        return {s: self.sets[s] for s in sorted(set(splits))}
+
+    def cache_keys(self, model, inputs, splits):
+        return {s: self.sets[s].meta.get("key") for s in sorted(set(splits))}
+
+
+def toptune_synthetic(cfg, cat, sets, store=None):
+    """One stage-03 cell through the cell engine, on the synthetic catalogue and embeddings."""
+    import embbench.cells as cells
+
+    load = cells.load_catalogue
+    cells.load_catalogue = lambda *a, **k: cat
+    try:
+        steps = TopTuneSteps(cfg)
+        steps.pretrained = SyntheticPretrained(sets)
+        (record,) = run_grid(cfg, steps, store=store)
+    finally:
+        cells.load_catalogue = load
+    return record
+
+
 def tiny_cfg(**overrides) -> TopTuneConfig:
     values = dict(
-        models=["fake"],
-        datasets=["synth"],
+        models=["test_resnet"],
+        datasets=["demo"],
         backend="exact",
         max_trials=2,
         executions_per_trial=1,
@@ -289,63 +321,58 @@ def test_toptune_cell_end_to_end(tmp_path):
     cat, sets = synthetic()
     cfg = tiny_cfg()
     store = ResultStore()
-    record = toptune_cell(
-        cfg, model="fake", dataset="synth", cat=cat, plan=PLAN, sets=sets, spec=SPEC,
-        weights_used={"kind": "synthetic"}, store=store,
-    )
+    record = toptune_synthetic(cfg, cat, sets, store)
+    d = record.details
     # classification: 6 classes, chance = 1/6; top-tuning must be far above it
-    acc = record["classification"]["accuracy"]
-    assert acc > 5 * (1 / 6), record["classification"]
-    assert set(record["classification"]) >= {
+    acc = record.classification["accuracy"]
+    assert acc > 5 * (1 / 6), record.classification
+    assert set(record.classification) >= {
         "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
         "recall_weighted", "f1_weighted",
     }
-    cm = np.load(record["confusion_matrix_path"])
+    cm = np.load(d["confusion_matrix_path"])
     assert cm["matrix"].shape == (6, 6) and cm["matrix"].sum() == 30
     # MLP shape within the configured range, embedding = last hidden layer
-    assert 2 <= record["hidden_layers"] <= 3
-    hp = record["best_hyperparameters"]
-    assert record["hidden_layers"] == hp["hidden_layers"]
+    assert 2 <= d["hidden_layers"] <= 3
+    hp = d["best_hyperparameters"]
+    assert d["hidden_layers"] == hp["hidden_layers"]
     last_units = hp[f"units_{hp['hidden_layers']}"]
     # top-tuned retrieval metrics through the shared retrieval code, beside the baseline
-    assert set(record["metrics"]) == {"mMP@5", "mR@1", "MAP@5", "MRR@5", "NDCG@5"}
-    assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
-    assert set(record["pretrained_metrics"]) == set(record["metrics"])
-    assert record["pretrained_source"] == "computed by 03_toptune"
-    assert record["mode"] == "top-tuned" and record["stage"] == "toptune"
+    assert set(record.metrics) == {"mMP@5", "mR@1", "MAP@5", "MRR@5", "NDCG@5"}
+    assert all(0.0 <= v <= 1.0 for v in record.metrics.values())
+    assert set(record.pretrained_metrics) == set(record.metrics)
+    assert record.mode == "top-tuned" and record.stage == "toptune"
+    assert record.lineage.toptuned_on == "demo" and record.lineage.weights_kind == "synthetic"
     for split in SPLITS:
-        tt = np.load(Path(record["toptuned_caches"][split]) / "vectors.npy")
+        tt = np.load(Path(d["toptuned_caches"][split]) / "vectors.npy")
         assert tt.shape == (len(sets[split].vectors), last_units)
     # the saved model reproduces the cached top-tuned embeddings (cross-top-tuning entry point)
-    head = load_toptuned(record)
-    assert (head.source_model, head.source_dataset, head.label) == ("fake", "synth", "label")
-    tt_test = np.load(Path(record["toptuned_caches"]["test"]) / "vectors.npy")
+    head = load_toptuned(Path(d["toptune_model_path"]).parent)
+    assert (head.source_model, head.source_dataset, head.label) == ("test_resnet", "demo",
+                                                                     "label")
+    tt_test = np.load(Path(d["toptuned_caches"]["test"]) / "vectors.npy")
     np.testing.assert_allclose(head.embed(np.asarray(sets["test"].vectors)), tt_test, atol=1e-5)
-    assert load_toptuned(Path(record["toptune_model_path"]).parent).embed_dim == last_units
+    assert head.embed_dim == last_units
     with pytest.raises(TopTuneError, match=r"expects \(n, 24\)"):
         head.embed(np.zeros((3, 7), np.float32))
-    # MLflow: a parent run, one child per trial plus the retrieval run
-    parent = record["mlflow_parent_run_id"]
+    # MLflow: the cell's one run holds the search, with one child run per trial
+    parent = record.mlflow_run_id
     children = mlflow.search_runs(
         filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list",
         search_all_experiments=True,
     )
-    kinds = sorted(r.data.tags.get("run_kind", "retrieval") for r in children)
-    assert kinds == ["retrieval"] + ["trial"] * record["n_trials"]
+    assert sorted(r.data.tags["run_kind"] for r in children) == ["trial"] * d["n_trials"]
     parent_run = mlflow.get_run(parent)
     assert parent_run.data.metrics["test_accuracy"] == pytest.approx(acc)
-    assert "retrieval_mMP_at_5" in parent_run.data.metrics
+    assert {"mMP_at_5", "pretrained_mMP_at_5"} <= set(parent_run.data.metrics)
     # a rerun with the same config reads the record back
-    again = toptune_cell(
-        cfg, model="fake", dataset="synth", cat=cat, plan=PLAN, sets=sets, spec=SPEC,
-        weights_used={"kind": "synthetic"}, store=store,
-    )
-    assert again["mlflow_run_id"] == record["mlflow_run_id"]
+    again = toptune_synthetic(cfg, cat, sets, store)
+    assert again.mlflow_run_id == record.mlflow_run_id
     # tables for the notebook
     results = pd.DataFrame([result_row(record)])
     assert results.loc[0, "accuracy"] == acc and "pretrained_mMP@5" in results
     trials = trials_table(results, store)
-    assert len(trials) == record["n_trials"] and trials["best_so_far"].is_monotonic_increasing
+    assert len(trials) == d["n_trials"] and trials["best_so_far"].is_monotonic_increasing
     long = pretrained_vs_toptuned(results)
     assert sorted(long["mode"]) == ["pretrained", "top-tuned"]
 
@@ -357,21 +384,19 @@ def test_tensorflow_backend_works(tmp_path):
         f"""
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_toptune import synthetic, tiny_cfg, PLAN, SPEC
+        from pathlib import Path
+        from test_toptune import synthetic, tiny_cfg, toptune_synthetic
         from embbench.toptune import load_toptuned
-        from embbench.toptune_stage import toptune_cell
         import numpy as np
         cat, sets = synthetic()
-        rec = toptune_cell(tiny_cfg(keras_backend="tensorflow"), model="fake", dataset="synth",
-                           cat=cat, plan=PLAN, sets=sets, spec=SPEC,
-                           weights_used={{"kind": "synthetic"}})
-        head = load_toptuned(rec)
+        rec = toptune_synthetic(tiny_cfg(keras_backend="tensorflow"), cat, sets)
+        head = load_toptuned(Path(rec.details["toptune_model_path"]).parent)
         # a timm/torchvision model after TensorFlow: triton must not crash the process
         from embbench.models import create_embedder
         create_embedder("test_resnet", weights="random")
         import keras
         print(json.dumps({{"backend": keras.backend.backend(), "acc":
-              rec["classification"]["accuracy"], "backend_rec": rec["keras_backend"],
+              rec.classification["accuracy"], "backend_rec": rec.details["keras_backend"],
               "dim": head.embed(np.asarray(sets["test"].vectors)).shape[1]}}))
         """
     )
@@ -390,8 +415,8 @@ def test_tensorflow_backend_works(tmp_path):
 # ---- the whole stage on the demo catalogue with a tiny model ------------------------------------
 @pytest.mark.slow
 def test_run_toptune_on_demo(small_demo, monkeypatch):
-    import embbench.embed_stage as stage
-    from embbench.toptune_stage import run_toptune
+    import embbench.cells as stage
+    from embbench.stages.toptune import run_toptune
 
     monkeypatch.setattr(stage, "load_catalogue", lambda *a, **k: small_demo)
     cfg = tiny_cfg(

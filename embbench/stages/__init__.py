@@ -3,8 +3,8 @@
 | notebook        | module                          | what it produces                           |
 |-----------------|---------------------------------|--------------------------------------------|
 | ``01_embed``    | :mod:`embbench.stages.embed`    | pretrained embeddings -> retrieval metrics |
-| ``02_finetune`` | :mod:`embbench.finetune`        | fine-tuned models -> retrieval metrics     |
-| ``03_toptune``  | :mod:`embbench.toptune_stage`   | top-tuned MLPs -> retrieval metrics        |
+| ``02_finetune`` | :mod:`embbench.stages.finetune` | fine-tuned models -> retrieval metrics     |
+| ``03_toptune``  | :mod:`embbench.stages.toptune`  | top-tuned MLPs -> retrieval metrics        |
 | ``04_crosstune``| :mod:`embbench.stages.crosstune`| tuned on A, scored on B                    |
 | ``05_analysis`` | :mod:`embbench.analysis`        | the paper's tables and figures, the report |
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from embbench import analysis, finetune, toptune  # noqa: F401  (register 05, 02, 03)
+from embbench import analysis  # noqa: F401  (registers 05_analysis)
 from embbench.cells import StageSteps
 from embbench.config import GridConfig, StageConfig, registered_stage, registered_stage_names
 from embbench.records import ResultStore
-from embbench.stages import crosstune, embed  # noqa: F401  (register 04, 01)
+from embbench.stages import crosstune, embed, finetune, toptune
 
 __all__ = ["config_for", "stage_names", "steps_for"]
 
@@ -38,6 +38,8 @@ def stage_names() -> list[str]:
 
 _STEPS: dict[str, Callable[[GridConfig, ResultStore], StageSteps]] = {
     "01_embed": lambda cfg, store: embed.EmbedSteps(cfg),
+    "02_finetune": lambda cfg, store: finetune.FinetuneSteps(cfg),
+    "03_toptune": lambda cfg, store: toptune.TopTuneSteps(cfg),
     "04_crosstune": lambda cfg, store: crosstune.CrosstuneSteps(cfg, store),
 }
 

@@ -9,7 +9,7 @@
 - :mod:`~embbench.toptune.model`: a saved MLP as an embedding head (:func:`load_toptuned`).
 
 Importing this package does not import keras (``keras_model`` and ``search`` do, and are
-imported only after :func:`use_keras_backend`). Stage 03 is :mod:`embbench.toptune_stage`.
+imported only after :func:`use_keras_backend`). Stage 03 is :mod:`embbench.stages.toptune`.
 """
 
 from __future__ import annotations

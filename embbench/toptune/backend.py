@@ -2,7 +2,7 @@
 
 Keras reads ``KERAS_BACKEND`` once, when it is first imported, and cannot switch afterwards. So
 :func:`use_keras_backend` sets the variable and must run before ``import keras``; stage 03
-(:mod:`embbench.toptune_stage`) calls it first thing in every entry point, and
+(:mod:`embbench.stages.toptune`) calls it first thing in every entry point, and
 :mod:`embbench.toptune.keras_model` and :mod:`embbench.toptune.search` (the only modules that
 import keras) call it at their top.
 

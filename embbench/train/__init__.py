@@ -9,8 +9,8 @@
 - :mod:`~embbench.train.checkpointing`: resumable checkpoints and the headless model.
 - :mod:`~embbench.train.tracking`: the MLflow run of one training.
 
-Nothing here knows about stages or their configs; stage 02 (:mod:`embbench.finetune`) plans the
-cells and calls these.
+Nothing here knows about stages or their configs; stage 02
+(:mod:`embbench.stages.finetune`) plans the cells and calls these.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ def start_run(
 ) -> str:
     """Reopen ``run_id`` when it still exists, else create a run in ``experiment``; its id.
 
+    The run is a child of the active run when there is one (the cell's run, opened by the
+    cell engine), and is written through the client, so it never disturbs the active run.
+
     Raises:
         FinetuneError: The experiment does not exist (:func:`embbench.tracking.setup_mlflow`
             creates it).
@@ -52,11 +55,12 @@ def start_run(
             f"MLflow experiment {experiment!r} does not exist; call "
             "embbench.tracking.setup_mlflow first (run_finetune does)"
         )
+    parent = mlflow.active_run()
+    if parent is not None:
+        tags = {**tags, "mlflow.parentRunId": parent.info.run_id}
     run = client.create_run(found.experiment_id, tags=tags, run_name=run_name)
     run_id = run.info.run_id
-    with mlflow.start_run(run_id=run_id):
-        log_params(params)
-    client.update_run(run_id, status="RUNNING")
+    log_params(params, run_id=run_id)
     return run_id
 
 
@@ -86,26 +90,24 @@ def finish_run(run_id: str, summary: dict, test: dict, *, model_path: Path, run_
         **{f"test_{k}": v for k, v in summary["classification"].items()},
     }
     client = mlflow.MlflowClient()
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_metric(
-            "val_accuracy", float(summary["val_accuracy"]), step=max(summary["epochs"] - 1, 0)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, run_id=run_id)
+    mlflow.log_metric("val_accuracy", float(summary["val_accuracy"]),
+                      step=max(summary["epochs"] - 1, 0), run_id=run_id)
+    log_json_artifact(summary, "summary.json", run_id=run_id)
+    client.log_artifact(run_id, str(model_path), artifact_path="headless")
+    if test["y_true"]:
+        matrix, order = confusion_matrix(test["y_true"], test["y_pred"])
+        rows, cols = np.nonzero(matrix)
+        cm = pd.DataFrame(
+            {
+                "true": [order[i] for i in rows],
+                "pred": [order[j] for j in cols],
+                "count": matrix[rows, cols],
+            }
         )
-        log_json_artifact(summary, "summary.json")
-        mlflow.log_artifact(str(model_path), artifact_path="headless")
-        if test["y_true"]:
-            matrix, order = confusion_matrix(test["y_true"], test["y_pred"])
-            rows, cols = np.nonzero(matrix)
-            cm = pd.DataFrame(
-                {
-                    "true": [order[i] for i in rows],
-                    "pred": [order[j] for j in cols],
-                    "count": matrix[rows, cols],
-                }
-            )
-            cm_path = run_dir / "confusion_matrix.csv"
-            cm.to_csv(cm_path, index=False)  # sparse: (true, pred, count) of non-zero cells
-            mlflow.log_artifact(str(cm_path))
+        cm_path = run_dir / "confusion_matrix.csv"
+        cm.to_csv(cm_path, index=False)  # sparse: (true, pred, count) of non-zero cells
+        client.log_artifact(run_id, str(cm_path))
     client.set_terminated(run_id, status="FINISHED")
 
 
