@@ -187,10 +187,12 @@ def load_catalogue(
     from embbench.datasets import create_catalogue, fetch_urls, list_datasets
 
     root = data_root.get(name) or None
-    public = name in list_datasets(public_only=True)
     options = dict(options or {})
     allow_private = bool(options.pop("allow_private", False))
-    cat = create_catalogue(name, root, label=None if public or not label else label, **options)
+    cat = create_catalogue(name, root, **options)
+    if label and label not in cat.label_columns and name not in list_datasets(public_only=True):
+        # a user's catalogue (a manifest) reads the label column it is asked for
+        cat = create_catalogue(name, root, label=label, **options)
     cat = cat.subset(max_images, seed=seed)
     if cat.items["path"].astype(str).str.match(r"^https?://").any():
         cat, report = fetch_urls(cat, progress=progress, allow_private=allow_private)
