@@ -537,8 +537,8 @@ def test_bootstrap_cache_reuses_unchanged_results(results, runs_env, tmp_path, m
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(an, "bootstrap_ci", boom)
-    monkeypatch.setattr(an, "paired_bootstrap_test", boom)
+    monkeypatch.setattr(an.stats, "bootstrap_ci", boom)
+    monkeypatch.setattr(an.stats, "paired_bootstrap_test", boom)
     again = an.BootstrapCache(tmp_path / "boot.json")
     second = an.add_confidence_intervals(results, loader, k=K, n_boot=200, cache=again)
     pd.testing.assert_frame_equal(first, second)
@@ -662,7 +662,7 @@ def test_figures_draw_from_synthetic_runs(results, runs_env):
     import matplotlib
 
     matplotlib.use("Agg")
-    from embbench import plots
+    from embbench.analysis import plots
 
     loader = an.PerQuery()
     res = an.add_confidence_intervals(results, loader, k=K, n_boot=50)
@@ -716,7 +716,7 @@ def test_pretrained_only_runs_give_notes_not_errors(tmp_path, monkeypatch, n_mod
     import matplotlib
 
     matplotlib.use("Agg")
-    from embbench import plots
+    from embbench.analysis import plots
 
     monkeypatch.setenv("EMBBENCH_RUNS", str(tmp_path))
     store = ResultStore(tmp_path / "results")
