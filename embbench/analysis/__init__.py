@@ -7,6 +7,8 @@ Modules, each one responsibility:
 - :mod:`~embbench.analysis.tables`: tables 2 and 3 and the data of figures 2-7.
 - :mod:`~embbench.analysis.guide`: the practical guide and its sentences.
 - :mod:`~embbench.analysis.plots`: the figures (seaborn).
+- :mod:`~embbench.analysis.gallery` and :mod:`~embbench.analysis.categories`: what the search
+  returns for sampled queries, scores per category, wrong top-1 confusion, disagreements.
 - :mod:`~embbench.analysis._stage`: the stage's config (``05_analysis``) and
   :func:`run_analysis`, which calls the others with explicit arguments.
 
@@ -26,7 +28,31 @@ from embbench.analysis._common import (
     MODES,
     TUNED_MODES,
 )
-from embbench.analysis._stage import Analysis, AnalysisConfig, run_analysis
+from embbench.analysis._stage import (
+    Analysis,
+    AnalysisConfig,
+    StakeholderViews,
+    run_analysis,
+    run_views,
+)
+from embbench.analysis.categories import (
+    breakdown_table,
+    category_breakdown,
+    category_confusion,
+    disagreement_table,
+    disagreements,
+)
+from embbench.analysis.gallery import (
+    Gallery,
+    GalleryError,
+    GallerySource,
+    build_gallery,
+    gallery_for_runs,
+    load_sources,
+    rank,
+    sample_queries,
+    top1_correct,
+)
 from embbench.analysis.guide import GUIDE_COLUMNS, guide_sentences, practical_guide
 from embbench.analysis.load import (
     BASELINE_STAGE,
@@ -67,33 +93,45 @@ from embbench.analysis.tables import (
 )
 
 __all__ = [
+    "Analysis",
+    "AnalysisConfig",
+    "AnalysisError",
     "BASELINE_STAGE",
+    "BootstrapCache",
     "CELL_KEY",
     "CROSS_MODES",
     "FAMILIES",
     "FAMILY_LABELS",
     "GUIDE_COLUMNS",
+    "Gallery",
+    "GalleryError",
+    "GallerySource",
     "IMPROVEMENT",
     "MEAN",
     "MODES",
     "MODE_LABELS",
-    "TUNED_MODES",
-    "Analysis",
-    "AnalysisConfig",
-    "AnalysisError",
-    "BootstrapCache",
     "PerQuery",
     "ResultsQuery",
+    "StakeholderViews",
+    "TUNED_MODES",
     "add_confidence_intervals",
     "aligned",
     "baseline_rows",
     "best_per_type",
+    "breakdown_table",
+    "build_gallery",
+    "category_breakdown",
+    "category_confusion",
     "ci_table",
     "cross_deltas",
+    "disagreement_table",
+    "disagreements",
+    "gallery_for_runs",
     "guide_sentences",
     "holm",
     "latest_only",
     "load_results",
+    "load_sources",
     "metric_correlation",
     "mlflow_records",
     "model_facts_table",
@@ -101,14 +139,18 @@ __all__ = [
     "paired_test",
     "paired_tests",
     "practical_guide",
+    "rank",
     "records_frame",
     "resolvable",
     "results_long",
     "run_analysis",
+    "run_views",
     "runs_summary",
+    "sample_queries",
     "strategy_costs",
     "table2",
     "table3",
+    "top1_correct",
     "tuning_effect",
     "weights_summary",
     "zscore_vs_size",

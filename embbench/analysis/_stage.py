@@ -15,9 +15,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
+from embbench.analysis.categories import (
+    best_pairs,
+    category_breakdown,
+    category_confusion,
+    disagreement_table,
+    disagreements,
+)
+from embbench.analysis.gallery import (
+    Gallery,
+    GallerySource,
+    build_gallery,
+    gallery_rows,
+    load_sources,
+)
 from embbench.analysis.guide import guide_sentences, practical_guide
 from embbench.analysis.load import BASELINE_STAGE, load_results
 from embbench.analysis.stats import (
@@ -36,6 +51,7 @@ from embbench.analysis.tables import (
     table3,
     tuning_effect,
 )
+from embbench.catalogue import Catalogue
 from embbench.config import StageConfig, register_stage
 from embbench.metrics import metric_names
 from embbench.results import ResultStore
@@ -60,8 +76,19 @@ class AnalysisConfig(StageConfig):
     report: bool = True  # render_report writes <reports_dir>/<report_name>.html
     report_name: str = "report"  # HTML file name, without extension
     title: str = "Image embeddings for e-commerce: benchmark report"  # heading of the report
+    gallery: bool = True  # galleries, per-category breakdown, disagreements (cached vectors)
+    gallery_models: list[str] = Field(default_factory=list)  # results shown; [] = the best
+    gallery_top: int = Field(3, ge=1, le=8)  # with gallery_models []: best results per dataset
+    gallery_queries: int = Field(6, ge=0)  # seeded query sample per dataset, by category
+    gallery_extremes: int = Field(3, ge=0)  # hardest and easiest queries shown apart, each
+    gallery_thumb_px: int = Field(64, ge=16, le=256)  # thumbnail size (longest side, px)
+    gallery_max_mb: float = Field(3.0, gt=0.0)  # bound on all gallery thumbnails in the report
+    category_label: str = ""  # label to break results down by; "" = the coarsest label
+    disagree_rows: int = Field(3, ge=0)  # gallery rows per direction of each disagreeing pair
 
-    hash_exclude = frozenset({"tracking_uri", "report", "report_name", "title"})
+    hash_exclude = frozenset(
+        {"tracking_uri", "report", "report_name", "title", "gallery_thumb_px", "gallery_max_mb"}
+    )
 
     @field_validator("report_name")
     @classmethod
@@ -203,5 +230,121 @@ def run_analysis(
         ci=ci_table(results, cfg.k),
         guide=guide,
         sentences=guide_sentences(guide, table=t3, paired=paired, alpha=cfg.alpha),
+        notes=notes,
+    )
+
+
+@dataclass
+class StakeholderViews:
+    """What the search returns, per category and where results disagree (issue: galleries).
+
+    Attributes:
+        galleries: One retrieval gallery per dataset.
+        categories: :func:`~embbench.analysis.categories.category_breakdown`'s long table.
+        confusion: ``"<dataset>: <entry>"`` -> wrong top-1 category confusion (best result).
+        disagreements: Top-1 disagreement counts per pair, with the paired test's verdict.
+        disagreement_galleries: Gallery rows of the disagreeing queries, one per pair.
+        notes: Results that could not be shown, and why.
+    """
+
+    galleries: list[Gallery]
+    categories: pd.DataFrame
+    confusion: dict[str, pd.DataFrame]
+    disagreements: pd.DataFrame
+    disagreement_galleries: list[Gallery]
+    notes: list[str] = field(default_factory=list)
+
+
+def _shown(results: pd.DataFrame, cfg: AnalysisConfig) -> pd.DataFrame:
+    """Per dataset, the results the gallery shows: ``gallery_models`` or the best few."""
+    has = results[results["cache_query"].notna() & results[cfg.metric].notna()]
+    if cfg.gallery_models:
+        keep = has["model"].isin(cfg.gallery_models) | has["entry"].isin(cfg.gallery_models)
+        return has[keep]
+    ranked = has.sort_values(cfg.metric, ascending=False)
+    return ranked.groupby(["dataset", "label", "query_split"], dropna=False).head(cfg.gallery_top)
+
+
+def run_views(
+    cfg: AnalysisConfig,
+    analysis: Analysis,
+    store: ResultStore | None = None,
+    *,
+    catalogues: Mapping[str, Catalogue] | None = None,
+) -> StakeholderViews:
+    """Galleries, per-category breakdown, confusion and disagreements from the stored runs.
+
+    Args:
+        cfg: The stage's parameters (``gallery_*``, ``category_label``, ``disagree_rows``).
+        analysis: :func:`run_analysis`' result (its results table and paired tests).
+        store: Result records (the per-query arrays).
+        catalogues: Dataset name -> catalogue, instead of re-reading them (tests).
+    """
+    empty = StakeholderViews([], pd.DataFrame(), {}, pd.DataFrame(), [], [])
+    if not cfg.gallery or "cache_query" not in analysis.results:
+        return empty
+    shown = _shown(analysis.results, cfg)
+    sources, notes = load_sources(shown, PerQuery(store), catalogues)
+    scores = dict(zip(shown["entry"], shown[cfg.metric], strict=True))
+    galleries, confusion, pairs, dis_galleries = [], {}, [], []
+    by_dataset: dict[str, list[GallerySource]] = {}
+    for s in sources:
+        by_dataset.setdefault(s.dataset, []).append(s)
+    metric_k = f"mMP@{cfg.k}"
+    for dataset, group in sorted(by_dataset.items()):
+        group.sort(key=lambda s: -scores.get(s.entry, 0.0))
+        same = [s for s in group if (s.query.item_ids.shape == group[0].query.item_ids.shape)]
+        galleries.append(
+            build_gallery(
+                same,
+                k=cfg.k,
+                n_sample=cfg.gallery_queries,
+                n_extreme=cfg.gallery_extremes,
+                seed=cfg.seed,
+                metric=cfg.metric,
+                group_label=cfg.category_label,
+            )
+        )
+        confusion[f"{dataset}: {group[0].entry}"] = category_confusion(
+            group[0], group_label=cfg.category_label
+        )
+        for a, b in best_pairs(group, scores):
+            pairs.append((a, b))
+            d = disagreements(a, b)
+            rng = np.random.default_rng(cfg.seed)
+            rows = []
+            for key, title in (
+                ("a_only", f"{a.entry} right, {b.entry} wrong"),
+                ("b_only", f"{b.entry} right, {a.entry} wrong"),
+            ):
+                pick = np.sort(rng.permutation(d[key])[: cfg.disagree_rows])
+                rows += gallery_rows(
+                    [a, b], pick, section=title, k=cfg.k, group_label=galleries[-1].group_label
+                )
+            dis_galleries.append(
+                Gallery(
+                    dataset=dataset,
+                    label=a.label,
+                    group_label=galleries[-1].group_label,
+                    entries=[a.entry, b.entry],
+                    k=cfg.k,
+                    rows=rows,
+                    sections={r.section: r.section for r in rows},
+                )
+            )
+    categories = category_breakdown(
+        sources,
+        list(dict.fromkeys([metric_k, "mR@1"])),
+        group_label=cfg.category_label,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+        confidence=cfg.confidence,
+    )
+    return StakeholderViews(
+        galleries=galleries,
+        categories=categories,
+        confusion=confusion,
+        disagreements=disagreement_table(pairs, analysis.paired),
+        disagreement_galleries=dis_galleries,
         notes=notes,
     )

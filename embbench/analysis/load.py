@@ -148,6 +148,10 @@ def normalise_record(record: Mapping[str, Any], k: int) -> dict[str, Any]:
     if row.get("weights_kind") is None:
         row["weights_kind"] = flat.get("weights_used.kind")
     row["weights_fell_back"] = bool(flat.get("weights_used.fell_back") or False)
+    # where the gallery finds the vectors and images (nothing recomputed that is stored)
+    row["cache_query"], row["cache_index"] = flat.get("caches.query"), flat.get("caches.index")
+    roots = (record.get("config") or {}).get("data_root")
+    row["data_root"] = roots.get(record.get("dataset")) if isinstance(roots, Mapping) else None
     metrics = record.get("metrics") or {}
     for name in metric_names(k):
         row[name] = _num(metrics.get(name))

@@ -24,6 +24,7 @@ from embbench.report.display import (
     style_table3,
     table3_display,
 )
+from embbench.report.gallery import GalleryRenderer, show_gallery
 from embbench.report.render import (
     HIDE_TAG,
     NOTEBOOK,
@@ -37,6 +38,7 @@ __all__ = [
     "HIDE_TAG",
     "MISSING",
     "NOTEBOOK",
+    "GalleryRenderer",
     "ReportError",
     "ci_display",
     "export_html",
@@ -47,6 +49,7 @@ __all__ = [
     "render_report",
     "report_main",
     "show",
+    "show_gallery",
     "show_header",
     "show_sentences",
     "show_table",
