@@ -105,14 +105,14 @@ class GallerySource:
     @cached_property
     def index_unit(self) -> np.ndarray:
         """The index vectors L2-normalised exactly as the metrics normalised them."""
-        return l2_normalize(np.asarray(self.index.vectors), "index vectors")
+        return l2_normalize(np.array(self.index.vectors, dtype=np.float32), "index vectors")
 
     @cached_property
     def query_unit(self) -> np.ndarray:
         """The query vectors, normalised (the index itself under ``within``)."""
         if self.within:
             return self.index_unit
-        return l2_normalize(np.asarray(self.query.vectors), "query vectors")
+        return l2_normalize(np.array(self.query.vectors, dtype=np.float32), "query vectors")
 
     @cached_property
     def n_relevant(self) -> np.ndarray:
