@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from embbench import analysis as an
-from embbench.analysis.gallery import load_source
+from embbench.analysis.sources import load_source
 from embbench.cache import EmbeddingCache
 from embbench.report import GalleryRenderer
 from embbench.retrieval import search_and_evaluate

@@ -7,8 +7,9 @@ Modules, each one responsibility:
 - :mod:`~embbench.analysis.tables`: tables 2 and 3 and the data of figures 2-7.
 - :mod:`~embbench.analysis.guide`: the practical guide and its sentences.
 - :mod:`~embbench.analysis.plots`: the figures (seaborn).
-- :mod:`~embbench.analysis.gallery` and :mod:`~embbench.analysis.categories`: what the search
-  returns for sampled queries, scores per category, wrong top-1 confusion, disagreements.
+- :mod:`~embbench.analysis.sources`, :mod:`~embbench.analysis.gallery` and
+  :mod:`~embbench.analysis.categories`: what the search returns for sampled queries, scores
+  per category, wrong top-1 confusion, disagreements.
 - :mod:`~embbench.analysis._stage`: the stage's config (``05_analysis``) and
   :func:`run_analysis`, which calls the others with explicit arguments.
 
@@ -44,15 +45,10 @@ from embbench.analysis.categories import (
 )
 from embbench.analysis.gallery import (
     Gallery,
-    GalleryError,
-    GallerySource,
     build_gallery,
     common_queries,
     gallery_for_runs,
-    load_sources,
-    rank,
     sample_queries,
-    top1_correct,
 )
 from embbench.analysis.guide import GUIDE_COLUMNS, guide_sentences, practical_guide
 from embbench.analysis.load import (
@@ -68,6 +64,14 @@ from embbench.analysis.load import (
     records_frame,
     runs_summary,
     weights_summary,
+)
+from embbench.analysis.sources import (
+    GalleryError,
+    GallerySource,
+    load_source,
+    load_sources,
+    rank,
+    top1_correct,
 )
 from embbench.analysis.stats import (
     BootstrapCache,
@@ -133,6 +137,7 @@ __all__ = [
     "holm",
     "latest_only",
     "load_results",
+    "load_source",
     "load_sources",
     "metric_correlation",
     "mlflow_records",

@@ -26,15 +26,10 @@ from embbench.analysis.categories import (
     disagreement_table,
     disagreements,
 )
-from embbench.analysis.gallery import (
-    Gallery,
-    GallerySource,
-    build_gallery,
-    gallery_rows,
-    load_sources,
-)
+from embbench.analysis.gallery import Gallery, build_gallery, gallery_rows
 from embbench.analysis.guide import guide_sentences, practical_guide
 from embbench.analysis.load import BASELINE_STAGE, load_results
+from embbench.analysis.sources import GallerySource, load_sources
 from embbench.analysis.stats import (
     BootstrapCache,
     PerQuery,

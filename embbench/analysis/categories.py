@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embbench.analysis.gallery import GallerySource, category_column, rank, top1_correct
+from embbench.analysis.sources import GallerySource, category_column, rank, top1_correct
 from embbench.metrics import bootstrap_ci
 
 BREAKDOWN_COLUMNS = ["dataset", "category", "entry", "metric", "n", "value", "low", "high"]
