@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in names:
         files = _params_for(name, root, args.params, demo=True)
         if name == "05_analysis":  # the analysis notebook is rendered into the HTML report
-            from embbench.report import render_report
+            from embbench.notebooks import render_report
 
             report = render_report(params_files=files)
             outputs.append(reports_dir() / "notebooks" / "05_analysis.ipynb")
@@ -111,7 +111,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Delegate to the report renderer."""
-    from embbench.report import report_main
+    from embbench.notebooks import report_main
 
     return report_main(args.rest)
 

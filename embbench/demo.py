@@ -161,6 +161,8 @@ def make_demo_catalogue(
 
     Args:
         root: Parent folder; default ``data_dir()``. Images go to ``root/demo-<hash>/``.
+            A generated ``demo-<hash>`` folder itself (a result record's ``dataset_root``) is
+            read as it is, whatever the other arguments say.
         seed: Everything (colours, patterns, poses, backgrounds) derives from it.
         n_categories: Number of product shapes, at most ``len(CATEGORIES)``.
         products_per_category: Products (retrieval classes) per category.
@@ -170,6 +172,9 @@ def make_demo_catalogue(
     Returns:
         A catalogue named ``demo`` with labels ``product`` (default) and ``category``.
     """
+    if root is not None and (Path(root) / "spec.json").is_file():
+        spec = json.loads((Path(root) / "spec.json").read_text())
+        return _load(Path(root), spec)
     if not 1 <= n_categories <= len(CATEGORIES):
         raise ValueError(f"n_categories={n_categories} must be in 1..{len(CATEGORIES)}")
     if products_per_category < 1 or min(views) < 1:
@@ -189,6 +194,12 @@ def make_demo_catalogue(
     manifest = folder / "manifest.csv"
     if not (manifest.is_file() and (folder / "spec.json").is_file()):
         _generate(folder, spec)
+    return _load(folder, spec)
+
+
+def _load(folder: Path, spec: dict) -> Catalogue:
+    """The catalogue of a generated demo folder."""
+    manifest = folder / "manifest.csv"
     items = pd.read_csv(
         manifest, dtype={"item_id": str, "path": str, "split": str, "product": str, "category": str}
     )

@@ -8,14 +8,20 @@ fail here, naming the file, instead of papermill's silent warning), executes
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from embbench.config import read_params_files
-from embbench.paths import project_root, reports_dir
+import yaml
+
+from embbench.analysis import AnalysisError
+from embbench.config import ConfigError, read_params_files
+from embbench.paths import params_dir, project_root, reports_dir
+from embbench.report import ReportError, export_html
 from embbench.stages import config_for
 
 logger = logging.getLogger(__name__)
@@ -77,3 +83,87 @@ def run_notebook(
         log_output=False,
     )
     return output
+
+
+# ---- stage 05 as a report -----------------------------------------------------------------
+REPORT_NOTEBOOK = "05_analysis"
+
+
+def render_report(
+    output: str | Path | None = None,
+    params_files: Iterable[str | Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    notebook_output: Path | None = None,
+) -> Path:
+    """Run notebook 05 with validated params and write its HTML report.
+
+    Args:
+        output: The HTML file (default ``<reports_dir>/<report_name>.html``).
+        params_files: Layered params files (default ``params/05_analysis.yaml``).
+        overrides: Parameter values applied last.
+        notebook_output: Where the executed notebook goes (default
+            ``<reports_dir>/notebooks/05_analysis.ipynb``).
+
+    Returns:
+        The HTML report's path; the executed notebook's path when the params say
+        ``report: false`` and no ``output`` is given.
+
+    Raises:
+        embbench.config.ConfigError: A params file has an unknown key or a bad value.
+        ReportError: A cell of the notebook failed (the executed copy names it).
+    """
+    files = list(params_files) or [params_dir() / f"{REPORT_NOTEBOOK}.yaml"]
+    params, origin = read_params_files(files)
+    params.update(overrides or {})
+    cfg = config_for(REPORT_NOTEBOOK).from_params(params, origin)
+    try:
+        executed = run_notebook(REPORT_NOTEBOOK, files, overrides, output=notebook_output)
+    except Exception as exc:
+        if type(exc).__name__ != "PapermillExecutionError":
+            raise
+        where = notebook_output or reports_dir() / "notebooks" / f"{REPORT_NOTEBOOK}.ipynb"
+        raise ReportError(
+            f"notebook {REPORT_NOTEBOOK} failed ({getattr(exc, 'ename', '')}: "
+            f"{getattr(exc, 'evalue', exc)}); the executed copy is {where}"
+        ) from None
+    if output is None and not cfg.report:
+        logger.info("report: false in the params; executed notebook only: %s", executed)
+        return executed
+    output = Path(output) if output else reports_dir() / f"{cfg.report_name}.html"
+    return export_html(executed, output, title=cfg.title)
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``embbench report``: render notebook 05 to HTML; returns the exit status."""
+    p = argparse.ArgumentParser(
+        prog="embbench report",
+        description="Run notebooks/05_analysis.ipynb and write a self-contained HTML report.",
+    )
+    p.add_argument(
+        "-f",
+        "--params",
+        action="append",
+        default=[],
+        help="params YAML, layered in order (default params/05_analysis.yaml)",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="layer params/demo/05_analysis.yaml after the others"
+    )
+    p.add_argument("--set", action="append", default=[], help="key=value override (YAML value)")
+    p.add_argument("--output", default="", help="HTML path (default reports/<report_name>.html)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    files = [Path(f) for f in args.params] or [params_dir() / f"{REPORT_NOTEBOOK}.yaml"]
+    if args.demo:
+        files.append(params_dir() / "demo" / f"{REPORT_NOTEBOOK}.yaml")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        out = render_report(args.output or None, files, overrides)
+    except (ConfigError, AnalysisError, ReportError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    sys.stdout.write(f"report: {out}\n")
+    return 0

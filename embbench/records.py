@@ -290,9 +290,16 @@ class ResultStore:
         return parse_record(raw, str(path))
 
     def save(
-        self, record: ResultRecord, per_query: Mapping[str, np.ndarray] | None = None
+        self,
+        record: ResultRecord | Mapping[str, Any],
+        per_query: Mapping[str, np.ndarray] | None = None,
     ) -> Path:
-        """Write ``record`` (and its per-query arrays) atomically; returns the JSON path."""
+        """Write ``record`` (and its per-query arrays) atomically; returns the JSON path.
+
+        A mapping is validated (and migrated from an older schema) first.
+        """
+        if not isinstance(record, ResultRecord):
+            record = parse_record(record)
         p = self.path(*record.key())
         record.saved = datetime.now(UTC).isoformat()
         if per_query:

@@ -18,7 +18,8 @@ import pytest
 
 from embbench import analysis as an
 from embbench.config import ConfigError
-from embbench.results import ResultStore
+from embbench.records import ResultStore, parse_record
+from embbench.stages.analysis import AnalysisConfig, run_analysis
 
 K = 5
 METRICS = [f"mMP@{K}", "mR@1", f"MAP@{K}", f"MRR@{K}", f"NDCG@{K}"]
@@ -171,7 +172,7 @@ def synthetic_records() -> list[tuple[dict, dict | None]]:
 def write_records(store: ResultStore) -> list[dict]:
     recs = []
     for rec, pq in synthetic_records():
-        store.save(rec, per_query=pq)
+        store.save(parse_record(rec), per_query=pq)
         recs.append(rec)
     return recs
 
@@ -199,7 +200,7 @@ def log_mlflow_runs(tracking_uri: str, experiment: str, store: ResultStore) -> l
             mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in rec["metrics"].items()})
             rec = {**rec, "mlflow_run_id": run.info.run_id}
             log_json_artifact(rec, "result.json")
-        store.save(rec, per_query=pq)
+        store.save(parse_record(rec), per_query=pq)
         recs.append(rec)
     # a tuner's search and trial runs (mode tag, no result.json) are not results
     search_tags = {"stage": "toptune", "mode": "top-tuned", "model": "test_vit", "dataset": "alpha"}
@@ -255,7 +256,7 @@ def mlflow_env(tracked_runs, monkeypatch):
 
 @pytest.fixture
 def results(runs_env) -> pd.DataFrame:
-    cfg = an.AnalysisConfig(source="records", n_boot=0)
+    cfg = AnalysisConfig(source="records", n_boot=0)
     return an.load_results(cfg)
 
 
@@ -270,14 +271,14 @@ def facts_stub(name: str) -> dict:
 
 
 def test_config_validates_metric_and_names():
-    assert an.AnalysisConfig().metric == "mMP@5"
+    assert AnalysisConfig().metric == "mMP@5"
     with pytest.raises(ConfigError, match="k=10"):
-        an.AnalysisConfig.from_params({"k": 10})  # default metric mMP@5 is not a k=10 metric
-    assert an.AnalysisConfig.from_params({"k": 10, "metric": "mMP@10"}).metric == "mMP@10"
+        AnalysisConfig.from_params({"k": 10})  # default metric mMP@5 is not a k=10 metric
+    assert AnalysisConfig.from_params({"k": 10, "metric": "mMP@10"}).metric == "mMP@10"
     with pytest.raises(ConfigError, match="did you mean 'n_boot'"):
-        an.AnalysisConfig.from_params({"nboot": 10})
+        AnalysisConfig.from_params({"nboot": 10})
     with pytest.raises(ConfigError, match="report_name"):
-        an.AnalysisConfig.from_params({"report_name": "../x.html"})
+        AnalysisConfig.from_params({"report_name": "../x.html"})
 
 
 # -------------------------------------------------------------------------------- loading
@@ -286,9 +287,9 @@ def test_config_validates_metric_and_names():
 @pytest.mark.slow
 def test_records_and_mlflow_give_the_same_table(mlflow_env):
     runs_env = mlflow_env
-    by_records = an.load_results(an.AnalysisConfig(source="records", n_boot=0))
+    by_records = an.load_results(AnalysisConfig(source="records", n_boot=0))
     by_mlflow = an.load_results(
-        an.AnalysisConfig(
+        AnalysisConfig(
             source="mlflow", tracking_uri=runs_env["uri"], experiment=runs_env["experiment"],
             n_boot=0,
         )
@@ -335,7 +336,7 @@ def test_mlflow_errors_name_the_problem(mlflow_env, tmp_path):
 @pytest.mark.slow
 def test_mlflow_run_without_artifact_is_rebuilt_from_tags(mlflow_env):
     uri = mlflow_env["uri"]
-    df = an.load_results(an.AnalysisConfig(tracking_uri=uri, experiment="bare", n_boot=0))
+    df = an.load_results(AnalysisConfig(tracking_uri=uri, experiment="bare", n_boot=0))
     row = df.iloc[0]
     assert (row["model"], row["family"], row["weights_kind"]) == ("m", "ssl", "pretrained")
     assert row["mMP@5"] == pytest.approx(0.4) and row["mR@1"] == pytest.approx(0.5)
@@ -352,18 +353,18 @@ def test_latest_run_wins_and_other_k_is_left_out(tmp_path):
     store.save(new, per_query=pq2)
     other_k = {**make_record("m2", "ssl", "transformer", 8, "d", "pretrained", pq), "k": 10}
     store.save(other_k, per_query=pq)
-    df = an.load_results(an.AnalysisConfig(source="records", n_boot=0), store)
+    df = an.load_results(AnalysisConfig(source="records", n_boot=0), store)
     assert len(df) == 1 and df.attrs["superseded"] == 1
     assert df.iloc[0]["mMP@5"] == pytest.approx(np.mean(pq2["mMP@5"]))
 
 
 def test_filters_and_empty_results_error(runs_env):
     df = an.load_results(
-        an.AnalysisConfig(source="records", models=["test_clip"], datasets=["beta"], n_boot=0)
+        AnalysisConfig(source="records", models=["test_clip"], datasets=["beta"], n_boot=0)
     )
     assert set(df["model"]) == {"test_clip"} and set(df["dataset"]) == {"beta"}
     with pytest.raises(an.AnalysisError, match="no results at k=5"):
-        an.load_results(an.AnalysisConfig(source="records", models=["nothing"], n_boot=0))
+        an.load_results(AnalysisConfig(source="records", models=["nothing"], n_boot=0))
 
 
 # --------------------------------------------------------------------------------- tables
@@ -434,7 +435,7 @@ def test_toptune_baseline_on_another_label_becomes_a_pretrained_row(tmp_path):
                      pretrained_metrics=base)
     tt["label"] = "category"
     store.save(tt, per_query=pq_t)
-    df = an.load_results(an.AnalysisConfig(source="records", n_boot=0), store)
+    df = an.load_results(AnalysisConfig(source="records", n_boot=0), store)
     assert sorted(df["dataset"]) == ["d (category)", "d (category)", "d (product)"]
     derived = df[(df["dataset"] == "d (category)") & (df["mode"] == "pretrained")].iloc[0]
     assert derived["stage"] == an.BASELINE_STAGE and derived["mMP@5"] == 0.61
@@ -537,8 +538,8 @@ def test_bootstrap_cache_reuses_unchanged_results(results, runs_env, tmp_path, m
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(an, "bootstrap_ci", boom)
-    monkeypatch.setattr(an, "paired_bootstrap_test", boom)
+    monkeypatch.setattr(an.stats, "bootstrap_ci", boom)
+    monkeypatch.setattr(an.stats, "paired_bootstrap_test", boom)
     again = an.BootstrapCache(tmp_path / "boot.json")
     second = an.add_confidence_intervals(results, loader, k=K, n_boot=200, cache=again)
     pd.testing.assert_frame_equal(first, second)
@@ -662,7 +663,7 @@ def test_figures_draw_from_synthetic_runs(results, runs_env):
     import matplotlib
 
     matplotlib.use("Agg")
-    from embbench import plots
+    from embbench.analysis import plots
 
     loader = an.PerQuery()
     res = an.add_confidence_intervals(results, loader, k=K, n_boot=50)
@@ -697,11 +698,11 @@ def test_figures_draw_from_synthetic_runs(results, runs_env):
 @pytest.mark.slow
 def test_run_analysis_end_to_end(mlflow_env):
     runs_env = mlflow_env
-    cfg = an.AnalysisConfig(
+    cfg = AnalysisConfig(
         source="mlflow", tracking_uri=runs_env["uri"], experiment=runs_env["experiment"],
         n_boot=200,
     )
-    a = an.run_analysis(cfg, facts_fn=facts_stub)
+    a = run_analysis(cfg, facts_fn=facts_stub)
     assert len(a.results) == len(synthetic_records()) + 1  # + the unscored fine-tuning
     assert not a.table3.empty and len(a.table2) == 3 and len(a.cross) == 2
     assert a.paired["p_value"].notna().any() and a.tuning["p_value"].notna().any()
@@ -716,7 +717,7 @@ def test_pretrained_only_runs_give_notes_not_errors(tmp_path, monkeypatch, n_mod
     import matplotlib
 
     matplotlib.use("Agg")
-    from embbench import plots
+    from embbench.analysis import plots
 
     monkeypatch.setenv("EMBBENCH_RUNS", str(tmp_path))
     store = ResultStore(tmp_path / "results")
@@ -724,7 +725,7 @@ def test_pretrained_only_runs_give_notes_not_errors(tmp_path, monkeypatch, n_mod
         pq = per_query_values(0.4 + 0.1 * i, i)
         store.save(make_record(model, family, backbone, dim, "alpha", "pretrained", pq),
                    per_query=pq)
-    a = an.run_analysis(an.AnalysisConfig(source="records", n_boot=50), store,
+    a = run_analysis(AnalysisConfig(source="records", n_boot=50), store,
                         facts_fn=facts_stub)
     assert a.table2.empty and a.tuning.empty and a.cross.empty
     n_types = len({fam for _, fam, _, _ in MODELS[:n_models]})

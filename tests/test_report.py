@@ -20,10 +20,14 @@ from test_analysis import log_mlflow_runs
 
 from embbench import analysis as an
 from embbench import report as rep
+from embbench.notebooks import render_report, report_main
 from embbench.paths import project_root
-from embbench.results import ResultStore
+from embbench.records import ResultStore
+from embbench.stages.analysis import AnalysisConfig
 
-N_FIGURES = 8  # figures 2, 3, 4a, 4b, 4c, 5, 6 and 7: the synthetic runs feed all of them
+# figures 2, 3, 4a, 4b, 4c, 5, 6 and 7 (the synthetic runs feed all of them), the per-category
+# scores and the wrong top-1 confusion (the demo runs feed those)
+N_FIGURES = 10
 
 
 def _png() -> str:
@@ -86,7 +90,7 @@ def test_export_html_refuses_a_failed_notebook(tmp_path):
 def _analysis(results: pd.DataFrame, **cfg) -> an.Analysis:
     empty = pd.DataFrame()
     return an.Analysis(
-        cfg=an.AnalysisConfig(**cfg), results=results, table3=empty, table2=empty, facts=empty,
+        cfg=AnalysisConfig(**cfg), results=results, table3=empty, table2=empty, facts=empty,
         correlation=empty, tuning=empty, cross=empty, paired=empty, ci=empty, guide=empty,
         sentences=[], notes=["a note to the reader"],
     )
@@ -137,15 +141,31 @@ def test_tables_show_missing_cells_as_a_dash_never_zero():
 def test_report_main_names_a_bad_params_file(tmp_path, caplog):
     bad = tmp_path / "bad.yaml"
     bad.write_text("nboot: 3\n")
-    assert rep.report_main(["-f", str(bad)]) == 2
+    assert report_main(["-f", str(bad)]) == 2
     assert "did you mean 'n_boot'" in caplog.text
 
 
 # --------------------------------------------------------- the real report (slow, notebook)
 
 
+def _embed_demo(mp, demo_root, uri):
+    """Real stage-01 runs (tiny random-weight models) on the small demo: the gallery's input."""
+    import embbench.embed_stage as stage
+    from embbench.embed_stage import EmbedConfig, run_embed
+
+    from embbench.demo import make_demo_catalogue
+
+    cat = make_demo_catalogue(
+        demo_root, n_categories=4, products_per_category=3, views=(4, 2, 3), image_size=48
+    )
+    mp.setattr(stage, "load_catalogue", lambda *a, **k: cat)
+    cfg = EmbedConfig(models=["test_resnet", "test_clip"], weights="random", datasets=["demo"],
+                      batch_size=16, num_workers=0, backend="exact", tracking_uri=uri)
+    return run_embed(cfg)
+
+
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
+def rendered(tmp_path_factory, demo_root):
     """Notebook 05 run with the smoke params on synthetic MLflow runs, rendered to HTML."""
     home = tmp_path_factory.mktemp("report_home")
     with pytest.MonkeyPatch.context() as mp:
@@ -156,12 +176,13 @@ def rendered(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         uri = f"sqlite:///{home / 'runs' / 'mlflow.db'}"
         recs = log_mlflow_runs(uri, "embbench", ResultStore(home / "runs" / "results"))
+        demo = _embed_demo(mp, demo_root, uri)
         params = project_root() / "params"
-        html = rep.render_report(
+        html = render_report(
             params_files=[params / "05_analysis.yaml", params / "smoke" / "05_analysis.yaml"]
         )
     nb = nbformat.read(home / "reports" / "notebooks" / "05_analysis.ipynb", as_version=4)
-    return {"html": html, "records": recs, "notebook": nb, "home": home}
+    return {"html": html, "records": recs, "notebook": nb, "home": home, "demo": demo}
 
 
 def _png_outputs(nb) -> int:
@@ -189,8 +210,18 @@ def test_report_renders_every_table_and_figure(rendered):
     assert len(imgs) == N_FIGURES and all(len(i) > 1000 for i in imgs)
     assert "Traceback" not in html
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html  # no error, no log
-    alts = re.findall(r'<img[^>]+alt="([^"]*)"', html)
+    figures = [t for t in re.findall(r"<img[^>]*>", html) if "data:image/png" in t]
+    alts = [re.search(r'alt="([^"]*)"', t).group(1) for t in figures if 'alt="' in t]
     assert len(alts) == N_FIGURES and all(a and a != "figure" for a in alts)
+    # the gallery: demo thumbnails embedded as JPEG data, framed, within the size bound
+    thumbs = [t for t in re.findall(r"<img[^>]*>", html) if "embbench-thumb" in t]
+    assert len(thumbs) >= 10 * (1 + 2 * 5)
+    assert all('src="data:image/jpeg;base64,' in t for t in thumbs)
+    assert sum(len(t) for t in thumbs) <= 3.0e6  # gallery_max_mb of params/05_analysis.yaml
+    assert "#1a7f37" in html and "#b42318" in html
+    assert not re.search(r'(?:src|href)="(?:https?|file):', html)
+    for heading in ("retrieval gallery", "Per category", "Where results disagree"):
+        assert heading in html, heading
     assert not re.search(r"<script[^>]+src=", html)
     # the top states the weights (random here, loudly) and every run id
     top = html[: html.index("Table 3")]
@@ -238,6 +269,29 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     assert body, proc.stdout[:500]
     n_imgs = int(re.search(r'data-imgs="(\d+)"', body.group(0)).group(1))
     decoded = int(re.search(r'data-decoded="(\d+)"', body.group(0)).group(1))
-    assert n_imgs == decoded == N_FIGURES
+    thumbs = html.count('class="embbench-thumb"')
+    assert thumbs > 0 and n_imgs == decoded == N_FIGURES + thumbs
+    # a screenshot of the report's gallery section, rendered by the browser
+    start = html.index('<div class="embbench-gallery">')
+    end = html.index("</table></div>", start) + len("</table></div>")
+    shot_page = tmp_path / "gallery.html"
+    shot_page.write_text(f"<html><body>{html[start:end]}</body></html>")
+    shot = tmp_path / "gallery.png"
+    shot_proc = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1400,1200",
+            f"--screenshot={shot}", shot_page.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shot_proc.returncode == 0 and shot.is_file(), shot_proc.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    green = (abs(rgb - [0x1A, 0x7F, 0x37]).sum(axis=2) < 40).sum()
+    red = (abs(rgb - [0xB4, 0x23, 0x18]).sum(axis=2) < 40).sum()
+    assert green > 100 and red > 100  # frames drawn around thumbnails
     dom = proc.stdout
     assert "Traceback" not in dom and "RANDOM WEIGHTS" in dom

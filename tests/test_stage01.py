@@ -93,6 +93,10 @@ def test_notebook_01_runs_with_smoke_params():
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     assert len(ResultStore().records("embed")) == 2
+    # the gallery of its own run: framed thumbnails embedded in the output
+    html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells
+                   for o in c.get("outputs", []))
+    assert html.count("embbench-thumb") >= 2 * (1 + 2 * 5) and "#1a7f37" in html
 
 
 def test_bad_params_fail_fast_naming_key(tmp_path):

@@ -6,7 +6,7 @@
 | ``02_finetune`` | :mod:`embbench.stages.finetune` | fine-tuned models -> retrieval metrics     |
 | ``03_toptune``  | :mod:`embbench.stages.toptune`  | top-tuned MLPs -> retrieval metrics        |
 | ``04_crosstune``| :mod:`embbench.stages.crosstune`| tuned on A, scored on B                    |
-| ``05_analysis`` | :mod:`embbench.analysis`        | the paper's tables and figures, the report |
+| ``05_analysis`` | :mod:`embbench.stages.analysis` | the paper's tables and figures, the report |
 
 Each stage module holds its config (a :class:`embbench.config.GridConfig` for 01-04), its steps
 for the cell engine (:mod:`embbench.cells`) and a ``run_*`` function. Stages sit at the top of
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from embbench import analysis  # noqa: F401  (registers 05_analysis)
 from embbench.cells import StageSteps
 from embbench.config import GridConfig, StageConfig, registered_stage, registered_stage_names
 from embbench.records import ResultStore
-from embbench.stages import crosstune, embed, finetune, toptune
+from embbench.stages import analysis, crosstune, embed, finetune, toptune  # noqa: F401
 
 __all__ = ["config_for", "stage_names", "steps_for"]
 

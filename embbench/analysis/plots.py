@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from embbench.analysis import FAMILY_LABELS, MODE_LABELS, MODES
+from embbench.analysis._common import FAMILY_LABELS, MODE_LABELS, MODES
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +385,75 @@ def cross_figure(cross: pd.DataFrame, metric: str):
     return _done(fig)
 
 
+def category_figure(breakdown: pd.DataFrame, metric: str):
+    """Per-category ``metric`` of each result with its bootstrap CI, weakest category on top.
+
+    One panel per dataset; categories in the table's order (weakest first).
+    """
+    data = breakdown[breakdown["metric"] == metric]
+    if data.empty:
+        return None
+    plt, _ = _plt(), _sns()
+    datasets = list(dict.fromkeys(data["dataset"]))
+    entries = list(dict.fromkeys(data["entry"]))
+    n_cat = max(data.groupby("dataset")["category"].nunique())
+    fig, axes = plt.subplots(
+        1,
+        len(datasets),
+        figsize=(5.5 * len(datasets) + 1, 0.42 * n_cat * len(entries) ** 0.5 + 2),
+        squeeze=False,
+    )
+    colours = plt.get_cmap("tab10")
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        d = data[data["dataset"] == ds]
+        cats = list(dict.fromkeys(d["category"]))
+        step = 0.8 / max(1, len(entries))
+        for j, entry in enumerate(entries):
+            e = d[d["entry"] == entry].set_index("category").reindex(cats)
+            y = np.arange(len(cats)) - 0.4 + step * (j + 0.5)
+            err = np.vstack([e["value"] - e["low"], e["high"] - e["value"]])
+            ax.errorbar(
+                e["value"],
+                y,
+                xerr=np.where(np.isnan(err), 0, err),
+                fmt="o",
+                ms=4,
+                capsize=2,
+                color=colours(j % 10),
+                label=entry,
+            )
+        ax.set_yticks(np.arange(len(cats)), [str(c) for c in cats])
+        ax.invert_yaxis()
+        ax.set(title=str(ds), xlabel=metric, xlim=(0, 1.02))
+    axes[0][-1].legend(fontsize="small", loc="lower right")
+    fig.suptitle(f"{metric} per category (95% bootstrap CI), weakest first")
+    fig.tight_layout()
+    return _done(fig)
+
+
+def confusion_figure(confusions: Mapping[str, pd.DataFrame]):
+    """Heatmaps: for wrong top-1 results, the query's category (rows) vs the result's."""
+    items = [(name, c) for name, c in confusions.items() if not c.empty and c.to_numpy().sum()]
+    if not items:
+        return None
+    plt, sns = _plt(), _sns()
+    n = max(len(c) for _, c in items)
+    fig, axes = plt.subplots(
+        1, len(items), figsize=((0.55 * n + 2.5) * len(items), 0.5 * n + 2), squeeze=False
+    )
+    for ax, (name, c) in zip(axes[0], items, strict=True):
+        sns.heatmap(c, annot=True, fmt="d", cmap="Reds", cbar=False, square=True, ax=ax)
+        ax.set(
+            title=f"{name}\n{c.attrs.get('n_wrong', '?')} wrong top-1 of "
+            f"{c.attrs.get('n_queries', '?')} queries",
+            xlabel="category of the wrong top-1 result",
+            ylabel="category of the query",
+        )
+    fig.suptitle("Where wrong top-1 results come from (diagonal: right category, wrong item)")
+    fig.tight_layout()
+    return _done(fig)
+
+
 FIGURES: Mapping[str, str] = {
     "2": "model_facts_figure",
     "3": "correlation_figure",
@@ -401,6 +470,8 @@ __all__ = [
     "FIGURES",
     "all_models_figure",
     "best_per_type_figure",
+    "category_figure",
+    "confusion_figure",
     "correlation_figure",
     "cross_figure",
     "model_facts_figure",

@@ -1,0 +1,86 @@
+"""An executed notebook -> one self-contained HTML report for stakeholders.
+
+:func:`export_html` converts with nbconvert's ``HTMLExporter``: code hidden, figures embedded as
+base64 PNGs, no external script (the template's require.js, MathJax and mermaid links are
+removed), log output dropped. :func:`embbench.notebooks.render_report` runs notebook 05 and
+calls it (``embbench report``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from embbench._utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+HIDE_TAG = "report-hide"  # cells with this tag are left out of the HTML (the notebook's intro)
+_TEMPLATE_NAME = "embbench_report.html.j2"
+# The lab template, minus every script it would fetch from a CDN: the report opens offline.
+_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{% block html_head_js_requirejs %}{% endblock html_head_js_requirejs %}
+{% block html_head_js_mathjax %}{% endblock html_head_js_mathjax %}
+{% block html_head_js_mermaidjs %}{% endblock html_head_js_mermaidjs %}
+{% block data_png scoped %}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+alt="{{ (output | get_metadata('alt', 'image/png')) or 'figure' | escape_html }}">
+</div>
+{%- endblock data_png %}
+"""
+
+
+class ReportError(RuntimeError):
+    """The report could not be rendered; the message names the notebook or file to look at."""
+
+
+def export_html(
+    notebook: str | Path, output: str | Path, *, title: str = "embbench report"
+) -> Path:
+    """Convert an executed notebook to one self-contained HTML file, code hidden.
+
+    Log output (stderr streams) and cells tagged ``report-hide`` are dropped; figures stay
+    embedded as base64 PNGs; no script or stylesheet is fetched from the network.
+
+    Raises:
+        ReportError: The notebook holds a failed cell, or the HTML would load external scripts.
+    """
+    import nbformat
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    notebook, output = Path(notebook), Path(output)
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells = [c for c in nb.cells if HIDE_TAG not in c.get("metadata", {}).get("tags", [])]
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        if errors:
+            raise ReportError(
+                f"{notebook}: cell {i} failed ({errors[0].get('ename')}: "
+                f"{errors[0].get('evalue')}); fix it before rendering the report"
+            )
+        cell.outputs = [
+            o for o in cell.outputs if not (o.output_type == "stream" and o.get("name") == "stderr")
+        ]
+    nb.metadata["title"] = title
+    exporter = HTMLExporter(
+        extra_loaders=[DictLoader({_TEMPLATE_NAME: _TEMPLATE})],
+        template_file=_TEMPLATE_NAME,
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+        embed_images=True,
+    )
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    external = re.findall(r"<(?:script|link|img)\b[^>]*(?:src|href)=[\"']?(?:https?:)?//", body)
+    if external:
+        raise ReportError(f"the report would load external resources: {external[:3]}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, body.encode("utf-8"))
+    output.chmod(0o644)  # a report is meant to be shared (temp files are created 0600)
+    logger.info("report written: %s (%.1f MB)", output, len(body) / 1e6)
+    return output
