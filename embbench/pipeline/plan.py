@@ -252,7 +252,9 @@ def run_one_cell(
     try:
         steps = steps_for(cfg, store)
     except KeyError as exc:
-        raise CellSelectError(f"{exc.args[0]}; {notebook} does not run on the cell engine yet") from None
+        raise CellSelectError(
+            f"{exc.args[0]}; {notebook} does not run on the cell engine yet"
+        ) from None
 
     def select(c: Cell) -> bool:
         return (c.model == model and c.dataset == dataset and (not mode or c.mode == mode)
