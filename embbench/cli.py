@@ -256,7 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; errors people can fix are printed without a trace."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `report` hands its options to report_main; argparse's REMAINDER alone rejects a leading
+    # option (`embbench report -f x.yaml`), so unknown options are passed on here.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "report":
+        args.rest = [*extra, *[a for a in args.rest if a != "--"]]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     from embbench.catalogue import CatalogueError
     from embbench.config import ConfigError
