@@ -54,6 +54,12 @@ nb-%: setup ## run notebooks/%.ipynb with params/%.yaml (+ PARAMS="more.yaml ...
 report: setup ## render notebook 05 to a self-contained HTML report (reports/report.html)
 	$(PY) -m embbench report -f params/05_analysis.yaml $(foreach f,$(PARAMS),-f $(f))
 
+.PHONY: pipeline
+pipeline: setup ## compile the grid into a Kubeflow pipeline (PARAMS="params/01_embed.yaml ..."; default all params/0*.yaml) -> pipeline.yaml
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[pipeline]'
+	$(PY) -m embbench pipeline compile $(foreach f,$(or $(PARAMS),$(wildcard params/0*.yaml)),-f $(f)) \
+	  --output $(or $(OUTPUT),pipeline.yaml) $(if $(IMAGE),--image $(IMAGE),)
+
 .PHONY: bench
 bench: setup ## run the benchmarks (prints ratios against their baselines)
 	$(PY) benchmarks/bench_retrieval.py

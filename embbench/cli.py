@@ -4,6 +4,8 @@ Commands:
   demo          run the notebooks on the demo catalogue (params/<nb>.yaml + params/demo/<nb>.yaml)
   run-notebook  run one notebook with layered params files (validated) through papermill
   embed         run stage 01 without a notebook (the torchrun entry point for several GPUs)
+  run-cell      run exactly one cell of a stage's grid through the cell engine (a pipeline task)
+  pipeline      compile the grid into a Kubeflow pipeline, or run it with kfp's local runner
   report        render notebook 05 into a self-contained HTML report
   verify        check a local copy of a dataset against its published layout and counts
 """
@@ -109,6 +111,61 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(items: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run_cell(args: argparse.Namespace) -> int:
+    """Run one cell (exit 0 when done or finished earlier, 2 when it cannot run)."""
+    from embbench.pipeline.plan import run_one_cell
+
+    record = run_one_cell(args.notebook, args.params, _overrides(args.set), model=args.model,
+                          dataset=args.dataset, mode=args.mode, source=args.source)
+    if int(os.environ.get("RANK", 0)) == 0:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
+        sys.stdout.write(f"{record.stage} {record.mode} {record.model} on {record.dataset}: "
+                         f"{metrics} (saved {record.saved})\n")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Compile the grid of the params files to a Kubeflow pipeline, or run it locally."""
+    from embbench.pipeline import group_params
+
+    params = group_params(args.params)
+    if args.action == "compile":
+        from embbench.pipeline import TaskResources, compile_pipeline
+
+        resources = {}
+        for item in args.resources or []:  # MODE=CPU,MEMORY,GPUS
+            mode, _, spec = item.partition("=")
+            cpu, memory, gpus = (spec.split(",") + ["", "", ""])[:3]
+            resources[mode] = TaskResources(cpu or "2", memory or "8G", int(gpus or 0))
+        selector = dict(item.split("=", 1) for item in args.gpu_node_selector or [])
+        plan = compile_pipeline(
+            params, args.output, image=args.image, name=args.name, resources=resources,
+            accelerator_type=args.accelerator_type, gpu_node_selector=selector, pvc=args.pvc,
+            mount_path=args.mount_path, secret=args.secret, retries=args.retries,
+            caching=not args.no_cache, milvus_uri=args.milvus_uri,
+            tracking_uri=args.tracking_uri,
+        )
+        report = " + the report" if plan.report_yaml is not None else ""
+        sys.stdout.write(f"pipeline: {args.output} ({len(plan.cells)} cell tasks{report})\n")
+        return 0
+    from embbench.pipeline import run_local
+
+    plan = run_local(params, milvus_uri=args.milvus_uri, tracking_uri=args.tracking_uri,
+                     enable_caching=not args.no_cache)
+    sys.stdout.write(f"local pipeline finished: {len(plan.cells)} cell tasks\n")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Delegate to the report renderer."""
     from embbench.notebooks import report_main
@@ -153,6 +210,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-f", "--params", action="append", default=[], required=True)
     e.set_defaults(func=cmd_embed)
 
+    c = sub.add_parser("run-cell", help="run one cell of a stage's grid (a pipeline task)")
+    c.add_argument("notebook", help="e.g. 01_embed")
+    c.add_argument("-f", "--params", action="append", default=[], required=True,
+                   help="params YAML, layered in order (repeatable)")
+    c.add_argument("--set", action="append", help="key=value override (YAML value)")
+    c.add_argument("--model", required=True)
+    c.add_argument("--dataset", required=True, help="the dataset scored (cross-tuning: target)")
+    c.add_argument("--mode", default="", help="pretrained, fine-tuned, top-tuned, cross-tuned, ...")
+    c.add_argument("--source", default="", help="the dataset a cross-tuned model was tuned on")
+    c.set_defaults(func=cmd_run_cell)
+
+    pl = sub.add_parser("pipeline", help="the grid as a Kubeflow pipeline (compile | run-local)")
+    pl.add_argument("action", choices=["compile", "run-local"])
+    pl.add_argument("-f", "--params", action="append", default=[], required=True,
+                    help="params YAML named by notebook (params/01_embed.yaml, "
+                         "params/smoke/01_embed.yaml) or NOTEBOOK=path (repeatable)")
+    pl.add_argument("--output", default="pipeline.yaml", help="compile: the pipeline package")
+    pl.add_argument("--image", default="embbench:latest", help="compile: the project's image")
+    pl.add_argument("--name", default="embbench-grid")
+    pl.add_argument("--milvus-uri", default="", help="Milvus server URI (pipeline parameter)")
+    pl.add_argument("--tracking-uri", default="", help="MLflow URI (pipeline parameter)")
+    pl.add_argument("--accelerator-type", default="nvidia.com/gpu")
+    pl.add_argument("--resources", action="append",
+                    help="MODE=CPU,MEMORY,GPUS, e.g. fine-tuned=16,64G,4 (repeatable)")
+    pl.add_argument("--gpu-node-selector", action="append", help="LABEL=VALUE for GPU tasks")
+    pl.add_argument("--pvc", default="embbench-data", help="PVC with data/cache/runs ('' = none)")
+    pl.add_argument("--mount-path", default="/mnt/embbench")
+    pl.add_argument("--secret", default="embbench-secrets",
+                    help="secret with MILVUS_TOKEN, MLFLOW_TRACKING_TOKEN... ('' = none)")
+    pl.add_argument("--retries", type=int, default=3)
+    pl.add_argument("--no-cache", action="store_true", help="disable kfp's task cache")
+    pl.set_defaults(func=cmd_pipeline)
+
     rep = sub.add_parser("report", help="render notebook 05 to reports/report.html", add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)
     rep.set_defaults(func=cmd_report)
@@ -166,7 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; errors people can fix are printed without a trace."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `report` hands its options to report_main; argparse's REMAINDER alone rejects a leading
+    # option (`embbench report -f x.yaml`), so unknown options are passed on here.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "report":
+        args.rest = [*extra, *[a for a in args.rest if a != "--"]]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     from embbench.catalogue import CatalogueError
     from embbench.config import ConfigError

@@ -1,0 +1,47 @@
+"""The grid on Kubeflow Pipelines: one task per cell, run by the cell engine.
+
+- :mod:`embbench.pipeline.plan`: the tasks and their order, planned from the params files, and
+  :func:`run_one_cell` (``embbench run-cell``), the one thing a task runs;
+- :mod:`embbench.pipeline.build`: the kfp pipeline (resources, retries, caching, secrets,
+  volume), :func:`compile_pipeline` and :func:`run_local` (kfp's local runner);
+- :mod:`embbench.pipeline.components`: the task bodies (they call the ``embbench`` CLI).
+
+kfp is an optional dependency (``pip install .[pipeline]``): importing this package does not
+import it.
+"""
+
+from __future__ import annotations
+
+from embbench.pipeline.build import (
+    DEFAULT_RESOURCES,
+    SECRET_ENV,
+    PipelineOptions,
+    TaskResources,
+    build_pipeline,
+    compile_pipeline,
+    run_local,
+)
+from embbench.pipeline.plan import (
+    CellSelectError,
+    PipelinePlan,
+    PlannedCell,
+    group_params,
+    plan_pipeline,
+    run_one_cell,
+)
+
+__all__ = [
+    "DEFAULT_RESOURCES",
+    "SECRET_ENV",
+    "CellSelectError",
+    "PipelineOptions",
+    "PipelinePlan",
+    "PlannedCell",
+    "TaskResources",
+    "build_pipeline",
+    "compile_pipeline",
+    "group_params",
+    "plan_pipeline",
+    "run_local",
+    "run_one_cell",
+]

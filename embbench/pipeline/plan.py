@@ -1,0 +1,289 @@
+"""The grid of a pipeline, planned from the notebooks' params files (no Kubeflow needed here).
+
+A pipeline task runs exactly one cell of one stage through the cell engine
+(:func:`run_one_cell`, the ``embbench run-cell`` command); this module plans those tasks:
+
+- which cells (each stage's own grid, from :func:`embbench.stages.steps_for` on its config);
+- the order between them (the stage order of the study):
+
+  ====================================  =====================================================
+  task                                  runs after
+  ====================================  =====================================================
+  03 top-tuned (m, d)                   01 pretrained (m, d): top-tuning reads its embeddings
+  04 cross-tuned (m, from A, on B)      02 fine-tuned (m, A); 01 pretrained (m, B) (baseline)
+  04 cross-top-tuned (m, from X, on Y)  03 top-tuned (m, X); 01 pretrained (m, Y)
+  05 report                             every cell
+  ====================================  =====================================================
+
+  A prerequisite that is not in the pipeline's grid is expected to exist already (the engine
+  says which stage to run when it does not);
+- a **cell key** per task: the hash of the stage config's result-relevant fields and the cell,
+  i.e. the params content that changes the cell's numbers. The engine's own cell hash also
+  covers the data and the embedding caches, which exist only on the cluster's volume, so the
+  key is what a pipeline can know when it is compiled. Kubeflow's task cache uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embbench._utils import stable_hash
+from embbench.cells import Cell
+from embbench.config import ConfigError, GridConfig, StageConfig
+
+logger = logging.getLogger(__name__)
+
+REPORT_NOTEBOOK = "05_analysis"
+# Stages 02 and 03 are being ported onto the cell engine; until ``steps_for`` knows them, their
+# grid is planned here as (model, dataset) cells with the names their records use.
+_FALLBACK_CELLS = {"02_finetune": ("finetune", "fine-tuned"),
+                   "03_toptune": ("toptune", "top-tuned")}
+_NOTEBOOK_RE = re.compile(r"^(0[1-5]_[a-z]+)$")
+
+
+class CellSelectError(ConfigError):
+    """``run-cell`` cannot pick exactly one cell; the message lists the grid and the fix."""
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One pipeline task: a cell of a stage, its params and what it waits for.
+
+    Attributes:
+        notebook: The stage's notebook name (``01_embed`` ...).
+        cell: The cell of the stage's grid.
+        key: The cell key (config hash of the result-relevant fields + the cell).
+        params_yaml: The stage's full validated config as YAML (what the task runs with).
+        after: The keys of the cells this one waits for.
+        engine: Whether ``steps_for`` runs this stage on the cell engine today.
+    """
+
+    notebook: str
+    cell: Cell
+    key: str
+    params_yaml: str
+    after: tuple[str, ...] = ()
+    engine: bool = True
+
+    @property
+    def label(self) -> str:
+        """A short display name: ``01 pretrained resnet50 on cars196 (from sop)``."""
+        origin = f" (from {self.cell.source})" if self.cell.source else ""
+        return (f"{self.notebook[:2]} {self.cell.mode} {self.cell.model} on "
+                f"{self.cell.dataset}{origin}")
+
+
+@dataclass
+class PipelinePlan:
+    """Every task of a pipeline, in stage order, and the report's params (if any)."""
+
+    cells: list[PlannedCell] = field(default_factory=list)
+    report_yaml: str | None = None
+
+    @property
+    def params(self) -> dict[str, str]:
+        """Notebook -> its validated config as YAML (the pipeline's ``params`` parameter)."""
+        out = {c.notebook: c.params_yaml for c in self.cells}
+        if self.report_yaml is not None:
+            out[REPORT_NOTEBOOK] = self.report_yaml
+        return out
+
+    def by_key(self) -> dict[str, PlannedCell]:
+        """The planned cells by key."""
+        return {c.key: c for c in self.cells}
+
+    @property
+    def grid_key(self) -> str:
+        """One hash of every cell key (the report's cache key)."""
+        return stable_hash(sorted(c.key for c in self.cells) + [self.report_yaml or ""])
+
+
+def group_params(specs: Iterable[str | Path]) -> dict[str, list[Path]]:
+    """Group ``-f`` arguments by notebook, keeping their order.
+
+    ``NOTEBOOK=path`` names the notebook; a bare path is assigned by its file name
+    (``params/01_embed.yaml``, ``params/smoke/01_embed.yaml`` -> ``01_embed``).
+
+    Raises:
+        ConfigError: A bare path whose name is not a notebook's.
+    """
+    grouped: dict[str, list[Path]] = {}
+    for spec in specs:
+        text = str(spec)
+        nb, sep, path = text.partition("=")
+        if not sep:
+            nb, path = Path(text).stem, text
+        if not _NOTEBOOK_RE.match(nb):
+            raise ConfigError(
+                f"params file {text!r}: cannot tell its notebook from the name. Fix: write "
+                "NOTEBOOK=path, e.g. 01_embed=my_models.yaml"
+            )
+        grouped.setdefault(nb, []).append(Path(path))
+    return grouped
+
+
+def load_config(notebook: str, files: Sequence[str | Path], **overrides: Any) -> StageConfig:
+    """The validated config of ``notebook`` from layered ``files`` and ``overrides``."""
+    from embbench.stages import config_for
+
+    return config_for(notebook).from_files(*files, **overrides)
+
+
+def stage_cells(notebook: str, cfg: GridConfig) -> tuple[list[Cell], bool]:
+    """The cells of a stage's grid and whether the cell engine runs that stage today."""
+    from embbench.stages import steps_for
+
+    try:
+        return list(steps_for(cfg).grid()), True
+    except KeyError:
+        if notebook not in _FALLBACK_CELLS:
+            raise
+    stage, mode = _FALLBACK_CELLS[notebook]
+    return [Cell(stage, mode, m, d) for d in cfg.datasets for m in cfg.models], False
+
+
+def canonical_model(name: str) -> str:
+    """The registry's name of ``name`` (aliases match across stages); ``name`` if unknown."""
+    from embbench._registry import UnknownNameError
+    from embbench.models import get_model_spec
+
+    try:
+        return get_model_spec(name).name
+    except UnknownNameError:
+        return name
+
+
+def cell_key(notebook: str, cfg: StageConfig, cell: Cell) -> str:
+    """The cell key: the config's result-relevant hash and the cell (see the module doc)."""
+    return stable_hash({
+        "notebook": notebook,
+        "config": cfg.config_hash(),
+        "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source],
+    })
+
+
+def plan_pipeline(params: Mapping[str, Sequence[str | Path]]) -> PipelinePlan:
+    """Plan the tasks of ``params`` (notebook -> its layered params files).
+
+    Raises:
+        ConfigError: A params file is invalid, or a notebook has no grid and is not 05.
+    """
+    plan = PipelinePlan()
+    found: dict[tuple[str, str, str], str] = {}  # (mode, model, dataset) -> key, for ordering
+    pending: list[tuple[str, GridConfig, Cell, bool]] = []
+    for notebook in sorted(params):
+        files = list(params[notebook])
+        if notebook == REPORT_NOTEBOOK:
+            cfg = load_config(notebook, files)
+            plan.report_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+            continue
+        # skip_missing would drop 04 cells whose sources the pipeline itself is to train
+        overrides = {"skip_missing": False} if notebook == "04_crosstune" else {}
+        cfg = load_config(notebook, files, **overrides)
+        if not hasattr(cfg, "models") or not hasattr(cfg, "datasets"):
+            raise ConfigError(f"{notebook} has no grid of cells; only 01-04 and 05 can be given")
+        cells, engine = stage_cells(notebook, cfg)
+        pending += [(notebook, cfg, c, engine) for c in cells]
+    texts: dict[str, str] = {}
+    for notebook, cfg, cell, engine in pending:
+        key = cell_key(notebook, cfg, cell)
+        texts.setdefault(notebook, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        found.setdefault((cell.mode, canonical_model(cell.model), cell.dataset), key)
+        after = [found.get(need) for need in _needs(cell)]
+        plan.cells.append(PlannedCell(notebook, cell, key, texts[notebook],
+                                      tuple(k for k in after if k and k != key), engine))
+    keys = [c.key for c in plan.cells]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("two cells of the pipeline have the same key; the grid repeats a cell")
+    return plan
+
+
+def _needs(cell: Cell) -> list[tuple[str, str, str]]:
+    """The (mode, model, dataset) cells that must finish before ``cell`` (stage order)."""
+    model = canonical_model(cell.model)
+    if cell.mode == "top-tuned":
+        return [("pretrained", model, cell.dataset)]
+    if cell.mode == "cross-tuned":
+        return [("fine-tuned", model, cell.source or ""), ("pretrained", model, cell.dataset)]
+    if cell.mode == "cross-top-tuned":
+        return [("top-tuned", model, cell.source or ""), ("pretrained", model, cell.dataset)]
+    return []
+
+
+def run_one_cell(
+    notebook: str,
+    files: Sequence[str | Path],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    model: str,
+    dataset: str,
+    mode: str = "",
+    source: str = "",
+) -> Any:
+    """Run exactly one cell of ``notebook``'s grid through the cell engine; return its record.
+
+    A finished cell is read back, not recomputed (the engine skips it unless ``overwrite``).
+    ``skip_missing`` is turned off: a named cell whose source model is missing fails, naming
+    the stage to run, instead of being skipped silently.
+
+    Raises:
+        CellSelectError: The stage has no cells, or the arguments match no cell or several.
+        GridError: The cell cannot run (raised by the engine's up-front checks).
+    """
+    from embbench.cells import run_grid
+    from embbench.records import ResultStore
+    from embbench.stages import config_for, steps_for
+
+    cls = config_for(notebook)
+    if not issubclass(cls, GridConfig):
+        raise CellSelectError(f"{notebook} has no cells; run it with `embbench report`")
+    extra = dict(overrides or {})
+    if "skip_missing" in cls.model_fields:
+        extra["skip_missing"] = False
+    cfg = cls.from_files(*files, **extra)
+    store = ResultStore()
+    try:
+        steps = steps_for(cfg, store)
+    except KeyError as exc:
+        raise CellSelectError(
+            f"{exc.args[0]}; {notebook} does not run on the cell engine yet"
+        ) from None
+
+    def select(c: Cell) -> bool:
+        return (c.model == model and c.dataset == dataset and (not mode or c.mode == mode)
+                and (not source or c.source == source))
+
+    grid = steps.grid()
+    matches = [c for c in grid if select(c)]
+    if len(matches) != 1:
+        listed = "\n- ".join(str(c) for c in grid[:20]) + ("\n- ..." if len(grid) > 20 else "")
+        what = "no cell" if not matches else f"{len(matches)} cells"
+        raise CellSelectError(
+            f"{notebook}: {what} of the grid match model={model!r} dataset={dataset!r}"
+            f"{f' mode={mode!r}' if mode else ''}{f' source={source!r}' if source else ''}. "
+            f"Fix: name one cell of the params' grid (add --mode/--source to tell cells of "
+            f"the same model and dataset apart). The grid:\n- {listed}"
+        )
+    (record,) = run_grid(cfg, steps, store=store, select=select)
+    return record
+
+
+__all__ = [
+    "CellSelectError",
+    "PipelinePlan",
+    "PlannedCell",
+    "canonical_model",
+    "cell_key",
+    "group_params",
+    "load_config",
+    "plan_pipeline",
+    "run_one_cell",
+    "stage_cells",
+]

@@ -1,0 +1,278 @@
+"""The grid as a Kubeflow pipeline: the compiled full grid, and a tiny grid run end to end with
+kfp's local runner against a Milvus Lite server and an MLflow tracking server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("kfp")
+pytest.importorskip("kfp.kubernetes")
+
+from embbench.pipeline import compile_pipeline, group_params, plan_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "params"
+BIN = Path(sys.executable).parent
+
+
+# ---- the paper's full grid, compiled -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    files = sorted(PARAMS.glob("0*.yaml"))
+    plan = compile_pipeline(group_params(files), out, image="registry.example/embbench:1",
+                            gpu_node_selector={"pool": "gpu"})
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    return plan, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _grid_size(notebook: str) -> tuple[int, int]:
+    cfg = yaml.safe_load((PARAMS / f"{notebook}.yaml").read_text())
+    return len(cfg["models"]), len(cfg["datasets"])
+
+
+def test_full_grid_task_count_matches_the_params(full_grid):
+    plan, spec, _ = full_grid
+    n01, n02, n03 = (_grid_size(nb) for nb in ("01_embed", "02_finetune", "03_toptune"))
+    c04 = yaml.safe_load((PARAMS / "04_crosstune.yaml").read_text())
+    per_mode = len(c04["models"]) * sum(
+        1 for t in c04["datasets"] for s in c04["finetuned_on"] if s != t)
+    expected = {"pretrained": n01[0] * n01[1], "fine-tuned": n02[0] * n02[1],
+                "top-tuned": n03[0] * n03[1], "cross-tuned": per_mode,
+                "cross-top-tuned": len(c04["models"]) * sum(
+                    1 for t in c04["datasets"] for s in c04["toptuned_on"] if s != t)}
+    assert Counter(c.cell.mode for c in plan.cells) == expected
+    tasks = spec["root"]["dag"]["tasks"]
+    assert len(tasks) == sum(expected.values()) + 1 == 517  # + the report
+
+
+def test_full_grid_dependencies_follow_the_stage_order(full_grid):
+    plan, spec, _ = full_grid
+    tasks = spec["root"]["dag"]["tasks"]
+    by_label = {t["taskInfo"]["name"]: name for name, t in tasks.items()}
+    deps = {t["taskInfo"]["name"]: {tasks[d]["taskInfo"]["name"]
+                                    for d in t.get("dependentTasks", [])}
+            for t in tasks.values()}
+    assert deps["03 top-tuned resnet50 on sop"] == {"01 pretrained resnet50 on sop"}
+    assert deps["04 cross-tuned resnet50 on sop (from cars196)"] == {
+        "02 fine-tuned resnet50 on cars196", "01 pretrained resnet50 on sop"}
+    assert deps["04 cross-top-tuned vit_b16 on fashion (from rp2k)"] == {
+        "03 top-tuned vit_b16 on rp2k", "01 pretrained vit_b16 on fashion"}
+    assert deps["01 pretrained resnet50 on sop"] == set()
+    assert deps["02 fine-tuned resnet50 on cars196"] == set()
+    assert deps["05 report"] == set(by_label) - {"05 report"}
+    # every cell task carries its cell key as its cache key; keys are unique
+    keys = [t["cachingOptions"]["cacheKey"] for t in tasks.values()]
+    assert len(set(keys)) == len(keys)
+    assert all(t["cachingOptions"].get("enableCache") for t in tasks.values())
+    assert all(t["retryPolicy"]["maxRetryCount"] == 3 for t in tasks.values())
+
+
+def test_full_grid_resources_secrets_and_volume(full_grid):
+    _, spec, k8s = full_grid
+    tasks = spec["root"]["dag"]["tasks"]
+    executors = spec["deploymentSpec"]["executors"]
+    seen = Counter()
+    for task in tasks.values():
+        label = task["taskInfo"]["name"]
+        mode = "report" if label == "05 report" else label.split()[1]
+        exe = task["componentRef"]["name"].replace("comp-", "exec-")
+        container = executors[exe]["container"]
+        res = container["resources"]
+        gpus = int(res.get("accelerator", {}).get("resourceCount", 0))
+        want = {"pretrained": 1, "fine-tuned": 4, "cross-tuned": 1}.get(mode, 0)
+        assert gpus == want, label
+        if gpus:
+            assert "accelerator_type" in res["accelerator"]["resourceType"]
+            assert k8s[exe]["nodeSelector"]["labels"] == {"pool": "gpu"}
+            assert k8s[exe]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        else:
+            assert "nodeSelector" not in k8s[exe], label
+        assert res["resourceCpuLimit"] and res["resourceMemoryLimit"]
+        if mode in ("top-tuned", "cross-top-tuned", "report"):
+            assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("2", "8G")
+        if mode == "fine-tuned":
+            nproc = task["inputs"]["parameters"]["nproc"]["runtimeValue"]["constant"]
+            assert int(nproc) == 4  # torchrun --nproc_per_node=4 inside the task
+        assert container["image"] == "registry.example/embbench:1"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["EMBBENCH_RUNS"] == "/mnt/embbench/runs"
+        assert env["EMBBENCH_CACHE"] == "/mnt/embbench/cache"
+        assert k8s[exe]["pvcMount"][0]["mountPath"] == "/mnt/embbench"
+        secret_env = {m["envVar"] for m in k8s[exe]["secretAsEnv"][0]["keyToEnv"]}
+        assert {"MILVUS_TOKEN", "MLFLOW_TRACKING_TOKEN"} <= secret_env
+        seen[mode] += 1
+    # secrets are environment variables, never parameters
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"params", "milvus_uri", "tracking_uri", "accelerator_type"}
+    assert "TOKEN" not in json.dumps(params)
+    assert seen["report"] == 1
+
+
+def test_group_params_names_notebooks():
+    got = group_params(["params/01_embed.yaml", "params/smoke/01_embed.yaml", "05_analysis=x.yml"])
+    assert got == {"01_embed": [Path("params/01_embed.yaml"), Path("params/smoke/01_embed.yaml")],
+                   "05_analysis": [Path("x.yml")]}
+    from embbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="NOTEBOOK=path"):
+        group_params(["my_models.yaml"])
+
+
+def test_run_cell_rejects_a_cell_outside_the_grid():
+    from embbench.cli import main
+
+    files = ["-f", str(PARAMS / "01_embed.yaml"), "-f", str(PARAMS / "smoke" / "01_embed.yaml")]
+    assert main(["run-cell", "01_embed", *files, "--model", "resnet50", "--dataset", "demo"]) == 2
+
+
+# ---- a tiny grid end to end with kfp's local runner ---------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    port = _free_port()
+    log = (tmp_path / "milvus.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "milvus-lite"), "server", "--data-dir", str(tmp_path / "milvus.db"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: proc.poll() is None and socket.create_connection(("127.0.0.1", port), 1)
+              .close() is None, "milvus-lite server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    log = (tmp_path / "mlflow.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+              "mlflow server")
+        yield uri
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _tiny_params() -> dict[str, list[Path]]:
+    """Pretrained + report; fine-/top-/cross-tuned once steps_for runs those stages."""
+    from embbench.stages import _STEPS
+
+    notebooks = ["01_embed", "05_analysis"]
+    notebooks += [nb for nb in ("02_finetune", "03_toptune") if nb in _STEPS]
+    if "02_finetune" in _STEPS or "03_toptune" in _STEPS:
+        notebooks.append("04_crosstune")
+    return {nb: [PARAMS / f"{nb}.yaml", PARAMS / "smoke" / f"{nb}.yaml"] for nb in notebooks}
+
+
+@pytest.mark.slow
+def test_local_pipeline_end_to_end(tmp_path, monkeypatch, milvus_server, mlflow_server):
+    import mlflow
+
+    from embbench.pipeline import run_local
+    from embbench.records import ResultStore
+
+    monkeypatch.chdir(ROOT)  # the tasks run `python -m embbench` of this checkout
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    params = _tiny_params()
+    if "04_crosstune" in params:  # only the sources this pipeline trains
+        from embbench.stages import _STEPS
+
+        extra = tmp_path / "04_sources.yaml"
+        extra.write_text(yaml.safe_dump({
+            "finetuned_on": ["demo"] if "02_finetune" in _STEPS else [],
+            "toptuned_on": ["demo"] if "03_toptune" in _STEPS else []}))
+        params["04_crosstune"].append(extra)
+    plan = plan_pipeline(params)
+    cells = plan.cells
+    assert {c.cell.mode for c in cells} >= {"pretrained"}
+    assert len(cells) >= 2
+
+    t0 = time.perf_counter()
+    run_local(params, milvus_uri=milvus_server, tracking_uri=mlflow_server,
+              pipeline_root=tmp_path / "kfp")
+    first_s = time.perf_counter() - t0
+
+    store = ResultStore()
+    records = store.records()
+    assert sorted((r.mode, r.model, r.dataset, r.tuned_on or None) for r in records) == sorted(
+        (c.cell.mode, c.cell.model, c.cell.dataset, c.cell.source) for c in cells)
+    assert all(r.backend in ("milvus", "exact") for r in records)
+    assert any(r.backend == "milvus" for r in records)  # searched in the Milvus Lite server
+    saved = {r.config_hash: r.saved for r in records}
+
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["embbench"], output_format="list")
+    run_ids = sorted(r.info.run_id for r in runs)
+    assert len(run_ids) == len(cells)  # exactly one MLflow run per cell
+    assert sorted(r.mlflow_run_id for r in records) == run_ids
+    report = Path(os.environ["EMBBENCH_REPORTS"]) / "report.html"
+    assert report.is_file() and "embbench smoke report" in report.read_text(encoding="utf-8")
+    html = list((tmp_path / "kfp").rglob("report*"))
+    assert any(p.is_file() for p in html)  # the report task's HTML artifact
+
+    # a second submission of the same pipeline recomputes nothing (kfp's cache off: every
+    # task runs, and the cell engine skips its finished cell)
+    report.unlink()
+    t0 = time.perf_counter()
+    run_local(params, milvus_uri=milvus_server, tracking_uri=mlflow_server,
+              pipeline_root=tmp_path / "kfp2")
+    second_s = time.perf_counter() - t0
+    again = ResultStore().records()
+    assert {r.config_hash: r.saved for r in again} == saved
+    runs = mlflow.search_runs(experiment_names=["embbench"], output_format="list")
+    assert sorted(r.info.run_id for r in runs) == run_ids
+    assert report.is_file()
+    sys.stdout.write(f"\nlocal pipeline: {len(cells)} cells + report, first {first_s:.0f} s, "
+                     f"second {second_s:.0f} s\n")
+    shutil.rmtree(tmp_path / "kfp", ignore_errors=True)
