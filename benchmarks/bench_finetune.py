@@ -30,7 +30,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-import embbench.cells as embed_stage  # noqa: E402
+import embbench.cells as cells  # noqa: E402
 from embbench.demo import make_demo_catalogue  # noqa: E402
 from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell  # noqa: E402
 from embbench.train import FineTuner  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
             views=(per_product, 1, 1),
             image_size=args.image_size,
         )
-        embed_stage.load_catalogue = lambda *a, **k: cat  # the benchmark's own catalogue
+        cells.load_catalogue = lambda *a, **k: cat  # the benchmark's own catalogue
         cfg = FinetuneConfig(
             models=[args.model],
             weights="random",

@@ -1,10 +1,15 @@
 """embbench: benchmark and adapt image embeddings for e-commerce retrieval and categorisation.
 
-Stages (one module each, one notebook each):
-``embed_stage`` (01, pretrained retrieval), ``finetune`` (02), ``toptune`` (03),
-``crosstune`` (04), ``analysis`` (05). Building blocks: ``catalogue`` and ``datasets`` (data),
-``models`` (the model zoo), ``embed`` and ``cache`` (vectors), ``retrieval`` and ``metrics``
-(search and scoring), ``tracking`` and ``results`` (MLflow and result records).
+Layers, arrows pointing down only (import-linter checks them, ``make lint``):
+
+- entry points: :mod:`~embbench.cli`, :mod:`~embbench.notebooks`, :mod:`~embbench.pipeline`;
+- stages, one module per notebook: :mod:`embbench.stages` (``embed`` 01, ``finetune`` 02,
+  ``toptune`` 03, ``crosstune`` 04, ``analysis`` 05);
+- the cell engine: :mod:`~embbench.cells` (the one per-cell loop);
+- :mod:`~embbench.report` and :mod:`~embbench.analysis` (tables, figures, galleries);
+- building blocks: ``models``, ``datasets``, ``catalogue``, ``demo``, ``images``, ``cache``,
+  ``embed``, ``retrieval``, ``metrics``, ``records``, ``tracking``, ``train``, ``toptune``...;
+- utilities: ``config``, ``paths``, ``_registry``, ``_utils``, ``_torch_utils``.
 """
 
 from __future__ import annotations

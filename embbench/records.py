@@ -108,7 +108,7 @@ class ResultRecord(BaseModel):
     mode: Mode
     model: str  # the zoo model name (for fine-tuned models: the base model)
     dataset: str  # the dataset scored (for cross-tuning: the target)
-    config_hash: str  # hash of everything that changes the result
+    config_hash: str = ""  # hash of everything that changes the result ("" if rebuilt from tags)
     family: str = "unknown"  # supervised | ssl | text-image
     backbone: str = "unknown"  # convolutional | transformer | ...
     paper_name: str = ""

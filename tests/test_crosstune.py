@@ -12,7 +12,7 @@ import dataclasses
 import mlflow
 import pytest
 
-import embbench.cells as embed_stage
+import embbench.cells as cells
 from embbench.cells import GridError
 from embbench.config import ConfigError
 from embbench.demo import make_demo_catalogue
@@ -52,7 +52,7 @@ def two_demos(tmp_path_factory):
 
 @pytest.fixture
 def use_demos(two_demos, monkeypatch):
-    monkeypatch.setattr(embed_stage, "load_catalogue", lambda name, *a, **k: two_demos[name])
+    monkeypatch.setattr(cells, "load_catalogue", lambda name, *a, **k: two_demos[name])
     return two_demos
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-import embbench.cells as embed_stage
+import embbench.cells as cells
 import embbench.stages.finetune as ft
 import embbench.train.trainer as trainer_mod
 from embbench.catalogue import Catalogue
@@ -70,7 +70,7 @@ def tiny_demo(tmp_path_factory) -> Catalogue:
 
 @pytest.fixture
 def use_tiny(tiny_demo, monkeypatch) -> Catalogue:
-    monkeypatch.setattr(embed_stage, "load_catalogue", lambda *a, **k: tiny_demo)
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: tiny_demo)
     return tiny_demo
 
 
@@ -153,7 +153,7 @@ def test_unreadable_training_image_is_skipped_and_recorded(use_tiny, tmp_path, m
     first = items.index[items["split"] == "train"][0]
     items.loc[first, "path"] = str(bad)
     cat = dataclasses.replace(use_tiny, items=items)
-    monkeypatch.setattr(embed_stage, "load_catalogue", lambda *a, **k: cat)
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: cat)
     cfg = FinetuneConfig(**{**TINY, "recipe": "A3"})
     trainer = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo"))
     stats = trainer.train_epoch(0)

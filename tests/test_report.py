@@ -23,7 +23,7 @@ from embbench import report as rep
 from embbench.notebooks import render_report, report_main
 from embbench.paths import project_root
 from embbench.records import ResultStore
-from embbench.stages.analysis import AnalysisConfig
+from embbench.stages.analysis import Analysis, AnalysisConfig
 
 # figures 2, 3, 4a, 4b, 4c, 5, 6 and 7 (the synthetic runs feed all of them), the per-category
 # scores and the wrong top-1 confusion (the demo runs feed those)
@@ -89,7 +89,7 @@ def test_export_html_refuses_a_failed_notebook(tmp_path):
 
 def _analysis(results: pd.DataFrame, **cfg) -> an.Analysis:
     empty = pd.DataFrame()
-    return an.Analysis(
+    return Analysis(
         cfg=AnalysisConfig(**cfg), results=results, table3=empty, table2=empty, facts=empty,
         correlation=empty, tuning=empty, cross=empty, paired=empty, ci=empty, guide=empty,
         sentences=[], notes=["a note to the reader"],
@@ -150,10 +150,9 @@ def test_report_main_names_a_bad_params_file(tmp_path, caplog):
 
 def _embed_demo(mp, demo_root, uri):
     """Real stage-01 runs (tiny random-weight models) on the small demo: the gallery's input."""
-    import embbench.embed_stage as stage
-    from embbench.embed_stage import EmbedConfig, run_embed
-
+    import embbench.cells as stage
     from embbench.demo import make_demo_catalogue
+    from embbench.stages.embed import EmbedConfig, run_embed
 
     cat = make_demo_catalogue(
         demo_root, n_categories=4, products_per_category=3, views=(4, 2, 3), image_size=48

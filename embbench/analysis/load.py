@@ -87,6 +87,9 @@ def normalise_record(record: ResultRecord | Mapping[str, Any], k: int) -> dict[s
         key: value for key, value in _flatten(rec.details).items() if key != "run_metrics"
     }
     row.update({col: getattr(rec, col) for col in _ID_COLUMNS})
+    # unknown here, maybe known from the model's other runs (records_frame fills them in)
+    for col in ("family", "backbone", "paper_name", "label"):
+        row[col] = None if row[col] in ("", "unknown") else row[col]
     row.update(
         weights_kind=lin.start_kind,
         weights_used=lin.weights_kind,

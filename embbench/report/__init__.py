@@ -28,7 +28,6 @@ from embbench.report.display import (
 from embbench.report.gallery import GalleryRenderer, show_gallery
 from embbench.report.render import (
     HIDE_TAG,
-    NOTEBOOK,
     ReportError,
     export_html,
 )
@@ -36,7 +35,6 @@ from embbench.report.render import (
 __all__ = [
     "HIDE_TAG",
     "MISSING",
-    "NOTEBOOK",
     "GalleryRenderer",
     "ReportError",
     "ci_display",
