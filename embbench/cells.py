@@ -36,14 +36,18 @@ from typing import Any, Protocol
 import numpy as np
 from filelock import FileLock, Timeout
 
-from embbench._registry import UnknownNameError
+from embbench._registry import UnknownNameError, did_you_mean
 from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
 from embbench._utils import metric_key, stable_hash
 from embbench.cache import EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.config import ConfigError, GridConfig
+from embbench.datasets import create_catalogue, fetch_urls, get_dataset_info, list_datasets
+from embbench.models import get_model_spec
 from embbench.records import Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
+from embbench.services import ServiceUnreachableError, check_milvus
+from embbench.tracking import log_json_artifact, log_params, mlflow_run, provenance, setup_mlflow
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +188,6 @@ def load_catalogue(
             ``allow_private``: fetch URLs on private or loopback addresses (an internal CDN).
         progress: Show a progress bar while fetching URLs.
     """
-    from embbench.datasets import create_catalogue, fetch_urls, list_datasets
-
     root = data_root.get(name) or None
     options = dict(options or {})
     allow_private = bool(options.pop("allow_private", False))
@@ -208,8 +210,6 @@ def retrieval_plan(name: str, cat: Catalogue, label: str = "", protocol: str = "
     Raises:
         GridError: The catalogue lacks a split the protocol needs, or the label column.
     """
-    from embbench.datasets import get_dataset_info, list_datasets
-
     info = get_dataset_info(name) if name in list_datasets() else None
     # The six public datasets have curated defaults; a user's catalogue keeps its own label.
     label = label or (info.default_label if info and info.public else cat.default_label)
@@ -270,9 +270,6 @@ class CellEngine:
             GridError: Listing every problem found (unknown models and datasets with close
                 matches, an unknown backend, a missing split or label), each with its fix.
         """
-        from embbench.datasets import list_datasets
-        from embbench.models import get_model_spec
-
         problems: list[str] = []
         if self.cfg.backend not in list_backends():
             problems.append(
@@ -286,7 +283,6 @@ class CellEngine:
         known = set(list_datasets())
         for dataset in dict.fromkeys(c.dataset for c in cells):
             if dataset not in known:
-                from embbench._registry import did_you_mean
 
                 problems.append(did_you_mean(dataset, sorted(known), "dataset"))
                 continue
@@ -297,7 +293,6 @@ class CellEngine:
         if not problems:
             problems += self.steps.check(cells, self.inputs)
         if self.cfg.backend == "milvus" and self.cfg.milvus_uri.startswith(("http", "tcp")):
-            from embbench.services import ServiceUnreachableError, check_milvus
 
             try:
                 check_milvus(self.cfg.milvus_uri, os.environ.get("MILVUS_TOKEN", ""))
@@ -339,8 +334,6 @@ class CellEngine:
             select: Run only the cells for which this returns true (e.g. the one cell of a
                 pipeline task); the others are neither validated nor run.
         """
-        from embbench.tracking import setup_mlflow
-
         # under torchrun every rank runs the grid; rank 0 loads first (it may generate the demo
         # catalogue), logs, locks and records, the others join the collective work of produce
         self.dist = init_distributed(resolve_device(self.cfg.device))
@@ -416,7 +409,6 @@ class CellEngine:
         """The cell's one MLflow run: a run left RUNNING or FAILED by a crash is resumed."""
         import mlflow
 
-        from embbench.tracking import mlflow_run
 
         tags = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
                 "dataset": cell.dataset, "config_hash": chash}
@@ -452,7 +444,6 @@ class CellEngine:
         if produced.baseline is not None:
             pretrained = dict(self.evaluate(*produced.baseline, inputs).summary)
         failed = list(query.failed) + ([] if index is query else list(index.failed))
-        from embbench.tracking import provenance
 
         spec = produced.spec
         timings = Timings(**{**produced.timings, "search_s": search_s})
@@ -508,7 +499,6 @@ class CellEngine:
         """Log the record into the cell's active MLflow run."""
         import mlflow
 
-        from embbench.tracking import log_json_artifact, log_params
 
         lin = record.lineage
         mlflow.set_tags(

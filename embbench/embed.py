@@ -37,6 +37,7 @@ from embbench._torch_utils import (
 )
 from embbench.cache import CorruptCacheError, EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue
+from embbench.images import BadImageError, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class ImageRows(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from embbench.images import BadImageError, load_rgb
 
         try:
             img = load_rgb(self.paths[i])

@@ -27,6 +27,7 @@ from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
 from embbench.metrics import metric_names
 from embbench.records import ResultRecord, ResultStore, parse_record
+from embbench.tracking import default_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,6 @@ def mlflow_records(tracking_uri: str = "", experiment: str = "embbench") -> list
     from mlflow.artifacts import load_dict
     from mlflow.exceptions import MlflowException
 
-    from embbench.tracking import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):

@@ -24,6 +24,9 @@ from pydantic import Field, model_validator
 from embbench.cache import EmbeddingCache
 from embbench.cells import Cell, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
+from embbench.embed import embed_splits, embedding_cache
+from embbench.models import create_embedder, get_model_spec
+from embbench.models.finetuned import find_finetuned, register_finetuned_models
 from embbench.records import Lineage, ResultRecord, ResultStore, record_row
 from embbench.stages.embed import (
     PretrainedEmbedder,
@@ -31,6 +34,7 @@ from embbench.stages.embed import (
     lineage_of,
     weights_problem,
 )
+from embbench.toptune import load_toptuned
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +107,6 @@ class CrosstuneSteps:
     """Stage 04's steps for the cell engine."""
 
     def __init__(self, cfg: CrosstuneConfig, store: ResultStore) -> None:
-        from embbench.models.finetuned import register_finetuned_models
 
         self.cfg = cfg
         self.store = store
@@ -118,7 +121,6 @@ class CrosstuneSteps:
         """The fine-tuned index entry, or the newest top-tuning record, of a cell's source."""
         if cell not in self._sources:
             if cell.mode == CROSS_TUNED:
-                from embbench.models.finetuned import find_finetuned
 
                 self._sources[cell] = find_finetuned(cell.model, cell.source, self.cfg.recipe)
             else:
@@ -126,7 +128,6 @@ class CrosstuneSteps:
         return self._sources[cell]
 
     def _toptuned(self, model: str, dataset: str) -> ResultRecord | None:
-        from embbench.models import get_model_spec
 
         name = get_model_spec(model).name
         hits = [
@@ -155,7 +156,6 @@ class CrosstuneSteps:
     def _finetuned_embedder(self, cell: Cell) -> Any:
         name = self.source(cell)["spec"]["name"]
         if name not in self._finetuned:
-            from embbench.models import create_embedder
 
             self._finetuned[name] = create_embedder(name)
         return self._finetuned[name]
@@ -167,7 +167,6 @@ class CrosstuneSteps:
         base = {"version": CROSSTUNE_VERSION,
                 "pretrained": self.pretrained.cache_keys(cell.model, inputs, splits)}
         if cell.mode == CROSS_TUNED:
-            from embbench.embed import embedding_cache
 
             emb = self._finetuned_embedder(cell)
             keys = {s: embedding_cache(emb, inputs.catalogue, s).key for s in splits}
@@ -184,7 +183,6 @@ class CrosstuneSteps:
         base_lineage = lineage_of(self.pretrained(cell.model), cell.model)
         src = self.source(cell)
         if cell.mode == CROSS_TUNED:
-            from embbench.embed import embed_splits
 
             emb = self._finetuned_embedder(cell)
             sets = embed_splits(emb, inputs.catalogue, splits, **embed_options(self.cfg))
@@ -217,8 +215,6 @@ class CrosstuneSteps:
 
     def _apply_toptuned(self, cell: Cell, record: ResultRecord, pre: Mapping) -> dict:
         """Y's pretrained embeddings through the MLP top-tuned on X, cached."""
-        from embbench.toptune import load_toptuned
-
         src_kind = record.lineage.weights_kind
         tgt_kind = self.pretrained(cell.model).weights_used.get("kind")
         if src_kind != tgt_kind:

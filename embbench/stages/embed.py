@@ -18,6 +18,8 @@ import pandas as pd
 
 from embbench.cells import Cell, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
+from embbench.embed import embed_splits, embedding_cache
+from embbench.models import create_embedder
 from embbench.records import Lineage, ResultStore, record_row
 
 logger = logging.getLogger(__name__)
@@ -71,22 +73,17 @@ class PretrainedEmbedder:
     def __call__(self, model: str) -> Any:
         """The embedder of ``model`` with the configured weights."""
         if model not in self._embedders:
-            from embbench.models import create_embedder
 
             self._embedders[model] = create_embedder(model, weights=self.cfg.weights)
         return self._embedders[model]
 
     def cache_keys(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:
         """The embedding cache keys of ``splits`` of ``inputs``' catalogue."""
-        from embbench.embed import embedding_cache
-
         emb = self(model)
         return {s: embedding_cache(emb, inputs.catalogue, s).key for s in sorted(set(splits))}
 
     def embed(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:
         """``{split: EmbeddingSet}``, computed or read from the cache."""
-        from embbench.embed import embed_splits
-
         return embed_splits(self(model), inputs.catalogue, sorted(set(splits)),
                             **embed_options(self.cfg))
 

@@ -45,11 +45,14 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field
 
-from embbench._torch_utils import DistInfo, barrier
+from embbench import setup_logging
+from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
 from embbench._utils import safe_name, stable_hash
-from embbench.cells import Cell, CellInputs, Produced, run_grid
+from embbench.cells import Cell, CellEngine, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
+from embbench.embed import embed_splits
 from embbench.metrics import CLASSIFICATION_KEYS
+from embbench.models import create_embedder, get_model_spec
 from embbench.models.finetuned import (
     finetuned_name,
     register_finetuned,
@@ -67,6 +70,7 @@ from embbench.train import (
     get_recipe,
     resolve_recipe,
 )
+from embbench.train.model import FINETUNABLE_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +142,6 @@ def plan_cell(
         FinetuneError: The catalogue has no train split, or fewer than two classes in it.
     """
     if isinstance(inputs, str):
-        from embbench.cells import CellEngine
 
         inputs = CellEngine(cfg, FinetuneSteps(cfg)).inputs_for(inputs)
     cat, plan, dataset = inputs.catalogue, inputs.plan.as_dict(), inputs.dataset
@@ -200,8 +203,6 @@ def register_trained(cell: CellPlan, summary: Mapping[str, Any], registry: dict 
     The index entry records the weights the training started from (``start_weights``), so
     every later use of the model (01, 04) can say whether it began from pretrained weights.
     """
-    from embbench.models import get_model_spec
-
     base = get_model_spec(cell.model)
     dc = dict(summary["eval_data_config"])
     dc["input_size"] = tuple(dc["input_size"])
@@ -231,7 +232,6 @@ def _register_in_mlflow(spec_name: str) -> dict | None:
     import mlflow
     import torch
 
-    from embbench.models import create_embedder
 
     if mlflow.active_run() is None:
         return None
@@ -269,9 +269,6 @@ class FinetuneSteps:
 
     def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
         """Every cell must be trainable (train split, two classes, a timm-based model)."""
-        from embbench.models import get_model_spec
-        from embbench.train.model import FINETUNABLE_SOURCES
-
         problems = [weights_problem(self.cfg.weights)]
         for c in cells:
             source = get_model_spec(c.model).source
@@ -300,9 +297,6 @@ class FinetuneSteps:
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Train (or reuse a finished training), register, embed the plan's splits."""
-        from embbench._torch_utils import init_distributed, resolve_device
-        from embbench.models import create_embedder
-
         self.dist = init_distributed(resolve_device(self.cfg.device))
         plan = self.plan(cell, inputs)
         if self.cfg.overwrite == "always" and self.dist.is_main:
@@ -328,7 +322,6 @@ class FinetuneSteps:
         t0 = time.perf_counter()
         emb = create_embedder(name)
         splits = inputs.plan.splits
-        from embbench.embed import embed_splits
 
         sets = embed_splits(emb, inputs.catalogue, splits, **embed_options(self.cfg))
         pre = self.pretrained.embed(cell.model, inputs, splits)
@@ -435,7 +428,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     import yaml
 
-    from embbench import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m embbench.stages.finetune",
                                      description=__doc__)

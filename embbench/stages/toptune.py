@@ -58,6 +58,7 @@ from embbench.toptune import (
     toptune_dir,
     use_keras_backend,
 )
+from embbench.tracking import log_json_artifact, log_params, mlflow_run
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +332,6 @@ def _log_search(trials: list[dict], best: dict, final: dict, classification: dic
     """The search, into the cell's active MLflow run, with one nested child run per trial."""
     import mlflow
 
-    from embbench.tracking import log_json_artifact, log_params, mlflow_run
 
     parent = mlflow.active_run()
     if parent is None:

@@ -35,6 +35,7 @@ from embbench._torch_utils import (
 )
 from embbench._utils import atomic_write_json
 from embbench.metrics import accuracy, classification_metrics
+from embbench.tracking import provenance_tags
 from embbench.train import tracking
 from embbench.train.checkpointing import (
     TrainState,
@@ -464,7 +465,6 @@ class FineTuner:
         """Open (or reopen, when resuming) the training's MLflow run on rank 0; its id."""
         if not self.dist.is_main or not self.settings.experiment:
             return None
-        from embbench.tracking import provenance_tags
 
         job, hp = self.job, self.hp
         tags = {
