@@ -17,6 +17,7 @@ from embbench.deploy.ann import (
     MilvusIndex,
     evaluate_indexes,
     rank_candidates,
+    snap_scores,
     tie_aware_recall,
 )
 from embbench.deploy.compress import (
@@ -90,6 +91,7 @@ __all__ = [
     "fit_compression",
     "hamming_search",
     "rank_candidates",
+    "snap_scores",
     "tie_aware_recall",
     "time_faiss",
 ]

@@ -18,7 +18,8 @@ for those the quality is measured on the faiss family and labelled ``engine="fai
 has none and is reported ``unsupported``.
 
 Rankings follow the protocol: the index's own scores order the results, ties by index id
-ascending, and under ``within`` the query is removed from its own list by id (``k + 1`` fetched).
+ascending (``margin`` extra candidates are fetched so boundary ties resolve by id), and under
+``within`` the query is removed from its own list by id (``k + 1`` fetched).
 Recall@k is tie-aware (as in ann-benchmarks): a result counts when its exact score reaches the
 exact k-th score (within ``1e-6``), so exact duplicates at the boundary never count as misses.
 """
@@ -52,12 +53,51 @@ from embbench.retrieval import ExactBackend, l2_normalize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexResult", "MilvusIndex", "evaluate_indexes", "rank_candidates", "tie_aware_recall"]
+__all__ = [
+    "IndexResult",
+    "MilvusIndex",
+    "evaluate_indexes",
+    "rank_candidates",
+    "snap_scores",
+    "tie_aware_recall",
+]
 
 _MAX_NQ = 16_384  # a Milvus server caps nq and topk per search call
 _MAX_TOPK = 16_384
 _INSERT_BUDGET = 192 * 2**20  # bytes per insert call, under the 256 MiB gRPC message cap
 _RECALL_EPS = 1e-6
+
+
+def snap_scores(
+    ids: np.ndarray, scores: np.ndarray, index: np.ndarray, queries: np.ndarray
+) -> np.ndarray:
+    """The index's scores, each replaced by the exact one when they agree to float32 rounding.
+
+    Engines score in float32 with kernels whose rounding depends on alignment and batching:
+    Milvus Lite's FLAT gave two identical index vectors scores 1 ulp apart, so "ties by id"
+    would not hold. An index score within ``d * 2**-24`` (+ slack) of the exact float64 inner
+    product is that product computed by a float32 kernel, and is replaced by it, so exact
+    duplicates tie exactly. A quantised index's scores (SQ8, PQ, RaBitQ) differ by far more
+    and are kept: the index's own ranking is what is measured.
+
+    Args:
+        ids: ``(nq, limit)`` candidate ids (``-1`` padding).
+        scores: ``(nq, limit)`` the index's inner products.
+        index: Unit index vectors.
+        queries: Unit queries.
+
+    Returns:
+        ``(nq, limit)`` float64 scores.
+    """
+    safe = np.where(ids < 0, 0, ids)
+    exact = (
+        np.einsum("qd,qkd->qk", queries.astype(np.float64), index[safe].astype(np.float64))
+        .astype(np.float32)
+        .astype(np.float64)
+    )
+    tol = index.shape[1] * 2.0**-24 * 1.01 + 2.0**-22
+    raw = np.asarray(scores, dtype=np.float64)
+    return np.where(np.abs(raw - exact) <= tol, exact, raw)
 
 
 def rank_candidates(
@@ -67,7 +107,7 @@ def rank_candidates(
 
     Args:
         ids: ``(nq, limit)`` candidate ids (``-1`` padding).
-        scores: ``(nq, limit)`` the index's scores (higher is better).
+        scores: ``(nq, limit)`` the index's scores (higher is better; see :func:`snap_scores`).
         k: Results kept.
         self_ids: Protocol ``within``: each query's own id, removed from its list.
 
@@ -322,6 +362,7 @@ def evaluate_indexes(
     batch: int = 1000,
     threads: int | None = None,
     lite_timing_queries: int = 20,
+    margin: int = 2,
 ) -> list[IndexResult]:
     """Build and search every index variant; score it against exact search.
 
@@ -341,6 +382,8 @@ def evaluate_indexes(
         batch: Throughput batch size (at most 16,384 on a server).
         threads: faiss threads during timing (``None``: faiss' default).
         lite_timing_queries: Single-query searches timed on Milvus Lite (slow, pure Python).
+        margin: Extra candidates fetched so that ties at the k-th place resolve by id (the
+            index's own scores still rank them; nothing is re-scored exactly).
 
     Returns:
         One result per spec, in order.
@@ -393,7 +436,7 @@ def evaluate_indexes(
             if engine == "none":
                 res.status = "unsupported" if _is_unsupported(Exception(note)) else "failed"
                 continue
-            limit = min(len(x), kk)
+            limit = min(len(x), kk + margin, _MAX_TOPK)
             has_family = faiss_factory(spec, x.shape[1]) is not None
             if (engine == "faiss" or timings) and has_family and key not in faiss_built:
                 faiss_built[key] = build_faiss(spec, x)
@@ -403,7 +446,7 @@ def evaluate_indexes(
             else:
                 raw_ids, raw_sc = mil.search(name, spec, q, limit)
             search_s = time.perf_counter() - t0
-            ids = rank_candidates(raw_ids, raw_sc, k, qids)
+            ids = rank_candidates(raw_ids, snap_scores(raw_ids, raw_sc, x, q), k, qids)
             res.retrieval = evaluate_rankings(
                 ids, q_lab, x_lab, k, exclude_self=within, query_ids=qids
             )

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embbench.deploy.ann import rank_candidates, tie_aware_recall
+from embbench.deploy.ann import rank_candidates, snap_scores, tie_aware_recall
 from embbench.deploy.compress import hamming_search
 from embbench.deploy.indexes import (
     IndexSpec,
@@ -261,8 +261,8 @@ def measure_scale(
         exact_ids, _ = ExactBackend().search(x, q, k, query_ids=qids)
         for spec in grid(len(x), x.shape[1]):
             index, build_s = build_faiss(spec, x)
-            raw_ids, raw_sc = faiss_search(index, spec, q, k + 1)
-            ids = rank_candidates(raw_ids, raw_sc, k, qids)
+            raw_ids, raw_sc = faiss_search(index, spec, q, k + 3)  # +2: ties by id
+            ids = rank_candidates(raw_ids, snap_scores(raw_ids, raw_sc, x, q), k, qids)
             res = evaluate_rankings(ids, labels[qids], labels, k, exclude_self=True, query_ids=qids)
             t = time_faiss(
                 spec,
