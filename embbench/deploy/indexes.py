@@ -113,9 +113,9 @@ def default_index_grid(
     """The default sweep for ``n`` index vectors of dimension ``d``.
 
     ``nlist`` is about ``4 sqrt(n)`` (kept to at least 39 training points per list, faiss'
-    minimum); PQ uses ``d/4`` sub-quantisers of 8 bits (4 bits under 10k vectors, which cannot
-    train 256 centroids); HNSW ``M=16, efConstruction=200``; search parameters are swept over
-    ``nprobes`` (capped at ``nlist``) and ``efs`` (at least ``k + 1``).
+    minimum); PQ uses ``d/8`` sub-quantisers (one code per 8 dims) of 8 bits (4 bits under 10k
+    vectors, which cannot train 256 centroids); HNSW ``M=16, efConstruction=200``; search
+    parameters are swept over ``nprobes`` (capped at ``nlist``) and ``efs`` (at least ``k + 1``).
 
     Args:
         n: Index size.
@@ -139,7 +139,7 @@ def default_index_grid(
         elif kind in ("IVF_FLAT", "IVF_SQ8", "IVF_RABITQ"):
             out += [IndexSpec.of(kind, {"nlist": nlist}, {"nprobe": p}) for p in probes]
         elif kind == "IVF_PQ":
-            build = {"nlist": nlist, "m": _pq_m(d, d // 4), "nbits": nbits}
+            build = {"nlist": nlist, "m": _pq_m(d, max(1, d // 8)), "nbits": nbits}
             out += [IndexSpec.of(kind, build, {"nprobe": p}) for p in probes]
         elif kind == "SCANN":
             build = {"nlist": nlist, "with_raw_data": True}
@@ -173,7 +173,7 @@ def faiss_factory(spec: IndexSpec, d: int) -> str | None:
         "FLAT": "Flat",
         "IVF_FLAT": f"IVF{nlist},Flat",
         "IVF_SQ8": f"IVF{nlist},SQ8",
-        "IVF_PQ": f"IVF{nlist},PQ{b.get('m', _pq_m(d, d // 4))}x{b.get('nbits', 8)}",
+        "IVF_PQ": f"IVF{nlist},PQ{b.get('m', _pq_m(d, max(1, d // 8)))}x{b.get('nbits', 8)}",
         "HNSW": f"HNSW{b.get('M', 16)},Flat",
         "SCANN": f"IVF{nlist},PQ{_pq_m(d, d // 2)}x4fs,RFlat",
         "IVF_RABITQ": f"IVF{nlist},RaBitQ",
@@ -244,7 +244,8 @@ class Timing:
         batch: The throughput batch size.
         index_bytes: Index memory (faiss: the serialised index size), ``None`` when unknown.
         build_s: Build time in seconds.
-        threads: Threads used (``None``: the library default).
+        threads: Threads of the throughput batch (``None``: the library default); faiss single
+            queries run on one thread.
     """
 
     source: str
@@ -262,18 +263,35 @@ class Timing:
 
 
 def latency_stats(
-    search_one: Any, search_batch: Any, queries: np.ndarray, *, n_single: int, batch: int
+    search_one: Any,
+    search_batch: Any,
+    queries: np.ndarray,
+    *,
+    n_single: int,
+    batch: int,
+    set_threads: Any = None,
+    threads: int | None = None,
 ) -> tuple[float, float, float]:
-    """p50/p99 (ms) of ``n_single`` single-query calls and QPS of one ``batch``-query call."""
+    """p50/p99 (ms) of ``n_single`` single-query calls and QPS of one ``batch``-query call.
+
+    With ``set_threads``, single queries run on one thread (a server answers concurrent single
+    queries one thread each; OpenMP threads spinning on a shared machine made the p99 of a
+    two-thread single query 10-100x its p50 in our runs) and the batch on ``threads``.
+    """
     n_single = min(n_single, len(queries))
     lat = np.empty(n_single)
+    if set_threads is not None:
+        set_threads(1)
     search_one(queries[:1])  # warm-up
     for i in range(n_single):
         t0 = time.perf_counter()
         search_one(queries[i : i + 1])
         lat[i] = time.perf_counter() - t0
+    if set_threads is not None and threads is not None:
+        set_threads(threads)
     reps = max(1, -(-batch // len(queries)))
     big = np.concatenate([queries] * reps)[:batch]
+    search_batch(big[: min(len(big), 16)])  # warm-up
     t0 = time.perf_counter()
     search_batch(big)
     qps = len(big) / max(time.perf_counter() - t0, 1e-9)
@@ -301,7 +319,8 @@ def time_faiss(
         k: Results per query.
         n_single: Single-query searches timed.
         batch: Throughput batch size.
-        threads: OpenMP threads during timing (``None``: faiss' default).
+        threads: OpenMP threads for the throughput batch (``None``: faiss' default); single
+            queries run on one thread.
         index: A prebuilt index of ``spec`` (with its ``build_s``) to reuse.
         build_s: Build seconds of ``index``.
 
@@ -324,6 +343,8 @@ def time_faiss(
             q,
             n_single=n_single,
             batch=batch,
+            set_threads=faiss.omp_set_num_threads,
+            threads=threads if threads is not None else old,
         )
         mem = int(faiss.serialize_index(index).size)
     finally:
