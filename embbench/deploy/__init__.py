@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from embbench.deploy.ann import (
     IndexResult,
-    MilvusIndex,
     evaluate_indexes,
     rank_candidates,
     snap_scores,
@@ -39,6 +38,7 @@ from embbench.deploy.indexes import (
     faiss_factory,
     time_faiss,
 )
+from embbench.deploy.milvus import MilvusIndex
 from embbench.deploy.plots import (
     VariantPoint,
     deployment_sentence,

@@ -26,14 +26,10 @@ exact k-th score (within ``1e-6``), so exact duplicates at the boundary never co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -48,6 +44,14 @@ from embbench.deploy.indexes import (
     latency_stats,
     time_faiss,
 )
+from embbench.deploy.milvus import (
+    MAX_NQ,
+    MAX_TOPK,
+    MilvusIndex,
+    error_text,
+    is_unsupported,
+    quiet_milvus,
+)
 from embbench.metrics import RetrievalResult, evaluate_rankings
 from embbench.retrieval import ExactBackend, l2_normalize
 
@@ -55,16 +59,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IndexResult",
-    "MilvusIndex",
     "evaluate_indexes",
     "rank_candidates",
     "snap_scores",
     "tie_aware_recall",
 ]
 
-_MAX_NQ = 16_384  # a Milvus server caps nq and topk per search call
-_MAX_TOPK = 16_384
-_INSERT_BUDGET = 192 * 2**20  # bytes per insert call, under the 256 MiB gRPC message cap
 _RECALL_EPS = 1e-6
 
 
@@ -164,100 +164,6 @@ def tie_aware_recall(
     return float(np.mean(np.minimum(hits[ok], n_true[ok]) / n_true[ok])) if ok.any() else 1.0
 
 
-class MilvusIndex:
-    """One Milvus collection holding unit vectors under one index type (Lite or a server).
-
-    Args:
-        uri: A ``.db`` path (Milvus Lite) or ``http(s)://host:port`` (a server).
-        token: Server token (never logged).
-    """
-
-    def __init__(self, uri: str, token: str = "") -> None:
-        from pymilvus import MilvusClient
-
-        self.uri = str(uri)
-        self.is_server = bool(re.match(r"^[a-z]+://", self.uri))
-        if not self.is_server:
-            path = Path(self.uri).expanduser().resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.uri = str(path)
-        self.client = MilvusClient(uri=self.uri, token=token)
-
-    def close(self) -> None:
-        """Close the client; for Lite also release the file lock."""
-        self.client.close()
-        if not self.is_server:
-            from milvus_lite.server_manager import server_manager_instance
-
-            server_manager_instance.release_server(self.uri)
-
-    def build(self, name: str, vectors: np.ndarray, spec: IndexSpec) -> float:
-        """(Re)create collection ``name`` with ``vectors`` (ids = positions) and ``spec``'s index.
-
-        Returns:
-            Build seconds (insert + flush + index + load).
-        """
-        from pymilvus import DataType
-
-        c = self.client
-        n, d = vectors.shape
-        t0 = time.perf_counter()
-        if c.has_collection(name):
-            c.drop_collection(name)
-        schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
-        c.create_collection(name, schema=schema)
-        try:
-            step = max(1, min(8192, _INSERT_BUDGET // (4 * d + 32)))
-            for s in range(0, n, step):
-                rows = [
-                    {"id": i, "vector": v}
-                    for i, v in zip(range(s, min(n, s + step)), vectors[s : s + step], strict=True)
-                ]
-                c.insert(name, rows)
-            c.flush(name)
-            params = c.prepare_index_params()
-            params.add_index(
-                "vector", index_type=spec.index_type, metric_type="IP", params=spec.build_params
-            )
-            # Lite lacks AllocTimestamp used by the synchronous wait; it indexes before returning.
-            c.create_index(name, params, sync=self.is_server)
-            c.load_collection(name)
-        except Exception:
-            c.drop_collection(name)
-            raise
-        return time.perf_counter() - t0
-
-    def search(
-        self, name: str, spec: IndexSpec, queries: np.ndarray, limit: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw search in calls of at most 16,384 queries; ``(ids, scores)`` padded -1 / -inf."""
-        if limit > _MAX_TOPK:
-            raise ValueError(f"MilvusIndex: limit {limit} exceeds Milvus' topk cap of {_MAX_TOPK}")
-        nq = len(queries)
-        ids = np.full((nq, limit), -1, dtype=np.int64)
-        scores = np.full((nq, limit), -np.inf, dtype=np.float32)
-        sp = {"metric_type": "IP", "params": spec.search_params}
-        for s in range(0, nq, _MAX_NQ):
-            res = self.client.search(
-                name,
-                data=queries[s : s + _MAX_NQ],
-                limit=limit,
-                output_fields=["id"],
-                search_params=sp,
-            )
-            for i, hits in enumerate(res):
-                ids[s + i, : len(hits.ids)] = hits.ids
-                scores[s + i, : len(hits.distances)] = hits.distances
-        return ids, scores
-
-    def drop(self, name: str) -> None:
-        """Drop a collection if present."""
-        if self.client.has_collection(name):
-            self.client.drop_collection(name)
-
-
 @dataclass
 class IndexResult:
     """Quality and costs of one index variant.
@@ -310,39 +216,11 @@ class IndexResult:
         }
 
 
-@contextlib.contextmanager
-def _quiet_milvus() -> Iterator[None]:
-    """Silence pymilvus' and Lite's tracebacks for an index type the engine rejects.
-
-    The rejection is expected and reported per variant (``IndexResult.error``).
-    """
-    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _error_text(err: Exception) -> str:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    match = re.search(r"message=(.*?)\)>?$", text)
-    return (match.group(1) if match else text)[:300]
-
-
 def _fingerprint(x: np.ndarray) -> str:
     h = hashlib.blake2b(digest_size=8)
     h.update(str(x.shape).encode())
     h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
     return h.hexdigest()
-
-
-def _is_unsupported(err: Exception) -> bool:
-    text = str(err).lower()
-    return any(s in text for s in ("unknown index_type", "reserved for a future", "not support"))
 
 
 def evaluate_indexes(
@@ -399,7 +277,7 @@ def evaluate_indexes(
     exact_ids, _ = ExactBackend().search(x, q, k, query_ids=qids)
     within = protocol == "within"
     exact = evaluate_rankings(exact_ids, q_lab, x_lab, k, exclude_self=within, query_ids=qids)
-    batch = min(batch, _MAX_NQ)
+    batch = min(batch, MAX_NQ)
 
     if uri is None:
         from embbench.paths import runs_dir
@@ -421,12 +299,12 @@ def evaluate_indexes(
                     "deploy", spec.index_type.lower(), stable_hash([fp, spec.build], 10)
                 )
                 try:
-                    with _quiet_milvus():
+                    with quiet_milvus():
                         built[key] = (engine_name, name, mil.build(name, x, spec), "")
                 except Exception as err:  # noqa: BLE001 - reported per variant, others go on
-                    msg = f"{engine_name}: {_error_text(err)}"
+                    msg = f"{engine_name}: {error_text(err)}"
                     logger.warning("index %s not built by %s: %s", spec.name, engine_name, msg)
-                    if _is_unsupported(err) and faiss_factory(spec, x.shape[1]) is not None:
+                    if is_unsupported(err) and faiss_factory(spec, x.shape[1]) is not None:
                         built[key] = ("faiss", None, 0.0, msg)
                     else:
                         built[key] = ("none", None, 0.0, msg)
@@ -434,9 +312,9 @@ def evaluate_indexes(
             res = IndexResult(spec=spec, engine=engine, error=note or None)
             results.append(res)
             if engine == "none":
-                res.status = "unsupported" if _is_unsupported(Exception(note)) else "failed"
+                res.status = "unsupported" if is_unsupported(Exception(note)) else "failed"
                 continue
-            limit = min(len(x), kk + margin, _MAX_TOPK)
+            limit = min(len(x), kk + margin, MAX_TOPK)
             has_family = faiss_factory(spec, x.shape[1]) is not None
             if (engine == "faiss" or timings) and has_family and key not in faiss_built:
                 faiss_built[key] = build_faiss(spec, x)

@@ -229,10 +229,14 @@ def hamming_search(
         ``(ids, dists)``: ``(nq, k)`` int64 positions (``-1`` padding) and int64 Hamming
         distances (``-1`` padding), best first.
     """
-    xb = np.unpackbits(np.asarray(index_codes, dtype=np.uint8), axis=1).astype(np.float32)
-    qb = np.unpackbits(np.asarray(query_codes, dtype=np.uint8), axis=1).astype(np.float32)
-    n, nq, nbits = xb.shape[0], qb.shape[0], xb.shape[1]
-    x_pm, q_pm = xb * 2 - 1, qb * 2 - 1  # +-1: dot = nbits - 2 * hamming, exact in float32
+
+    def plus_minus(codes: np.ndarray) -> np.ndarray:
+        # +-1 per bit: dot = nbits - 2 * hamming, exact in float32 (one float matrix product)
+        bits = np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1)
+        return bits.astype(np.float32) * np.float32(2) - np.float32(1)
+
+    x_pm, q_pm = plus_minus(index_codes), plus_minus(query_codes)
+    n, nq, nbits = x_pm.shape[0], q_pm.shape[0], x_pm.shape[1]
     kk = min(n, k + (1 if query_ids is not None else 0))
     ids = np.full((nq, k), -1, dtype=np.int64)
     dists = np.full((nq, k), -1, dtype=np.int64)
