@@ -198,7 +198,7 @@ def test_pareto_points_figures_and_sentence(tmp_path):
     assert isinstance(quality_latency_figure(pts), Figure)
     text = deployment_sentence(pts, model="m", dataset="d", n_items=300, keep=0.9)
     assert text.startswith("For model m on dataset d at 300 items, ")
-    assert "of mMP@5 at" in text
+    assert "of mMP@5 at" in text and " vectors (" in text and "p99 " in text
     strict = deployment_sentence(pts, model="m", dataset="d", n_items=300, keep=1.01)
     assert "no variant" in strict
     assert pareto_mask(np.array([1, 2, 3, np.nan]), np.array([0.5, 0.9, 0.8, 1.0])).tolist() == [
