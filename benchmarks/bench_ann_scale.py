@@ -74,27 +74,27 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} faiss threads for batches, 1 for single queries; "
         "all timings: faiss families on this machine"
     )
-    t0 = time.perf_counter()
-    points = measure_scale(
-        structure,
-        sorted(args.sizes),
-        k=args.k,
-        n_queries=args.queries,
-        seed=args.seed,
-        threads=args.threads,
-        n_single=args.single,
-        batch=1000,
-    )
-    print(f"# measured in {time.perf_counter() - t0:.0f} s\n")
     metric = f"mMP@{args.k}"
     head = (
         f"{'n':>9} {'variant':<22} {'recall':>6} {metric:>7} {'B/vec':>7} {'build s':>8} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'QPS@1k':>8} | vs FLAT: {'mem':>5} {'p99':>6} {metric:>6}"
     )
     print(head)
-    print("-" * len(head))
-    for n in sorted({p.n for p in points}):
-        here = [p for p in points if p.n == n]
+    print("-" * len(head), flush=True)
+    points = []
+    for n in sorted(args.sizes):  # one size at a time, printed as it lands
+        t0 = time.perf_counter()
+        here = measure_scale(
+            structure,
+            [n],
+            k=args.k,
+            n_queries=args.queries,
+            seed=args.seed,
+            threads=args.threads,
+            n_single=args.single,
+            batch=1000,
+        )
+        points += here
         base = next(p for p in here if p.variant == "FLAT")
         for p in here:
             t = p.timing
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{t.p99_ms / base.timing.p99_ms:>6.2f} "
                 f"{p.metrics[metric] / base.metrics[metric]:>6.3f}"
             )
+        print(f"# n={n:,}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(
         "\n# PROJECTION (not measured): memory = bytes/vector x n; p50 = a * n^b (b <= 1) "
         f"fitted on {sorted({p.n for p in points})}; p99 = p50 x p99/p50 at the largest size"
