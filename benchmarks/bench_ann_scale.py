@@ -47,6 +47,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single", type=int, default=200, help="single-query searches for p50/p99")
     p.add_argument("--targets", type=int, nargs="+", default=[10_000_000, 100_000_000])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="log each variant as it is measured")
     return p.parse_args(argv)
 
 
@@ -61,7 +62,10 @@ def _standin(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+    )
     if args.embedding:
         x, lab = np.load(args.embedding), np.load(args.labels)
         source = f"class structure of {args.embedding} ({x.shape[0]} x {x.shape[1]})"
