@@ -191,10 +191,16 @@ def load_catalogue(
     root = data_root.get(name) or None
     options = dict(options or {})
     allow_private = bool(options.pop("allow_private", False))
-    cat = create_catalogue(name, root, **options)
-    if label and label not in cat.label_columns and name not in list_datasets(public_only=True):
+    user_label = label if label and name not in list_datasets(public_only=True) else None
+    try:
+        cat = create_catalogue(name, root, **options)
+    except CatalogueError:
+        if user_label is None:
+            raise
+        cat = None  # e.g. a manifest without the default "label" column
+    if user_label is not None and (cat is None or user_label not in cat.label_columns):
         # a user's catalogue (a manifest) reads the label column it is asked for
-        cat = create_catalogue(name, root, label=label, **options)
+        cat = create_catalogue(name, root, label=user_label, **options)
     cat = cat.subset(max_images, seed=seed)
     if cat.items["path"].astype(str).str.match(r"^https?://").any():
         cat, report = fetch_urls(cat, progress=progress, allow_private=allow_private)
