@@ -67,6 +67,7 @@ class Cell:
         model: The zoo model name.
         dataset: The dataset scored (for cross-tuning: the target).
         source: The dataset the model was tuned on, for cross-tuning cells.
+        variant: A deployment variant of the cell (a compression or an index setting).
     """
 
     stage: str
@@ -74,10 +75,12 @@ class Cell:
     model: str
     dataset: str
     source: str | None = None
+    variant: str | None = None
 
     def __str__(self) -> str:
         origin = f" (tuned on {self.source})" if self.source else ""
-        return f"{self.stage} {self.mode} {self.model} on {self.dataset}{origin}"
+        variant = f" [{self.variant}]" if self.variant else ""
+        return f"{self.stage} {self.mode} {self.model} on {self.dataset}{origin}{variant}"
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class Produced:
         tags: Extra MLflow tags for the cell's run.
         baseline: The pretrained embeddings ``(query, index)`` of the same data, scored by the
             engine with the same backend into ``pretrained_metrics`` (tuned modes).
+        result: The retrieval result of a variant that searches with its own index (an ANN
+            index variant), computed by the same metric code; the engine then records it
+            instead of searching ``query``/``index`` with its backend.
     """
 
     query: EmbeddingSet
@@ -143,6 +149,7 @@ class Produced:
     details: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     baseline: tuple[EmbeddingSet, EmbeddingSet] | None = None
+    result: Any = None
 
 
 class StageSteps(Protocol):
@@ -350,6 +357,9 @@ class CellEngine:
         barrier(self.dist)
         if not self.dist.is_main:
             self.validate(cells)
+        expand = getattr(self.steps, "expand", None)
+        if expand is not None:  # cells known only once the data is (e.g. an index sweep)
+            cells = [c for c in expand(cells, self.inputs) if select is None or select(c)]
         records = []
         try:
             for i, cell in enumerate(cells, 1):
@@ -368,7 +378,8 @@ class CellEngine:
         return stable_hash(
             {
                 "cfg": self.cfg.config_hash(),
-                "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source],
+                "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source,
+                         cell.variant],
                 "plan": inputs.plan.as_dict(),
                 "inputs": self.steps.identity(cell, inputs),
             }
@@ -420,6 +431,8 @@ class CellEngine:
                 "dataset": cell.dataset, "config_hash": chash}
         if cell.source:
             tags["source_dataset"] = cell.source
+        if cell.variant:
+            tags["variant"] = cell.variant
         stale = mlflow.search_runs(
             filter_string=f"tags.config_hash = '{chash}' and tags.stage = '{cell.stage}' and "
             f"tags.mode = '{cell.mode}' and attributes.status != 'FINISHED'",
@@ -434,6 +447,8 @@ class CellEngine:
         name = f"{cell.stage}:{cell.model}:{cell.dataset}:{cell.mode}"
         if cell.source:
             name += f":from-{cell.source}"
+        if cell.variant:
+            name += f":{cell.variant}"
         with mlflow_run(name, tags=tags) as run:
             yield run
 
@@ -444,7 +459,7 @@ class CellEngine:
         cat = inputs.catalogue
         query, index = produced.query, produced.index
         t0 = time.perf_counter()
-        result = self.evaluate(query, index, inputs)
+        result = produced.result or self.evaluate(query, index, inputs)
         search_s = round(time.perf_counter() - t0, 3)
         pretrained = dict(produced.pretrained_metrics)
         if produced.baseline is not None:
@@ -463,7 +478,8 @@ class CellEngine:
             backbone=getattr(spec, "backbone", "unknown") or "unknown",
             paper_name=getattr(spec, "paper_name", "") or cell.model,
             lineage=produced.lineage,
-            backend=self.cfg.backend,
+            backend=produced.details.get("engine", self.cfg.backend)
+            if produced.result is not None else self.cfg.backend,
             k=self.cfg.k,
             **plan.as_dict(),
             metrics={k: float(v) for k, v in result.summary.items()},

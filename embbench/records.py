@@ -347,6 +347,7 @@ def record_row(record: ResultRecord) -> dict[str, Any]:
         "weights": lin.weights_kind,
         "lineage": lin.describe(),
         "tuned_on": record.tuned_on,
+        "variant": lin.variant.get("name", ""),
         **record.metrics,
         **{f"pretrained_{k}": v for k, v in record.pretrained_metrics.items()},
         **{

@@ -36,6 +36,7 @@ from embbench.analysis.categories import (
     disagreement_table,
     disagreements,
 )
+from embbench.analysis.deploy import deployment_points, deployment_sentences, deployment_table
 from embbench.analysis.gallery import (
     Gallery,
     build_gallery,
@@ -91,6 +92,9 @@ from embbench.analysis.tables import (
 )
 
 __all__ = [
+    "deployment_points",
+    "deployment_sentences",
+    "deployment_table",
     "AnalysisError",
     "BASELINE_STAGE",
     "BootstrapCache",

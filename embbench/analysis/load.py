@@ -36,7 +36,7 @@ _HOURS = 1.0 / 3600.0
 _ID_COLUMNS = (
     "stage", "mode", "model", "dataset", "family", "backbone", "paper_name", "label",
     "protocol", "query_split", "index_split", "k", "embed_dim", "n_queries", "n_lone",
-    "config_hash", "dataset_fingerprint", "per_query_file", "mlflow_run_id",
+    "n_index", "config_hash", "dataset_fingerprint", "per_query_file", "mlflow_run_id",
 )  # fmt: skip
 
 
@@ -101,6 +101,7 @@ def normalise_record(record: ResultRecord | Mapping[str, Any], k: int) -> dict[s
         source_dataset=rec.tuned_on if rec.mode in CROSS_MODES else None,
         tuned_on=rec.tuned_on,
         recipe=lin.finetune_recipe,
+        variant=str(lin.variant.get("name", "")),
         git_sha=rec.git_sha,
         wall_s=rec.timings.wall_s,
         # where the gallery finds the vectors and images (nothing recomputed that is stored)
@@ -127,7 +128,8 @@ def _latest_first(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_ts=ts).sort_values("_ts", ascending=False, na_position="last")
 
 
-CELL_KEY = ("stage", "mode", "model", "dataset", "label", "protocol", "source_dataset", "tuned_on")
+CELL_KEY = ("stage", "mode", "model", "dataset", "label", "protocol", "source_dataset", "tuned_on",
+            "variant")
 
 
 def latest_only(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:

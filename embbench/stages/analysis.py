@@ -27,6 +27,7 @@ from embbench.analysis.categories import (
     disagreement_table,
     disagreements,
 )
+from embbench.analysis.deploy import deployment_sentences, deployment_table
 from embbench.analysis.gallery import Gallery, build_gallery, gallery_rows
 from embbench.analysis.guide import guide_sentences, practical_guide
 from embbench.analysis.load import BASELINE_STAGE, load_results
@@ -129,6 +130,7 @@ class Analysis:
     guide: pd.DataFrame
     sentences: list[str]
     notes: list[str] = field(default_factory=list)
+    deploy: pd.DataFrame = field(default_factory=pd.DataFrame)  # compression / index variants
 
 
 def run_analysis(
@@ -152,6 +154,10 @@ def run_analysis(
     cache = BootstrapCache()
     notes: list[str] = []
     results = load_results(cfg, store)
+    # deployment variants (stage 01's compressions and indexes) have their own section
+    is_variant = results["variant"].fillna("") != ""
+    deploy = deployment_table(results[is_variant], cfg.metric)
+    results = results[~is_variant].reset_index(drop=True)
     if results.attrs.get("superseded"):
         notes.append(
             f"{results.attrs['superseded']} older run(s) of the same cells were superseded by "
@@ -225,8 +231,10 @@ def run_analysis(
         paired=paired,
         ci=ci_table(results, cfg.k),
         guide=guide,
-        sentences=guide_sentences(guide, table=t3, paired=paired, alpha=cfg.alpha),
+        sentences=[*guide_sentences(guide, table=t3, paired=paired, alpha=cfg.alpha),
+                   *deployment_sentences(deploy, cfg.metric)],
         notes=notes,
+        deploy=deploy,
     )
 
 

@@ -9,18 +9,21 @@ the cache; or the exact in-process backend), writes the record and logs one MLfl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import Field
 
 from embbench.cells import Cell, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.embed import embed_splits, embedding_cache
 from embbench.models import create_embedder
 from embbench.records import Lineage, ResultStore, record_row
+from embbench.stages import _variants as V
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +35,18 @@ MODE = "pretrained"
 class EmbedConfig(GridConfig):
     """Parameters of stage 01, mirrored by ``notebooks/01_embed.ipynb`` and its params file.
 
-    Every field is shared with stages 02-04 and declared in :class:`~embbench.config.GridConfig`.
+    The shared fields are declared in :class:`~embbench.config.GridConfig`; these add the
+    deployment variants (:mod:`embbench.stages._variants`), each scored as a cell of its own.
     """
+
+    # float16 | int8 | binary | pca_half | pca_quarter | pca_eighth | pca<N> | default (all)
+    compressions: list[str] = Field(default_factory=list)
+    pca_whiten: bool = False  # whiten the PCA variants
+    # FLAT | IVF_FLAT | IVF_SQ8 | IVF_PQ | HNSW | SCANN | DISKANN | IVF_RABITQ | default (all)
+    indexes: list[str] = Field(default_factory=list)
+    deploy_timings: bool = True  # measure index latency/memory (faiss, or the Milvus server)
+
+    hash_exclude = GridConfig.hash_exclude | {"compressions", "indexes", "deploy_timings"}
 
 
 def weights_problem(weights: str) -> str | None:
@@ -94,32 +107,80 @@ class EmbedSteps:
     def __init__(self, cfg: EmbedConfig) -> None:
         self.cfg = cfg
         self.embedders = PretrainedEmbedder(cfg)
+        self.variants: dict[tuple[str, str, str], Any] = {}
 
     def grid(self) -> list[Cell]:
-        """Every (model, dataset) pair, dataset by dataset."""
+        """Every (model, dataset) pair, dataset by dataset (variants follow in :meth:`expand`)."""
         return [Cell(STAGE, MODE, m, d) for d in self.cfg.datasets for m in self.cfg.models]
 
     def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
-        """The weights setting must be usable."""
-        problem = weights_problem(self.cfg.weights)
-        return [problem] if problem else []
+        """The weights setting must be usable; variants need known names and a train split."""
+        problems = [weights_problem(self.cfg.weights)]
+        try:
+            V.compression_specs(self.cfg.compressions, 1024, self.cfg.pca_whiten)
+            V.index_specs(self.cfg.indexes, 1000, 64, self.cfg.k)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if self.cfg.compressions:
+            problems += [
+                f"dataset {name!r}: compression variants are fitted on a 'train' split, the "
+                f"catalogue has {inp.catalogue.splits}" for name, inp in inputs.items()
+                if "train" not in inp.catalogue.splits
+            ]
+        if "DISKANN" in self.cfg.indexes and not self.cfg.milvus_uri.startswith("http"):
+            problems.append("index DISKANN needs a Milvus server: set milvus_uri: "
+                            "http://host:19530 (Milvus Lite and faiss have no DiskANN)")
+        return [p for p in problems if p]
+
+    def expand(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[Cell]:
+        """Each float32 cell followed by its compression and index variant cells."""
+        out: list[Cell] = []
+        for cell in cells:
+            out.append(cell)
+            if cell.variant or not (self.cfg.compressions or self.cfg.indexes):
+                continue
+            inp = inputs[cell.dataset]
+            dim = int(self.embedders(cell.model).embed_dim)
+            n = len(inp.catalogue.split(inp.plan.index_split))
+            specs = [*V.compression_specs(self.cfg.compressions, dim, self.cfg.pca_whiten),
+                     *V.index_specs(self.cfg.indexes, n, dim, self.cfg.k)]
+            for spec in specs:
+                self.variants[(cell.model, cell.dataset, spec.name)] = spec
+                out.append(Cell(STAGE, MODE, cell.model, cell.dataset, variant=spec.name))
+        return out
+
+    def _splits(self, cell: Cell, inputs: CellInputs) -> list[str]:
+        """The plan's splits, plus train for a compression variant (fitted there)."""
+        spec = self.variants.get((cell.model, cell.dataset, cell.variant or ""))
+        extra = ["train"] if spec is not None and hasattr(spec, "kind") else []
+        return sorted({*inputs.plan.splits, *extra})
 
     def identity(self, cell: Cell, inputs: CellInputs) -> dict[str, Any]:
-        """The cache keys of the vectors this cell scores."""
-        return {"caches": self.embedders.cache_keys(cell.model, inputs, inputs.plan.splits)}
+        """The cache keys of the vectors this cell scores (and the variant's parameters)."""
+        keys = self.embedders.cache_keys(cell.model, inputs, self._splits(cell, inputs))
+        spec = self.variants.get((cell.model, cell.dataset, cell.variant or ""))
+        return {"caches": keys, **({"variant": spec.params()} if spec is not None else {})}
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
-        """Embed the plan's splits with the pretrained model."""
+        """Embed the plan's splits with the pretrained model (then apply the cell's variant)."""
         t0 = time.perf_counter()
-        sets = self.embedders.embed(cell.model, inputs, inputs.plan.splits)
+        sets = self.embedders.embed(cell.model, inputs, self._splits(cell, inputs))
         emb = self.embedders(cell.model)
-        return Produced(
+        base = Produced(
             query=sets[inputs.plan.query_split],
             index=sets[inputs.plan.index_split],
             lineage=lineage_of(emb, cell.model),
             spec=emb.spec,
             timings={"embed_s": round(time.perf_counter() - t0, 3)},
         )
+        spec = self.variants.get((cell.model, cell.dataset, cell.variant or ""))
+        if spec is None:
+            return base
+        if hasattr(spec, "kind"):
+            return V.produce_compressed(spec, sets, inputs, base)
+        return V.produce_index(spec, inputs, base, milvus_uri=self.cfg.milvus_uri,
+                               token=os.environ.get("MILVUS_TOKEN", ""),
+                               timings=self.cfg.deploy_timings, k=self.cfg.k)
 
 
 def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFrame:

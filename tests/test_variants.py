@@ -1,0 +1,70 @@
+"""Stage 01's deployment variants run as cells of the engine, each recorded with its lineage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import embbench.cells as cells
+from embbench.deploy import CompressionSpec, fit_compression
+from embbench.records import ResultStore
+from embbench.retrieval import search_and_evaluate
+from embbench.stages.embed import EmbedConfig, run_embed
+
+BASE = dict(models=["test_resnet"], datasets=["demo"], weights="random", batch_size=8,
+            num_workers=0, backend="exact", deploy_timings=False)
+
+
+@pytest.mark.slow
+def test_compression_and_index_variants_are_cells(small_demo, monkeypatch):
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    cfg = EmbedConfig(**BASE, compressions=["int8", "pca_half", "binary"],
+                      indexes=["FLAT", "IVF_SQ8"])
+    table = run_embed(cfg)
+    records = {r.lineage.variant.get("name", ""): r for r in ResultStore().records("embed")}
+    exact = records[""]
+    assert {"int8", "binary", "FLAT"} <= set(records) and len(records) == len(table)
+    assert any(name.startswith("pca") for name in records)
+    assert any(name.startswith("IVF_SQ8") for name in records)
+    # every variant is its own cell: its own hash, its lineage, the float32 numbers beside it
+    assert len({r.config_hash for r in records.values()}) == len(records)
+    for name, rec in records.items():
+        if name:
+            assert rec.lineage.variant["name"] == name
+            assert rec.pretrained_metrics == pytest.approx(exact.metrics)
+    # FLAT through Milvus Lite ranks exactly as the exact backend
+    flat = records["FLAT"]
+    assert flat.details["recall"] == pytest.approx(1.0)
+    assert flat.metrics == pytest.approx(exact.metrics)
+    # int8: the record equals an independent computation on the same cached vectors
+    test = small_demo.split("test")
+    q = np.load(exact.caches["query"] + "/vectors.npy")
+    ids = np.load(exact.caches["query"] + "/ids.npy", allow_pickle=False)
+    from pathlib import Path
+
+    (train_dir,) = [p for p in Path(exact.caches["query"]).parent.glob("train-*") if p.is_dir()]
+    train = np.load(train_dir / "vectors.npy")
+    fitted = fit_compression(CompressionSpec("int8"), train)
+    labels = test.set_index("item_id").loc[ids, "product"].to_numpy()
+    ref = search_and_evaluate(fitted.decode(fitted.encode(q)), labels, k=5, protocol="within")
+    assert records["int8"].metrics == pytest.approx(ref.summary)
+    assert records["int8"].details["bytes_per_vector"] * 4 == q.shape[1] * 4
+    # a rerun computes nothing
+    again = run_embed(cfg)
+    assert list(again["config_hash"]) == list(table["config_hash"])
+
+    # stage 05: the variants leave the paper's tables and feed the deployment section
+    from embbench.analysis import deployment_points
+    from embbench.deploy import plots as deploy_plots
+    from embbench.stages.analysis import AnalysisConfig, run_analysis
+
+    a = run_analysis(AnalysisConfig(source="records", n_boot=0, facts=False, gallery=False))
+    assert (a.results["variant"].fillna("") == "").all() and len(a.results) == 1
+    assert set(a.deploy["variant"]) == set(records) - {""}
+    int8 = a.deploy.set_index("variant").loc["int8"]
+    assert int8["memory_ratio"] == pytest.approx(0.25)
+    assert int8["quality_ratio"] == pytest.approx(records["int8"].metrics["mMP@5"]
+                                                  / exact.metrics["mMP@5"])
+    assert any(s.startswith("For model test_resnet on dataset demo") for s in a.sentences)
+    (points,) = deployment_points(a.deploy).values()
+    assert deploy_plots.quality_memory_figure(points).axes
