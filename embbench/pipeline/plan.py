@@ -41,10 +41,6 @@ from embbench.config import ConfigError, GridConfig, StageConfig
 logger = logging.getLogger(__name__)
 
 REPORT_NOTEBOOK = "05_analysis"
-# Stages 02 and 03 are being ported onto the cell engine; until ``steps_for`` knows them, their
-# grid is planned here as (model, dataset) cells with the names their records use.
-_FALLBACK_CELLS = {"02_finetune": ("finetune", "fine-tuned"),
-                   "03_toptune": ("toptune", "top-tuned")}
 _NOTEBOOK_RE = re.compile(r"^(0[1-5]_[a-z]+)$")
 
 
@@ -62,7 +58,6 @@ class PlannedCell:
         key: The cell key (config hash of the result-relevant fields + the cell).
         params_yaml: The stage's full validated config as YAML (what the task runs with).
         after: The keys of the cells this one waits for.
-        engine: Whether ``steps_for`` runs this stage on the cell engine today.
     """
 
     notebook: str
@@ -70,7 +65,6 @@ class PlannedCell:
     key: str
     params_yaml: str
     after: tuple[str, ...] = ()
-    engine: bool = True
 
     @property
     def label(self) -> str:
@@ -136,17 +130,11 @@ def load_config(notebook: str, files: Sequence[str | Path], **overrides: Any) ->
     return config_for(notebook).from_files(*files, **overrides)
 
 
-def stage_cells(notebook: str, cfg: GridConfig) -> tuple[list[Cell], bool]:
-    """The cells of a stage's grid and whether the cell engine runs that stage today."""
+def stage_cells(notebook: str, cfg: GridConfig) -> list[Cell]:
+    """The cells of a stage's grid (a stage-01 task also runs its deployment variants)."""
     from embbench.stages import steps_for
 
-    try:
-        return list(steps_for(cfg).grid()), True
-    except KeyError:
-        if notebook not in _FALLBACK_CELLS:
-            raise
-    stage, mode = _FALLBACK_CELLS[notebook]
-    return [Cell(stage, mode, m, d) for d in cfg.datasets for m in cfg.models], False
+    return list(steps_for(cfg).grid())
 
 
 def canonical_model(name: str) -> str:
@@ -189,16 +177,15 @@ def plan_pipeline(params: Mapping[str, Sequence[str | Path]]) -> PipelinePlan:
         cfg = load_config(notebook, files, **overrides)
         if not hasattr(cfg, "models") or not hasattr(cfg, "datasets"):
             raise ConfigError(f"{notebook} has no grid of cells; only 01-04 and 05 can be given")
-        cells, engine = stage_cells(notebook, cfg)
-        pending += [(notebook, cfg, c, engine) for c in cells]
+        pending += [(notebook, cfg, c) for c in stage_cells(notebook, cfg)]
     texts: dict[str, str] = {}
-    for notebook, cfg, cell, engine in pending:
+    for notebook, cfg, cell in pending:
         key = cell_key(notebook, cfg, cell)
         texts.setdefault(notebook, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         found.setdefault((cell.mode, canonical_model(cell.model), cell.dataset), key)
         after = [found.get(need) for need in _needs(cell)]
         plan.cells.append(PlannedCell(notebook, cell, key, texts[notebook],
-                                      tuple(k for k in after if k and k != key), engine))
+                                      tuple(k for k in after if k and k != key)))
     keys = [c.key for c in plan.cells]
     if len(set(keys)) != len(keys):
         raise ConfigError("two cells of the pipeline have the same key; the grid repeats a cell")
@@ -249,12 +236,7 @@ def run_one_cell(
         extra["skip_missing"] = False
     cfg = cls.from_files(*files, **extra)
     store = ResultStore()
-    try:
-        steps = steps_for(cfg, store)
-    except KeyError as exc:
-        raise CellSelectError(
-            f"{exc.args[0]}; {notebook} does not run on the cell engine yet"
-        ) from None
+    steps = steps_for(cfg, store)
 
     def select(c: Cell) -> bool:
         return (c.model == model and c.dataset == dataset and (not mode or c.mode == mode)
