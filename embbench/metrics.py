@@ -1,8 +1,13 @@
 """Retrieval and classification metrics, vectorised with numpy.
 
-Retrieval metrics follow ``docs/protocol.md`` (the UnED reference definitions). For a query with
-``n_q`` relevant index items (the query itself excluded), ``rel_j`` the relevance of the j-th result
-and ``m = min(n_q, k)``:
+The project's own definitions, following the reference evaluation code of the UnED benchmark
+(Ypsilantis et al. 2023, ``universal_embedding/knn_utils.py``) and the Google Universal Image
+Embedding challenge. Embeddings are L2-normalised and searched by L2 distance (ranked as the
+inner product); ties in distance are broken by index id, ascending. Protocol ``within``: queries
+= index (one split), each query removed from its own results by id (not by dropping rank 1:
+datasets hold duplicate images); ``cross``: queries from one split, index from another. An index
+item is relevant when its label equals the query's. For a query with ``n_q`` relevant index items
+(the query itself excluded), ``rel_j`` the relevance of the j-th result and ``m = min(n_q, k)``:
 
 - ``MP@k`` (modified precision): ``sum_{j<=m} rel_j / m`` (only the first ``m`` results count).
 - ``R@1``: ``rel_1``.
