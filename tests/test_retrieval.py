@@ -379,3 +379,33 @@ def test_milvus_backend_config_errors(tmp_path, monkeypatch):
     assert be.uri == str(tmp_path / "runs" / "milvus.db")
     assert "secret-token" not in repr(be) and be.is_local
     assert not MilvusBackend(uri="http://localhost:19530").is_local
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark smoke test (no timing asserts)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_retrieval_quick_prints_the_ratios():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_retrieval.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for line in (
+        "ratio exact / baseline:",
+        "ratio exact / fastest bare product",
+        "ratio torchmetrics / ours",
+        "BLAS libraries and kernels",
+        "OPENBLAS_* environment",
+        "load average",
+    ):
+        assert line in out, out
+    if "faiss" in out:
+        assert "x faiss" in out and "OPENBLAS_CORETYPE" in out
