@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from embbench._utils import atomic_write_json
+from embbench.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,6 @@ def thread_limit(threads: int | None) -> Iterator[None]:
         yield
         return
     import torch  # heavy; the exact backend imports it anyway for top-k
-    from threadpoolctl import threadpool_limits
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -76,8 +77,7 @@ def thread_limit(threads: int | None) -> Iterator[None]:
 
 def blas_fingerprint(threads: int | None) -> dict[str, object]:
     """What decides which product path is faster here (the key of the cached choice)."""
-    import torch
-    from threadpoolctl import threadpool_info
+    import torch  # heavy; see thread_limit
 
     cpu, flags = platform.machine(), ""
     with contextlib.suppress(OSError):
@@ -129,8 +129,6 @@ def choose_matmul(dim: int, threads: int | None, flop: float) -> str:
     key = hashlib.sha1(json.dumps([fp, dim], sort_keys=True).encode()).hexdigest()[:16]
     if key in _MEMO:
         return _MEMO[key]
-    from embbench.paths import cache_dir
-
     path = cache_dir() / "blas_choice.json"
     table: dict[str, dict] = {}
     with contextlib.suppress(OSError, ValueError):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from embbench._utils import collection_name as valid_collection_name
+from embbench.paths import runs_dir
 from embbench.retrieval.base import (
     SearchBackend,
     as_matrix,
@@ -93,8 +94,6 @@ class MilvusBackend(SearchBackend):
         search_params: dict[str, Any] | None = None,
     ) -> None:
         if uri is None:
-            from embbench.paths import runs_dir
-
             uri = str(runs_dir() / "milvus.db")
         self.uri = str(uri)
         self._token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
@@ -181,6 +180,7 @@ class MilvusBackend(SearchBackend):
                 self._client = None
                 self._collection = None
         if self.is_local:
+            # optional dependency (Milvus Lite only), imported on use
             from milvus_lite.server_manager import server_manager_instance
 
             server_manager_instance.release_server(str(Path(self.uri).expanduser().resolve()))
