@@ -338,7 +338,7 @@ def _make_data(n: int, dim: int, noise: float, seed: int, data: Path):
     return x, labels
 
 
-def _environment(args: argparse.Namespace) -> None:
+def _environment(args: argparse.Namespace, describe_data: bool = True) -> None:
     cpu = platform.processor() or platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -348,6 +348,8 @@ def _environment(args: argparse.Namespace) -> None:
     blas_env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")}
     print(f"machine: {cpu}, {cores} usable cores, load average {os.getloadavg()}")
     print(f"OPENBLAS_* environment: {blas_env or 'none set'}")
+    if not describe_data:
+        return
     print(
         f"data: {args.n} x {args.dim} unit vectors, queries = index, k={args.k}, "
         f"threads={args.threads}, rounds={args.rounds} fresh processes x best of {args.repeats}"
@@ -450,7 +452,11 @@ def _milvus_scaling(args: argparse.Namespace) -> None:
     import numpy as np
 
     args.repeats = max(1, args.repeats)
-    _environment(args)
+    _environment(args, describe_data=False)
+    print(
+        f"1,000 queries (index rows, protocol within) x {args.dim}-d index, k={args.k}, "
+        f"threads={args.threads}, best of {args.repeats} after a warm-up, fresh processes"
+    )
     print(f"\n{'index rows':>10s} {'lite build s':>13s} {'lite s/1k q':>12s} {'exact s/1k q':>13s}")
     for n in args.milvus_scaling:
         with tempfile.TemporaryDirectory(prefix="bench_milvus_") as tmp:
