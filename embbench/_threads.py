@@ -35,8 +35,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ThreadBudget", "apply_thread_budget", "available_cores", "resolve_thread_budget"]
 
-DECODE_CORE_MS = 6.0  # JPEG decode + resize + crop + normalise of one image, one core (measured)
-CORE_GFLOPS = 60.0  # effective fp32 forward throughput of one core (measured, conv and ViT)
+# Measured with benchmarks/bench_embedding.py on the project's 2-core AMD EPYC machine (busy,
+# load average ~9): 384 px JPEG decode + timm preprocessing 14-16 ms per image on one core;
+# forward 9 GFLOP/s/core for timm's test_resnet, 20 for ResNet-50. Both slow down alike under
+# load, so the split they give holds; only the ratio of the two matters.
+DECODE_CORE_MS = 15.0  # JPEG decode + resize + crop + normalise of one image, one core
+CORE_GFLOPS = 20.0  # effective fp32 forward throughput of one core
 MAX_GPU_WORKERS = 8
 
 Auto = Literal["auto"]
