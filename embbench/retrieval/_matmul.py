@@ -9,11 +9,11 @@ Zen 5 machine (SkylakeX kernels, ``OPENBLAS_CORETYPE`` unset; ~255 with it set t
 So the rule is:
 
 * ``matmul="auto"`` (default): for products under :data:`AUTO_MIN_FLOP` (where the choice cannot
-  matter) use numpy; otherwise time both paths once on a ``512 x 8192 x d`` product (about 0.3 s)
-  and cache the winner (numpy unless torch is >= 10% faster) per machine in
-  ``cache_dir()/blas_choice.json``, keyed by the CPU, the
-  library versions, the BLAS kernels threadpoolctl reports, the ``OPENBLAS_*``/``MKL_*``
-  environment and the thread count. A changed setting measures again.
+  matter) use numpy; otherwise time both paths on a ``256 x 8192 x d`` product (5 interleaved
+  runs each, ~0.5 s on a quiet 2-core machine) and cache the winner (numpy unless torch is >= 10%
+  faster) per machine in ``cache_dir()/blas_choice.json``, keyed by the CPU, the library
+  versions, the BLAS kernels threadpoolctl reports, the ``OPENBLAS_*``/``MKL_*`` environment and
+  the thread count. A changed setting measures again.
 * ``matmul="numpy"`` or ``"torch"`` forces a path; delete the cache file to measure again (a
   measurement taken while the machine was busy can pick the slower path).
 
@@ -46,7 +46,7 @@ MatmulPath = Literal["numpy", "torch"]
 MATMUL_PATHS: tuple[str, ...] = ("numpy", "torch")
 AUTO_MIN_FLOP = 2e9  # below this the path cannot matter (< ~20 ms either way): numpy, no timing
 TORCH_MARGIN = 1.1  # torch is chosen only when >= 10% faster than numpy in the measurement
-_CALIBRATION_SHAPE = (512, 8192)  # (queries, index rows) of the timing product
+_CALIBRATION_SHAPE = (256, 8192)  # (queries, index rows) of the timing product
 _MEMO: dict[str, str] = {}
 
 
@@ -107,7 +107,7 @@ def blas_fingerprint(threads: int | None) -> dict[str, object]:
 
 
 def measure_paths(dim: int, threads: int | None, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of each path on a ``512 x 8192 x dim`` float32 product (best of ``repeats``)."""
+    """GFLOP/s of each path on a ``256 x 8192 x dim`` float32 product (best of ``repeats``)."""
     rng = np.random.default_rng(0)
     m, n = _CALIBRATION_SHAPE
     a = rng.standard_normal((m, dim), dtype=np.float32)
