@@ -1,21 +1,40 @@
-"""Benchmark embbench's retrieval backends and metrics against faiss, Milvus Lite and torchmetrics.
+"""Retrieval benchmark: exact backend, faiss, Milvus Lite and the bare matrix product, timed alike.
 
-On the same seeded, L2-normalised vectors with class structure (SOP test scale by default:
-60k x 768, queries = index, protocol ``within``, k = 5) it measures, side by side and with the
-same thread count for every library:
+On seeded, L2-normalised vectors with class structure and 1% exact duplicates (SOP test scale by
+default: 60k x 768, queries = index, protocol ``within``, k = 5) it measures:
 
-1. exact backend search time / faiss ``IndexFlatIP`` search time        (target <= 1.2)
-2. exact backend peak memory (RSS rise during the search)              (target < 2 GB)
-3. Milvus Lite search time / faiss search time, build reported apart   (target <= 3)
-4. metric computation from rankings: torchmetrics time / ours          (target >= 10x)
-   with the values checked equal where the definitions agree.
+* the **floor**: the bare float32 matrix product ``queries @ index.T`` in the exact backend's
+  blocks, with numpy (OpenBLAS) and with torch (MKL): no top-k, no ties, nothing else;
+* the exact backend (``embbench.retrieval.ExactBackend``, its product path chosen by the machine's
+  cached measurement), faiss ``IndexFlatIP`` (k + 1, own id dropped), Milvus Lite (FLAT, IP; build
+  reported apart) and the metrics from rankings (ours vs torchmetrics);
 
-Each search runs in a fresh subprocess (clean RSS, no shared caches); ``--repeats`` interleaves
-several rounds and keeps each tool's fastest, which matters on a shared machine (faiss' OpenMP
-threads slow down far more than torch's under CPU contention). Usage::
+and prints each search's ratio to both bare products and to faiss (target: exact / fastest bare
+product <= 1.2 at 20k and 60k).
 
-    python benchmarks/bench_retrieval.py                  # full size, a few minutes
-    python benchmarks/bench_retrieval.py --n 5000 --dim 128 --threads 2
+**Every library is timed the same way:** each run is a fresh process (``--rounds`` of them per
+library, interleaved so load changes hit all alike) that loads the data, warms up on one block of
+queries, then times the full search ``--repeats`` times and keeps the best; the best over rounds
+is reported. The same thread count is given to every library (OMP/MKL/OPENBLAS_NUM_THREADS,
+``torch.set_num_threads``, threadpoolctl, ``faiss.omp_set_num_threads``). **Peak memory** is the
+rise of the child's own high-water mark over the search: the child resets it (``echo 5 >
+/proc/self/clear_refs``) after loading the data and reads ``VmHWM`` afterwards; ``ru_maxrss``
+would include what the parent had allocated before forking.
+
+**Why faiss can look slow on new CPUs:** faiss-cpu's wheel bundles its own OpenBLAS (0.3.15),
+which does not recognise recent CPUs (e.g. AMD Zen 5) and, unless ``OPENBLAS_CORETYPE`` is set,
+falls back to old generic kernels (~110 GFLOP/s where numpy's OpenBLAS 0.3.31 reaches ~480). The
+benchmark prints the BLAS libraries and kernels each child used (threadpoolctl) and the
+``OPENBLAS_*`` environment, so a ratio can be read against what really ran. It never changes
+``OPENBLAS_*`` itself: to try another kernel set, set it on the command line, e.g.
+``OPENBLAS_CORETYPE=Haswell python benchmarks/bench_retrieval.py``.
+
+Usage::
+
+    python benchmarks/bench_retrieval.py                    # 60k x 768 (several minutes)
+    python benchmarks/bench_retrieval.py --n 20000          # 20k x 768
+    python benchmarks/bench_retrieval.py --quick            # seconds: smoke test of the script
+    python benchmarks/bench_retrieval.py --milvus-scaling 10000 40000 100000
 """
 
 from __future__ import annotations
@@ -23,12 +42,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBS = ("bare_numpy", "bare_torch", "exact", "faiss", "milvus")
+FAISS_NOTE = (
+    "note: faiss-cpu bundles OpenBLAS 0.3.15, which does not know recent CPUs (e.g. AMD Zen 5) and "
+    "falls back to old kernels unless OPENBLAS_CORETYPE is set; compare its kernels above."
+)
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,198 +65,295 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads for every library")
     p.add_argument("--noise", type=float, default=2.5, help="within-class noise scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-milvus", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per library")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per process (best kept)")
+    p.add_argument("--skip", nargs="*", default=[], choices=LIBS, help="libraries to leave out")
+    p.add_argument("--quick", action="store_true", help="2k x 128, one round, no Milvus")
     p.add_argument(
-        "--repeats", type=int, default=1, help="run each search this many times, keep the fastest"
+        "--milvus-scaling",
+        nargs="*",
+        type=int,
+        metavar="N",
+        help="instead: Milvus Lite search s per 1k queries against these index sizes",
     )
-    p.add_argument("--worker", choices=["exact", "faiss", "milvus"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.dim, args.rounds, args.repeats = 2000, 128, 1, 2
+        args.skip = sorted(set(args.skip) | {"milvus"})
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
-# Workers (run in subprocesses)
+# Child side: one library, one fresh process
 # ---------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _blas_info() -> list[str]:
+    from threadpoolctl import threadpool_info
+
+    return [
+        f"{i['internal_api']} {i.get('version')} kernels={i.get('architecture', '?')} "
+        f"threads={i['num_threads']} ({Path(i['filepath']).name})"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
+
+
+def _searcher(lib: str, x, k: int, threads: int, data: Path):
+    """A function running the full search (returns ids, dists or None) and its extra facts."""
+    import numpy as np
+
+    n = len(x)
+    qids = np.arange(n)
+    extra: dict[str, object] = {}
+    if lib.startswith("bare_"):
+        from embbench.retrieval import ExactBackend
+        from embbench.retrieval._matmul import matmul_into
+
+        path = lib.removeprefix("bare_")
+        block = min(n, ExactBackend().rows_per_block(n))
+        buf = np.empty((block, n), dtype=np.float32)
+        extra["block"] = block
+
+        def run(q=x):
+            for s in range(0, len(q), block):
+                e = min(len(q), s + block)
+                matmul_into(path, q[s:e], x, buf[: e - s])  # the same product, nothing else
+
+        return run, extra
+    if lib == "exact":
+        from embbench.retrieval import ExactBackend
+
+        be = ExactBackend(threads=threads)
+
+        def run(q=x):
+            out = be.search(x, q, k, query_ids=qids[: len(q)])
+            extra.update(
+                matmul=be.last_matmul, block=min(n, be.rows_per_block(n)), widened=be.n_widened
+            )
+            return out
+
+        return run, extra
+    if lib == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+
+        def run(q=x):
+            sims, raw = index.search(q, k + 1)
+            own = raw == qids[: len(q), None]  # drop the query by id (faiss has no tie rule)
+            own[~own.any(axis=1), -1] = True
+            return raw[~own].reshape(len(q), k), 2 - 2 * sims[~own].reshape(len(q), k)
+
+        return run, extra
+    if lib == "milvus":
+        from embbench.retrieval import MilvusBackend
+
+        be = MilvusBackend(uri=str(data / "milvus.db"), collection_prefix="bench")
+        t0 = time.perf_counter()
+        be.ensure_collection(x)
+        extra["build_s"] = time.perf_counter() - t0
+
+        def run(q=x):
+            return be.search(x, q, k, query_ids=qids[: len(q)])
+
+        return run, extra
+    raise ValueError(lib)
 
 
 def _worker(args: argparse.Namespace) -> None:
     import numpy as np
+    import torch
+    from threadpoolctl import threadpool_limits
 
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
     data = Path(args.data)
-    x = np.load(data / "x.npy")
-    n, k = len(x), args.k
-    qids = np.arange(n)
-    out: dict[str, float] = {}
-    if args.worker == "exact":
-        import torch
-
-        from embbench.retrieval import ExactBackend
-
-        torch.set_num_threads(args.threads)
-        be = ExactBackend(threads=args.threads)
-        be.search(x[:1000], x[:10], k, query_ids=qids[:10])  # warm up thread pools
-        base = _rss_now_mb()
+    lib = args.worker
+    if lib.startswith("metrics_"):
+        print("RESULT " + json.dumps(_metrics_worker(lib, data, args)), flush=True)
+        return
+    queries = np.load(data / "x.npy")
+    index = np.load(data / "index.npy") if (data / "index.npy").exists() else queries
+    lib = lib.removeprefix("scale_")  # --milvus-scaling: 1k queries, a bigger index
+    run, extra = _searcher(lib, index, args.k, args.threads, data)
+    run(index[: min(len(index), 256)])  # warm-up: thread pools, libraries, packing buffers
+    rss0 = _status_kb("VmRSS")
+    reset = _reset_peak()
+    best, out = float("inf"), None
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
-        ids, dists = be.search(x, x, k, query_ids=qids)
-        out["search_s"] = time.perf_counter() - t0
-        out["widened_rows"] = be.n_widened
-    elif args.worker == "faiss":
-        import faiss
-
-        faiss.omp_set_num_threads(args.threads)
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x)
-        index.search(x[:10], k + 1)
-        base = _rss_now_mb()
-        t0 = time.perf_counter()
-        sims, raw = index.search(x, k + 1)
-        own = raw == qids[:, None]  # drop the query by id, as PML does (no tie rule)
-        own[~own.any(axis=1), -1] = True
-        ids = raw[~own].reshape(n, k)
-        dists = 2 - 2 * sims[~own].reshape(n, k)
-        out["search_s"] = time.perf_counter() - t0
-    else:
-        from embbench.retrieval import MilvusBackend
-
-        be = MilvusBackend(uri=str(data / "milvus.db"), collection_prefix="bench")
-        base = _rss_now_mb()
-        t0 = time.perf_counter()
-        be.ensure_collection(x)
-        out["build_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ids, dists = be.search(x, x, k, query_ids=qids)
-        out["search_s"] = time.perf_counter() - t0
-        out["widened_rows"] = be.n_widened
-        be.close()
-    out["rss_base_mb"] = base
-    out["rss_peak_mb"] = _maxrss_mb()
-    np.save(data / f"ids_{args.worker}.npy", ids)
-    np.save(data / f"dists_{args.worker}.npy", dists)
-    print("RESULT " + json.dumps(out), flush=True)
+        out = run(queries)
+        best = min(best, time.perf_counter() - t0)
+    peak = _status_kb("VmHWM")
+    result = {
+        "search_s": best,
+        "peak_rise_mb": (peak - rss0) / 1024 if reset else float("nan"),
+        "blas": _blas_info(),
+        **extra,
+    }
+    if out is not None and not args.worker.startswith("scale_"):
+        np.save(data / f"ids_{lib}.npy", out[0])
+        np.save(data / f"dists_{lib}.npy", out[1])
+    print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_worker(mode: str, data: Path, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [
-        sys.executable, __file__, "--worker", mode, "--data", str(data),
-        "--k", str(args.k), "--threads", str(args.threads),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{mode} worker failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def _thread_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
-
-
-def _make_data(args: argparse.Namespace, data: Path):
-    """Seeded unit vectors: classes of 2-8 items (SOP-like) around random centres, 1% duplicates."""
+def _metrics_worker(lib: str, data: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Time ours or torchmetrics the same way (warm-up, best of repeats); compare values."""
     import numpy as np
 
-    from embbench.retrieval import l2_normalize
+    from embbench.metrics import evaluate_rankings
 
-    rng = np.random.default_rng(args.seed)
-    sizes = rng.integers(2, 9, args.n)
-    labels = np.repeat(np.arange(args.n), sizes)[: args.n]
-    rng.shuffle(labels)
-    centres = rng.standard_normal((int(labels.max()) + 1, args.dim), dtype=np.float32)
-    x = centres[labels] + args.noise * rng.standard_normal((args.n, args.dim), dtype=np.float32)
-    dup_src = rng.integers(0, args.n, args.n // 100)
-    dup_dst = rng.integers(0, args.n, args.n // 100)
-    x[dup_dst] = x[dup_src]
-    labels[dup_dst] = labels[dup_src]
-    x = l2_normalize(x)
-    np.save(data / "x.npy", x)
-    return x, labels
+    ids, labels = np.load(data / "ids_exact.npy"), np.load(data / "labels.npy")
+    n, k = len(ids), args.k
+
+    def ours():
+        return evaluate_rankings(ids, labels, labels, k, exclude_self=True, query_ids=np.arange(n))
+
+    res = ours()
+    if lib == "metrics_ours":
+        fn = ours
+    else:
+        fn, check = _torchmetrics_fn(ids, labels, res, k)
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(max(2, args.repeats)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    out = {"s": best, **{name: float(v) for name, v in res.summary.items()}}
+    out.update(n_queries=res.n_queries, n_lone=res.n_lone)
+    if lib == "metrics_torchmetrics":
+        out.update(check())
+    return out
 
 
-def _torchmetrics_inputs(ids, labels, res, k):
-    """Flattened (preds, target, indexes) for the evaluated queries.
+def _torchmetrics_fn(ids, labels, res, k):
+    """torchmetrics P/NDCG/MRR on the same rankings, and a check of the values against ours.
 
     Each query gets its k results (scores k..1) plus ``min(n_q, k) - hits`` relevant "phantom"
-    items scored below them, so torchmetrics' ideal DCG and its empty-target rule see the same
-    relevant count as the protocol (n_q is not visible to torchmetrics otherwise).
+    items scored below them, so torchmetrics' ideal DCG sees the same relevant count as the
+    protocol (n_q is not visible to torchmetrics otherwise).
     """
-    import numpy as np
-    import torch
-
-    q = res.query_index
-    rel = labels[ids[q]] == labels[q][:, None]
-    counts = np.bincount(labels)
-    n_rel = counts[labels[q]] - 1
-    phantoms = np.minimum(n_rel, k) - rel.sum(axis=1)
-    nq = len(q)
-    preds = np.concatenate(
-        [
-            np.tile(np.arange(k, 0, -1, dtype=np.float32), nq),
-            np.full(phantoms.sum(), 0.5, dtype=np.float32),
-        ]
-    )
-    target = np.concatenate([rel.reshape(-1), np.ones(phantoms.sum(), dtype=bool)])
-    indexes = np.concatenate([np.repeat(np.arange(nq), k), np.repeat(np.arange(nq), phantoms)])
-    return (torch.from_numpy(preds), torch.from_numpy(target), torch.from_numpy(indexes),
-            n_rel)  # fmt: skip
-
-
-def _metrics_bench(ids, labels, k: int, threads: int) -> dict[str, float]:
     import numpy as np
     import torch
     from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, RetrievalPrecision
 
-    from embbench.metrics import evaluate_rankings
-
-    torch.set_num_threads(threads)
-    n = len(ids)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        res = evaluate_rankings(ids, labels, labels, k, exclude_self=True, query_ids=np.arange(n))
-        best = min(best, time.perf_counter() - t0)
-    preds, target, indexes, n_rel = _torchmetrics_inputs(ids, labels, res, k)
+    q = res.query_index
+    rel = labels[ids[q]] == labels[q][:, None]
+    n_rel = np.bincount(labels)[labels[q]] - 1
+    phantoms = np.minimum(n_rel, k) - rel.sum(axis=1)
+    nq = len(q)
+    preds = torch.from_numpy(np.concatenate([
+        np.tile(np.arange(k, 0, -1, dtype=np.float32), nq),
+        np.full(phantoms.sum(), 0.5, dtype=np.float32),
+    ]))  # fmt: skip
+    target = torch.from_numpy(np.concatenate([rel.reshape(-1), np.ones(phantoms.sum(), bool)]))
+    indexes = torch.from_numpy(
+        np.concatenate([np.repeat(np.arange(nq), k), np.repeat(np.arange(nq), phantoms)])
+    )
     metrics = {
         "P": RetrievalPrecision(top_k=k, empty_target_action="skip"),
         "NDCG": RetrievalNormalizedDCG(top_k=k, empty_target_action="skip"),
         "MRR": RetrievalMRR(top_k=k, empty_target_action="skip"),
     }
-    t0 = time.perf_counter()
-    tm = {name: float(m(preds, target, indexes=indexes)) for name, m in metrics.items()}
-    tm_s = time.perf_counter() - t0
-    # Precision@k = MP@k only where n_q >= k: check on that subset.
-    full = n_rel >= k
-    keep = torch.from_numpy(full[indexes.numpy()])
-    p_sub = float(RetrievalPrecision(top_k=k, empty_target_action="skip")(
-        preds[keep], target[keep], indexes=indexes[keep]))  # fmt: skip
-    return {
-        "ours_s": best,
-        "torchmetrics_s": tm_s,
-        "ndcg_diff": abs(tm["NDCG"] - res.summary[f"NDCG@{k}"]),
-        "mrr_diff": abs(tm["MRR"] - res.summary[f"MRR@{k}"]),
-        "mp_diff_nq_ge_k": abs(p_sub - float(res.per_query[f"mMP@{k}"][full].mean())),
-        "n_queries": res.n_queries,
-        "n_lone": res.n_lone,
-        **{name: float(v) for name, v in res.summary.items()},
-    }
+
+    def fn():
+        return {name: float(m(preds, target, indexes=indexes)) for name, m in metrics.items()}
+
+    def check():
+        tm = fn()
+        full = n_rel >= k  # Precision@k = MP@k only where n_q >= k
+        keep = torch.from_numpy(full[indexes.numpy()])
+        p_sub = float(metrics["P"](preds[keep], target[keep], indexes=indexes[keep]))
+        return {
+            "ndcg_diff": abs(tm["NDCG"] - res.summary[f"NDCG@{k}"]),
+            "mrr_diff": abs(tm["MRR"] - res.summary[f"MRR@{k}"]),
+            "mp_diff": abs(p_sub - float(res.per_query[f"mMP@{k}"][full].mean())),
+        }
+
+    return fn, check
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_child(lib: str, data: Path, args: argparse.Namespace, n: int | None = None) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", lib, "--data", str(data), "--k", str(args.k),
+        "--threads", str(args.threads), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{lib} worker failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _make_data(n: int, dim: int, noise: float, seed: int, data: Path):
+    """Seeded unit vectors: classes of 2-8 items (SOP-like) around random centres, 1% duplicates."""
+    import numpy as np
+
+    from embbench.retrieval import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 9, n)
+    labels = np.repeat(np.arange(n), sizes)[:n]
+    rng.shuffle(labels)
+    centres = rng.standard_normal((int(labels.max()) + 1, dim), dtype=np.float32)
+    x = centres[labels] + noise * rng.standard_normal((n, dim), dtype=np.float32)
+    dup_src, dup_dst = rng.integers(0, n, (2, n // 100))
+    x[dup_dst] = x[dup_src]
+    labels[dup_dst] = labels[dup_src]
+    x = l2_normalize(x)
+    np.save(data / "x.npy", x)
+    np.save(data / "labels.npy", labels)
+    return x, labels
+
+
+def _environment(args: argparse.Namespace, describe_data: bool = True) -> None:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    cores = len(os.sched_getaffinity(0))
+    blas_env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")}
+    print(f"machine: {cpu}, {cores} usable cores, load average {os.getloadavg()}")
+    print(f"OPENBLAS_* environment: {blas_env or 'none set'}")
+    if not describe_data:
+        return
+    print(
+        f"data: {args.n} x {args.dim} unit vectors, queries = index, k={args.k}, "
+        f"threads={args.threads}, rounds={args.rounds} fresh processes x best of {args.repeats}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,76 +361,113 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         _worker(args)
         return
+    if args.milvus_scaling is not None:
+        _milvus_scaling(args)
+        return
     import numpy as np
 
+    _environment(args)
+    libs = [lib for lib in LIBS if lib not in args.skip]
+    if "faiss" in libs:
+        try:
+            import faiss  # noqa: F401 - only to see whether it is installed
+        except ImportError:
+            print("faiss is not installed (pip install faiss-cpu): left out")
+            libs.remove("faiss")
     with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as tmp:
         data = Path(tmp)
-        print(f"data: {args.n} x {args.dim} unit vectors, k={args.k}, threads={args.threads}",
-              flush=True)  # fmt: skip
-        _, labels = _make_data(args, data)
-        modes = ["faiss", "exact"] + ([] if args.skip_milvus else ["milvus"])
-        runs = {}
-        for _ in range(max(1, args.repeats)):  # interleaved, so load changes hit all alike
-            for mode in modes:
-                run = _run_worker(mode, data, args)
-                print(f"  {mode}: {run}", flush=True)
-                if mode not in runs or run["search_s"] < runs[mode]["search_s"]:
-                    runs[mode] = run
-        ids = {mode: np.load(data / f"ids_{mode}.npy") for mode in modes}
-        dists = {mode: np.load(data / f"dists_{mode}.npy") for mode in modes}
-        met = _metrics_bench(ids["exact"], labels, args.k, args.threads)
+        _, labels = _make_data(args.n, args.dim, args.noise, args.seed, data)
+        runs: dict[str, dict] = {}
+        for _ in range(max(1, args.rounds)):
+            for lib in libs:
+                run = _run_child(lib, data, args)
+                if lib not in runs or run["search_s"] < runs[lib]["search_s"]:
+                    runs[lib] = run
+        ids = {lib: np.load(data / f"ids_{lib}.npy") for lib in libs if "bare" not in lib}
+        dists = {lib: np.load(data / f"dists_{lib}.npy") for lib in libs if "bare" not in lib}
+        met = {m: _run_child(f"metrics_{m}", data, args) for m in ("ours", "torchmetrics")}
+    _report(args, runs, ids, dists, met)
 
-    f_s, e_s = runs["faiss"]["search_s"], runs["exact"]["search_s"]
-    e_mem = runs["exact"]["rss_peak_mb"] - runs["exact"]["rss_base_mb"]
-    f_mem = runs["faiss"]["rss_peak_mb"] - runs["faiss"]["rss_base_mb"]
-    same_rows = float((ids["exact"] == ids["faiss"]).all(axis=1).mean())
-    overlap = float(
-        np.mean([len(set(a) & set(b)) for a, b in zip(ids["exact"], ids["faiss"], strict=True)])
-        / args.k
-    )
-    rows = [
-        ("exact search (s)", e_s, f_s, "faiss IndexFlatIP", e_s / f_s, "<= 1.2"),
-        ("exact peak RSS rise (MB)", e_mem, f_mem, "faiss", e_mem / max(f_mem, 1e-9), "< 2048 MB"),
-    ]
-    if "milvus" in runs:
-        m_s = runs["milvus"]["search_s"]
-        rows.append(("milvus lite search (s)", m_s, f_s, "faiss IndexFlatIP", m_s / f_s, "<= 3"))
-        rows.append(("milvus lite build (s)", runs["milvus"]["build_s"], float("nan"), "-",
-                     float("nan"), "reported"))  # fmt: skip
-    rows.append(("metrics from rankings (s)", met["ours_s"], met["torchmetrics_s"],
-                 "torchmetrics P/NDCG/MRR", met["torchmetrics_s"] / met["ours_s"],
-                 ">= 10 (ref/ours)"))  # fmt: skip
-    print()
-    print(f"{'measure':28s} {'ours':>10s} {'reference':>10s}  {'ref. tool':24s} {'ratio':>8s}  "
-          "target")  # fmt: skip
-    for name, ours, ref, tool, ratio, target in rows:
-        print(f"{name:28s} {ours:10.2f} {ref:10.2f}  {tool:24s} {ratio:8.3f}  {target}")
-    print()
-    print(
-        f"exact vs faiss: identical top-{args.k} lists {same_rows:.4f}, set overlap "
-        f"{overlap:.4f} (faiss has no tie rule); exact rows widened for boundary ties: "
-        f"{runs['exact'].get('widened_rows', 0):.0f}"
-    )
-    gap = float(np.abs(np.sort(dists["exact"], axis=1) - np.sort(dists["faiss"], axis=1)).max())
-    print(
-        f"  max |distance| difference at equal rank, exact vs faiss: {gap:.2e} (differences "
-        "are tie order only when this is at float32 rounding level)"
-    )
-    if "milvus" in runs:
-        same_m = float((ids["exact"] == ids["milvus"]).all(axis=1).mean())
-        same_d = bool((dists["exact"] == dists["milvus"]).all())
-        print(
-            f"exact vs milvus lite: identical top-{args.k} lists {same_m:.4f}, distances "
-            f"bit-identical: {same_d}; milvus rows re-searched for boundary ties: "
-            f"{runs['milvus'].get('widened_rows', 0):.0f}"
+
+def _report(args, runs, ids, dists, met) -> None:
+    import numpy as np
+
+    print("\nBLAS libraries and kernels seen by each child (threadpoolctl):")
+    seen: dict[str, list[str]] = {}
+    for lib, run in runs.items():
+        for entry in run["blas"]:
+            seen.setdefault(entry, []).append(lib)
+    for entry, libs in seen.items():
+        print(f"  {entry}  <- {', '.join(libs)}")
+    print(f"  the exact backend's product path here: {runs['exact'].get('matmul')}")
+    print(f"\n{'library':12s} {'search s':>9s} {'peak rise MB':>13s}  notes")
+    for lib, run in runs.items():
+        notes = ", ".join(
+            f"{key} {run[key]:.1f}" if isinstance(run[key], float) else f"{key} {run[key]}"
+            for key in ("block", "matmul", "widened", "build_s")
+            if key in run
         )
+        print(f"{lib:12s} {run['search_s']:9.3f} {run['peak_rise_mb']:13.1f}  {notes}")
+    print()
+    bases = [b for b in ("bare_numpy", "bare_torch", "faiss") if b in runs]
+    fastest = min((runs[b]["search_s"], b) for b in bases if b.startswith("bare_"))
+    for lib in ("exact", "faiss", "milvus"):
+        if lib not in runs:
+            continue
+        parts = [
+            f"{runs[lib]['search_s'] / runs[b]['search_s']:.2f} x {b}" for b in bases if b != lib
+        ]
+        print(f"ratio {lib} / baseline: " + ", ".join(parts))
+    e = runs["exact"]["search_s"] / fastest[0]
+    print(f"ratio exact / fastest bare product ({fastest[1]}): {e:.2f}  (target <= 1.2)")
+    if "faiss" in runs:
+        print(FAISS_NOTE)
     print(
-        f"metric values: |NDCG diff| {met['ndcg_diff']:.2e}, |MRR diff| {met['mrr_diff']:.2e}, "
-        f"|mMP - precision| on n_q >= k {met['mp_diff_nq_ge_k']:.2e}"
+        f"ratio torchmetrics / ours (metrics from rankings, both warm, best of "
+        f"{max(2, args.repeats)}): {met['torchmetrics']['s'] / met['ours']['s']:.1f}"
     )
-    print("summary: " + ", ".join(f"{name} {met[name]:.4f}" for name in
-                                  ("mMP@5", "mR@1", "MAP@5", "MRR@5", "NDCG@5") if name in met)
-          + f"; queries {met['n_queries']}, lone {met['n_lone']}")  # fmt: skip
+    tm = met["torchmetrics"]
+    print(
+        f"metric values vs torchmetrics: |NDCG diff| {tm['ndcg_diff']:.1e}, |MRR diff| "
+        f"{tm['mrr_diff']:.1e}, |mMP - precision| on n_q >= k {tm['mp_diff']:.1e}"
+    )
+    for lib in ("faiss", "milvus"):
+        if lib in ids:
+            same = float((ids["exact"] == ids[lib]).all(axis=1).mean())
+            gap = float(np.abs(np.sort(dists["exact"], 1) - np.sort(dists[lib], 1)).max())
+            print(
+                f"exact vs {lib}: identical top-{args.k} lists {same:.4f}, max |distance| "
+                f"difference at equal rank {gap:.1e} (faiss has no tie rule)"
+            )
+    ours = met["ours"]
+    print(
+        "summary: "
+        + ", ".join(f"{m} {ours[m]:.4f}" for m in ("mMP@5", "mR@1", "MAP@5") if m in ours)
+        + f"; queries {ours['n_queries']}, lone {ours['n_lone']}; load average {os.getloadavg()}"
+    )
+
+
+def _milvus_scaling(args: argparse.Namespace) -> None:
+    """Milvus Lite vs the exact backend: search seconds per 1,000 queries against index size."""
+    import numpy as np
+
+    args.repeats = max(1, args.repeats)
+    _environment(args, describe_data=False)
+    print(
+        f"1,000 queries (index rows, protocol within) x {args.dim}-d index, k={args.k}, "
+        f"threads={args.threads}, best of {args.repeats} after a warm-up, fresh processes"
+    )
+    print(f"\n{'index rows':>10s} {'lite build s':>13s} {'lite s/1k q':>12s} {'exact s/1k q':>13s}")
+    for n in args.milvus_scaling:
+        with tempfile.TemporaryDirectory(prefix="bench_milvus_") as tmp:
+            data = Path(tmp)
+            x, _ = _make_data(n, args.dim, args.noise, args.seed, data)
+            np.save(data / "x.npy", x[: min(n, 1000)])  # the children search 1k queries ...
+            np.save(data / "index.npy", x)  # ... against the whole index
+            lite = _run_child("scale_milvus", data, args)
+            exact = _run_child("scale_exact", data, args)
+        print(f"{n:10d} {lite['build_s']:13.1f} {lite['search_s']:12.2f} {exact['search_s']:13.2f}")
+    print(f"load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,113 @@ def test_search_and_evaluate_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# Exact backend: product paths, blocks, chunked checks (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", ["clustered", "one_hot"])
+def test_matmul_paths_give_identical_results(data):
+    # numpy (OpenBLAS) and torch (MKL) round differently; canonical re-scoring hides it.
+    x = clustered(3, n=333, d=40)[0] if data == "clustered" else one_hot(4, n=150)
+    qids = np.arange(len(x))
+    runs = {
+        (path, block): ExactBackend(matmul=path, block_size=block, threads=1).search(
+            x, x, 6, query_ids=qids
+        )
+        for path in ("numpy", "torch")
+        for block in (5, None)
+    }
+    ref_ids, ref_d = ref_search(x, x, 6, self_ids=qids)
+    for ids, dists in runs.values():
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(dists, runs["numpy", None][1])
+    np.testing.assert_allclose(runs["numpy", None][1], ref_d, atol=1e-6)
+    q = clustered(5, n=40, d=x.shape[1])[0] if data == "clustered" else one_hot(6, n=30)
+    cross = [ExactBackend(matmul=p).search(x, q, 9) for p in ("numpy", "torch")]
+    np.testing.assert_array_equal(cross[0][0], cross[1][0])
+    np.testing.assert_array_equal(cross[0][1], cross[1][1])
+    np.testing.assert_array_equal(cross[0][0], ref_search(x, q, 9)[0])
+
+
+def test_self_exclusion_by_id_with_duplicates_on_a_query_subset():
+    # Queries are a copy of some index rows (not the same buffer): the id check compares the
+    # rows chunk by chunk, and each query drops only its own id, never a duplicate.
+    x, _ = clustered(7, n=200, d=24, dups=60)
+    qids = np.array([5, 17, 17, 120, 199, 0])
+    q = x[qids].copy()
+    for path in ("numpy", "torch"):
+        ids, _ = ExactBackend(matmul=path, block_size=4).search(x, q, 8, query_ids=qids)
+        np.testing.assert_array_equal(ids, ref_search(x, q, 8, self_ids=qids)[0])
+        assert not (ids == qids[:, None]).any()
+    dup_of = {j: [i for i in range(len(x)) if i != j and (x[i] == x[j]).all()] for j in qids}
+    for row, j in zip(ids, qids, strict=True):
+        assert set(dup_of[j]) <= set(row[: len(dup_of[j])])  # duplicates kept, ranked first
+    q_bad = q.copy()
+    q_bad[3] = x[121]
+    with pytest.raises(ValueError, match="vectors differ"):
+        ExactBackend().search(x, q_bad, 3, query_ids=qids)
+
+
+def test_block_sizes_follow_the_memory_budget():
+    be = ExactBackend(max_block_bytes=4 * 1000 * 300)
+    assert be.rows_per_block(1000) == 300
+    assert be.rows_per_block(10**9) == 64  # never below the efficient minimum
+    assert ExactBackend(max_block_bytes=2**40).rows_per_block(10) == 4096
+    assert ExactBackend(block_size=7).rows_per_block(10**6) == 7
+    x, _ = clustered(9, n=300, d=16)
+    small = ExactBackend(max_block_bytes=4 * 300 * 64)  # 64-row blocks: 5 blocks
+    np.testing.assert_array_equal(
+        small.search(x, x, 5, query_ids=np.arange(300))[0],
+        ExactBackend(block_size=300).search(x, x, 5, query_ids=np.arange(300))[0],
+    )
+    with pytest.raises(ValueError, match="matmul"):
+        ExactBackend(matmul="faiss")
+
+
+def test_auto_matmul_measures_once_and_caches_per_machine(monkeypatch, tmp_path):
+    from embbench.retrieval import _matmul
+
+    x, _ = clustered(10, n=120, d=16)
+    be = ExactBackend()
+    be.search(x, x, 3)
+    assert be.last_matmul == "numpy"  # tiny product: the rule, no timing
+    calls = []
+
+    def fake_measure(dim, threads, repeats=3):
+        calls.append(dim)
+        return {"numpy": 1.0, "torch": 2.0}
+
+    monkeypatch.setattr(_matmul, "AUTO_MIN_FLOP", 0.0)
+    monkeypatch.setattr(_matmul, "measure_paths", fake_measure)
+    monkeypatch.setattr(_matmul, "_MEMO", {})
+    be.search(x, x, 3)
+    assert be.last_matmul == "torch" and calls == [16]
+    cached = tmp_path / "cache" / "blas_choice.json"
+    assert cached.exists() and '"torch"' in cached.read_text()
+    monkeypatch.setattr(_matmul, "_MEMO", {})  # a new process: read from the file
+    be.search(x, x, 3)
+    assert calls == [16]
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # a changed setting measures again
+    be.search(x, x, 3)
+    assert calls == [16, 16]
+
+
+def test_validation_is_chunked():
+    from embbench.retrieval.base import as_matrix, row_chunks
+
+    assert [(s.start, s.stop) for s in row_chunks(10, 4, budget_bytes=8 * 4 * 3)] == [
+        (0, 3),
+        (3, 6),
+        (6, 9),
+        (9, 10),
+    ]
+    x = np.ones((50_000, 8), dtype=np.float32)
+    x[-1, 3] = np.nan  # in the last chunk
+    with pytest.raises(ValueError, match="first at row 49999"):
+        as_matrix(x, "v")
+
+
+# ---------------------------------------------------------------------------------------------
 # Milvus Lite
 # ---------------------------------------------------------------------------------------------
 
@@ -272,3 +379,33 @@ def test_milvus_backend_config_errors(tmp_path, monkeypatch):
     assert be.uri == str(tmp_path / "runs" / "milvus.db")
     assert "secret-token" not in repr(be) and be.is_local
     assert not MilvusBackend(uri="http://localhost:19530").is_local
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark smoke test (no timing asserts)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_retrieval_quick_prints_the_ratios():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_retrieval.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for line in (
+        "ratio exact / baseline:",
+        "ratio exact / fastest bare product",
+        "ratio torchmetrics / ours",
+        "BLAS libraries and kernels",
+        "OPENBLAS_* environment",
+        "load average",
+    ):
+        assert line in out, out
+    if "faiss" in out:
+        assert "x faiss" in out and "OPENBLAS_CORETYPE" in out

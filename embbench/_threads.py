@@ -1,0 +1,168 @@
+"""CPU thread budget: DataLoader workers + intra-op threads never exceed the usable cores.
+
+On a CPU, image decoding (DataLoader workers, one core each) and the forward pass (torch's
+intra-op threads) share the cores. torch's default (one intra-op thread per core) plus decoding
+workers oversubscribes them: measured on 2 cores with timm's ``test_resnet``, stage 01 ran at
+29-35 images/s with 2 workers and torch's 2 threads, against ~3-4x that with one of each.
+
+**The rule** (:func:`resolve_thread_budget`, ``threads="auto"``, ``num_workers="auto"``):
+
+* CUDA: the GPU runs the model, the CPU only decodes: ``workers = min(8, cores - 1)``, the rest
+  (at least 1) intra-op threads.
+* CPU: split the ``cores`` so both pipelines keep pace. Per image, decoding costs about
+  :data:`DECODE_CORE_MS` core-milliseconds and the forward pass about ``gflops /``
+  :data:`CORE_GFLOPS` core-seconds. With ``w`` workers decoding and ``cores - w`` threads
+  running the model, the pipeline delivers ``min(w / decode, (cores - w) / forward)`` images/s;
+  with no worker, decoding runs inline: ``1 / (decode + forward / cores)``. The rule takes the
+  ``w`` with the highest rate (ties: fewer workers). A tiny model on 2 cores gets 1 + 1; a
+  ResNet-50 (8 GFLOPs) gets 2 threads and decodes inline. Without a FLOP count half the cores
+  decode.
+* An explicit number for one of the two takes the rest of the cores for the other; explicit
+  numbers for both are kept (a warning is logged if they exceed the cores).
+
+Measured on 2 cores (AMD EPYC, ``benchmarks/bench_embedding.py``): see the README figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ThreadBudget", "apply_thread_budget", "available_cores", "resolve_thread_budget"]
+
+# Measured with benchmarks/bench_embedding.py on the project's 2-core AMD EPYC machine (busy,
+# load average ~9): 384 px JPEG decode + timm preprocessing 14-16 ms per image on one core;
+# forward 9 GFLOP/s/core for timm's test_resnet, 20 for ResNet-50. Both slow down alike under
+# load, so the split they give holds; only the ratio of the two matters.
+DECODE_CORE_MS = 15.0  # JPEG decode + resize + crop + normalise of one image, one core
+CORE_GFLOPS = 20.0  # effective fp32 forward throughput of one core
+MAX_GPU_WORKERS = 8
+
+Auto = Literal["auto"]
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How the cores are split between decoding workers and the forward pass.
+
+    Attributes:
+        intra_op: torch (and TensorFlow) intra-op threads of the main process.
+        workers: DataLoader worker processes (each decodes with one thread).
+        cores: Usable cores (``os.sched_getaffinity``).
+        reason: One line saying which rule chose the numbers (logged).
+    """
+
+    intra_op: int
+    workers: int
+    cores: int
+    reason: str
+
+
+def available_cores() -> int:
+    """Cores this process may run on (affinity mask; containers and ``taskset`` honoured)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _is_cuda(device: Any) -> bool:
+    return str(device).startswith("cuda")
+
+
+def resolve_thread_budget(
+    threads: int | Auto = "auto",
+    num_workers: int | Auto = "auto",
+    device: Any = "cpu",
+    *,
+    gflops_per_image: float | None = None,
+    cores: int | None = None,
+) -> ThreadBudget:
+    """Choose intra-op threads and DataLoader workers so their sum stays within the cores.
+
+    Args:
+        threads: Intra-op threads, or ``"auto"``.
+        num_workers: DataLoader workers, or ``"auto"``.
+        device: The resolved device (``cpu``, ``cuda``, ``cuda:1``, a ``torch.device``).
+        gflops_per_image: Forward FLOPs of one image in GFLOPs (``model_facts(name)["gflops"]``);
+            ``None`` treats the model as decode-bound.
+        cores: Override the usable cores (tests); default :func:`available_cores`.
+
+    Returns:
+        The budget; see the module docstring for the rule.
+    """
+    for what, value in (("threads", threads), ("num_workers", num_workers)):
+        if value != "auto" and (
+            not isinstance(value, int) or value < (1 if what == "threads" else 0)
+        ):
+            raise ValueError(
+                f"thread budget: {what} must be 'auto' or an integer >= "
+                f"{1 if what == 'threads' else 0}, got {value!r}"
+            )
+    c = cores if cores is not None else available_cores()
+    if threads != "auto" and num_workers != "auto":
+        if threads + num_workers > c:
+            logger.warning(
+                "thread budget: threads=%d + num_workers=%d exceed the %d usable cores; expect "
+                "slower embedding (set either to 'auto')",
+                threads,
+                num_workers,
+                c,
+            )
+        return ThreadBudget(threads, num_workers, c, "both set explicitly")
+    if threads != "auto":
+        return ThreadBudget(threads, max(0, c - threads), c, "workers = cores - threads")
+    if num_workers != "auto":
+        return ThreadBudget(max(1, c - num_workers), num_workers, c, "threads = cores - workers")
+    if _is_cuda(device):
+        w = max(0, min(MAX_GPU_WORKERS, c - 1))
+        return ThreadBudget(max(1, c - w), w, c, "cuda: cores decode, one feeds the GPU")
+    if c == 1:
+        return ThreadBudget(1, 0, 1, "one core: decode inline")
+    decode = DECODE_CORE_MS / 1000.0
+    if gflops_per_image is None:
+        w = max(1, c // 2)
+        return ThreadBudget(c - w, w, c, "cpu, FLOPs unknown: half the cores decode")
+    forward = gflops_per_image / CORE_GFLOPS
+
+    def rate(w: int) -> float:  # images/s with w workers and c - w intra-op threads
+        if w == 0:
+            return 1.0 / (decode + forward / c)  # decoding inline, serial with the forward
+        return min(w / decode, (c - w) / forward)
+
+    w = max(range(c), key=lambda w: (rate(w), -w))  # ties: fewer workers (less memory)
+    kind = "decode inline" if w == 0 else "cores split by decode/forward cost"
+    return ThreadBudget(c - w, w, c, f"cpu, {gflops_per_image:.2g} GFLOPs/image: {kind}")
+
+
+def apply_thread_budget(budget: ThreadBudget) -> None:
+    """Set torch's intra-op threads (and TensorFlow's, if it is loaded) to ``budget.intra_op``.
+
+    Keras 3 on the torch backend follows torch's setting. TensorFlow accepts the setting only
+    before its runtime starts (the first op); later calls are logged and ignored. JAX reads its
+    thread count from ``XLA_FLAGS`` at import and cannot be changed here. DataLoader workers use
+    one torch thread each (torch sets it in every worker), so ``budget.workers`` is passed as
+    ``num_workers``.
+    """
+    import torch  # heavy, but every caller runs torch anyway
+
+    torch.set_num_threads(budget.intra_op)
+    if "tensorflow" in sys.modules:  # never import TensorFlow just to configure it
+        tf = sys.modules["tensorflow"]
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(budget.intra_op)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except (RuntimeError, AttributeError) as err:
+            logger.info("thread budget: TensorFlow already initialised, not changed (%s)", err)
+    logger.info(
+        "thread budget: %d intra-op thread(s) + %d DataLoader worker(s) on %d core(s) (%s)",
+        budget.intra_op,
+        budget.workers,
+        budget.cores,
+        budget.reason,
+    )

@@ -1,0 +1,320 @@
+"""The search-backend contract, its registry, input validation and the shared ranking helpers.
+
+Every backend returns, for each query, the positions of its ``k`` nearest index vectors and their
+SQUARED L2 distances on unit vectors (``2 - 2 * dot``), ranked by (distance, id); see the package
+docstring (:mod:`embbench.retrieval`) for why candidates are re-scored canonically.
+
+Validation here never builds an ``(n, d)`` temporary: finiteness, unit norms and the
+``query_ids`` consistency check run over row chunks of at most :data:`CHECK_CHUNK_BYTES`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+
+from embbench._registry import Registry
+
+__all__ = [
+    "SearchBackend",
+    "create_backend",
+    "l2_normalize",
+    "list_backends",
+    "register_backend",
+]
+
+_BACKENDS: Registry[type[SearchBackend]] = Registry("search backend")
+
+UNIT_NORM_TOL = 1e-3  # max |norm - 1| accepted as "L2-normalised"
+PAIR_CHUNK = 16_384  # candidate pairs re-scored at once (2 x 16k x d float64)
+CHECK_CHUNK_BYTES = 8 * 2**20  # row chunk of the validation passes (no (n, d) temporaries)
+
+
+def register_backend(name: str) -> Callable[[type[SearchBackend]], type[SearchBackend]]:
+    """Class decorator adding a :class:`SearchBackend` subclass to the registry under ``name``."""
+
+    def wrap(cls: type[SearchBackend]) -> type[SearchBackend]:
+        _BACKENDS.register(name, cls)
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def list_backends() -> list[str]:
+    """Registered backend names, sorted."""
+    return _BACKENDS.names()
+
+
+def create_backend(name: str, **kwargs: Any) -> SearchBackend:
+    """Create a registered search backend (``exact`` or ``milvus``).
+
+    Args:
+        name: The registered name; unknown names raise with close matches ("did you mean").
+        **kwargs: Constructor arguments; ``None`` values are dropped so defaults apply.
+
+    Returns:
+        The backend instance.
+    """
+    cls = _BACKENDS.get(name)
+    return cls(**{key: value for key, value in kwargs.items() if value is not None})
+
+
+class SearchBackend(abc.ABC):
+    """Exact or approximate k-nearest-neighbour search over L2-normalised vectors.
+
+    Subclasses implement :meth:`search`; use them as context managers (or call :meth:`close`)
+    when they hold external resources.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def search(
+        self,
+        index: np.ndarray,
+        queries: np.ndarray,
+        k: int,
+        *,
+        query_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest index vectors of each query.
+
+        Args:
+            index: ``(n, d)`` L2-normalised index vectors.
+            queries: ``(nq, d)`` L2-normalised query vectors.
+            k: Results per query.
+            query_ids: Protocol ``within``: query ``i`` is index item ``query_ids[i]``, which is
+                removed from its own list by id.
+
+        Returns:
+            ``(ids, dists)``: ``(nq, k)`` int64 positions into ``index`` (best first, ties by id
+            ascending, ``-1`` padding) and float32 squared L2 distances (``inf`` padding).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release external resources (no-op by default)."""
+
+    def __enter__(self) -> SearchBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def row_chunks(n: int, d: int, budget_bytes: int = CHECK_CHUNK_BYTES) -> Iterator[slice]:
+    """Slices of at most ``budget_bytes`` of float64 ``(rows, d)`` work each, covering ``0..n``."""
+    step = max(1, budget_bytes // max(1, 8 * d))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def row_norms(arr: np.ndarray) -> np.ndarray:
+    """Row L2 norms with float64 accumulation, chunked (no ``(n, d)`` temporary)."""
+    out = np.empty(arr.shape[0], dtype=np.float64)
+    for sl in row_chunks(*arr.shape):
+        part = arr[sl]
+        out[sl] = np.einsum("ij,ij->i", part, part, dtype=np.float64)
+    return np.sqrt(out)
+
+
+def l2_normalize(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
+    """Row-wise L2 normalisation to float32, idempotent.
+
+    Rows whose norm is already 1 within ``2**-20`` are returned unchanged (bit for bit), so
+    normalising normalised vectors changes nothing (and returns the same array, no copy).
+
+    Args:
+        vectors: ``(n, d)`` array.
+        what: Name used in error messages.
+
+    Returns:
+        A C-contiguous float32 array of unit rows.
+
+    Raises:
+        ValueError: On a non-2-D array, NaN/inf values, or an all-zero row.
+    """
+    arr = as_matrix(vectors, what)
+    norms = row_norms(arr)
+    zero = norms == 0
+    if zero.any():
+        raise ValueError(
+            f"{what}: {int(zero.sum())} rows are all zeros (first at row "
+            f"{int(np.flatnonzero(zero)[0])}) and cannot be L2-normalised; check the embeddings."
+        )
+    scale = np.where(np.abs(norms - 1.0) <= 2.0**-20, 1.0, 1.0 / np.where(zero, 1.0, norms))
+    if (scale == 1.0).all():
+        return arr
+    return np.ascontiguousarray((arr * scale[:, None]).astype(np.float32))
+
+
+def as_matrix(x: Any, what: str) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ``(n, d)`` array of finite values (no copy if it is one)."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D (n, dim) array, got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{what}: expected numeric vectors, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    for sl in row_chunks(*arr.shape):
+        finite = np.isfinite(arr[sl]).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+            raise ValueError(
+                f"{what}: {len(bad)} rows contain NaN or inf (first at row {int(bad[0])}); "
+                "re-compute or drop those embeddings."
+            )
+    return arr
+
+
+def check_unit(arr: np.ndarray, what: str) -> float:
+    """Raise unless rows are L2-normalised; return the largest row norm."""
+    if arr.shape[0] == 0:
+        return 1.0
+    norms = row_norms(arr)
+    worst = float(np.abs(norms - 1.0).max())
+    if worst > UNIT_NORM_TOL:
+        raise ValueError(
+            f"{what}: rows must be L2-normalised (max |norm - 1| = {worst:.3g}); call "
+            "embbench.retrieval.l2_normalize first (search_and_evaluate does it for you)."
+        )
+    return float(norms.max())
+
+
+def _same_rows(index: np.ndarray, queries: np.ndarray, qids: np.ndarray) -> bool:
+    """Whether ``queries[i] == index[qids[i]]`` (within 1e-5) for every i, in row chunks.
+
+    When the queries ARE the index (same buffer) and ``qids`` is ``0..n-1`` this is decided from
+    the ids alone, without touching a vector.
+    """
+    n = index.shape[0]
+    if (
+        queries.shape == index.shape
+        and queries.__array_interface__["data"][0] == index.__array_interface__["data"][0]
+        and queries.strides == index.strides
+        and np.array_equal(qids, np.arange(n))
+    ):
+        return True
+    for sl in row_chunks(*queries.shape):
+        if np.abs(index[qids[sl]] - queries[sl]).max() > 1e-5:
+            return False
+    return True
+
+
+def check_search_args(
+    index: Any, queries: Any, k: int, query_ids: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """Validate a search call; return float32 index, queries, int64 query ids and the tolerance.
+
+    The tolerance bounds how far a fast float32 score may differ from the canonical one on unit
+    vectors (``dim * 2**-24`` plus slack); candidate sets are widened when ties could cross it.
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"search: k must be a positive integer, got {k!r}")
+    idx = as_matrix(index, "search index")
+    qry = as_matrix(queries, "search queries")
+    if idx.shape[1] != qry.shape[1]:
+        raise ValueError(
+            f"search: index vectors have dim {idx.shape[1]} but queries have dim "
+            f"{qry.shape[1]}; embed both with the same model."
+        )
+    norm_x = check_unit(idx, "search index")
+    norm_q = norm_x if qry is idx else check_unit(qry, "search queries")
+    qids = None
+    if query_ids is not None:
+        qids = np.asarray(query_ids)
+        if qids.shape != (qry.shape[0],) or qids.dtype.kind not in "iu":
+            raise ValueError(
+                f"search: query_ids must be ({qry.shape[0]},) integers, got shape {qids.shape} "
+                f"dtype {qids.dtype}"
+            )
+        qids = qids.astype(np.int64)
+        if qids.size and (qids.min() < 0 or qids.max() >= idx.shape[0]):
+            raise ValueError(
+                f"search: query_ids must be positions in [0, {idx.shape[0] - 1}] of the index"
+            )
+        if qids.size and not _same_rows(idx, qry, qids):
+            raise ValueError(
+                "search: query_ids say query i is index item query_ids[i], but their vectors "
+                "differ; pass query_ids only for protocol 'within' (queries taken from the index)."
+            )
+    tol = idx.shape[1] * 2.0**-24 * 1.01 * norm_x * norm_q + 2.0**-22
+    return idx, qry, qids, tol
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking helpers shared by the backends
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_scores(
+    queries: np.ndarray, index: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """Canonical inner products ``queries[rows] . index[cols]``.
+
+    float64 accumulation of the float32 vectors, rounded to float32: identical vectors get
+    identical scores whatever kernel or backend found them.
+    """
+    out = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), PAIR_CHUNK):
+        stop = min(len(rows), start + PAIR_CHUNK)
+        q = queries[rows[start:stop]]
+        x = index[cols[start:stop]]
+        # einsum casts to float64 in its buffered loop: exact products, float64 sums.
+        out[start:stop] = np.einsum("ij,ij->i", q, x, dtype=np.float64, casting="safe")
+    return out
+
+
+def select_top(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    scores: np.ndarray,
+    n_rows: int,
+    k: int,
+    self_ids: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``k`` best (score desc, id asc) of the given (row, col, score) triples.
+
+    Args:
+        rows: Row (query) of each triple, in ``[0, n_rows)``.
+        cols: Index id of each triple.
+        scores: Canonical score of each triple.
+        n_rows: Number of rows.
+        k: Results per row.
+        self_ids: Optional per-row id to drop (the query itself), compared by id.
+
+    Returns:
+        ``(ids, scores)`` of shape ``(n_rows, k)``, padded with -1 and -inf.
+    """
+    if self_ids is not None:
+        keep = cols != self_ids[rows]
+        rows, cols, scores = rows[keep], cols[keep], scores[keep]
+    order = np.lexsort((cols, -scores, rows))
+    rows, cols, scores = rows[order], cols[order], scores[order]
+    starts = np.searchsorted(rows, np.arange(n_rows))
+    rank = np.arange(len(rows)) - starts[rows]
+    take = rank < k
+    out_ids = np.full((n_rows, k), -1, dtype=np.int64)
+    out_scores = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    out_ids[rows[take], rank[take]] = cols[take]
+    out_scores[rows[take], rank[take]] = scores[take]
+    return out_ids, out_scores
+
+
+def kth_score(scores: np.ndarray, kk: int) -> np.ndarray:
+    """Per row, the kk-th largest value (rows hold at least kk finite values)."""
+    return -np.partition(-scores, kk - 1, axis=1)[:, kk - 1]
+
+
+def to_sq_l2(scores: np.ndarray) -> np.ndarray:
+    """Squared L2 distance on unit vectors from inner products; padding (-inf) becomes inf."""
+    dist = np.maximum(np.float32(0.0), np.float32(2.0) - np.float32(2.0) * scores)
+    return np.where(np.isfinite(scores), dist, np.float32(np.inf)).astype(np.float32)

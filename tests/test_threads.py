@@ -1,0 +1,59 @@
+"""CPU thread budget: workers + intra-op threads within the cores, the split rule, applying it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embbench._threads import (
+    ThreadBudget,
+    apply_thread_budget,
+    available_cores,
+    resolve_thread_budget,
+)
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 16])
+@pytest.mark.parametrize("gflops", [None, 0.01, 0.5, 4.0, 8.2, 35.1, 200.0])
+def test_auto_never_exceeds_the_cores(cores, gflops):
+    b = resolve_thread_budget(gflops_per_image=gflops, cores=cores)
+    assert b.intra_op >= 1 and b.workers >= 0
+    assert b.intra_op + b.workers <= cores
+    assert b.cores == cores and b.reason
+
+
+def test_split_follows_decode_and_forward_cost():
+    tiny = resolve_thread_budget(gflops_per_image=0.02, cores=2)  # decode-bound
+    assert (tiny.intra_op, tiny.workers) == (1, 1)
+    big = resolve_thread_budget(gflops_per_image=8.2, cores=2)  # resnet50: compute-bound
+    assert (big.intra_op, big.workers) == (2, 0)
+    many = resolve_thread_budget(gflops_per_image=0.02, cores=16)
+    assert many.workers > many.intra_op  # decoding needs most cores for a tiny model
+    assert resolve_thread_budget(cores=1) == ThreadBudget(1, 0, 1, "one core: decode inline")
+
+
+def test_gpu_and_explicit_values():
+    gpu = resolve_thread_budget(device="cuda:0", cores=16)
+    assert gpu.workers == 8 and gpu.intra_op == 8
+    assert resolve_thread_budget(device="cuda", cores=2).workers == 1
+    assert resolve_thread_budget(threads=1, cores=4).workers == 3
+    assert resolve_thread_budget(num_workers=3, cores=4).intra_op == 1
+    assert resolve_thread_budget(num_workers=8, cores=4).intra_op == 1
+    kept = resolve_thread_budget(threads=4, num_workers=4, cores=2)  # kept, with a warning
+    assert (kept.intra_op, kept.workers) == (4, 4)
+    with pytest.raises(ValueError, match="threads"):
+        resolve_thread_budget(threads=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_thread_budget(num_workers="many")
+
+
+def test_apply_sets_torch_threads_and_logs(caplog):
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="embbench._threads"):
+            apply_thread_budget(ThreadBudget(1, 1, 2, "test"))
+        assert torch.get_num_threads() == 1
+        assert "1 intra-op thread(s) + 1 DataLoader worker(s)" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+    assert available_cores() >= 1
