@@ -186,7 +186,10 @@ class GridConfig(StageConfig):
     k: int = Field(5, ge=1, le=100)  # cut-off of the @k retrieval metrics
     max_images: int = Field(0, ge=0)  # per split, 0 = all (seeded, class-preserving subsample)
     batch_size: int = Field(64, ge=1)  # images per forward pass (per GPU)
-    num_workers: int = Field(2, ge=0)  # DataLoader decoding processes
+    # DataLoader decoding processes and torch intra-op threads; "auto" splits the cores between
+    # them so they never exceed the cores (embbench._threads: measured rule, logged per cell)
+    num_workers: int | Literal["auto"] = "auto"
+    threads: int | Literal["auto"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype on CUDA
     backend: str = "milvus"  # retrieval backend: milvus | exact (the backend registry's names)
@@ -200,7 +203,7 @@ class GridConfig(StageConfig):
     # backend that searched, so switching backends scores again (from the cached vectors).
     hash_exclude = frozenset(
         {"models", "datasets", "data_root", "data_options", "batch_size", "num_workers",
-         "device", "milvus_uri", "tracking_uri", "experiment", "overwrite"}
+         "threads", "device", "milvus_uri", "tracking_uri", "experiment", "overwrite"}
     )
 
     @field_validator("models", "datasets")
@@ -208,4 +211,12 @@ class GridConfig(StageConfig):
     def _non_empty(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("must name at least one entry")
+        return v
+
+    @field_validator("num_workers", "threads")
+    @classmethod
+    def _count(cls, v: int | str, info: Any) -> int | str:
+        low = 1 if info.field_name == "threads" else 0
+        if v != "auto" and v < low:
+            raise ValueError(f"must be 'auto' or an integer >= {low}")
         return v

@@ -18,10 +18,12 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
+from embbench._threads import ThreadBudget, apply_thread_budget, resolve_thread_budget
+from embbench._torch_utils import resolve_device
 from embbench.cells import Cell, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.embed import embed_splits, embedding_cache
-from embbench.models import create_embedder
+from embbench.models import create_embedder, model_facts
 from embbench.records import Lineage, ResultStore, record_row
 from embbench.stages import _variants as V
 
@@ -70,9 +72,32 @@ def lineage_of(embedder: Any, base_model: str) -> Lineage:
     )
 
 
-def embed_options(cfg: GridConfig) -> dict[str, Any]:
-    """A stage config's embedding settings, as :func:`embbench.embed.embed_splits` takes them."""
-    return {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": cfg.device,
+def thread_budget(cfg: GridConfig, model: str | None = None) -> ThreadBudget:
+    """Split the cores between DataLoader workers and torch threads, apply it and log it.
+
+    With both ``threads`` and ``num_workers`` on ``auto`` on a CPU, the model's forward FLOPs
+    (:func:`embbench.models.model_facts`, cached per machine) decide the split.
+    """
+    gflops = None
+    if model and cfg.threads == "auto" and cfg.num_workers == "auto":
+        try:
+            gflops = float(model_facts(model)["gflops"])
+        except Exception as exc:  # noqa: BLE001 - facts are advice; the rule works without
+            logger.debug("no FLOP count for %s (%s); the thread rule assumes decode-bound",
+                         model, exc)
+    budget = resolve_thread_budget(cfg.threads, cfg.num_workers, resolve_device(cfg.device),
+                                   gflops_per_image=gflops)
+    apply_thread_budget(budget)
+    return budget
+
+
+def embed_options(cfg: GridConfig, model: str | None = None) -> dict[str, Any]:
+    """A stage config's embedding settings, as :func:`embbench.embed.embed_splits` takes them.
+
+    The thread budget is applied here (torch threads set; workers passed on).
+    """
+    budget = thread_budget(cfg, model)
+    return {"batch_size": cfg.batch_size, "num_workers": budget.workers, "device": cfg.device,
             "precision": cfg.precision}
 
 
@@ -98,7 +123,7 @@ class PretrainedEmbedder:
     def embed(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:
         """``{split: EmbeddingSet}``, computed or read from the cache."""
         return embed_splits(self(model), inputs.catalogue, sorted(set(splits)),
-                            **embed_options(self.cfg))
+                            **embed_options(self.cfg, model))
 
 
 class EmbedSteps:

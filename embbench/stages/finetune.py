@@ -60,7 +60,12 @@ from embbench.models.finetuned import (
 )
 from embbench.paths import runs_dir
 from embbench.records import Lineage, ResultRecord, ResultStore, record_row
-from embbench.stages.embed import PretrainedEmbedder, embed_options, weights_problem
+from embbench.stages.embed import (
+    PretrainedEmbedder,
+    embed_options,
+    thread_budget,
+    weights_problem,
+)
 from embbench.train import (
     CHECKPOINT_FORMAT,
     FinetuneError,
@@ -95,7 +100,6 @@ class FinetuneConfig(GridConfig):
     test_size: int = Field(0, ge=0)  # evaluation side; 0 = the recipe's (224)
     batch_size: int = Field(128, ge=1)  # images per step per GPU (paper: 4 GPUs x 128)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
-    num_workers: int = Field(8, ge=0)  # DataLoader decoding/augmentation processes
     eval_every: int = Field(1, ge=0)  # epochs between validation passes; 0 = only at the end
     checkpoint_every: int = Field(1, ge=1)  # epochs between resumable checkpoints
     resume: bool = True  # continue a killed run from its last checkpoint
@@ -184,8 +188,14 @@ def plan_cell(
 
 
 def train_settings(cfg: FinetuneConfig) -> TrainSettings:
-    """The trainer's settings: the fields of ``cfg`` that :class:`TrainSettings` names."""
-    return TrainSettings(**{f.name: getattr(cfg, f.name) for f in fields(TrainSettings)})
+    """The trainer's settings: the fields of ``cfg`` that :class:`TrainSettings` names.
+
+    ``num_workers``/``threads`` on ``auto`` are resolved by the thread budget (augmentation
+    makes training decode-heavy, so no FLOP count is used).
+    """
+    values = {f.name: getattr(cfg, f.name) for f in fields(TrainSettings)}
+    values["num_workers"] = thread_budget(cfg).workers
+    return TrainSettings(**values)
 
 
 def make_trainer(
@@ -323,7 +333,8 @@ class FinetuneSteps:
         emb = create_embedder(name)
         splits = inputs.plan.splits
 
-        sets = embed_splits(emb, inputs.catalogue, splits, **embed_options(self.cfg))
+        sets = embed_splits(emb, inputs.catalogue, splits,
+                            **embed_options(self.cfg, cell.model))
         pre = self.pretrained.embed(cell.model, inputs, splits)
         used = dict(emb.weights_used)
         start = summary.get("embedder_weights") or {}

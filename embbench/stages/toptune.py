@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from embbench._threads import apply_thread_budget, resolve_thread_budget
 from embbench._utils import atomic_write_json, stable_hash
 from embbench.cache import EmbeddingCache, EmbeddingSet
 from embbench.cells import Cell, CellInputs, Produced, run_grid
@@ -186,6 +187,8 @@ class TopTuneSteps:
 
     def __init__(self, cfg: TopTuneConfig) -> None:
         use_keras_backend(cfg.keras_backend)  # before anything below can import keras
+        # Keras trains in this process: all the cores for its threads (no DataLoader here)
+        apply_thread_budget(resolve_thread_budget(cfg.threads, 0, "cpu"))
         self.cfg = cfg
         self.pretrained = PretrainedEmbedder(cfg)
 
