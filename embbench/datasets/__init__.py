@@ -34,7 +34,13 @@ from typing import Any
 from embbench._registry import Registry, UnknownNameError, did_you_mean
 from embbench.catalogue import Catalogue, CatalogueError, from_image_folder, from_manifest
 from embbench.datasets import cars, fashion, food2k, products10k, rp2k, sop
-from embbench.datasets._common import DatasetLayoutError, Layout, check_fraction, find_root
+from embbench.datasets._common import (
+    DatasetLayoutError,
+    Layout,
+    LoadRequest,
+    check_fraction,
+    find_root,
+)
 from embbench.datasets._params import (
     DatasetInfo,
     DatasetParamsError,
@@ -311,8 +317,8 @@ def create_catalogue(
         extra = {k: v for k, v in info.options.items() if k in allowed}
         extra.update(options)
         folder, found = resolve_root(name, root, variant=variant)
-        catalogue = entry.loader(folder, found, info, seed=seed, split_scheme=scheme,
-                                 val_fraction=val_fraction, test_fraction=test_fraction, **extra)
+        request = LoadRequest(folder, found, info, seed, scheme, val_fraction, test_fraction)
+        catalogue = entry.loader(request, **extra)
     if drop_missing:
         catalogue = drop_missing_files(catalogue)
     if label is not None:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,29 @@ class DatasetLayoutError(CatalogueError):
     def __init__(self, message: str, *, root: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.root = str(root) if root is not None else None
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the factory asks a dataset loader to read (every loader takes one).
+
+    Attributes:
+        folder: The dataset folder the factory found.
+        variant: The layout variant found (or forced), e.g. Cars196 ``devkit`` / ``metric``.
+        info: The dataset's defaults (``params/datasets.yaml``).
+        seed: Seed of the splits the loader carves (val; test where none is published).
+        split_scheme: ``classification`` (closed set) or ``dml`` (class-disjoint), if offered.
+        val_fraction: Share moved to val (a loader that reads a published val ignores it).
+        test_fraction: Share put in test (a loader that reads a published test ignores it).
+    """
+
+    folder: Path
+    variant: str
+    info: Any
+    seed: int
+    split_scheme: str
+    val_fraction: float
+    test_fraction: float
 
 
 @dataclass(frozen=True)

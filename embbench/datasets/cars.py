@@ -36,12 +36,12 @@ from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
     LoadNotes,
+    LoadRequest,
     carve_val,
     join_paths,
     nested_image_dir,
     require_file,
 )
-from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -195,31 +195,23 @@ def _read_metric(folder: Path) -> pd.DataFrame:
     return items
 
 
-def load(
-    folder: Path,
-    variant: str,
-    info: DatasetInfo,
-    *,
-    seed: int,
-    split_scheme: str,
-    val_fraction: float,
-    test_fraction: float,
-) -> Catalogue:
+def load(req: LoadRequest) -> Catalogue:
     """Read Cars196 from ``folder`` in the ``devkit`` or ``metric`` layout.
 
     Args:
-        folder: The dataset folder (found by the factory).
-        variant: ``devkit`` or ``metric``.
-        info: The dataset's defaults.
-        seed: Seed of the validation split.
-        split_scheme: ``classification`` (published train/test) or ``dml`` (classes 1-98 /
-            99-196).
-        val_fraction: Share of train moved to val (whole classes under ``dml``).
-        test_fraction: Unused (both schemes have published splits).
+        req: What to read: ``folder``: The dataset folder (found by the factory);
+            ``variant``: ``devkit`` or ``metric``; ``info``: The dataset's defaults;
+            ``seed``: Seed of the validation split; ``split_scheme``: ``classification``
+            (published train/test) or ``dml`` (classes 1-98 / 99-196); ``val_fraction``:
+            Share of train moved to val (whole classes under ``dml``); ``test_fraction``:
+            Unused (both schemes have published splits).
 
     Returns:
         The catalogue with labels ``class`` and ``class_name``.
     """
+    folder, variant, info = req.folder, req.variant, req.info
+    seed, split_scheme = req.seed, req.split_scheme
+    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     del test_fraction
     items = _read_devkit(folder) if variant == "devkit" else _read_metric(folder)
     if split_scheme == "dml":

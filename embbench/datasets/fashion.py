@@ -32,13 +32,13 @@ from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
     LoadNotes,
+    LoadRequest,
     assign_test,
     join_paths,
     read_text_lines,
     stratified_pick,
     suffix,
 )
-from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -122,33 +122,25 @@ def _image_files(folder: Path) -> dict[str, str]:
     return out
 
 
-def load(
-    folder: Path,
-    variant: str,
-    info: DatasetInfo,
-    *,
-    seed: int,
-    split_scheme: str,
-    val_fraction: float,
-    test_fraction: float,
-    skip_malformed: bool = False,
-) -> Catalogue:
+def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
     """Read Fashion Product Images from ``folder``.
 
     Args:
-        folder: The folder holding ``styles.csv`` and ``images/``.
-        variant: ``kaggle`` (the only layout; full and small variants look alike).
-        info: The dataset's defaults (``exclude``, ``known_missing``).
-        seed: Seed of the split.
-        split_scheme: ``classification`` (the only scheme).
-        val_fraction: Share of all images in val.
-        test_fraction: Share of all images in test.
+        req: What to read: ``folder``: The folder holding ``styles.csv`` and ``images/``;
+            ``variant``: ``kaggle`` (the only layout; full and small variants look alike);
+            ``info``: The dataset's defaults (``exclude``, ``known_missing``); ``seed``:
+            Seed of the split; ``split_scheme``: ``classification`` (the only scheme);
+            ``val_fraction``: Share of all images in val; ``test_fraction``: Share of all
+            images in test.
         skip_malformed: Drop the rows with unquoted commas in productDisplayName (the paper's
             count) instead of parsing them.
 
     Returns:
         The catalogue (label columns listed in the module docstring).
     """
+    folder, variant, info = req.folder, req.variant, req.info
+    seed, split_scheme = req.seed, req.split_scheme
+    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     if val_fraction + test_fraction >= 1:
         raise ValueError(
             f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}"

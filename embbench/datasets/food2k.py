@@ -24,10 +24,10 @@ from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
     LoadNotes,
+    LoadRequest,
     join_paths,
     read_text_lines,
 )
-from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -96,30 +96,23 @@ def read_names(path: Path) -> tuple[dict[int, str], int]:
     return names, bad
 
 
-def load(
-    folder: Path,
-    variant: str,
-    info: DatasetInfo,
-    *,
-    seed: int,
-    split_scheme: str,
-    val_fraction: float,
-    test_fraction: float,
-) -> Catalogue:
+def load(req: LoadRequest) -> Catalogue:
     """Read Food2K from ``folder`` with its published train / val / test split.
 
     Args:
-        folder: The folder holding ``Food2k_label/`` (or the split files directly).
-        variant: ``standard`` or ``flat`` (split files next to ``Food2k_complete/``).
-        info: The dataset's defaults.
-        seed: Unused (the publisher's split is used).
-        split_scheme: ``classification`` (the only scheme).
-        val_fraction: Unused (the publisher ships val).
-        test_fraction: Unused (the publisher ships test).
+        req: What to read: ``folder``: The folder holding ``Food2k_label/`` (or the split
+            files directly); ``variant``: ``standard`` or ``flat`` (split files next to
+            ``Food2k_complete/``); ``info``: The dataset's defaults; ``seed``: Unused (the
+            publisher's split is used); ``split_scheme``: ``classification`` (the only
+            scheme); ``val_fraction``: Unused (the publisher ships val); ``test_fraction``:
+            Unused (the publisher ships test).
 
     Returns:
         The catalogue with labels ``food_id`` and ``food_name``.
     """
+    folder, variant, info = req.folder, req.variant, req.info
+    seed, split_scheme = req.seed, req.split_scheme
+    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     del seed, val_fraction, test_fraction
     label_dir = folder / "Food2k_label" if variant == "standard" else folder
     image_dir = folder / IMAGE_DIR

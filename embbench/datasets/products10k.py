@@ -25,12 +25,12 @@ from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
     LoadNotes,
+    LoadRequest,
     carve_val,
     join_paths,
     nested_image_dir,
     require_file,
 )
-from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -84,30 +84,22 @@ def _file_name(name: str) -> str:
     return name if Path(name).suffix else f"{name}.jpg"
 
 
-def load(
-    folder: Path,
-    variant: str,
-    info: DatasetInfo,
-    *,
-    seed: int,
-    split_scheme: str,
-    val_fraction: float,
-    test_fraction: float,
-) -> Catalogue:
+def load(req: LoadRequest) -> Catalogue:
     """Read Products-10K from ``folder``.
 
     Args:
-        folder: The folder holding ``train.csv``.
-        variant: ``csv`` (the only layout).
-        info: The dataset's defaults.
-        seed: Seed of the val split.
-        split_scheme: ``classification`` (the only scheme).
-        val_fraction: Share of train moved to val (stratified by class).
-        test_fraction: Unused (the publisher ships test).
+        req: What to read: ``folder``: The folder holding ``train.csv``; ``variant``:
+            ``csv`` (the only layout); ``info``: The dataset's defaults; ``seed``: Seed of
+            the val split; ``split_scheme``: ``classification`` (the only scheme);
+            ``val_fraction``: Share of train moved to val (stratified by class);
+            ``test_fraction``: Unused (the publisher ships test).
 
     Returns:
         The catalogue with labels ``class`` and ``group``.
     """
+    folder, variant, info = req.folder, req.variant, req.info
+    seed, split_scheme = req.seed, req.split_scheme
+    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     del test_fraction
     notes = LoadNotes()
     train = _read_csv(require_file(folder / "train.csv", TITLE, "annotation file"),

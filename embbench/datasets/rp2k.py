@@ -29,10 +29,10 @@ from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
     LoadNotes,
+    LoadRequest,
     carve_val,
     list_images,
 )
-from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -62,30 +62,22 @@ def guess_name(name: str) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def load(
-    folder: Path,
-    variant: str,
-    info: DatasetInfo,
-    *,
-    seed: int,
-    split_scheme: str,
-    val_fraction: float,
-    test_fraction: float,
-) -> Catalogue:
+def load(req: LoadRequest) -> Catalogue:
     """Read RP2K from ``folder`` (the archive's ``all/``).
 
     Args:
-        folder: The folder holding ``train/`` and ``test/``.
-        variant: ``folders`` (the only layout).
-        info: The dataset's defaults.
-        seed: Seed of the val split.
-        split_scheme: ``classification`` (the only scheme).
-        val_fraction: Share of train moved to val (stratified by category).
-        test_fraction: Unused (the publisher ships test).
+        req: What to read: ``folder``: The folder holding ``train/`` and ``test/``;
+            ``variant``: ``folders`` (the only layout); ``info``: The dataset's defaults;
+            ``seed``: Seed of the val split; ``split_scheme``: ``classification`` (the only
+            scheme); ``val_fraction``: Share of train moved to val (stratified by category);
+            ``test_fraction``: Unused (the publisher ships test).
 
     Returns:
         The catalogue with labels ``category`` and ``category_id``.
     """
+    folder, variant, info = req.folder, req.variant, req.info
+    seed, split_scheme = req.seed, req.split_scheme
+    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     del test_fraction
     notes = LoadNotes()
     rows = []

@@ -29,12 +29,12 @@ from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
     LoadNotes,
+    LoadRequest,
     assign_test,
     carve_val,
     join_paths,
     read_text_lines,
 )
-from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -83,30 +83,23 @@ def read_ebay_file(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["item_id", "class_id", "super_class_id"])
 
 
-def load(
-    folder: Path,
-    variant: str,
-    info: DatasetInfo,
-    *,
-    seed: int,
-    split_scheme: str,
-    val_fraction: float,
-    test_fraction: float,
-) -> Catalogue:
+def load(req: LoadRequest) -> Catalogue:
     """Read SOP from ``folder``.
 
     Args:
-        folder: The folder holding ``Ebay_train.txt``.
-        variant: ``ebay`` (the only layout).
-        info: The dataset's defaults.
-        seed: Seed of the val split (and of the closed-set test split).
-        split_scheme: ``dml`` (Ebay_train / Ebay_test) or ``classification`` (closed set).
-        val_fraction: Share of train moved to val.
-        test_fraction: Share of each product's images put in test (``classification`` only).
+        req: What to read: ``folder``: The folder holding ``Ebay_train.txt``; ``variant``:
+            ``ebay`` (the only layout); ``info``: The dataset's defaults; ``seed``: Seed of
+            the val split (and of the closed-set test split); ``split_scheme``: ``dml``
+            (Ebay_train / Ebay_test) or ``classification`` (closed set); ``val_fraction``:
+            Share of train moved to val; ``test_fraction``: Share of each product's images
+            put in test (``classification`` only).
 
     Returns:
         The catalogue with labels ``class_id``, ``super_class_id``, ``super_class_name``.
     """
+    folder, variant, info = req.folder, req.variant, req.info
+    seed, split_scheme = req.seed, req.split_scheme
+    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     frames = []
     for split in ("train", "test"):
         df = read_ebay_file(folder / f"Ebay_{split}.txt")
