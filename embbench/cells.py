@@ -171,6 +171,9 @@ class StageSteps(Protocol):
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Compute the cell's query and index embeddings (and any training) with lineage."""
 
+    # Optional: ``expand(cells, inputs) -> cells`` adds cells known only once the data is loaded
+    # (stage 01's index sweeps depend on the index size); the engine calls it after validation.
+
 
 # ---- loading and planning --------------------------------------------------------------------
 def load_catalogue(
@@ -296,7 +299,6 @@ class CellEngine:
         known = set(list_datasets())
         for dataset in dict.fromkeys(c.dataset for c in cells):
             if dataset not in known:
-
                 problems.append(did_you_mean(dataset, sorted(known), "dataset"))
                 continue
             try:
@@ -306,7 +308,6 @@ class CellEngine:
         if not problems:
             problems += self.steps.check(cells, self.inputs)
         if self.cfg.backend == "milvus" and self.cfg.milvus_uri.startswith(("http", "tcp")):
-
             try:
                 check_milvus(self.cfg.milvus_uri, os.environ.get("MILVUS_TOKEN", ""))
             except ServiceUnreachableError as exc:

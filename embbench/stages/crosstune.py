@@ -121,7 +121,6 @@ class CrosstuneSteps:
         """The fine-tuned index entry, or the newest top-tuning record, of a cell's source."""
         if cell not in self._sources:
             if cell.mode == CROSS_TUNED:
-
                 self._sources[cell] = find_finetuned(cell.model, cell.source, self.cfg.recipe)
             else:
                 self._sources[cell] = self._toptuned(cell.model, cell.source)
@@ -156,7 +155,6 @@ class CrosstuneSteps:
     def _finetuned_embedder(self, cell: Cell) -> Any:
         name = self.source(cell)["spec"]["name"]
         if name not in self._finetuned:
-
             self._finetuned[name] = create_embedder(name)
         return self._finetuned[name]
 
@@ -167,7 +165,6 @@ class CrosstuneSteps:
         base = {"version": CROSSTUNE_VERSION,
                 "pretrained": self.pretrained.cache_keys(cell.model, inputs, splits)}
         if cell.mode == CROSS_TUNED:
-
             emb = self._finetuned_embedder(cell)
             keys = {s: embedding_cache(emb, inputs.catalogue, s).key for s in splits}
             return {**base, "train_hash": src.get("train_hash"), "sha256": src.get("sha256"),
@@ -183,7 +180,6 @@ class CrosstuneSteps:
         base_lineage = lineage_of(self.pretrained(cell.model), cell.model)
         src = self.source(cell)
         if cell.mode == CROSS_TUNED:
-
             emb = self._finetuned_embedder(cell)
             sets = embed_splits(emb, inputs.catalogue, splits,
                                 **embed_options(self.cfg, cell.model))

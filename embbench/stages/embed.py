@@ -111,7 +111,6 @@ class PretrainedEmbedder:
     def __call__(self, model: str) -> Any:
         """The embedder of ``model`` with the configured weights."""
         if model not in self._embedders:
-
             self._embedders[model] = create_embedder(model, weights=self.cfg.weights)
         return self._embedders[model]
 

@@ -146,7 +146,6 @@ def plan_cell(
         FinetuneError: The catalogue has no train split, or fewer than two classes in it.
     """
     if isinstance(inputs, str):
-
         inputs = CellEngine(cfg, FinetuneSteps(cfg)).inputs_for(inputs)
     cat, plan, dataset = inputs.catalogue, inputs.plan.as_dict(), inputs.dataset
     if "train" not in cat.splits:
