@@ -46,5 +46,8 @@ def setup_logging(level: int | str = "INFO") -> None:
 
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's own stderr handler prints INFO chatter ("Creating initial MLflow database tables")
+# as red stderr blocks in notebooks; without it MLflow's warnings reach the root handler above.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 __all__ = ["__version__", "setup_logging"]

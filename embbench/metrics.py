@@ -1,6 +1,6 @@
 """Retrieval and classification metrics, vectorised with numpy.
 
-Retrieval metrics follow ``docs/protocol.md`` (the UnED reference definitions). For a query with
+Retrieval metrics follow the UnED reference definitions, written out here. For a query with
 ``n_q`` relevant index items (the query itself excluded), ``rel_j`` the relevance of the j-th result
 and ``m = min(n_q, k)``:
 

@@ -158,6 +158,7 @@ def run_notebook(
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     logger.info("%s started with %s -> %s", name, [str(f) for f in params_files], output)
     t0 = time.monotonic()
     try:
