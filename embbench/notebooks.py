@@ -161,6 +161,13 @@ def run_notebook(
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     logger.info("%s started with %s -> %s", name, [str(f) for f in params_files], output)
     t0 = time.monotonic()
+    # MLflow used in the kernel before the notebook's setup_mlflow would default to ./mlruns
+    # under notebooks/; point it at the project's store for this run only.
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri is None:
+        from embbench.tracking import default_tracking_uri
+
+        os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri()
     try:
         with KernelLogRelay(name) as relay:
             pm.execute_notebook(
@@ -178,6 +185,9 @@ def run_notebook(
         logger.info("%s failed after %.0f s; executed copy: %s", name, time.monotonic() - t0,
                     output)
         raise
+    finally:
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
     if keep_latest:
         shutil.copyfile(output, output.parent / "latest.ipynb")
     logger.info("%s done in %.0f s -> %s", name, time.monotonic() - t0, output)

@@ -96,3 +96,43 @@ def test_notebook_01_smoke_run_is_quiet_and_talks(capfd, caplog):
     assert not stderr, stderr
     text = "".join(o.get("text", "") for o in outputs)
     assert not [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
+
+
+def test_mlflow_experiment_opens_on_its_runs_without_a_stray_default(tmp_path):
+    import mlflow
+
+    from embbench.tracking import EXPERIMENT_KIND, setup_mlflow
+
+    uri = setup_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "embbench")
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("embbench")
+    assert exp.tags["mlflow.experimentKind"] == EXPERIMENT_KIND
+    assert [e.name for e in client.search_experiments()] == ["embbench"]
+    assert not (tmp_path / "mlruns").exists() and not (ROOT / "notebooks" / "mlruns").exists()
+
+
+def test_a_users_catalogue_has_the_users_name(tmp_path, monkeypatch):
+    import embbench.datasets as ds
+    from embbench.catalogue import CatalogueError
+    from fixtures_datasets import write_jpeg
+
+    monkeypatch.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak
+    write_jpeg(tmp_path / "imgs" / "a.jpg")
+    write_jpeg(tmp_path / "imgs" / "b.jpg", 1)
+    csv = tmp_path / "catalogue.csv"
+    csv.write_text("path,label,split\nimgs/a.jpg,mug,test\nimgs/b.jpg,lamp,test\n")
+    # the built-in `manifest` entry names its catalogue as it is loaded (not the CSV's stem)
+    assert ds.create_catalogue("manifest", csv).name == "manifest"
+    # a name of the user's own: data_root {my_shop: catalogue.csv} registers it
+    assert ds.register_user_catalogues({"my_shop": csv, "sop": tmp_path, "x": "nope"}) == [
+        "my_shop"]
+    assert "my_shop" in ds.list_datasets() and "x" not in ds.list_datasets()
+    cat = ds.create_catalogue("my_shop", csv)
+    assert cat.name == "my_shop" and len(cat.items) == 2
+    info = ds.get_dataset_info("my_shop")
+    assert info.name == "my_shop" and info.protocol == ds.get_dataset_info("manifest").protocol
+    folder = tmp_path / "shop_tree"
+    write_jpeg(folder / "test" / "mug" / "1.jpg")
+    assert ds.create_catalogue("shop_tree", folder).name == "shop_tree"  # registered on use
+    with pytest.raises(CatalogueError, match="built in"):
+        ds.register_catalogue("sop", csv)
