@@ -112,9 +112,10 @@ def test_mlflow_experiment_opens_on_its_runs_without_a_stray_default(tmp_path):
 
 
 def test_a_users_catalogue_has_the_users_name(tmp_path, monkeypatch):
+    from fixtures_datasets import write_jpeg
+
     import embbench.datasets as ds
     from embbench.catalogue import CatalogueError
-    from fixtures_datasets import write_jpeg
 
     monkeypatch.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak
     write_jpeg(tmp_path / "imgs" / "a.jpg")
