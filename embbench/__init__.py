@@ -9,7 +9,7 @@ Layers, arrows pointing down only (import-linter checks them, ``make lint``):
 - :mod:`~embbench.report` and :mod:`~embbench.analysis` (tables, figures, galleries);
 - building blocks: ``models``, ``datasets``, ``catalogue``, ``demo``, ``images``, ``cache``,
   ``embed``, ``retrieval``, ``metrics``, ``records``, ``tracking``, ``train``, ``toptune``...;
-- utilities: ``config``, ``paths``, ``_registry``, ``_utils``, ``_torch_utils``.
+- utilities: ``config``, ``paths``, ``_registry``, ``_utils``, ``_torch_utils``, ``progress``.
 """
 
 from __future__ import annotations
