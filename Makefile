@@ -14,7 +14,7 @@ export TF_ENABLE_ONEDNN_OPTS := 0
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{sub(/%/, "<notebook>", $$1); printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
 
 .PHONY: setup
 setup: $(STAMP) ## create .venv, install embbench with its pinned dependencies, register the kernel
@@ -47,7 +47,7 @@ mlflow-ui: setup ## MLflow UI on the local store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
 
-nb-%: setup ## run notebooks/%.ipynb with params/%.yaml (+ PARAMS="more.yaml ...")
+nb-%: setup ## run notebooks/<notebook>.ipynb with params/<notebook>.yaml (+ PARAMS="more.yaml ...")
 	$(PY) -m embbench run-notebook $* -f params/$*.yaml $(foreach f,$(PARAMS),-f $(f))
 
 .PHONY: report

@@ -9,7 +9,7 @@ Layers, arrows pointing down only (import-linter checks them, ``make lint``):
 - :mod:`~embbench.report` and :mod:`~embbench.analysis` (tables, figures, galleries);
 - building blocks: ``models``, ``datasets``, ``catalogue``, ``demo``, ``images``, ``cache``,
   ``embed``, ``retrieval``, ``metrics``, ``records``, ``tracking``, ``train``, ``toptune``...;
-- utilities: ``config``, ``paths``, ``_registry``, ``_utils``, ``_torch_utils``.
+- utilities: ``config``, ``paths``, ``_registry``, ``_utils``, ``_torch_utils``, ``progress``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,34 @@ import os
 __version__ = "0.1.0"
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook, or papermill running one)."""
+    import sys
+
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and hasattr(shell, "kernel")
+
+
 def setup_logging(level: int | str = "INFO") -> None:
-    """Log embbench's messages to stderr with timestamps (notebooks and the CLI call this)."""
+    """Log embbench's messages with timestamps (notebooks and the CLI call this).
+
+    At a terminal they go to stderr. In a notebook they go to stdout: plain text under the cell
+    instead of red stderr blocks, and ``embbench run-notebook`` relays them to the terminal.
+    """
+    import sys
+
+    stream = sys.stdout if _in_kernel() else sys.stderr
     # Third-party libraries (open_clip logs on the root logger) stay at WARNING.
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING
-    )
+    logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=stream)
     logging.getLogger("embbench").setLevel(level)
 
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's own stderr handler prints INFO chatter ("Creating initial MLflow database tables")
+# as red stderr blocks in notebooks; without it MLflow's warnings reach the root handler above.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 __all__ = ["__version__", "setup_logging"]

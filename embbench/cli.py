@@ -44,15 +44,31 @@ def _params_for(name: str, root: Path, extra: list[str], demo: bool) -> list[Pat
     return files + [Path(f) for f in extra]
 
 
+def _dry(name: str, files: list[Path], overrides: dict | None = None) -> int:
+    """``--dry-run``: validate the params of notebook ``name`` and say what would run."""
+    from embbench.notebooks import notebook_path, resolve_params
+
+    notebook_path(name)
+    params = resolve_params(name, files, overrides)
+    sys.stdout.write(f"would run {name} with {[str(f) for f in files]}: {sorted(params)}\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo notebooks in order and say where everything went."""
     from embbench.notebooks import run_notebook
     from embbench.paths import project_root, reports_dir, runs_dir
     from embbench.tracking import default_tracking_uri
 
+    if args.dry_run:
+        names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
+        for name in names:
+            _dry(name, _params_for(name, project_root(), args.params, demo=True))
+        return 0
     if not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
-        logger.warning(
+        # The documented fallback (README): one INFO line; records and the report say it loudly.
+        logger.info(
             "the model hub is unreachable: models fall back to RANDOM weights "
             "(weights: auto); every result and report says so"
         )
@@ -60,13 +76,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
     outputs = []
     report = None
-    for name in names:
+    for i, name in enumerate(names, 1):
         files = _params_for(name, root, args.params, demo=True)
+        logger.info("[stage %d/%d] %s", i, len(names), name)
         if name == "05_analysis":  # the analysis notebook is rendered into the HTML report
             from embbench.notebooks import render_report
 
             report = render_report(params_files=files)
-            outputs.append(reports_dir() / "notebooks" / "05_analysis.ipynb")
+            outputs.append(reports_dir() / "notebooks" / "05_analysis" / "latest.ipynb")
         else:
             outputs.append(run_notebook(name, files))
     logger.info("demo finished")
@@ -93,6 +110,8 @@ def cmd_run_notebook(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
+    if args.dry_run:
+        return _dry(args.notebook, [Path(f) for f in args.params], overrides)
     out = run_notebook(
         args.notebook, args.params, overrides, output=Path(args.output) if args.output else None
     )
@@ -105,6 +124,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from embbench.stages.embed import EmbedConfig, run_embed
 
     cfg = EmbedConfig.from_files(*args.params)
+    if args.dry_run:
+        sys.stdout.write(f"would embed {cfg.models} on {cfg.datasets}\n")
+        return 0
     table = run_embed(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         sys.stdout.write(table.to_string(index=False) + "\n")
@@ -123,8 +145,12 @@ def _overrides(items: list[str] | None) -> dict:
 
 def cmd_run_cell(args: argparse.Namespace) -> int:
     """Run one cell (exit 0 when done or finished earlier, 2 when it cannot run)."""
-    from embbench.pipeline.plan import run_one_cell
+    from embbench.pipeline.plan import load_config, run_one_cell
 
+    if args.dry_run:
+        load_config(args.notebook, args.params, **_overrides(args.set))
+        sys.stdout.write(f"would run the cell {args.model} on {args.dataset} of {args.notebook}\n")
+        return 0
     record = run_one_cell(args.notebook, args.params, _overrides(args.set), model=args.model,
                           dataset=args.dataset, mode=args.mode, source=args.source)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -139,6 +165,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from embbench.pipeline import group_params
 
     params = group_params(args.params)
+    if args.dry_run:
+        for nb, files in params.items():
+            _dry(nb, files)
+        return 0
     if args.action == "compile":
         from embbench.pipeline import TaskResources, compile_pipeline
 
@@ -170,13 +200,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Delegate to the report renderer."""
     from embbench.notebooks import report_main
 
-    return report_main(args.rest)
+    return report_main(args.rest, dry_run=args.dry_run)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Delegate to the dataset verifier."""
     from embbench.datasets._verify import run_verify
 
+    if args.dry_run:
+        sys.stdout.write(f"would verify {args.name} at {args.root}\n")
+        return 0
     return run_verify(args)
 
 
@@ -185,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="embbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="embbench's log level (default INFO)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (and DEBUG logs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="parse the command line and validate the params files; run nothing")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the demo end to end")
@@ -254,8 +291,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are a user's to fix: printed as their message, exit status 2."""
+    from embbench._registry import UnknownNameError
+    from embbench._utils import DiskFullError
+    from embbench.analysis import AnalysisError
+    from embbench.cache import CacheError
+    from embbench.catalogue import CatalogueError
+    from embbench.config import ConfigError
+    from embbench.datasets._params import DatasetParamsError
+    from embbench.images import BadImageError
+    from embbench.models._zoo import CheckpointError, ModelError, WeightsUnavailableError
+    from embbench.records import RecordError
+    from embbench.report import ReportError
+    from embbench.services import ServiceUnreachableError
+    from embbench.tracking import TrackingStoreError
+
+    return (ConfigError, CatalogueError, CacheError, ServiceUnreachableError, RecordError,
+            TrackingStoreError, DiskFullError, UnknownNameError, FileNotFoundError,
+            DatasetParamsError, ModelError, WeightsUnavailableError, CheckpointError,
+            AnalysisError, ReportError, BadImageError)
+
+
+# Exceptions raised inside a notebook reach the CLI as papermill's execution error, by name.
+_USER_ERROR_NAMES = frozenset({
+    "ConfigError", "GridError", "CellSelectError", "CatalogueError", "DatasetLayoutError",
+    "FetchError", "CacheError", "CorruptCacheError", "CacheBusyError", "ServiceUnreachableError",
+    "RecordError", "TrackingStoreError", "DiskFullError", "UnknownNameError", "FileNotFoundError",
+    "DatasetParamsError", "ModelError", "WeightsUnavailableError", "CheckpointError",
+    "PackageWeightsMissingError", "AnalysisError", "GalleryError", "TopTuneError",
+    "CrosstuneError", "FinetuneError",
+})
+
+
+def _explain(exc: BaseException) -> tuple[str, int] | None:
+    """One or two lines and an exit status for an error the user can act on, else ``None``."""
+    if type(exc).__name__ == "PapermillExecutionError":
+        ename, evalue = getattr(exc, "ename", ""), getattr(exc, "evalue", "")
+        cell = getattr(exc, "exec_count", None)
+        where = f" (cell [{cell}])" if cell else ""
+        status = 2 if ename in _USER_ERROR_NAMES else 1
+        return f"the notebook failed{where}: {ename}: {evalue}", status
+    if isinstance(exc, _user_errors()):
+        text = str(exc)
+        if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+            text = f"{text}: {exc.filename}"
+        return text, 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; errors people can fix are printed without a trace."""
+    """Parse ``argv`` and run the command.
+
+    Errors a user can fix (a bad params file, a missing dataset, an unreachable service...) end
+    as their message on stderr and exit status 2, without a traceback; ``--debug`` shows it.
+    """
     parser = build_parser()
     # `report` hands its options to report_main; argparse's REMAINDER alone rejects a leading
     # option (`embbench report -f x.yaml`), so unknown options are passed on here.
@@ -264,12 +354,17 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = [*extra, *[a for a in args.rest if a != "--"]]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    setup_logging(args.log_level)
-    from embbench.catalogue import CatalogueError
-    from embbench.config import ConfigError
-
+    setup_logging("DEBUG" if args.debug else args.log_level)
     try:
         return args.func(args)
-    except (ConfigError, CatalogueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("embbench: interrupted\n")
+        return 130
+    except Exception as exc:
+        explained = None if args.debug else _explain(exc)
+        if explained is None:
+            raise
+        text, status = explained
+        sys.stderr.write(f"embbench {args.command}: error: {text}\n"
+                         "(run `embbench --debug ...` for the traceback)\n")
+        return status

@@ -26,7 +26,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from embbench._torch_utils import (
     DistInfo,
@@ -38,6 +37,7 @@ from embbench._torch_utils import (
 from embbench.cache import CorruptCacheError, EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue
 from embbench.images import BadImageError, load_rgb
+from embbench.progress import progress_bar as tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from embbench._utils import stable_hash
 from embbench.analysis import AnalysisError
 from embbench.config import ConfigError, read_params_files
 from embbench.paths import params_dir, project_root, reports_dir
@@ -49,6 +55,85 @@ def resolve_params(
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k in params}
 
 
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+class KernelLogRelay:
+    """papermill's ``stdout_file``: forwards the kernel's log lines to this process's stderr.
+
+    Notebooks log to stdout (see :func:`embbench.setup_logging`); lines in the log format are
+    written to the terminal as they come, other output stays in the notebook only. When nothing
+    has come for ``heartbeat_s`` seconds a "still running" line is written, so a terminal is
+    never silent for longer.
+    """
+
+    def __init__(self, name: str, *, heartbeat_s: float = 25.0, stream: Any = None) -> None:
+        self.name = name
+        self.heartbeat_s = heartbeat_s
+        self.stream = stream
+        self._buf = ""
+        self._start = self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _emit(self, text: str) -> None:
+        from tqdm import tqdm
+
+        self._last = time.monotonic()
+        # tqdm.write keeps papermill's cell bar intact below the line.
+        tqdm.write(text, file=self.stream or sys.stderr)
+
+    def write(self, text: str) -> None:
+        """Take a chunk of the kernel's stdout; forward its complete log lines."""
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            if _LOG_LINE.match(line):
+                self._emit(line)
+
+    def flush(self) -> None:
+        """Nothing is buffered beyond an incomplete line."""
+
+    def _beat(self) -> None:
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self._last >= self.heartbeat_s:
+                minutes, seconds = divmod(int(time.monotonic() - self._start), 60)
+                self._emit(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO embbench.notebooks: "
+                           f"{self.name} still running ({minutes} min {seconds} s)")
+
+    def __enter__(self) -> KernelLogRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def _ipc_kernel_manager() -> type:
+    """A kernel manager on local IPC sockets (papermill's default TCP makes ipykernel warn)."""
+    from jupyter_client.manager import KernelManager
+
+    class IPCKernelManager(KernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", str(Path(tempfile.mkdtemp(prefix="embbench-kernel-")) / "k"))
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
+def executed_path(name: str, parameters: Mapping[str, Any], folder: Path | None = None) -> Path:
+    """Where a run of ``name`` keeps its executed notebook: stage, time and params hash.
+
+    ``<reports_dir>/notebooks/<name>/<YYYYmmdd-HHMMSS>-<hash8>.ipynb``; a run never replaces an
+    earlier one. :func:`run_notebook` also copies it to ``<name>/latest.ipynb``.
+    """
+    folder = folder or reports_dir() / "notebooks" / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return folder / f"{stamp}-{stable_hash(dict(parameters))[:8]}.ipynb"
+
+
 def run_notebook(
     name: str,
     params_files: Iterable[str | Path] = (),
@@ -68,20 +153,44 @@ def run_notebook(
 
     params_files = list(params_files)
     parameters = resolve_params(name, params_files, overrides)
-    output = output or reports_dir() / "notebooks" / f"{name}.ipynb"
+    keep_latest = output is None
+    output = output or executed_path(name, parameters)
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logger.info("running %s with %s -> %s", name, [str(f) for f in params_files], output)
-    pm.execute_notebook(
-        str(notebook_path(name)),
-        str(output),
-        parameters=parameters,
-        kernel_name=kernel_name,
-        cwd=str(project_root() / "notebooks"),
-        progress_bar=progress,
-        log_output=False,
-    )
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    logger.info("%s started with %s -> %s", name, [str(f) for f in params_files], output)
+    t0 = time.monotonic()
+    # MLflow used in the kernel before the notebook's setup_mlflow would default to ./mlruns
+    # under notebooks/; point it at the project's store for this run only.
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri is None:
+        from embbench.tracking import default_tracking_uri
+
+        os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri()
+    try:
+        with KernelLogRelay(name) as relay:
+            pm.execute_notebook(
+                str(notebook_path(name)),
+                str(output),
+                parameters=parameters,
+                kernel_name=kernel_name,
+                cwd=str(project_root() / "notebooks"),
+                progress_bar=progress,
+                log_output=False,
+                stdout_file=relay,
+                kernel_manager_class=_ipc_kernel_manager(),
+            )
+    except Exception:
+        logger.info("%s failed after %.0f s; executed copy: %s", name, time.monotonic() - t0,
+                    output)
+        raise
+    finally:
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if keep_latest:
+        shutil.copyfile(output, output.parent / "latest.ipynb")
+    logger.info("%s done in %.0f s -> %s", name, time.monotonic() - t0, output)
     return output
 
 
@@ -122,7 +231,7 @@ def render_report(
     except Exception as exc:
         if type(exc).__name__ != "PapermillExecutionError":
             raise
-        where = notebook_output or reports_dir() / "notebooks" / f"{REPORT_NOTEBOOK}.ipynb"
+        where = notebook_output or reports_dir() / "notebooks" / REPORT_NOTEBOOK
         raise ReportError(
             f"notebook {REPORT_NOTEBOOK} failed ({getattr(exc, 'ename', '')}: "
             f"{getattr(exc, 'evalue', exc)}); the executed copy is {where}"
@@ -131,11 +240,15 @@ def render_report(
         logger.info("report: false in the params; executed notebook only: %s", executed)
         return executed
     output = Path(output) if output else reports_dir() / f"{cfg.report_name}.html"
-    return export_html(executed, output, title=cfg.title)
+    sources = sorted((reports_dir() / "notebooks").glob("0[1-4]_*/latest.ipynb"))
+    return export_html(executed, output, title=cfg.title, sources=[*sources, executed])
 
 
-def report_main(argv: Sequence[str] | None = None) -> int:
-    """``embbench report``: render notebook 05 to HTML; returns the exit status."""
+def report_main(argv: Sequence[str] | None = None, *, dry_run: bool = False) -> int:
+    """``embbench report``: render notebook 05 to HTML; returns the exit status.
+
+    ``dry_run`` validates the params files and says what would be rendered, running nothing.
+    """
     p = argparse.ArgumentParser(
         prog="embbench report",
         description="Run notebooks/05_analysis.ipynb and write a self-contained HTML report.",
@@ -161,6 +274,10 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     try:
+        if dry_run:
+            resolve_params(REPORT_NOTEBOOK, files, overrides)
+            sys.stdout.write(f"would render {REPORT_NOTEBOOK} with {[str(f) for f in files]}\n")
+            return 0
         out = render_report(args.output or None, files, overrides)
     except (ConfigError, AnalysisError, ReportError, FileNotFoundError) as exc:
         logger.error("%s", exc)

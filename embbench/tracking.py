@@ -153,7 +153,10 @@ def _build_store(db: Path) -> None:
     art.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp}"
     try:
-        SqlAlchemyStore(uri, art.resolve().as_uri())
+        store = SqlAlchemyStore(uri, art.resolve().as_uri())
+        # MLflow creates an empty "Default" experiment (id 0); embbench logs to named
+        # experiments only, so it is soft-deleted: the UI does not list a stray empty experiment.
+        store.delete_experiment(store.DEFAULT_EXPERIMENT_ID)
         engine = SqlAlchemyStore._engine_map.pop(uri, None)
         if engine is not None:
             engine.dispose()
@@ -161,6 +164,10 @@ def _build_store(db: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
@@ -193,7 +200,10 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
             art.mkdir(parents=True, exist_ok=True)
             artifact_location = art.resolve().as_uri()
         client.create_experiment(experiment, artifact_location=artifact_location)
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        # The UI opens a "model development" experiment on its runs, not the GenAI overview.
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri
 
 

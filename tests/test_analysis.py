@@ -653,6 +653,18 @@ def test_weights_summary_and_runs(results):
     assert "test_clip" in w["random_models"]
     runs = an.runs_summary(results)
     assert len(runs) == len(results) and "mlflow_run_id" in runs
+    # provenance in words, from the records' lineage
+    ft = runs[runs["mode"] == "fine-tuned"]["provenance"]
+    assert len(ft) and all(p.startswith("fine-tuned on alpha (a2, from ") for p in ft)
+
+
+def test_every_guide_sentence_on_random_weights_carries_the_caveat(results):
+    guide = an.practical_guide(results, "mMP@5")
+    assert set(guide["weights_kind"]) == {"random"}
+    text = an.guide_sentences(guide, table=an.table3(results, "mMP@5"))
+    assert len(text) > 2 and all(s.endswith(an.guide.RANDOM_CAVEAT) for s in text)
+    pretrained = guide.assign(weights_kind="pretrained")
+    assert not any("Random weights" in s for s in an.guide_sentences(pretrained))
 
 
 # ------------------------------------------------------------------------------ figures
@@ -683,6 +695,8 @@ def test_figures_draw_from_synthetic_runs(results, runs_env):
     for name, fig in figs.items():
         assert fig is not None, name
         assert fig.axes, name
+    # figure 4b's axis spans the metric's range [0, 1], not beyond
+    assert figs["4b"].axes[0].get_ylim()[1] == pytest.approx(1.0)
     # figure 4a has one panel per mode present
     assert len(figs["4a"].axes) == len(set(long["mode"]))
     # figure 6 marks the missing cell (ssl_tiny on beta) as not drawn: a masked cell

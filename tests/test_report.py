@@ -180,7 +180,9 @@ def rendered(tmp_path_factory, demo_root):
         html = render_report(
             params_files=[params / "05_analysis.yaml", params / "smoke" / "05_analysis.yaml"]
         )
-    nb = nbformat.read(home / "reports" / "notebooks" / "05_analysis.ipynb", as_version=4)
+    runs = sorted((home / "reports" / "notebooks" / "05_analysis").glob("2*.ipynb"))
+    assert len(runs) == 1  # kept per run, with a latest copy
+    nb = nbformat.read(runs[0].parent / "latest.ipynb", as_version=4)
     return {"html": html, "records": recs, "notebook": nb, "home": home, "demo": demo}
 
 
@@ -209,6 +211,13 @@ def test_report_renders_every_table_and_figure(rendered):
     assert len(imgs) == N_FIGURES and all(len(i) > 1000 for i in imgs)
     assert "Traceback" not in html
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html  # no error, no log
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING)", html)
+    # the report links the executed notebook it came from (kept per run)
+    assert "Notebooks this report came from" in html
+    assert re.search(r'href="notebooks/05_analysis/\d{8}-\d{6}-[0-9a-f]{8}\.ipynb"', html)
+    stderr = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "stream" and o.get("name") == "stderr"]
+    assert not stderr, [o.text[:200] for o in stderr]
     figures = [t for t in re.findall(r"<img[^>]*>", html) if "data:image/png" in t]
     alts = [re.search(r'alt="([^"]*)"', t).group(1) for t in figures if 'alt="' in t]
     assert len(alts) == N_FIGURES and all(a and a != "figure" for a in alts)

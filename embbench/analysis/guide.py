@@ -40,7 +40,13 @@ GUIDE_COLUMNS = [
     "gain_per_hour",
     "gain_per_gpu_hour",
     "recommended",
+    "weights_kind",
 ]
+
+RANDOM_CAVEAT = (
+    " (Random weights: this measures the pipeline, not the model; rerun with pretrained weights "
+    "before acting on it.)"
+)
 
 
 def practical_guide(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -99,6 +105,7 @@ def practical_guide(df: pd.DataFrame, metric: str) -> pd.DataFrame:
                         if task == "visual search"
                         else math.nan,
                         "recommended": False,
+                        "weights_kind": best.get("weights_kind"),
                         "_entry": best["entry"],
                         "_order": MODES.index(mode),
                     }
@@ -199,7 +206,11 @@ def guide_sentences(
                     f" It is significantly better than {n_sig} of the {n_tested} other results "
                     f"tested (paired bootstrap, Holm-adjusted, alpha={alpha:.2f})."
                 )
+        if any(r.get("weights_kind") == "random" for r in recs):
+            s += RANDOM_CAVEAT
         out.append(s)
+    any_random = "weights_kind" in guide and bool((guide["weights_kind"] == "random").any())
+    n_block = len(out)
     if table is not None and not table.empty and MEAN in table:
         rows = table[table.index.get_level_values("row") != IMPROVEMENT][MEAN].dropna()
         if len(rows):
@@ -215,4 +226,6 @@ def guide_sentences(
                 f"Top-tuning changes the mean {table.attrs.get('metric', 'score')} of "
                 f"{FAMILY_LABELS.get(fam, fam)} models by {value:+.3f}."
             )
+    if any_random:  # the cross-dataset sentences draw on the same random-weight results
+        out[n_block:] = [s + RANDOM_CAVEAT for s in out[n_block:]]
     return out

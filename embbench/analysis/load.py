@@ -425,10 +425,16 @@ def load_results(cfg: ResultsQuery, store: ResultStore | None = None) -> pd.Data
 
 
 def runs_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs behind the analysis: model, dataset, mode, weights and run id, one per row."""
+    """The runs behind the analysis, one per row: model, dataset, mode, provenance, run id.
+
+    ``provenance`` is the lineage in words (``fine-tuned on demo (A2, from random init)``);
+    ``weights_kind`` is what the lineage started from.
+    """
+    df = df.rename(columns={"lineage": "provenance"})
     cols = [
         c
-        for c in ("dataset", "model", "mode", "entry", "weights_kind", "mlflow_run_id", "git_sha")
+        for c in ("dataset", "model", "mode", "entry", "provenance", "weights_kind",
+                  "mlflow_run_id", "git_sha")
         if c in df
     ]
     return df[cols].sort_values(["dataset", "model", "mode"]).reset_index(drop=True)

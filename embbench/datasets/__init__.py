@@ -24,9 +24,10 @@ catalogues whose paths are URLs into a content-addressed cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ __all__ = [
     "fetch_urls",
     "get_dataset_info",
     "list_datasets",
+    "catalogue_kind",
+    "register_catalogue",
+    "register_user_catalogues",
     "resolve_root",
     "verify",
     "verify_main",
@@ -85,12 +89,15 @@ class DatasetEntry:
             ``loader(root, *, seed, variant, **options)``.
         layout: The on-disk layout (public datasets only).
         public: One of the six public datasets (has params, published counts and a layout).
+        kind: For a user's catalogue registered under its own name (:func:`register_catalogue`):
+            ``manifest`` or ``folder``, whose ``custom`` defaults it takes.
     """
 
     name: str
     loader: Callable[..., Catalogue]
     layout: Layout | None = None
     public: bool = True
+    kind: str | None = None
 
 
 _REGISTRY: Registry[DatasetEntry] = Registry("dataset")
@@ -113,18 +120,79 @@ def _need_root(name: str, root: str | Path | None, what: str) -> Path:
 
 
 def _load_manifest(root: str | Path | None, *, seed: int, variant: str | None,
-                   label: str | None = None, **options: Any) -> Catalogue:
+                   label: str | None = None, catalogue_name: str = "manifest",
+                   **options: Any) -> Catalogue:
     del seed, variant
-    path = _need_root("manifest", root, "the path of the CSV manifest")
+    path = _need_root(catalogue_name, root, "the path of the CSV manifest")
     if label is not None and "label_columns" not in options:
         options["label_columns"] = (label,)
+    # Named as the dataset it is loaded as, so cache, records, MLflow and report agree.
+    options.setdefault("name", catalogue_name)
     return from_manifest(path, **options)
 
 
 def _load_folder(root: str | Path | None, *, seed: int, variant: str | None,
-                 label: str | None = None, **options: Any) -> Catalogue:
+                 label: str | None = None, catalogue_name: str = "folder",
+                 **options: Any) -> Catalogue:
     del seed, variant, label
-    return from_image_folder(_need_root("folder", root, "the image folder"), **options)
+    options.setdefault("name", catalogue_name)
+    return from_image_folder(_need_root(catalogue_name, root, "the image folder"), **options)
+
+
+_USER_LOADERS = {"manifest": _load_manifest, "folder": _load_folder}
+
+
+def catalogue_kind(root: str | Path) -> str | None:
+    """``manifest`` for a CSV file, ``folder`` for a directory, ``None`` for anything else."""
+    path = Path(root).expanduser()
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return "manifest"
+    return "folder" if path.is_dir() else None
+
+
+def register_catalogue(
+    name: str, root: str | Path | None = None, *, kind: str | None = None
+) -> DatasetEntry:
+    """Register a user's catalogue under the user's own name (a CSV manifest or image folder).
+
+    Its cache, result records, MLflow runs and report rows are all named ``name``. ``kind``
+    (``manifest`` / ``folder``) is inferred from ``root`` when not given; the catalogue takes
+    the ``custom`` defaults of that kind in ``params/datasets.yaml``.
+
+    Raises:
+        CatalogueError: ``kind`` is unknown or cannot be inferred from ``root``, or ``name`` is
+            a built-in dataset.
+    """
+    if kind is None and root is not None:
+        kind = catalogue_kind(root)
+    if kind not in _USER_LOADERS:
+        raise CatalogueError(
+            f"dataset {name!r}: {root} is neither a CSV manifest nor an image folder; point "
+            f"data_root.{name} at one (or use a built-in dataset: {list_datasets()})"
+        )
+    if name in _REGISTRY.names() and _REGISTRY.get(name).kind is None:
+        raise CatalogueError(f"dataset {name!r} is built in; give your catalogue another name")
+    loader = functools.partial(_USER_LOADERS[kind], catalogue_name=name)
+    # A user's catalogue may be registered again (another run, another root): it replaces.
+    return register_dataset(DatasetEntry(name=name, loader=loader, public=False, kind=kind),
+                            overwrite=True)
+
+
+def register_user_catalogues(data_root: Mapping[str, str | Path]) -> list[str]:
+    """Register every ``data_root`` entry that is not a built-in dataset as a user catalogue.
+
+    ``data_root: {my_shop: /data/shop.csv}`` with ``datasets: [my_shop]`` names the catalogue
+    ``my_shop`` everywhere. Entries whose path is neither a CSV file nor a folder are left
+    alone (the grid check then names them). Returns the names registered.
+    """
+    names = []
+    for name, root in data_root.items():
+        known = name in _REGISTRY.names()
+        if (known and _REGISTRY.get(name).kind is None) or not root or not catalogue_kind(root):
+            continue
+        register_catalogue(name, root)
+        names.append(name)
+    return names
 
 
 def _load_demo(root: str | Path | None, *, seed: int, variant: str | None,
@@ -172,6 +240,8 @@ def get_dataset_info(name: str) -> DatasetInfo:
     entry = _REGISTRY.get(name)
     infos, custom = load_dataset_params()
     table, key = (infos, "datasets") if entry.public else (custom, "custom")
+    if entry.kind is not None:  # a user's catalogue: the defaults of its kind, under its name
+        return dataclasses.replace(custom[entry.kind], name=name)
     if name not in table:
         raise DatasetParamsError(
             f"{default_params_path()} has no entry {key}.{name}; add one (copy another "
@@ -288,6 +358,8 @@ def create_catalogue(
         CatalogueError: Another problem with the copy or the arguments.
         ValueError: An option has an invalid value.
     """
+    if name not in _REGISTRY.names() and root is not None and catalogue_kind(root):
+        register_catalogue(name, root)  # a user's catalogue, named by the user
     entry = _REGISTRY.get(name)
     options = {k: v for k, v in options.items() if v is not None}
     drop_missing = bool(options.pop("drop_missing", False))

@@ -118,7 +118,7 @@ class DatasetInfo:
         split_scheme: Default split scheme (``classification`` or ``dml``; ``as_given`` for
             custom catalogues).
         split_schemes: Schemes available.
-        protocol: ``within`` or ``cross`` retrieval (see :mod:`embbench.metrics`).
+        protocol: ``within`` or ``cross`` retrieval (see the :mod:`embbench.metrics` docstring).
         query_split: Split the queries come from.
         index_split: Split searched (equal to ``query_split`` under ``within``).
         k: Metric cut-off.

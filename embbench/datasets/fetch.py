@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from embbench import paths
 from embbench._utils import atomic_write_json
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.images import BadImageError, load_rgb
+from embbench.progress import progress_bar as tqdm
 
 logger = logging.getLogger(__name__)
 

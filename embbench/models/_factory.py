@@ -65,7 +65,8 @@ def create_embedder(
         try:
             built = _build(spec, pretrained=True)
         except WeightsUnavailableError as e:
-            logger.warning(
+            # weights="auto" documents this fallback: one INFO line; records and report say so.
+            logger.info(
                 "Model %r: pretrained weights unavailable, FALLING BACK TO RANDOM WEIGHTS "
                 "(embeddings are not meaningful): %s",
                 spec.name,

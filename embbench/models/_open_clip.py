@@ -5,7 +5,9 @@ The text tower is dropped; the transform is open_clip's own validation transform
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from embbench.models._builder import Built, no_published_weights, unavailable
@@ -13,6 +15,30 @@ from embbench.models._zoo import CONFIG_DIR, ModelError, ModelSpec, WeightsUnava
 
 _OPEN_CLIP_READY = False
 
+
+class _OpenClipExpected(logging.Filter):
+    """Drop open_clip's root-logger lines for events embbench handles and reports itself.
+
+    open_clip logs "Failed to download weights" (ERROR) before raising, which embbench turns
+    into WeightsUnavailableError (or, under ``weights: auto``, one INFO line and a recorded
+    fallback), and "No pretrained weights loaded" (WARNING) when random weights were asked for.
+    """
+
+    _EXPECTED = ("Failed to download weights for tag", "No pretrained weights loaded for model")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.getMessage().startswith(self._EXPECTED))
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Apply :class:`_OpenClipExpected` to the root logger around an open_clip call."""
+    root, f = logging.getLogger(), _OpenClipExpected()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 def open_clip_module() -> Any:
     """Import open_clip once, with embbench's tiny configs registered."""
@@ -76,14 +102,15 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
         force_pp.update(_open_clip_preprocess_overrides(spec.data_config))
     kwargs = dict(spec.model_kwargs)
     try:
-        clip = oc.create_model(
-            arch,
-            pretrained=tag if pretrained else None,
-            pretrained_text=False,
-            force_preprocess_cfg=force_pp or None,
-            require_pretrained=pretrained,
-            **kwargs,
-        )
+        with _quiet_open_clip():
+            clip = oc.create_model(
+                arch,
+                pretrained=tag if pretrained else None,
+                pretrained_text=False,
+                force_preprocess_cfg=force_pp or None,
+                require_pretrained=pretrained,
+                **kwargs,
+            )
     except (RuntimeError, OSError) as e:
         if pretrained:  # architecture and tag were validated above: this is a fetch failure
             raise unavailable(spec, e) from e

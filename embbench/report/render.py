@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from embbench._utils import atomic_write_bytes
 
@@ -36,13 +38,51 @@ class ReportError(RuntimeError):
     """The report could not be rendered; the message names the notebook or file to look at."""
 
 
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ .*\n?", re.M)
+_WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def _keep_output(output: Any) -> bool:
+    """Drop log output and progress widgets from the report; keep tables, figures and text."""
+    if output.output_type == "stream":
+        if output.get("name") == "stderr":
+            return False
+        output.text = _LOG_LINE.sub("", "".join(output.text))
+        return bool(output.text.strip())
+    return _WIDGET_MIME not in output.get("data", {})
+
+
+def _sources_cell(sources: Sequence[str | Path], output: Path) -> Any:
+    """A closing markdown cell linking the executed notebooks the report came from."""
+    import os
+
+    import nbformat
+
+    links = []
+    for src in sources:
+        src = Path(src)
+        try:
+            href = os.path.relpath(src, output.parent)
+        except ValueError:  # another drive on Windows
+            href = str(src)
+        links.append(f"- [{src.parent.name}/{src.name}]({href})")
+    return nbformat.v4.new_markdown_cell(
+        "### Notebooks this report came from\n\n" + "\n".join(links)
+    )
+
+
 def export_html(
-    notebook: str | Path, output: str | Path, *, title: str = "embbench report"
+    notebook: str | Path,
+    output: str | Path,
+    *,
+    title: str = "embbench report",
+    sources: Sequence[str | Path] = (),
 ) -> Path:
     """Convert an executed notebook to one self-contained HTML file, code hidden.
 
-    Log output (stderr streams) and cells tagged ``report-hide`` are dropped; figures stay
-    embedded as base64 PNGs; no script or stylesheet is fetched from the network.
+    Log output (stderr streams, log lines on stdout), progress widgets and cells tagged
+    ``report-hide`` are dropped; figures stay embedded as base64 PNGs; no script or stylesheet is
+    fetched from the network. ``sources`` (executed notebooks) are linked in a closing section.
 
     Raises:
         ReportError: The notebook holds a failed cell, or the HTML would load external scripts.
@@ -63,9 +103,9 @@ def export_html(
                 f"{notebook}: cell {i} failed ({errors[0].get('ename')}: "
                 f"{errors[0].get('evalue')}); fix it before rendering the report"
             )
-        cell.outputs = [
-            o for o in cell.outputs if not (o.output_type == "stream" and o.get("name") == "stderr")
-        ]
+        cell.outputs = [o for o in cell.outputs if _keep_output(o)]
+    if sources:
+        nb.cells.append(_sources_cell(sources, output))
     nb.metadata["title"] = title
     exporter = HTMLExporter(
         extra_loaders=[DictLoader({_TEMPLATE_NAME: _TEMPLATE})],

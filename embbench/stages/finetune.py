@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -245,14 +246,23 @@ def _register_in_mlflow(spec_name: str) -> dict | None:
     if mlflow.active_run() is None:
         return None
     try:
-        model = create_embedder(spec_name, device="cpu").model
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
-            registered_model_name=spec_name,
-        )
+        embedder = create_embedder(spec_name, device="cpu")
+        model = embedder.model.eval()
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm"]
+        try:
+            # The safe graph format (torch.export), not a pickle that runs code when loaded.
+            example = np.zeros((1, *embedder.input_size), np.float32)
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pt2", input_example=example,
+                pip_requirements=requirements, registered_model_name=spec_name,
+            )
+        except Exception as exc:  # an architecture torch.export cannot trace
+            logger.info("%s: torch.export failed (%s: %s); logging the model as a pickle",
+                        spec_name, type(exc).__name__, exc)
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle",
+                pip_requirements=requirements, registered_model_name=spec_name,
+            )
         version = getattr(info, "registered_model_version", None)
         return {"name": spec_name, "version": version, "model_uri": info.model_uri}
     except Exception as exc:  # file stores have no registry; a server may refuse

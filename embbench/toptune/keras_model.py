@@ -171,7 +171,7 @@ def hidden_layer_names(model: keras.Model) -> list[str]:
 
 def embedding_model(model: keras.Model) -> keras.Model:
     """The MLP without its classifier: outputs the last hidden layer."""
-    return keras.Model(model.inputs, model.get_layer("classifier").input, name="toptune_embed")
+    return keras.Model(model.inputs[0], model.get_layer("classifier").input, name="toptune_embed")
 
 
 def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
@@ -179,7 +179,13 @@ def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
     if len(x) == 0:
         out_dim = int(model.outputs[0].shape[-1])
         return np.zeros((0, out_dim), np.float32)
-    return np.asarray(model.predict(x, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float32)
+    # Called eagerly, batch by batch: ``model.predict`` compiles a tf.function per model, and
+    # the many models of a search then make TensorFlow warn about retracing.
+    out = [
+        keras.ops.convert_to_numpy(model(x[i : i + PREDICT_BATCH], training=False))
+        for i in range(0, len(x), PREDICT_BATCH)
+    ]
+    return np.concatenate(out).astype(np.float32, copy=False)
 
 
 def save_model(model: keras.Model, path: Path) -> Path:

@@ -1,7 +1,7 @@
 """The ResNet-strikes-back training procedures A1, A2 and A3 as data, with the paper's changes.
 
 Values follow timm's own RSB hyper-parameter files and the RSB paper (Wightman, Touvron and
-Jegou 2021, table 1), as ported by timm and mmpretrain. The
+Jegou 2021, table 1), as ported by timm and mmpretrain; :data:`RECIPES` below lists them. The
 e-commerce paper changed two things, and so do these recipes:
 
 - cross-entropy instead of RSB's binary cross-entropy (soft-target cross-entropy under
