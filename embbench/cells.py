@@ -42,7 +42,13 @@ from embbench._utils import metric_key, stable_hash
 from embbench.cache import EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.config import ConfigError, GridConfig
-from embbench.datasets import create_catalogue, fetch_urls, get_dataset_info, list_datasets
+from embbench.datasets import (
+    create_catalogue,
+    fetch_urls,
+    get_dataset_info,
+    list_datasets,
+    register_user_catalogues,
+)
 from embbench.models import get_model_spec
 from embbench.records import Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
@@ -287,6 +293,8 @@ class CellEngine:
                 matches, an unknown backend, a missing split or label), each with its fix.
         """
         problems: list[str] = []
+        # a user's catalogue is named by its data_root key (cache, records, MLflow, report)
+        register_user_catalogues(self.cfg.data_root)
         if self.cfg.backend not in list_backends():
             problems.append(
                 f"backend {self.cfg.backend!r} is unknown; choose one of {list_backends()}"
@@ -428,8 +436,10 @@ class CellEngine:
         import mlflow
 
 
+        spec = get_model_spec(cell.model)
         tags = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
-                "dataset": cell.dataset, "config_hash": chash}
+                "dataset": cell.dataset, "config_hash": chash, "family": spec.family,
+                "backbone": spec.backbone, "weights": self.cfg.weights}
         if cell.source:
             tags["source_dataset"] = cell.source
         if cell.variant:

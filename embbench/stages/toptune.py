@@ -340,8 +340,11 @@ def _log_search(trials: list[dict], best: dict, final: dict, classification: dic
     if parent is None:
         return
     log_params({"best": best["hyperparameters"], "best_trial": best["trial_id"]})
+    grouping = {k: v for k, v in parent.data.tags.items()
+                if k in ("stage", "model", "dataset", "family", "backbone", "weights")}
     for t in trials:
-        tags = {"run_kind": "trial", "trial_id": t["trial_id"], "status": t["status"]}
+        tags = {**grouping, "run_kind": "trial", "trial_id": t["trial_id"],
+                "status": t["status"]}
         with mlflow_run(f"{parent.info.run_name}:trial-{t['trial_id']}", tags=tags,
                         params=t["hyperparameters"], nested=True) as child:
             if t["score"] is not None:

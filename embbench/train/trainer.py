@@ -35,6 +35,7 @@ from embbench._torch_utils import (
 )
 from embbench._utils import atomic_write_json
 from embbench.metrics import accuracy, classification_metrics
+from embbench.models import get_model_spec
 from embbench.tracking import provenance_tags
 from embbench.train import tracking
 from embbench.train.checkpointing import (
@@ -475,6 +476,7 @@ class FineTuner:
             "dataset": job.dataset,
             "recipe": hp["name"],
             "train_hash": job.train_hash,
+            **_grouping_tags(job.model),
         }
         params = {
             **self.run_params,
@@ -509,3 +511,9 @@ class FineTuner:
                 hp["global_batch"],
             )
         return run_id
+
+
+def _grouping_tags(model: str) -> dict[str, str]:
+    """The model's family and backbone, so the training run groups with its cell's run."""
+    spec = get_model_spec(model)
+    return {"family": spec.family, "backbone": spec.backbone}
