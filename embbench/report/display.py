@@ -234,13 +234,22 @@ def show_sentences(sentences: Iterable[str]) -> None:
     display(Markdown("\n".join(f"- {s}" for s in items) if items else "*Nothing to say yet.*"))
 
 
+def control_models(df: pd.DataFrame) -> list[str]:
+    """The models of ``df`` that are random-init controls (their lineage says ``control``)."""
+    if "control" not in df or df.empty:
+        return []
+    flags = df["control"].astype("boolean").fillna(False).astype(bool)
+    return sorted({str(m) for m in df.loc[flags, "model"]})
+
+
 def header_html(analysis: Any, *, max_open_runs: int = 40) -> str:
     """The top of the report, as HTML.
 
     ``analysis`` is stage 05's ``Analysis`` (its ``cfg``, ``results`` and ``notes``).
 
-    Title, sources, the weights used (a red banner when any were random), git commits, notes,
-    and the run ids behind every number.
+    Title, sources, the weights used (a red banner when any model that is not a control was
+    random; a grey note naming the random-init controls, which are random by design), git
+    commits, notes, and the run ids behind every number.
     """
     cfg = analysis.cfg
     df = analysis.results
@@ -267,21 +276,34 @@ def header_html(analysis: Any, *, max_open_runs: int = 40) -> str:
         )
     )
     counts = ", ".join(f"{esc(str(k))}: {v}" for k, v in sorted(w["counts"].items()))
-    if w["random_models"]:
+    controls = control_models(df)
+    random_models = [m for m in w["random_models"] if m not in controls]
+    if random_models:
         parts.append(
             '<div class="embbench-random-weights" style="border:3px solid #b42318;'
             "background:#fdecea;color:#7a1a12;padding:0.8em;margin:0.8em 0;font-size:1.15em;"
             'font-weight:bold">WARNING: RANDOM WEIGHTS. Results of '
-            f"{esc(', '.join(w['random_models']))} were computed with randomly initialised "
+            f"{esc(', '.join(random_models))} were computed with randomly initialised "
             "weights (pretrained weights were not requested or could not be downloaded). Their "
             "numbers say nothing about these models; rerun with weights: pretrained on a machine "
             "that can reach the model hub.</div>"
         )
     else:
+        which = "Every result other than the control's" if controls else "Every result"
         parts.append(
             '<div class="embbench-weights" style="border:2px solid #1a7f37;background:#eaf6ec;'
-            'padding:0.6em;margin:0.8em 0">Every result used published pretrained weights or '
-            "a trained checkpoint (no random initialisation).</div>"
+            f'padding:0.6em;margin:0.8em 0">{which} used published pretrained weights or a '
+            "checkpoint trained from them (no random initialisation).</div>"
+        )
+    if controls:
+        parts.append(
+            '<div class="embbench-control" style="border:2px solid #6e7781;background:#f3f4f6;'
+            'color:#24292f;padding:0.6em;margin:0.8em 0">RANDOM-INIT CONTROL (by design): '
+            f"{esc(', '.join(controls))} "
+            f"{'is' if len(controls) == 1 else 'are'} the same architecture as a real model "
+            "with seeded random weights (and, when tuned, trained from that random start). "
+            "Their scores are the floor that pretraining is measured against, not results "
+            "about a model.</div>"
         )
     parts.append(f"<p><b>Weights used</b> (results per kind): {counts}.</p>")
     if w["fell_back_models"]:
