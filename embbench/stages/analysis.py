@@ -207,10 +207,19 @@ def run_analysis(
                 f"correction over {widest} comparisons (smallest p = {widest}/(n_boot+1)); "
                 f"use n_boot >= {math.ceil(widest / cfg.alpha)} for the paired tests."
             )
-    t3 = table3(results, cfg.metric)
-    guide = practical_guide(results, cfg.metric)
+    # a random-init control is shown beside the models, never averaged with them or recommended
+    control = results["control"].fillna(False).astype(bool) if "control" in results else None
+    models = results if control is None else results[~control]
+    if control is not None and control.any():
+        notes.append(
+            "The random-init control(s) " + ", ".join(sorted(set(results.loc[control, "model"])))
+            + " are shown beside the models but left out of table 3's per-type means and the "
+            "practical guide: they measure what pretraining adds."
+        )
+    t3 = table3(models, cfg.metric)
+    guide = practical_guide(models, cfg.metric)
     tuning = tuning_effect(
-        results,
+        models,
         cfg.metric,
         loader=loader,
         n_boot=cfg.n_boot,

@@ -392,7 +392,6 @@ def result_row(record: ResultRecord) -> dict:
         "val_accuracy": record.val_accuracy,
         **{f"test_{k}": record.classification.get(k) for k in CLASSIFICATION_KEYS},
         "train_s": record.timings.train_s,
-        "train_wall_s": record.timings.train_s,  # the name notebook 02's table 2 reads
         "gpu_hours": record.timings.gpu_hours,
         "lr_scaled": d.get("lr_scaled"),
         "global_batch": d.get("global_batch"),

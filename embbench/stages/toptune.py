@@ -396,7 +396,6 @@ def result_row(record: ResultRecord) -> dict:
         "keras_backend": d.get("keras_backend"),
         "train_s": record.timings.train_s,
         "toptune_model_path": d.get("toptune_model_path"),
-        "mlflow_parent_run_id": record.mlflow_run_id,  # the cell's run (notebook 03 prints it)
     }
 
 
