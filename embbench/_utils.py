@@ -10,21 +10,29 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DiskFullError",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_npy",
+    "hold_lock",
     "stable_hash",
     "sha256_file",
     "safe_name",
@@ -174,3 +182,29 @@ def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+@contextmanager
+def hold_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold the file lock ``path`` for ``what``; when busy, say who holds it and wait.
+
+    The holder's pid, host and start time are written beside the lock, so a waiting run names
+    them. The operating system releases the lock of a killed process.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    holder = path.with_name(path.name + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = holder.read_text(encoding="utf-8").strip() if holder.is_file() else "unknown"
+        logger.warning("%s is being run by another process (%s); waiting for it to finish",
+                       what, who)
+        lock.acquire()
+    try:
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{datetime.now(UTC).isoformat(timespec='seconds')}", encoding="utf-8")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()

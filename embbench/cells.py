@@ -24,36 +24,35 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from embbench._registry import UnknownNameError, did_you_mean
 from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
-from embbench._utils import metric_key, stable_hash
+from embbench._utils import hold_lock, metric_key, stable_hash
 from embbench.cache import EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.config import ConfigError, GridConfig
-from embbench.datasets import (
-    create_catalogue,
-    fetch_urls,
-    get_dataset_info,
-    list_datasets,
-    register_user_catalogues,
-)
+from embbench.datasets import list_datasets, register_user_catalogues
+from embbench.datasets.plan import RetrievalPlan, load_catalogue, retrieval_plan
 from embbench.models import get_model_spec
 from embbench.records import Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
 from embbench.services import ServiceUnreachableError, check_milvus
-from embbench.tracking import log_json_artifact, log_params, mlflow_run, provenance, setup_mlflow
+from embbench.tracking import (
+    close_stale_run,
+    log_json_artifact,
+    log_params,
+    mlflow_run,
+    provenance,
+    setup_mlflow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,30 +86,6 @@ class Cell:
         origin = f" (tuned on {self.source})" if self.source else ""
         variant = f" [{self.variant}]" if self.variant else ""
         return f"{self.stage} {self.mode} {self.model} on {self.dataset}{origin}{variant}"
-
-
-@dataclass(frozen=True)
-class RetrievalPlan:
-    """How a dataset is scored: relevance label, protocol, and the query and index splits."""
-
-    label: str
-    protocol: str
-    query_split: str
-    index_split: str
-
-    @property
-    def splits(self) -> list[str]:
-        """The splits retrieval needs, sorted."""
-        return sorted({self.query_split, self.index_split})
-
-    def as_dict(self) -> dict[str, str]:
-        """The plan as a plain mapping (records, hashes, MLflow params)."""
-        return {
-            "label": self.label,
-            "protocol": self.protocol,
-            "query_split": self.query_split,
-            "index_split": self.index_split,
-        }
 
 
 @dataclass
@@ -179,82 +154,6 @@ class StageSteps(Protocol):
 
     # Optional: ``expand(cells, inputs) -> cells`` adds cells known only once the data is loaded
     # (stage 01's index sweeps depend on the index size); the engine calls it after validation.
-
-
-# ---- loading and planning --------------------------------------------------------------------
-def load_catalogue(
-    name: str,
-    data_root: Mapping[str, str],
-    *,
-    label: str = "",
-    max_images: int = 0,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-    progress: bool = True,
-) -> Catalogue:
-    """Create catalogue ``name``, subsample it and fetch its http(s) rows.
-
-    Args:
-        name: A registered dataset name.
-        data_root: Dataset -> folder (or manifest CSV); default ``data/<name>``.
-        label: Label column for a user's catalogue (a manifest reads this column).
-        max_images: Per-split subsample size (0 = all), seeded and class-preserving.
-        seed: Subsampling and split seed.
-        options: Loader options (see :func:`embbench.datasets.create_catalogue`); and
-            ``allow_private``: fetch URLs on private or loopback addresses (an internal CDN).
-        progress: Show a progress bar while fetching URLs.
-    """
-    root = data_root.get(name) or None
-    options = dict(options or {})
-    allow_private = bool(options.pop("allow_private", False))
-    user_label = label if label and name not in list_datasets(public_only=True) else None
-    try:
-        cat = create_catalogue(name, root, **options)
-    except CatalogueError:
-        if user_label is None:
-            raise
-        cat = None  # e.g. a manifest without the default "label" column
-    if user_label is not None and (cat is None or user_label not in cat.label_columns):
-        # a user's catalogue (a manifest) reads the label column it is asked for
-        cat = create_catalogue(name, root, label=user_label, **options)
-    cat = cat.subset(max_images, seed=seed)
-    if cat.items["path"].astype(str).str.match(r"^https?://").any():
-        cat, report = fetch_urls(cat, progress=progress, allow_private=allow_private)
-        if report.failed:
-            logger.warning("%s: %d URL(s) could not be fetched:\n%s", name,
-                           len(report.failed), report.format())
-    return cat
-
-
-def retrieval_plan(name: str, cat: Catalogue, label: str = "", protocol: str = "") -> RetrievalPlan:
-    """Label column, protocol and query/index splits for dataset ``name`` (overrides win).
-
-    Raises:
-        GridError: The catalogue lacks a split the protocol needs, or the label column.
-    """
-    info = get_dataset_info(name) if name in list_datasets() else None
-    # The six public datasets have curated defaults; a user's catalogue keeps its own label.
-    label = label or (info.default_label if info and info.public else cat.default_label)
-    protocol = protocol or (info.protocol if info else "within")
-    query_split = info.query_split if info else "test"
-    index_split = info.index_split if info else query_split
-    if protocol == "within":
-        index_split = query_split
-    elif index_split == query_split:
-        index_split = "train"
-    for split in sorted({query_split, index_split}):
-        if split not in cat.splits:
-            raise GridError(
-                f"dataset {name!r}: protocol {protocol!r} needs split {split!r}, the catalogue "
-                f"has {cat.splits}. Fix: choose protocol 'within', or give the catalogue that "
-                "split."
-            )
-    if label not in cat.label_columns:
-        raise GridError(
-            f"dataset {name!r}: label {label!r} is not among its label columns "
-            f"{list(cat.label_columns)}. Fix: set label to one of them ('' = the default)."
-        )
-    return RetrievalPlan(label, protocol, query_split, index_split)
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -414,7 +313,7 @@ class CellEngine:
             done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
             if done is not None and self.cfg.overwrite == "never":
                 logger.info("skipped %s: finished earlier (record %s)", cell, path)
-                _close_stale_run(done.mlflow_run_id)
+                close_stale_run(done.mlflow_run_id)
                 return done
             started = datetime.now(UTC).isoformat()
             t0 = time.perf_counter()
@@ -561,46 +460,6 @@ class CellEngine:
         log_json_artifact(record.model_dump(mode="json"), "result.json")
         if record.failed_images:
             log_json_artifact(record.failed_images, "failed_images.json")
-
-
-@contextmanager
-def hold_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold the file lock ``path`` for ``what``; when busy, say who holds it and wait.
-
-    The holder's pid, host and start time are written beside the lock, so a waiting run names
-    them. The operating system releases the lock of a killed process.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path)
-    holder = path.with_name(path.name + ".holder")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        who = holder.read_text(encoding="utf-8").strip() if holder.is_file() else "unknown"
-        logger.warning("%s is being run by another process (%s); waiting for it to finish",
-                       what, who)
-        lock.acquire()
-    try:
-        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
-                          f"{datetime.now(UTC).isoformat(timespec='seconds')}", encoding="utf-8")
-        yield
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
-
-
-def _close_stale_run(run_id: str | None) -> None:
-    """Mark FINISHED the run of a recorded cell that a crash left RUNNING (record written)."""
-    if not run_id:
-        return
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="FINISHED")
-    except mlflow.exceptions.MlflowException:
-        logger.debug("run %s of a finished cell is not in this tracking store", run_id)
 
 
 def run_grid(

@@ -39,6 +39,7 @@ __all__ = [
     "ServiceUnreachableError",
     "TrackingStoreError",
     "check_tracking",
+    "close_stale_run",
     "default_tracking_uri",
     "ensure_sqlite_store",
     "flatten",
@@ -344,3 +345,17 @@ def provenance_tags() -> dict[str, str]:
     tags = {"git_sha": str(p["git_sha"]), "git_dirty": str(p["git_dirty"]), "python": p["python"]}
     tags.update({f"version.{k}": v for k, v in p["versions"].items()})
     return tags
+
+
+def close_stale_run(run_id: str | None) -> None:
+    """Mark FINISHED the run of a recorded cell that a crash left RUNNING (record written)."""
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FINISHED")
+    except mlflow.exceptions.MlflowException:
+        logger.debug("run %s of a finished cell is not in this tracking store", run_id)
