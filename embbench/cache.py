@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import xxhash
 from filelock import FileLock, Timeout
 
 from embbench._utils import (
@@ -56,113 +55,21 @@ from embbench._utils import (
     safe_name,
     stable_hash,
 )
+from embbench.cache_integrity import (
+    CacheBusyError,
+    CacheError,
+    CorruptCacheError,
+    check_finite,
+    file_record,
+    forget_verified,
+    load_npy,
+    verify_file,
+)
 from embbench.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # checksums were added without changing keys: older folders are stamped on read
-_CHUNK = 1 << 20
-_VERIFIED: dict[str, list[int]] = {}  # path -> stat signature whose bytes this process hashed
-
-
-class CacheError(RuntimeError):
-    """A cache folder is corrupt or does not match what was asked for."""
-
-
-class CorruptCacheError(CacheError):
-    """A cache file is missing, truncated or fails its checksum; ``path`` names it."""
-
-    def __init__(self, path: Path, problem: str, fix: str = "") -> None:
-        fix = fix or (
-            "run the embed step again (stage 01 or any stage that embeds): it moves the file "
-            "to corrupt/ and recomputes what is missing"
-        )
-        super().__init__(f"{path} {problem}; {fix}")
-        self.path = Path(path)
-
-
-class CacheBusyError(CacheError):
-    """Another run holds the lock of a cache split."""
-
-
-def file_checksum(path: Path) -> str:
-    """The xxh3-64 hex digest of a file's bytes (read in 1 MiB chunks)."""
-    digest = xxhash.xxh3_64()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with Path(path).open("rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def _signature(st: os.stat_result) -> list[int]:
-    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def file_record(path: Path) -> dict:
-    """Size, checksum and stat signature of a file just written (stored in the meta)."""
-    st = Path(path).stat()
-    record = {"bytes": st.st_size, "xxh3_64": file_checksum(path), "stat": _signature(st)}
-    _VERIFIED[str(path)] = record["stat"]
-    return record
-
-
-def verify_file(path: Path, record: dict, *, full: bool | None = None) -> None:
-    """Check ``path`` against the ``record`` taken when it was written.
-
-    Args:
-        path: The file.
-        record: Its :func:`file_record`.
-        full: Hash the bytes even when the stat signature is unchanged (default: the
-            ``EMBBENCH_VERIFY=full`` environment variable).
-
-    Raises:
-        CorruptCacheError: The file is missing, has another size or fails its checksum.
-    """
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise CorruptCacheError(path, "is missing") from None
-    if st.st_size != record["bytes"]:
-        raise CorruptCacheError(
-            path, f"is truncated or overwritten: {st.st_size:,} bytes, {record['bytes']:,} written"
-        )
-    if full is None:
-        full = os.environ.get("EMBBENCH_VERIFY", "").lower() == "full"
-    sig = _signature(st)
-    if not full and (sig == record.get("stat") or _VERIFIED.get(str(path)) == sig):
-        return
-    if file_checksum(path) != record["xxh3_64"]:
-        _VERIFIED.pop(str(path), None)
-        raise CorruptCacheError(path, "fails its checksum (its bytes changed after it was written)")
-    _VERIFIED[str(path)] = sig
-
-
-def _load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
-    """``np.load`` that names the file instead of numpy's bare "Failed to read all data"."""
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except FileNotFoundError:
-        raise CorruptCacheError(path, "is missing") from None
-    except (ValueError, OSError, EOFError) as err:
-        raise CorruptCacheError(path, f"cannot be read as a .npy array ({err})") from None
-
-
-def _check_finite(vectors: np.ndarray, path: Path, ids: list[str]) -> None:
-    finite = np.isfinite(vectors)
-    if finite.all():
-        return
-    rows = np.flatnonzero(~finite.all(axis=1))
-    n_nan, n_inf = int(np.isnan(vectors).sum()), int(np.isinf(vectors).sum())
-    raise CacheError(
-        f"refusing to write {path}: {n_nan} NaN and {n_inf} inf value(s) in {len(rows)} row(s) "
-        f"(first: item {ids[rows[0]]!r}); the model produced non-finite outputs: run it with "
-        "precision='fp32' or check its weights"
-    )
-
-
 @dataclass
 class EmbeddingSet:
     """Cached vectors of one split, memory-mapped, with their item ids.
@@ -269,8 +176,8 @@ class EmbeddingCache:
         if files:
             for name in self.CONSOLIDATED:
                 verify_file(self.path / name, files[name])
-        vectors = _load_npy(self.path / "vectors.npy", mmap=True)
-        ids = _load_npy(self.path / "ids.npy")
+        vectors = load_npy(self.path / "vectors.npy", mmap=True)
+        ids = load_npy(self.path / "ids.npy")
         if vectors.shape != (meta["n"], meta["dim"]) or len(ids) != meta["n"]:
             raise CorruptCacheError(
                 self.path / "vectors.npy",
@@ -311,7 +218,7 @@ class EmbeddingCache:
             if src.exists():
                 dest.mkdir(parents=True, exist_ok=True)
                 src.replace(dest / f"{name}.{stamp}")
-                _VERIFIED.pop(str(src), None)
+                forget_verified(src)
                 moved.append(name)
         if moved:
             logger.warning("%s: moved %s to %s (%s)", self.path, ", ".join(moved), dest, reason)
@@ -465,8 +372,8 @@ class EmbeddingCache:
             verify_file(self.path / ids_name, info["files"][ids_name])
         except KeyError:
             raise CorruptCacheError(self.path / json_name, "lacks its checksums") from None
-        vecs = _load_npy(self.path / vec_name)
-        ids = _load_npy(self.path / ids_name)
+        vecs = load_npy(self.path / vec_name)
+        ids = load_npy(self.path / ids_name)
         if len(vecs) != info["n"] or len(ids) != info["n"]:
             raise CorruptCacheError(self.path / vec_name, f"does not hold {info['n']} rows")
         return vecs, ids, info["failed"]
@@ -484,7 +391,7 @@ class EmbeddingCache:
             raise CacheError(f"shard {index}: {len(vectors)} vectors for {len(ids)} ids")
         vec_name, ids_name, json_name = self._shard_names(index)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        _check_finite(vectors, self.path / vec_name, list(ids))
+        check_finite(vectors, self.path / vec_name, list(ids))
         atomic_save_npy(self.path / vec_name, vectors)
         atomic_save_npy(self.path / ids_name, np.asarray(ids, dtype=str))
         info = {
