@@ -415,7 +415,7 @@ def test_hf_hub_entry_builds_its_arch_offline(offline, scratch_registry):
 
 
 def test_auto_falls_back_to_random_and_records_it(offline, caplog):
-    with caplog.at_level(logging.WARNING, logger="embbench.models"):
+    with caplog.at_level(logging.INFO, logger="embbench.models"):
         emb = create_embedder("test_vit", weights="auto")
     assert "FALLING BACK TO RANDOM WEIGHTS" in caplog.text
     assert emb.weights_used["kind"] == "random" and emb.weights_used["fell_back"] is True

@@ -27,7 +27,7 @@ from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
 from embbench.metrics import metric_names
 from embbench.records import ResultRecord, ResultStore, parse_record
-from embbench.tracking import default_tracking_uri
+from embbench.tracking import default_tracking_uri, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,10 @@ class ResultsQuery(Protocol):
     datasets: list[str]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        elif value is None or isinstance(value, str | int | float | bool | np.generic):
-            out[name] = value
-    return out
+def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` flattened to dotted keys (:func:`embbench.tracking.flatten`), scalars only."""
+    scalar = str | int | float | bool | np.generic
+    return {k: v for k, v in flatten(d).items() if v is None or isinstance(v, scalar)}
 
 
 def normalise_record(record: ResultRecord | Mapping[str, Any], k: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from embbench._registry import Registry
 from embbench._utils import atomic_write_bytes, safe_name, sha256_file
 from embbench.models._builder import Built
 from embbench.models._checkpoints import read_state_dict
-from embbench.models._timm import head_prefixes, timm_embed_dim, timm_transform
+from embbench.models._timm import head_prefixes, timm_built, timm_transform
 from embbench.models._zoo import CheckpointError, ModelError, ModelSpec, WeightsUnavailableError
 from embbench.paths import cache_dir
 
@@ -159,15 +159,7 @@ def build_packaged(spec: ModelSpec) -> Built:
     prefixes = head_prefixes(model)
     model.reset_classifier(0)
     transform, cfg = timm_transform(model, spec.data_config, kwargs)
-    return Built(
-        model=model,
-        transform=transform,
-        data_config=cfg,
-        input_size=tuple(int(x) for x in cfg["input_size"]),
-        embed_dim=timm_embed_dim(model),
-        info=info,
-        head_prefixes=prefixes,
-    )
+    return timm_built(model, transform, cfg, info, prefixes)
 
 
 def _packaged(spec: ModelSpec) -> Mapping[str, str]:

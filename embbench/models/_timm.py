@@ -69,6 +69,13 @@ def build_timm(spec: ModelSpec, *, pretrained: bool) -> Built:
             tag=pcfg.get("tag"),
             hub_id=pcfg.get("hf_hub_id") or pcfg.get("url") or None,
         )
+    return timm_built(model, transform, cfg, info, head_prefixes(model))
+
+
+def timm_built(
+    model: Any, transform: Any, cfg: dict, info: dict, prefixes: tuple[str, ...]
+) -> Built:
+    """A timm model with its preprocessing as a :class:`Built` (shared by the timm builders)."""
     return Built(
         model=model,
         transform=transform,
@@ -76,5 +83,5 @@ def build_timm(spec: ModelSpec, *, pretrained: bool) -> Built:
         input_size=tuple(int(x) for x in cfg["input_size"]),
         embed_dim=timm_embed_dim(model),
         info=info,
-        head_prefixes=head_prefixes(model),
+        head_prefixes=prefixes,
     )
