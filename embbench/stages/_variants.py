@@ -19,6 +19,7 @@ engine, hashed with the variant's parameters and recorded with them in its linea
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -36,13 +37,19 @@ from embbench.deploy import (
     fit_compression,
 )
 
+logger = logging.getLogger(__name__)
+
 COMPRESSIONS = ("float16", "int8", "binary", "pca_half", "pca_quarter", "pca_eighth", "pca128",
                 "pca64")  # fmt: skip
 DEFAULT = "default"
 
 
-def compression_specs(names: list[str], dim: int, whiten: bool) -> list[CompressionSpec]:
+def compression_specs(
+    names: list[str], dim: int, whiten: bool, n_train: int | None = None
+) -> list[CompressionSpec]:
     """The compression variants named (``default`` = all) for embeddings of ``dim`` dims.
+
+    A PCA to ``m`` dims needs at least ``m`` train vectors; larger ones are left out (logged).
 
     Raises:
         ValueError: An unknown name, with the known ones.
@@ -63,8 +70,13 @@ def compression_specs(names: list[str], dim: int, whiten: bool) -> list[Compress
                 f"compression {name!r} is unknown; choose from {list(COMPRESSIONS)} or "
                 f"'{DEFAULT}' (pca<N> for any N)"
             )
-        if target < dim:  # a "reduction" to >= d dims is no variant
-            out.append(CompressionSpec("pca", dim=target, whiten=whiten))
+        if target >= dim:  # a "reduction" to >= d dims is no variant
+            continue
+        if n_train is not None and target > n_train:
+            logger.info("compression pca%d left out: it needs at least %d train vectors, the "
+                        "train split has %d", target, target, n_train)
+            continue
+        out.append(CompressionSpec("pca", dim=target, whiten=whiten))
     return list(dict.fromkeys(out))
 
 

@@ -47,8 +47,10 @@ class EmbedConfig(GridConfig):
     # FLAT | IVF_FLAT | IVF_SQ8 | IVF_PQ | HNSW | SCANN | DISKANN | IVF_RABITQ | default (all)
     indexes: list[str] = Field(default_factory=list)
     deploy_timings: bool = True  # measure index latency/memory (faiss, or the Milvus server)
+    variant_models: list[str] = Field(default_factory=list)  # models with variants; [] = all
 
-    hash_exclude = GridConfig.hash_exclude | {"compressions", "indexes", "deploy_timings"}
+    hash_exclude = GridConfig.hash_exclude | {"compressions", "indexes", "deploy_timings",
+                                              "variant_models"}
 
 
 def weights_problem(weights: str) -> str | None:
@@ -163,10 +165,14 @@ class EmbedSteps:
             out.append(cell)
             if cell.variant or not (self.cfg.compressions or self.cfg.indexes):
                 continue
+            if self.cfg.variant_models and cell.model not in self.cfg.variant_models:
+                continue
             inp = inputs[cell.dataset]
             dim = int(self.embedders(cell.model).embed_dim)
             n = len(inp.catalogue.split(inp.plan.index_split))
-            specs = [*V.compression_specs(self.cfg.compressions, dim, self.cfg.pca_whiten),
+            n_train = len(inp.catalogue.split("train")) if "train" in inp.catalogue.splits else 0
+            specs = [*V.compression_specs(self.cfg.compressions, dim, self.cfg.pca_whiten,
+                                          n_train),
                      *V.index_specs(self.cfg.indexes, n, dim, self.cfg.k)]
             for spec in specs:
                 self.variants[(cell.model, cell.dataset, spec.name)] = spec
