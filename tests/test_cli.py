@@ -89,8 +89,10 @@ def test_every_readme_command_line_parses_and_validates(tmp_path, capsys, monkey
 
 @needs_make
 def test_every_make_help_target_runs_in_a_dry_mode(tmp_path, capsys, monkeypatch):
-    helptext = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout
+    # --no-print-directory: under `make test` (a nested make) "make[1]: Entering ..." lines
+    # would otherwise be read as targets
+    helptext = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
     plain = re.sub(r"\x1b\[[0-9;]*m", "", helptext)
     targets = [line.split()[0] for line in plain.splitlines() if line.strip()]
     assert "nb-<notebook>" in targets and "nb-%" not in targets
