@@ -105,42 +105,27 @@ def register_finetuned(
     base: str,
     checkpoint_path: str | Path,
     *,
-    paper_name: str | None = None,
-    notes: str = "",
-    data_config: Mapping[str, Any] | None = None,
-    extra_model_kwargs: Mapping[str, Any] | None = None,
     index_entry: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    **spec_options: Any,
 ) -> ModelSpec:
     """Register a headless fine-tuned checkpoint of a zoo model under ``name``.
-
-    The arguments are those of :func:`finetuned_spec`, plus:
 
     Args:
         name: New registry name.
         base: The model it was fine-tuned from.
         checkpoint_path: The state dict file.
-        paper_name: Label for tables.
-        notes: Free text.
-        data_config: Evaluation preprocessing (default: the base's).
-        extra_model_kwargs: Constructor arguments added to the base's.
         index_entry: Also list the model in :func:`finetuned_index_path` with these fields
             (``dataset``, ``recipe``, ``label``, ``train_hash``, ``sha256``, run ids...); the
             spec, ``base`` and ``created`` are added.
         overwrite: Replace an existing entry of the same name.
+        **spec_options: ``paper_name``, ``notes``, ``data_config``, ``extra_model_kwargs``, as
+            :func:`finetuned_spec` takes them.
 
     Returns:
         The registered spec.
     """
-    spec = finetuned_spec(
-        name,
-        base,
-        checkpoint_path,
-        paper_name=paper_name,
-        notes=notes,
-        data_config=data_config,
-        extra_model_kwargs=extra_model_kwargs,
-    )
+    spec = finetuned_spec(name, base, checkpoint_path, **spec_options)
     register_model(spec, overwrite=overwrite)
     if index_entry is not None:
         entry = {

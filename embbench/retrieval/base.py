@@ -72,7 +72,6 @@ class SearchBackend(abc.ABC):
 
     name: ClassVar[str] = ""
 
-    @abc.abstractmethod
     def search(
         self,
         index: np.ndarray,
@@ -82,6 +81,9 @@ class SearchBackend(abc.ABC):
         query_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest index vectors of each query.
+
+        Checks the arguments once (:func:`check_search_args`) for every backend, then calls the
+        backend's :meth:`_search`.
 
         Args:
             index: ``(n, d)`` L2-normalised index vectors.
@@ -93,6 +95,22 @@ class SearchBackend(abc.ABC):
         Returns:
             ``(ids, dists)``: ``(nq, k)`` int64 positions into ``index`` (best first, ties by id
             ascending, ``-1`` padding) and float32 squared L2 distances (``inf`` padding).
+        """
+        idx, qry, qids, tol = check_search_args(index, queries, k, query_ids)
+        return self._search(idx, qry, int(k), qids, tol)
+
+    @abc.abstractmethod
+    def _search(
+        self, idx: np.ndarray, qry: np.ndarray, k: int, qids: np.ndarray | None, tol: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The search itself, on checked arguments (see :meth:`search` for the contract).
+
+        Args:
+            idx: Checked unit index vectors (float32, C-contiguous).
+            qry: Checked unit queries.
+            k: Results per query.
+            qids: Each query's index position under ``within``, else ``None``.
+            tol: The norm tolerance the vectors were checked with.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default

@@ -17,7 +17,6 @@ import numpy as np
 from embbench.retrieval._matmul import MATMUL_PATHS, choose_matmul, matmul_into, thread_limit
 from embbench.retrieval.base import (
     SearchBackend,
-    check_search_args,
     kth_score,
     pair_scores,
     register_backend,
@@ -89,18 +88,12 @@ class ExactBackend(SearchBackend):
         rows = self.max_block_bytes // max(1, 4 * n)
         return int(max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows)))
 
-    def search(
-        self,
-        index: np.ndarray,
-        queries: np.ndarray,
-        k: int,
-        *,
-        query_ids: np.ndarray | None = None,
+    def _search(
+        self, idx: np.ndarray, qry: np.ndarray, k: int, qids: np.ndarray | None, tol: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`SearchBackend.search`."""
+        """See :meth:`SearchBackend.search` (arguments checked there)."""
         import torch  # heavy; top-k runs on torch (faster than numpy's argpartition)
 
-        idx, qry, qids, tol = check_search_args(index, queries, k, query_ids)
         k = int(k)
         n, nq = idx.shape[0], qry.shape[0]
         out_ids = np.full((nq, k), -1, dtype=np.int64)

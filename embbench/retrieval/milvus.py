@@ -22,7 +22,6 @@ from embbench.paths import runs_dir
 from embbench.retrieval.base import (
     SearchBackend,
     as_matrix,
-    check_search_args,
     kth_score,
     pair_scores,
     register_backend,
@@ -301,16 +300,10 @@ class MilvusBackend(SearchBackend):
                 scores[i, : len(hits.distances)] = hits.distances
         return ids, scores
 
-    def search(
-        self,
-        index: np.ndarray,
-        queries: np.ndarray,
-        k: int,
-        *,
-        query_ids: np.ndarray | None = None,
+    def _search(
+        self, idx: np.ndarray, qry: np.ndarray, k: int, qids: np.ndarray | None, tol: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`SearchBackend.search`; builds or reuses the collection for ``index``."""
-        idx, qry, qids, tol = check_search_args(index, queries, k, query_ids)
         if self.metric == "COSINE":
             tol *= 2.0  # Milvus re-normalises: one more rounding step
         k = int(k)
