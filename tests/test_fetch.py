@@ -171,3 +171,21 @@ def test_no_urls_is_a_no_op(tmp_path):
     out, report = fetch_urls(cat, tmp_path / "cache", progress=False)
     assert out is cat and report.n_urls == 0 and report.ok
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_manifest_of_urls_is_fetched_by_the_cell_engine(server, tmp_path):
+    # stage 01 used to treat http(s) rows as file paths; the engine fetches them first
+    from embbench.cells import load_catalogue
+
+    base, hits = server
+    csv = tmp_path / "shop" / "catalogue.csv"
+    csv.parent.mkdir()
+    csv.write_text("path,label,split\n" + "".join(
+        f"{base}{p},{lab},test\n" for p, lab in (("/img/1.png", "a"), ("/img/2.png", "b"))))
+    with pytest.raises(Exception, match="private|loopback"):
+        load_catalogue("manifest", {"manifest": str(csv)}, progress=False)  # 127.0.0.1 refused
+    assert not hits
+    cat = load_catalogue("manifest", {"manifest": str(csv)}, progress=False,
+                         options={"allow_private": True})
+    assert len(cat.items) == 2 and all(Path(p).is_file() for p in cat.items["path"])
+    assert hits["/img/1.png"] == 1 and hits["/img/2.png"] == 1
