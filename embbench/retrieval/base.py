@@ -97,13 +97,18 @@ class SearchBackend(abc.ABC):
             ascending, ``-1`` padding) and float32 squared L2 distances (``inf`` padding).
         """
         idx, qry, qids, tol = check_search_args(index, queries, k, query_ids)
+        self.n_widened = 0  # rows whose candidate set had to be widened (this search)
+        if idx.shape[0] == 0 or qry.shape[0] == 0:  # nothing to search: all padding
+            nq = qry.shape[0]
+            return (np.full((nq, int(k)), -1, dtype=np.int64),
+                    np.full((nq, int(k)), np.inf, dtype=np.float32))
         return self._search(idx, qry, int(k), qids, tol)
 
     @abc.abstractmethod
     def _search(
         self, idx: np.ndarray, qry: np.ndarray, k: int, qids: np.ndarray | None, tol: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The search itself, on checked arguments (see :meth:`search` for the contract).
+        """The search itself, on checked, non-empty arguments (see :meth:`search`).
 
         Args:
             idx: Checked unit index vectors (float32, C-contiguous).

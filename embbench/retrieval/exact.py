@@ -94,13 +94,9 @@ class ExactBackend(SearchBackend):
         """See :meth:`SearchBackend.search` (arguments checked there)."""
         import torch  # heavy; top-k runs on torch (faster than numpy's argpartition)
 
-        k = int(k)
         n, nq = idx.shape[0], qry.shape[0]
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        self.n_widened = 0
-        if n == 0 or nq == 0:
-            return out_ids, to_sq_l2(out_scores)
         kk = k + (1 if qids is not None else 0)
         n_cand = min(n, kk + self.margin)
         block = min(nq, self.rows_per_block(n))

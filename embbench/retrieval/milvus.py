@@ -306,13 +306,9 @@ class MilvusBackend(SearchBackend):
         """See :meth:`SearchBackend.search`; builds or reuses the collection for ``index``."""
         if self.metric == "COSINE":
             tol *= 2.0  # Milvus re-normalises: one more rounding step
-        k = int(k)
         n, nq = idx.shape[0], qry.shape[0]
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        self.n_widened = 0
-        if n == 0 or nq == 0:
-            return out_ids, to_sq_l2(out_scores)
         name = self.ensure_collection(idx)
         kk = k + (1 if qids is not None else 0)
         if kk > _MILVUS_MAX_TOPK:
