@@ -15,6 +15,14 @@ target >= 0.95 for ViT-B/16), plus decode-only images/s and the model's forward 
 from which the rule's constants come. Each configuration runs once to warm up and the best of
 ``--repeats`` is kept.
 
+**On a GPU** (when ``torch.cuda.is_available()``; ``--gpu-only`` skips the CPU part) it also
+measures, per model, model-only images/s in bf16 autocast with channels-last inputs and weights,
+against the model's **matrix-product bound**: the device's bf16 GEMM rate (a bare
+``8192 x 8192 x 8192`` product, best of 10, timed with CUDA events) divided by the model's forward
+FLOPs per image (``model_facts``); and end-to-end images/s from JPEGs through ``embed_split`` on
+the GPU (pinned memory, bf16, channels last, one DataLoader worker per free core) as a fraction of
+model-only.
+
 Run: ``python benchmarks/bench_embedding.py [--models test_resnet resnet50] [--images 96]``.
 """
 
@@ -77,12 +85,81 @@ def end_to_end(embedder, cat, batch: int, budget: ThreadBudget) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def gpu_gemm_tflops(dev: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    """bf16 TFLOP/s of a bare ``size^3`` matrix product on ``dev`` (best of ``repeats``)."""
+    a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+    a @ b  # warm-up (cuBLAS handles, kernel choice)
+    best = float("inf")
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        stop.record()
+        torch.cuda.synchronize(dev)
+        best = min(best, start.elapsed_time(stop) / 1000)
+    return 2 * size**3 / best / 1e12
+
+
+def gpu_model_only(embedder, dev: torch.device, batch: int, iters: int = 20) -> float:
+    """Images/s of the model alone on ``dev``: bf16 autocast, channels last, batch ``batch``."""
+    model = embedder.model.eval().to(dev, memory_format=torch.channels_last)
+    x = torch.randn(batch, *embedder.input_size, device=dev)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)  # warm-up (cuDNN autotuning, allocator)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        torch.cuda.synchronize(dev)
+    return batch * iters / (time.perf_counter() - t0)
+
+
+def gpu_section(models: list[str], cat, batch: int) -> None:
+    """The GPU measurements (see the module docstring); says so when there is no GPU."""
+    if not torch.cuda.is_available():
+        print("\nGPU: none here (torch.cuda.is_available() is False); GPU benchmark not run")
+        return
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    peak = gpu_gemm_tflops(dev)
+    print(f"\nGPU: {torch.cuda.get_device_name(dev)}; bare bf16 GEMM 8192^3: {peak:.0f} TFLOP/s")
+    print(f"  {'model':<14}{'GFLOPs':>8}{'model-only img/s':>18}{'bound img/s':>13}"
+          f"{'of bound':>10}{'e2e img/s':>11}{'e2e/model':>11}")  # fmt: skip
+    n = len(cat.split("test"))
+    for name in models:
+        emb = create_embedder(name, weights="random")
+        gflops = model_facts(name)["gflops"]
+        rate = gpu_model_only(emb, dev, batch)
+        bound = peak * 1e3 / gflops
+        budget = resolve_thread_budget("auto", "auto", "cuda", gflops_per_image=gflops)
+        apply_thread_budget(budget)
+        def run(e=emb, b=budget) -> float:
+            return n / _timed(lambda: embed_split(
+                e, cat, "test", batch_size=batch, num_workers=b.workers, device="cuda",
+                precision="bf16", overwrite=True, progress=False))  # fmt: skip
+
+        e2e = best_of(run, 1)
+        print(f"  {name:<14}{gflops:>8.2f}{rate:>18.0f}{bound:>13.0f}{rate / bound:>10.2f}"
+              f"{e2e:>11.0f}{e2e / rate:>11.2f}")  # fmt: skip
+        print(f"    end-to-end workers: {budget.workers} ({budget.reason}); {n} images")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["test_resnet", "resnet50", "vit_b16"])
     ap.add_argument("--images", type=int, default=96, help="test images (JPEG, 384 px)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU measurements")
     args = ap.parse_args()
     cores = available_cores()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +172,7 @@ def main() -> None:
         paths = cat.split("test")["path"].tolist()
         print(f"{len(paths)} JPEGs of 384x384, batch {args.batch}, {cores} usable cores, "
               f"load average {os.getloadavg()}")  # fmt: skip
-        for name in args.models:
+        for name in [] if args.gpu_only else args.models:
             emb = create_embedder(name, weights="random")
             gflops = model_facts(name)["gflops"]
             budgets = {
@@ -124,6 +201,7 @@ def main() -> None:
                       f"{rates[label] / rates['old default']:>15.2f}"
                       f"{rates[label] / ceiling:>16.2f}")  # fmt: skip
             print(f"  auto chose: {budgets['auto'].reason}")
+        gpu_section(args.models, cat, args.batch)
         print(f"\nload average {os.getloadavg()}")
 
 

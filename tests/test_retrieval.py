@@ -255,6 +255,55 @@ def test_matmul_paths_give_identical_results(data):
     np.testing.assert_array_equal(cross[0][0], ref_search(x, q, 9)[0])
 
 
+@pytest.mark.parametrize("n, group", [(4096, 64), (5000, 64), (1234, 16), (300, 4)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_two_stage_selection_equals_topk(n, group, ties):
+    # Group maxima, then top-k inside the best groups: the same values as torch.topk, each column
+    # once, including a partial last group and rows made of massive exact ties.
+    import torch
+
+    from embbench.retrieval._matmul import top_candidates
+
+    rng = np.random.default_rng(n + group)
+    s = rng.standard_normal((37, n)).astype(np.float32)
+    if ties:
+        s = np.round(s).astype(np.float32)  # a handful of distinct values per row
+    t = torch.from_numpy(s)
+    for c in (1, 8, 13):
+        vals, cols = top_candidates(t, c, group)
+        ref = torch.topk(t, c, dim=1).values
+        np.testing.assert_array_equal(np.sort(vals.numpy(), 1), np.sort(ref.numpy(), 1))
+        cols = cols.numpy()
+        assert ((cols >= 0) & (cols < n)).all()
+        assert all(len(set(row)) == c for row in cols)  # no column twice
+        np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals.numpy())
+
+
+@pytest.mark.parametrize("data", ["clustered", "one_hot"])
+def test_exact_with_two_stage_selection_matches_full_sort(data):
+    # n > 17 groups of 64: the two-stage selection runs (the other tests' n are below it).
+    x = clustered(11, n=2600, d=16, dups=300)[0] if data == "clustered" else one_hot(7, n=2600)
+    sub = np.random.default_rng(0).choice(len(x), 120, replace=False)
+    for path in ("numpy", "torch"):
+        be = ExactBackend(matmul=path, threads=2)
+        ids, dists = be.search(x, x[sub], 5, query_ids=sub)
+        ref_ids, ref_d = ref_search(x, x[sub], 5, self_ids=sub)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(dists, ref_d, atol=1e-6)
+        if data == "one_hot":
+            assert be.n_widened > 0
+
+
+def test_candidate_scores_equal_pair_scores_bit_for_bit():
+    from embbench.retrieval.base import candidate_scores, pair_scores
+
+    x, _ = clustered(12, n=3000, d=768, dups=100)
+    cand = np.random.default_rng(1).integers(0, len(x), (2500, 7))
+    rows = np.repeat(np.arange(2500), 7)
+    got = candidate_scores(x[:2500], x, cand)
+    np.testing.assert_array_equal(got.reshape(-1), pair_scores(x[:2500], x, rows, cand.ravel()))
+
+
 def test_self_exclusion_by_id_with_duplicates_on_a_query_subset():
     # Queries are a copy of some index rows (not the same buffer): the id check compares the
     # rows chunk by chunk, and each query drops only its own id, never a duplicate.

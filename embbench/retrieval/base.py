@@ -100,8 +100,10 @@ class SearchBackend(abc.ABC):
         self.n_widened = 0  # rows whose candidate set had to be widened (this search)
         if idx.shape[0] == 0 or qry.shape[0] == 0:  # nothing to search: all padding
             nq = qry.shape[0]
-            return (np.full((nq, int(k)), -1, dtype=np.int64),
-                    np.full((nq, int(k)), np.inf, dtype=np.float32))
+            return (
+                np.full((nq, int(k)), -1, dtype=np.int64),
+                np.full((nq, int(k)), np.inf, dtype=np.float32),
+            )
         return self._search(idx, qry, int(k), qids, tol)
 
     @abc.abstractmethod
@@ -293,6 +295,28 @@ def pair_scores(
         x = index[cols[start:stop]]
         # einsum casts to float64 in its buffered loop: exact products, float64 sums.
         out[start:stop] = np.einsum("ij,ij->i", q, x, dtype=np.float64, casting="safe")
+    return out
+
+
+def candidate_scores(queries: np.ndarray, index: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Canonical inner products ``queries[i] . index[cand[i, j]]`` as an ``(m, c)`` array.
+
+    The same numbers as :func:`pair_scores` on the flattened pairs, bit for bit (the same float64
+    sum-of-products kernel runs along each pair's ``d`` values; tested), without repeating each
+    query ``c`` times: about 2x faster when every query has the same number of candidates.
+    """
+    m, c = cand.shape
+    out = np.empty((m, c), dtype=np.float32)
+    step = max(1, PAIR_CHUNK // max(1, c))
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        out[start:stop] = np.einsum(
+            "bd,bcd->bc",
+            queries[start:stop],
+            index[cand[start:stop]],
+            dtype=np.float64,
+            casting="safe",
+        )
     return out
 
 
