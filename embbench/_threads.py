@@ -2,8 +2,12 @@
 
 On a CPU, image decoding (DataLoader workers, one core each) and the forward pass (torch's
 intra-op threads) share the cores. torch's default (one intra-op thread per core) plus decoding
-workers oversubscribes them: measured on 2 cores with timm's ``test_resnet``, stage 01 ran at
-29-35 images/s with 2 workers and torch's 2 threads, against ~3-4x that with one of each.
+workers oversubscribes them. How much that costs depends on what else the machine runs: on 2
+cores with timm's ``test_resnet``, the oversubscribed default (2 threads + 2 workers) ran at
+11.8 images/s on a busy machine (load ~9) against 32-42 for one thread and one worker; on the
+same machine quiet (load ~1, 640 images) it ran at 142 images/s, within the noise of every other
+split (105-150), because the cores were free for the extra threads. The budget never
+oversubscribes, so it is never the pathological case.
 
 **The rule** (:func:`resolve_thread_budget`, ``threads="auto"``, ``num_workers="auto"``):
 
@@ -14,9 +18,9 @@ workers oversubscribes them: measured on 2 cores with timm's ``test_resnet``, st
   :data:`CORE_GFLOPS` core-seconds. With ``w`` workers decoding and ``cores - w`` threads
   running the model, the pipeline delivers ``min(w / decode, (cores - w) / forward)`` images/s;
   with no worker, decoding runs inline: ``1 / (decode + forward / cores)``. The rule takes the
-  ``w`` with the highest rate (ties: fewer workers). A tiny model on 2 cores gets 1 + 1; a
-  ResNet-50 (8 GFLOPs) gets 2 threads and decodes inline. Without a FLOP count half the cores
-  decode.
+  ``w`` with the highest rate (ties: fewer workers). On 2 cores every model decodes inline with
+  2 threads (the tiny test model too: its forward costs 2-3x its decoding); on 16 cores a small
+  model gets decoding workers. Without a FLOP count half the cores decode.
 * An explicit number for one of the two takes the rest of the cores for the other; explicit
   numbers for both are kept (a warning is logged if they exceed the cores).
 
@@ -35,12 +39,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ThreadBudget", "apply_thread_budget", "available_cores", "resolve_thread_budget"]
 
-# Measured with benchmarks/bench_embedding.py on the project's 2-core AMD EPYC machine (busy,
-# load average ~9): 384 px JPEG decode + timm preprocessing 14-16 ms per image on one core;
-# forward 9 GFLOP/s/core for timm's test_resnet, 20 for ResNet-50. Both slow down alike under
-# load, so the split they give holds; only the ratio of the two matters.
-DECODE_CORE_MS = 15.0  # JPEG decode + resize + crop + normalise of one image, one core
-CORE_GFLOPS = 20.0  # effective fp32 forward throughput of one core
+# Measured with benchmarks/bench_embedding.py on the project's 2-core AMD EPYC machine, quiet
+# (load ~1): 384 px JPEG decode + timm preprocessing 2.3-3.4 ms per image on one core; forward
+# 31 GFLOP/s/core for timm's test_resnet, 77 for ViT-B/16. The small model's figure is used: the
+# split only matters for models whose forward is as cheap as decoding. (Busy, load ~9, both were
+# 4-5x slower: decode 14-16 ms, test_resnet 9 GFLOP/s/core; only their ratio matters.)
+DECODE_CORE_MS = 2.5  # JPEG decode + resize + crop + normalise of one image, one core
+CORE_GFLOPS = 30.0  # effective fp32 forward throughput of one core, small model
 MAX_GPU_WORKERS = 8
 
 Auto = Literal["auto"]
