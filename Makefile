@@ -61,8 +61,9 @@ pipeline: setup ## compile the grid into a Kubeflow pipeline (PARAMS="params/01_
 	  --output $(or $(OUTPUT),pipeline.yaml) $(if $(IMAGE),--image $(IMAGE),)
 
 .PHONY: bench
-bench: setup ## run the benchmarks (prints ratios against their baselines)
-	$(PY) benchmarks/bench_retrieval.py
+bench: setup ## run the benchmarks (prints ratios against their baselines; ~30 min on 2 cores)
+	$(PY) benchmarks/bench_retrieval.py --n 20000 60000 --repeats 1 --skip milvus
+	$(PY) benchmarks/bench_retrieval.py --milvus-scaling 10000 30000 60000 --rounds 1
 	$(PY) benchmarks/bench_embedding.py
 
 .PHONY: clean

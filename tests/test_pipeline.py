@@ -122,6 +122,28 @@ def test_full_grid_resources_secrets_and_volume(full_grid):
     assert seen["report"] == 1
 
 
+def test_cheap_task_check_keeps_kfps_check_and_restores_it():
+    # kfp's own check calls inspect.stack() on every setter (minutes for the full grid once
+    # TensorFlow is loaded); while building, the same check runs without it.
+    from types import SimpleNamespace
+
+    from kfp.dsl.pipeline_task import PipelineTask
+
+    from embbench.pipeline.build import _cheap_task_checks
+
+    original = PipelineTask.__dict__["_ensure_container_spec_exists"]
+    with _cheap_task_checks():
+        assert PipelineTask.__dict__["_ensure_container_spec_exists"] is not original
+
+        def set_cpu_limit(task):
+            PipelineTask._ensure_container_spec_exists(task)
+
+        set_cpu_limit(SimpleNamespace(container_spec=object()))  # a container task: fine
+        with pytest.raises(ValueError, match="set_cpu_limit can only be used on single-step"):
+            set_cpu_limit(SimpleNamespace(container_spec=None))
+    assert PipelineTask.__dict__["_ensure_container_spec_exists"] is original
+
+
 def test_group_params_names_notebooks():
     got = group_params(["params/01_embed.yaml", "params/smoke/01_embed.yaml", "05_analysis=x.yml"])
     assert got == {"01_embed": [Path("params/01_embed.yaml"), Path("params/smoke/01_embed.yaml")],

@@ -450,6 +450,7 @@ def test_bench_retrieval_quick_prints_the_ratios():
     for line in (
         "ratio exact / baseline:",
         "ratio exact / fastest bare product",
+        "targets: exact / fastest bare product: 2000 x 128:",
         "ratio torchmetrics / ours",
         "BLAS libraries and kernels",
         "OPENBLAS_* environment",
