@@ -111,13 +111,13 @@ class ExactBackend(SearchBackend):
                 b = stop - start
                 qb = qry[start:stop]
                 s, vals, cand = block_step(path, qb, idx, buf[:b], n_cand, self.threads)
-                cand_np = cand.numpy()
-                canon2 = candidate_scores(qb, idx, cand_np)
+                cand = cand.numpy()
+                canon_bc = candidate_scores(qb, idx, cand)  # (b, n_cand) canonical scores
                 rows = np.repeat(np.arange(b), n_cand)
-                cols = cand_np.reshape(-1)
-                canon = canon2.reshape(-1)
+                cols = cand.reshape(-1)
+                canon = canon_bc.reshape(-1)
                 if n_cand < n:
-                    kth = kth_score(canon2, min(kk, n_cand))
+                    kth = kth_score(canon_bc, min(kk, n_cand))
                     last = vals.numpy().min(axis=1)
                     widen = np.flatnonzero(last + tol >= kth)
                     if widen.size:
