@@ -139,6 +139,7 @@ def gpu_section(models: list[str], cat, batch: int) -> None:
         bound = peak * 1e3 / gflops
         budget = resolve_thread_budget("auto", "auto", "cuda", gflops_per_image=gflops)
         apply_thread_budget(budget)
+
         def run(e=emb, b=budget) -> float:
             return n / _timed(lambda: embed_split(
                 e, cat, "test", batch_size=batch, num_workers=b.workers, device="cuda",
