@@ -68,3 +68,29 @@ def test_compression_and_index_variants_are_cells(small_demo, monkeypatch):
     assert any(s.startswith("For model test_resnet on dataset demo") for s in a.sentences)
     (points,) = deployment_points(a.deploy).values()
     assert deploy_plots.quality_memory_figure(points).axes
+    assert deploy_plots.quality_latency_figure(points).axes
+
+
+def test_deployment_rows_without_timings_beside_timed_ones():
+    # The demo's case: compression rows carry no timing_source (NaN in the analysis frame once
+    # index rows with one are beside them); the table, points and both figures must draw.
+    import pandas as pd
+
+    from embbench.analysis import deployment_points, deployment_table
+    from embbench.deploy import plots as deploy_plots
+
+    base = {"model": "m", "dataset": "d", "pretrained_metrics.mMP@5": 0.5, "embed_dim": 8}
+    results = pd.DataFrame([
+        {**base, "variant": "", "mMP@5": 0.5},
+        {**base, "variant": "int8", "variant_kind": "compression", "mMP@5": 0.49,
+         "bytes_per_vector": 8.0},
+        {**base, "variant": "HNSW M16 ef64", "variant_kind": "index", "mMP@5": 0.5,
+         "bytes_per_vector": 40.0, "p50_ms": 0.1, "p99_ms": 0.2, "timing_source": "faiss",
+         "engine": "faiss"},
+    ])  # fmt: skip
+    table = deployment_table(results, "mMP@5")
+    assert list(table["timing_source"]) == ["", "faiss"]
+    assert list(table["kind"]) == ["compression", "index"]
+    (points,) = deployment_points(table).values()
+    assert deploy_plots.quality_latency_figure(points).axes
+    assert deploy_plots.quality_memory_figure(points).axes

@@ -27,6 +27,13 @@ def _f(value: object) -> float:
     return out if math.isfinite(out) else math.nan
 
 
+def _s(value: object) -> str:
+    """A text cell of the analysis frame; missing (None or NaN, where rows lack the key) is ""."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
 def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per variant: quality and its ratio to exact float32, memory, latency, source.
 
@@ -48,12 +55,12 @@ def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
         bpv = _f(r.get("bytes_per_vector"))
         rows.append({
             "model": r["model"], "dataset": r["dataset"], "variant": r["variant"],
-            "kind": r.get("variant_kind") or "", "quality": quality,
+            "kind": _s(r.get("variant_kind")), "quality": quality,
             "quality_ratio": quality / exact if exact else math.nan,
             "bytes_per_vector": bpv, "memory_ratio": bpv / ref_bytes if ref_bytes else math.nan,
             "recall": _f(r.get("recall")), "p50_ms": _f(r.get("p50_ms")),
-            "p99_ms": _f(r.get("p99_ms")), "timing_source": r.get("timing_source") or "",
-            "engine": r.get("engine") or r.get("search") or "", "n_index": _f(r.get("n_index")),
+            "p99_ms": _f(r.get("p99_ms")), "timing_source": _s(r.get("timing_source")),
+            "engine": _s(r.get("engine")) or _s(r.get("search")), "n_index": _f(r.get("n_index")),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
