@@ -32,6 +32,9 @@ def test_notebooks_open_on_the_embbench_kernel_and_cite_only_the_repository(path
         if "/" in ref and not ref.startswith(("my", "http")):
             assert (ROOT / ref).exists(), (path.stem, ref)
     assert "protocol.md" not in text and "params/models.yaml" not in text
+    # every cell has an id (nbformat 4.5): papermill would print MissingIDFieldWarning otherwise
+    assert all(c.get("id") for c in nb["cells"]), path.stem
+    assert len({c["id"] for c in nb["cells"]}) == len(nb["cells"]), path.stem
 
 
 def test_random_open_clip_weights_log_no_warning(caplog):
