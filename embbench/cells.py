@@ -318,8 +318,6 @@ class CellEngine:
             started = datetime.now(UTC).isoformat()
             t0 = time.perf_counter()
             with self._cell_run(cell, chash) as run:
-                if self._backend is not None:
-                    self._backend.release_idle()  # produce can run for hours (fine-tuning)
                 produced = self.steps.produce(cell, inputs)
                 record, per_query = self._score(cell, inputs, chash, produced, started)
                 record.timings.wall_s = round(time.perf_counter() - t0, 3)

@@ -73,36 +73,6 @@ def test_manifest_label_column_is_passed_to_the_catalogue(small_demo, tmp_path):
     assert run_embed(allowed).loc[0, "n_queries"] == 24
 
 
-def test_the_backend_drops_idle_connections_before_each_cells_work(small_demo, monkeypatch):
-    # A Milvus client left open through a fine-tuning cell gets GOAWAY "too_many_pings"; the
-    # engine asks the backend to release idle connections before every cell's work.
-    from embbench.cells import run_grid
-    from embbench.retrieval import ExactBackend
-    from embbench.stages.embed import EmbedSteps
-
-    events = []
-
-    class Recording(ExactBackend):
-        def release_idle(self):
-            events.append("release")
-
-        def _search(self, *args, **kwargs):
-            events.append("search")
-            return super()._search(*args, **kwargs)
-
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    steps = EmbedSteps(cfg := EmbedConfig(models=["test_resnet"], datasets=["demo"], **BASE))
-    real_produce = steps.produce
-
-    def produce(*args):
-        events.append("produce")
-        return real_produce(*args)
-
-    monkeypatch.setattr(steps, "produce", produce)
-    run_grid(cfg, steps, backend=Recording())
-    assert events[:3] == ["release", "produce", "search"], events
-
-
 @pytest.mark.parametrize("path", sorted(OLD_RECORDS.glob("*.json")), ids=lambda p: p.stem)
 def test_records_of_the_first_landing_still_load(path):
     raw = json.loads(path.read_text())

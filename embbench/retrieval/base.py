@@ -123,13 +123,6 @@ class SearchBackend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release external resources (no-op by default)."""
 
-    def release_idle(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Drop connections that would sit idle through long work; the next search reopens them.
-
-        The cell engine calls it before each cell's work (embedding, fine-tuning), which can
-        last hours with the backend unused. No-op by default.
-        """
-
     def __enter__(self) -> SearchBackend:
         return self
 

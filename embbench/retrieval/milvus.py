@@ -170,24 +170,14 @@ class MilvusBackend(SearchBackend):
             raise RuntimeError(f"MilvusBackend: cannot open {self.uri!r}: {err}.{hint}") from err
         return self._client
 
-    def release_idle(self) -> None:
-        """Close the gRPC client (a Milvus Lite server keeps running); the next search reconnects.
-
-        An idle client keeps sending keepalive pings: after minutes of other work (a fine-tuning
-        cell) the server answers with GOAWAY "too_many_pings", which gRPC prints as an error
-        line, and every DataLoader fork meanwhile prints "Other threads are currently calling
-        into gRPC". Closing the client before such work avoids both.
-        """
+    def close(self) -> None:
+        """Close the client and, for Milvus Lite, stop its server so the file lock is released."""
         if self._client is not None:
             try:
                 self._client.close()
             finally:
                 self._client = None
                 self._collection = None
-
-    def close(self) -> None:
-        """Close the client and, for Milvus Lite, stop its server so the file lock is released."""
-        self.release_idle()
         if self.is_local:
             # optional dependency (Milvus Lite only), imported on use
             from milvus_lite.server_manager import server_manager_instance
