@@ -14,24 +14,16 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from embbench.analysis._common import num as _f
+from embbench.analysis._common import text as _text
 from embbench.deploy.plots import VariantPoint, deployment_sentence
 
 __all__ = ["deployment_points", "deployment_sentences", "deployment_table"]
 
 
-def _f(value: object) -> float:
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-    return out if math.isfinite(out) else math.nan
-
-
 def _s(value: object) -> str:
     """A text cell of the analysis frame; missing (None or NaN, where rows lack the key) is ""."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
+    return _text(value) or ""
 
 
 def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
