@@ -30,17 +30,17 @@ def _runs(experiment: str = "embbench") -> list:
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
-# ---- metric names ------------------------------------------------------------------------------
+# ---- metric names -------------------------------------------------------------------------------
 def test_metric_names_map_both_ways_because_mlflow_refuses_at(tmp_path):
     setup_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "embbench")
-    with mlflow.start_run():
-        with pytest.raises(mlflow.exceptions.MlflowException, match="Names may only contain"):
-            mlflow.log_metric("mMP@5", 0.5)  # if MLflow ever accepts it, log the real name
+    refused = pytest.raises(mlflow.exceptions.MlflowException, match="Names may only contain")
+    with mlflow.start_run(), refused:
+        mlflow.log_metric("mMP@5", 0.5)  # if MLflow ever accepts it, log the real name
     for name in ("mMP@5", "mR@1", "MAP@10", "NDCG@5"):
         assert metric_name(metric_key(name)) == name and "@" not in metric_key(name)
 
 
-# ---- source ------------------------------------------------------------------------------------
+# ---- source -------------------------------------------------------------------------------------
 def test_source_is_the_notebook_or_the_cli():
     nb = {"EMBBENCH_NOTEBOOK": "/p/notebooks/01_embed.ipynb"}
     assert source_tags([], nb) == {"mlflow.source.type": "NOTEBOOK",
@@ -55,7 +55,7 @@ def test_source_is_the_notebook_or_the_cli():
     assert source_tags(["/v/bin/pytest"], {}) == {}  # MLflow's own guess stays
 
 
-# ---- a stage 01 cell and its deployment variant ------------------------------------------------
+# ---- a stage 01 cell and its deployment variant -------------------------------------------------
 @pytest.mark.slow
 def test_stage01_runs_read_well_in_mlflow(small_demo, monkeypatch):
     import embbench.cells as cells
@@ -125,7 +125,7 @@ def test_toptune_trials_are_named_and_nested_under_their_cell(tmp_path):
     assert inp.dataset.digest == cat.fingerprint()
 
 
-# ---- the UI opens on the runs table in the ML view ------------------------------------------------
+# ---- the UI opens on the runs table in the ML view ----------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
