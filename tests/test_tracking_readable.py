@@ -125,6 +125,21 @@ def test_toptune_trials_are_named_and_nested_under_their_cell(tmp_path):
     assert inp.dataset.digest == cat.fingerprint()
 
 
+@pytest.mark.slow
+def test_finetune_training_run_logs_its_cells_parameters_not_the_grid(small_demo, monkeypatch):
+    from test_finetune import TINY
+
+    import embbench.cells as cells
+    from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    cfg = FinetuneConfig(**{**TINY, "models": ["test_resnet", "test_vit"]})
+    params = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo")).run_params
+    assert (params["model"], params["dataset"], params["stage"]) == ("test_resnet", "demo",
+                                                                     "finetune")
+    assert "config" not in params and "models" not in params and params["epochs"] == 1
+
+
 # ---- the UI opens on the runs table in the ML view ----------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
