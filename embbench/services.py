@@ -1,9 +1,10 @@
 """Probes of the external services a run needs, with a short timeout, before any work.
 
 :func:`check_tracking` asks an MLflow tracking server for ``/health``; :func:`check_milvus` opens
-a TCP connection to a Milvus server (a Milvus Lite file needs a writable folder instead). Each
-raises :class:`ServiceUnreachableError` naming the URI and the fix within seconds, instead of
-minutes of retries once the work is done.
+a TCP connection to a Milvus server (a Milvus Lite file needs a writable folder instead, and no
+other process holding it: :func:`lite_lock_holder` names the one that does). Each raises
+:class:`ServiceUnreachableError` naming the URI and the fix within seconds, instead of minutes of
+retries once the work is done.
 """
 
 from __future__ import annotations
