@@ -173,7 +173,9 @@ def _build_store(db: Path) -> None:
         raise
 
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+# The experiment's kind. MLflow 3.17's UI does not read it to pick its view (see ML_WORKFLOW and
+# ui_link); later UIs switch to "Model training" on opening an experiment tagged so.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
@@ -209,7 +211,7 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
         client.create_experiment(experiment, artifact_location=artifact_location)
     exp = mlflow.set_experiment(experiment)
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        # The UI opens a "model development" experiment on its runs, not the GenAI overview.
+        # typed for ML, not GenAI (the 3.17 UI also needs ui_link's workflowType)
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri
 
