@@ -217,7 +217,7 @@ class CellEngine:
                 problems.append(f"dataset {dataset!r}: {exc}")
         if not problems:
             problems += self.steps.check(cells, self.inputs)
-        if self.cfg.backend == "milvus" or getattr(self.cfg, "indexes", None):
+        if self.dist.is_main and (self.cfg.backend == "milvus" or getattr(self.cfg, "indexes", 0)):
             try:
                 check_milvus(self.cfg.milvus_uri, os.environ.get("MILVUS_TOKEN", ""))
             except ServiceUnreachableError as exc:
