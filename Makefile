@@ -43,7 +43,9 @@ lab: setup ## JupyterLab on the project (http://127.0.0.1:8888)
 	$(VENV)/bin/jupyter lab --no-browser --ip 127.0.0.1 --port 8888 $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: mlflow-ui
-mlflow-ui: setup ## MLflow UI on the local store (http://127.0.0.1:5000)
+mlflow-ui: setup ## MLflow UI on the local store: open the link it prints (runs table, ML view)
+	@echo "MLflow UI: open $$($(VENV)/bin/python -c 'from embbench.tracking import ui_link; \
+	  print(ui_link(uri="sqlite:///$(CURDIR)/runs/mlflow.db"))' 2>/dev/null)"
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
 

@@ -38,6 +38,7 @@ __all__ = [
     "safe_name",
     "collection_name",
     "metric_key",
+    "metric_name",
     "jsonable",
     "l2_normalize_rows",
 ]
@@ -153,9 +154,20 @@ def collection_name(*parts: str) -> str:
     return name
 
 
+# The one mapping between the report's metric names and MLflow's: MLflow 3.17 refuses ``@`` in a
+# metric key (client and tracking store both allow only letters, digits, ``_ - . : /`` and
+# spaces; tests/test_tracking_readable.py checks it), so ``mMP@5`` is logged as ``mMP_at_5``.
+METRIC_AT = "_at_"
+
+
 def metric_key(name: str) -> str:
-    """MLflow metric names cannot hold ``@``: ``mMP@5`` -> ``mMP_at_5``."""
-    return name.replace("@", "_at_")
+    """The MLflow key of the report's metric ``name``: ``mMP@5`` -> ``mMP_at_5``."""
+    return name.replace("@", METRIC_AT)
+
+
+def metric_name(key: str) -> str:
+    """The report's name of the MLflow metric ``key`` (inverse of :func:`metric_key`)."""
+    return key.replace(METRIC_AT, "@")
 
 
 def jsonable(obj: Any) -> Any:

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -46,11 +46,14 @@ from embbench.records import Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
 from embbench.services import ServiceUnreachableError, check_milvus
 from embbench.tracking import (
+    cell_params,
     close_stale_run,
+    log_catalogue_input,
     log_json_artifact,
     log_params,
     mlflow_run,
     provenance,
+    run_name,
     setup_mlflow,
 )
 
@@ -214,7 +217,7 @@ class CellEngine:
                 problems.append(f"dataset {dataset!r}: {exc}")
         if not problems:
             problems += self.steps.check(cells, self.inputs)
-        if self.cfg.backend == "milvus" and self.cfg.milvus_uri.startswith(("http", "tcp")):
+        if self.dist.is_main and (self.cfg.backend == "milvus" or getattr(self.cfg, "indexes", 0)):
             try:
                 check_milvus(self.cfg.milvus_uri, os.environ.get("MILVUS_TOKEN", ""))
             except ServiceUnreachableError as exc:
@@ -322,7 +325,7 @@ class CellEngine:
                 record, per_query = self._score(cell, inputs, chash, produced, started)
                 record.timings.wall_s = round(time.perf_counter() - t0, 3)
                 record.mlflow_run_id = run.info.run_id
-                self._log(record, produced)
+                self._log(cell, record, produced)
                 self.store.save(record, per_query)
         barrier(self.dist)
         logger.info("done %s in %.1f s: %s (record %s)", cell, record.timings.wall_s or 0.0,
@@ -334,15 +337,12 @@ class CellEngine:
         """The cell's one MLflow run: a run left RUNNING or FAILED by a crash is resumed."""
         import mlflow
 
-
         spec = get_model_spec(cell.model)
         tags = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
                 "dataset": cell.dataset, "config_hash": chash, "family": spec.family,
                 "backbone": spec.backbone, "weights": self.cfg.weights}
-        if cell.source:
-            tags["source_dataset"] = cell.source
-        if cell.variant:
-            tags["variant"] = cell.variant
+        extra = {"source_dataset": cell.source, "variant": cell.variant}
+        tags.update({k: v for k, v in extra.items() if v})
         stale = mlflow.search_runs(
             filter_string=f"tags.config_hash = '{chash}' and tags.stage = '{cell.stage}' and "
             f"tags.mode = '{cell.mode}' and attributes.status != 'FINISHED'",
@@ -354,13 +354,22 @@ class CellEngine:
             with mlflow.start_run(run_id=stale[0].info.run_id) as run:
                 yield run
             return
-        name = f"{cell.stage}:{cell.model}:{cell.dataset}:{cell.mode}"
-        if cell.source:
-            name += f":from-{cell.source}"
-        if cell.variant:
-            name += f":{cell.variant}"
-        with mlflow_run(name, tags=tags) as run:
+        top = "top-" if "top" in cell.mode else ""
+        origin = f"{top}from-{cell.source}" if cell.source else None
+        name = run_name(cell.stage, cell.model, cell.dataset, origin, cell.variant)
+        with mlflow_run(name, tags=tags, parent_run_id=self._variant_parent(cell)) as run:
+            cat, plan = self.inputs[cell.dataset].catalogue, self.inputs[cell.dataset].plan
+            log_catalogue_input(cell.dataset, cat.root, cat.fingerprint(), "+".join(plan.splits))
             yield run
+
+    def _variant_parent(self, cell: Cell) -> str | None:
+        """The MLflow run of a deployment variant's plain cell (its parent in the UI)."""
+        if not cell.variant:
+            return None
+        plain = replace(cell, variant=None)
+        done = self.store.get(plain.stage, plain.dataset, plain.model, plain.mode,
+                              self.cell_hash(plain, self.inputs_for(cell.dataset)))
+        return done.mlflow_run_id if done is not None else None
 
     def _score(
         self, cell: Cell, inputs: CellInputs, chash: str, produced: Produced, started: str
@@ -427,10 +436,9 @@ class CellEngine:
             backend=self.backend,
         )
 
-    def _log(self, record: ResultRecord, produced: Produced) -> None:
+    def _log(self, cell: Cell, record: ResultRecord, produced: Produced) -> None:
         """Log the record into the cell's active MLflow run."""
         import mlflow
-
 
         lin = record.lineage
         mlflow.set_tags(
@@ -444,8 +452,12 @@ class CellEngine:
                 **produced.tags,
             }
         )
-        log_params({"config": record.config, **record.model_dump(
-            include={"label", "protocol", "query_split", "index_split", "k"})})
+        own = self.cfg.model_dump(mode="json", exclude=set(self.cfg.hash_exclude))
+        log_params(cell_params(own, {
+            "stage": cell.stage, "mode": cell.mode, "model": cell.model, "dataset": cell.dataset,
+            "source_dataset": cell.source, "variant": cell.variant,
+            "data_root": self.cfg.data_root.get(cell.dataset),
+            **record.model_dump(include={"label", "protocol", "query_split", "index_split"})}))
         metrics = {metric_key(k): v for k, v in record.metrics.items()}
         metrics.update({f"test_{k}": v for k, v in record.classification.items()})
         metrics.update({f"pretrained_{metric_key(k)}": v

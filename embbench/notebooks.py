@@ -29,6 +29,7 @@ from embbench.config import ConfigError, read_params_files
 from embbench.paths import params_dir, project_root, reports_dir
 from embbench.report import ReportError, export_html
 from embbench.stages import config_for
+from embbench.tracking import NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV, default_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +166,11 @@ def run_notebook(
     # under notebooks/; point it at the project's store for this run only.
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri is None:
-        from embbench.tracking import default_tracking_uri
-
         os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri()
+    # the kernel's MLflow runs name the notebook as their source (not ipykernel_launcher.py)
+    env_nb = {k: os.environ.get(k) for k in (NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV)}
+    os.environ[NOTEBOOK_ENV] = str(notebook_path(name))
+    os.environ[NOTEBOOK_OUTPUT_ENV] = str(output)
     try:
         with KernelLogRelay(name) as relay:
             pm.execute_notebook(
@@ -188,6 +191,11 @@ def run_notebook(
     finally:
         if env_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+        for key, value in env_nb.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if keep_latest:
         shutil.copyfile(output, output.parent / "latest.ipynb")
     logger.info("%s done in %.0f s -> %s", name, time.monotonic() - t0, output)

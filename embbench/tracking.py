@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -39,18 +40,23 @@ __all__ = [
     "ServiceUnreachableError",
     "TrackingStoreError",
     "check_tracking",
+    "cell_params",
     "close_stale_run",
     "default_tracking_uri",
     "ensure_sqlite_store",
     "flatten",
     "git_info",
+    "log_catalogue_input",
     "log_json_artifact",
     "log_params",
     "mlflow_run",
     "package_versions",
     "provenance",
     "provenance_tags",
+    "run_name",
     "setup_mlflow",
+    "source_tags",
+    "ui_link",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,7 +173,9 @@ def _build_store(db: Path) -> None:
         raise
 
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+# The experiment's kind. MLflow 3.17's UI does not read it to pick its view (see ML_WORKFLOW and
+# ui_link); later UIs switch to "Model training" on opening an experiment tagged so.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
@@ -203,7 +211,7 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
         client.create_experiment(experiment, artifact_location=artifact_location)
     exp = mlflow.set_experiment(experiment)
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        # The UI opens a "model development" experiment on its runs, not the GenAI overview.
+        # typed for ML, not GenAI (the 3.17 UI also needs ui_link's workflowType)
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri
 
@@ -281,7 +289,8 @@ def mlflow_run(
     """Start an MLflow run with provenance tags (git sha, versions, host) and params."""
     import mlflow
 
-    all_tags = {**provenance_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = {**provenance_tags(), **source_tags(),
+                **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as run:
@@ -359,3 +368,103 @@ def close_stale_run(run_id: str | None) -> None:
             client.set_terminated(run_id, status="FINISHED")
     except mlflow.exceptions.MlflowException:
         logger.debug("run %s of a finished cell is not in this tracking store", run_id)
+
+
+# ---- what makes the runs readable in the MLflow UI --------------------------------------------
+NOTEBOOK_ENV = "EMBBENCH_NOTEBOOK"  # set by embbench.notebooks.run_notebook for its kernel
+NOTEBOOK_OUTPUT_ENV = "EMBBENCH_NOTEBOOK_OUTPUT"  # the executed copy papermill writes
+# The MLflow 3.17 UI picks GenAI or "Model training" from its own ``workflowType`` (a URL query
+# parameter, else the browser's local storage, default GenAI), not from the experiment's kind
+# tag; a link with ``?workflowType=machine_learning`` opens the runs table in ML mode.
+ML_WORKFLOW = "machine_learning"
+
+
+def run_name(stage: str, model: str, dataset: str, *extra: str | None) -> str:
+    """The run's name in the MLflow run list: ``stage/model/dataset[/variant]``."""
+    return "/".join(str(p) for p in (stage, model, dataset, *extra) if p)
+
+
+def source_tags(
+    argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``mlflow.source.*`` tags naming what ran the cell: the notebook, or the embbench CLI.
+
+    A notebook run by :func:`embbench.notebooks.run_notebook` (papermill) names itself in
+    ``EMBBENCH_NOTEBOOK``; one open in JupyterLab in ``JPY_SESSION_NAME`` (set by
+    jupyter_server for its kernels). A run from the ``embbench`` command (or ``python -m
+    embbench``) is named ``embbench <subcommand>``; anything else keeps MLflow's own guess (the
+    script's path).
+    """
+    env = os.environ if environ is None else environ
+    notebook = env.get(NOTEBOOK_ENV) or env.get("JPY_SESSION_NAME")
+    if notebook:
+        tags = {"mlflow.source.type": "NOTEBOOK", "mlflow.source.name": notebook}
+        if env.get(NOTEBOOK_OUTPUT_ENV):
+            tags["notebook_output"] = env[NOTEBOOK_OUTPUT_ENV]
+        return tags
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]) if argv and argv[0] else Path()
+    if prog.name == "embbench" or (prog.parent.name == "embbench"
+                                   and prog.name in ("__main__.py", "cli.py")):
+        sub = next((a for a in argv[1:] if not a.startswith("-")), "")
+        return {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"embbench {sub}".strip()}
+    return {}
+
+
+def log_catalogue_input(name: str, root: str | None, digest: str, context: str) -> None:
+    """Log the catalogue as the active run's input dataset (the UI's Dataset column).
+
+    Args:
+        name: The catalogue's name (``demo``, ``sop``, a user's own name).
+        root: The folder, manifest or URL it was read from (``None``: built in memory).
+        digest: :meth:`embbench.catalogue.Catalogue.fingerprint`.
+        context: The split(s) the run scored, e.g. ``test`` or ``query+gallery``.
+    """
+    import warnings
+
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    root = str(root or "")
+    if root.startswith(("http://", "https://")):
+        source = HTTPDatasetSource(root)
+    elif root:
+        with warnings.catch_warnings():  # "" and file: schemes both map to the local source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(root).expanduser().resolve()))
+    else:
+        source = CodeDatasetSource({"embbench": "catalogue built in memory"})
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context)
+
+
+def cell_params(cfg_params: Mapping[str, Any], cell: Mapping[str, Any]) -> dict[str, Any]:
+    """The cell's own parameters: its identity, then the config fields that change its result.
+
+    ``cfg_params`` is the stage config without its grid and runtime fields (its
+    ``hash_exclude``: the lists of models and datasets, devices, URIs...), so runs of one grid
+    differ only where their cells differ and the UI's "show diff only" shows the model.
+    """
+    return {**cfg_params, **{k: v for k, v in cell.items() if v not in (None, "")}}
+
+
+def ui_link(
+    experiment: str = "embbench", uri: str = "", base: str = "http://127.0.0.1:5000"
+) -> str:
+    """The MLflow UI link that opens ``experiment``'s runs table in "Model training" mode.
+
+    ``make mlflow-ui`` prints it. Without the store or the experiment yet, the link opens the
+    experiment list in the same mode.
+    """
+    uri = uri or default_tracking_uri()
+    home = f"{base.rstrip('/')}/#/experiments"
+    exp = None
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+        import mlflow
+
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return f"{home}?workflowType={ML_WORKFLOW}"
+    return f"{home}/{exp.experiment_id}/runs?workflowType={ML_WORKFLOW}"

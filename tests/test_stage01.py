@@ -93,6 +93,13 @@ def test_notebook_01_runs_with_smoke_params():
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     assert len(ResultStore().records("embed")) == 2
+    # the kernel's runs name the notebook as their source (not ipykernel_launcher.py)
+    from embbench.tracking import default_tracking_uri
+
+    client = mlflow.MlflowClient(default_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("embbench").experiment_id])
+    assert {(r.data.tags["mlflow.source.type"], r.data.tags["mlflow.source.name"])
+            for r in runs} == {("NOTEBOOK", str(project_root() / "notebooks/01_embed.ipynb"))}
     # the gallery of its own run: framed thumbnails embedded in the output
     html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells
                    for o in c.get("outputs", []))

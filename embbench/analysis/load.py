@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from embbench._utils import metric_name
 from embbench.analysis._common import CROSS_MODES, MODES
 from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
@@ -307,7 +308,7 @@ def mlflow_records(tracking_uri: str = "", experiment: str = "embbench") -> list
             record = None
         metrics = run.data.metrics
         retrieval = {
-            key.replace("_at_", "@"): value
+            metric_name(key): value
             for key, value in metrics.items()
             if _RETRIEVAL_KEY.match(key)
         }

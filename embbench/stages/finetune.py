@@ -201,10 +201,10 @@ def train_settings(cfg: FinetuneConfig) -> TrainSettings:
 def make_trainer(
     cfg: FinetuneConfig, cell: CellPlan, dist_info: DistInfo | None = None
 ) -> FineTuner:
-    """The trainer of one cell; its MLflow run logs ``cfg`` as its ``config`` parameters."""
-    return FineTuner(
-        train_settings(cfg), cell, dist_info, run_params={"config": cfg.model_dump(mode="json")}
-    )
+    """The trainer of one cell; its MLflow run logs the cell's own parameters (not the grid)."""
+    own = cfg.model_dump(mode="json", exclude=set(cfg.hash_exclude))
+    params = {**own, "stage": STAGE, "model": cell.model, "dataset": cell.dataset}
+    return FineTuner(train_settings(cfg), cell, dist_info, run_params=params)
 
 
 def register_trained(cell: CellPlan, summary: Mapping[str, Any], registry: dict | None) -> Any:

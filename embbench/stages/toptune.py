@@ -345,7 +345,7 @@ def _log_search(trials: list[dict], best: dict, final: dict, classification: dic
     for t in trials:
         tags = {**grouping, "run_kind": "trial", "trial_id": t["trial_id"],
                 "status": t["status"]}
-        with mlflow_run(f"{parent.info.run_name}:trial-{t['trial_id']}", tags=tags,
+        with mlflow_run(f"{parent.info.run_name}/trial-{t['trial_id']}", tags=tags,
                         params=t["hyperparameters"], nested=True) as child:
             if t["score"] is not None:
                 mlflow.log_metric("objective_val_accuracy", t["score"])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from embbench.metrics import confusion_matrix
-from embbench.tracking import log_json_artifact, log_params
+from embbench.tracking import log_json_artifact, log_params, source_tags
 from embbench.train.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def start_run(
             f"MLflow experiment {experiment!r} does not exist; call "
             "embbench.tracking.setup_mlflow first (run_finetune does)"
         )
+    tags = {**source_tags(), **tags}
     parent = mlflow.active_run()
     if parent is not None:
         tags = {**tags, "mlflow.parentRunId": parent.info.run_id}

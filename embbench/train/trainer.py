@@ -36,7 +36,7 @@ from embbench._torch_utils import (
 from embbench._utils import atomic_write_json
 from embbench.metrics import accuracy, classification_metrics
 from embbench.models import get_model_spec
-from embbench.tracking import provenance_tags
+from embbench.tracking import provenance_tags, run_name
 from embbench.train import tracking
 from embbench.train.checkpointing import (
     TrainState,
@@ -492,7 +492,7 @@ class FineTuner:
         run_id = tracking.start_run(
             self.settings.experiment,
             run_id=self.state.mlflow_run_id,
-            run_name=f"finetune-train:{job.model}:{job.dataset}",
+            run_name=run_name("finetune", job.model, job.dataset, "training"),
             tags=tags,
             params=params,
         )
