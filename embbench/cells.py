@@ -8,9 +8,10 @@ owns everything the cells share, in this order:
    in seconds, not after four models have run;
 2. **load** each dataset's catalogue once (fetching http(s) rows of a manifest) and **plan** its
    retrieval (label, protocol, query and index splits);
-3. per cell: compute the **cell hash** (the stage config's hash, the plan, the stage's identity
-   of its inputs), **skip** a finished cell or recompute it (``overwrite``), open the cell's
-   **single MLflow run** (started when the cell's work starts), call the stage's **produce**
+3. per cell: compute the **cell hash** (the stage config's hash, the plan, the catalogue's
+   fingerprint (its images' content, root and labels), the stage's identity of its inputs),
+   **skip** a finished cell or recompute it (``overwrite``), open the cell's **single MLflow
+   run** (started when the cell's work starts), call the stage's **produce**
    step, **score** retrieval with the backend object, and **write the record**.
 
 A stage supplies a :class:`StageSteps` object: its grid, its extra checks, the identity of a
@@ -289,6 +290,8 @@ class CellEngine:
                 "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source,
                          cell.variant],
                 "plan": inputs.plan.as_dict(),
+                # the images' content, root, ids, splits and labels: other data, another cell
+                "dataset": inputs.catalogue.fingerprint(),
                 "inputs": self.steps.identity(cell, inputs),
             }
         )

@@ -182,6 +182,7 @@ class CrosstuneSteps:
         if cell.mode == CROSS_TUNED:
             emb = self._finetuned_embedder(cell)
             sets = embed_splits(emb, inputs.catalogue, splits,
+                                overwrite=self.cfg.overwrite == "always",
                                 **embed_options(self.cfg, cell.model))
             used = dict(emb.weights_used)
             start = (src.get("start_weights") or {}).get("kind")
