@@ -67,6 +67,10 @@ class CrosstuneConfig(GridConfig):
         "finetuned_on", "toptuned_on", "include_diagonal", "skip_missing"
     }
 
+    def grid_datasets(self) -> list[str]:
+        """The targets and the source datasets (whose ``data_options`` name their models)."""
+        return list(dict.fromkeys([*self.datasets, *self.finetuned_on, *self.toptuned_on]))
+
     @model_validator(mode="after")
     def _some_source(self) -> CrosstuneConfig:
         if not self.finetuned_on and not self.toptuned_on:
