@@ -18,7 +18,6 @@ import xxhash
 
 from embbench import filehash
 from embbench.catalogue import CatalogueError, from_manifest
-from embbench.config import ConfigError
 from embbench.datasets import fetch_urls
 from embbench.datasets.plan import load_catalogue
 from embbench.records import ResultStore
