@@ -2,7 +2,7 @@
 
 The fingerprint hashes every image's bytes (xxh3-128); each hash is remembered with the file's
 stat signature in an index under the cache folder (``embbench.filehash``), so a warm run only
-stats the files. Generated: 60,000 distinct 64x64 JPEGs (about 2-3 KB each) in 600 class folders
+stats the files. Generated: 60,000 distinct 64x64 JPEGs (about 1.3 KB each) in 600 class folders
 of a temporary directory, listed in a manifest-like table. The files were just written, so the
 cold pass reads them from the page cache: on a cold disk or a network share it is bounded by the
 read rate of that storage instead (it happens once per file).
@@ -11,6 +11,10 @@ Printed: the old identity (the table hash alone, as before content hashing) for 
 cold pass (hash every file, write the index); the warm pass (stat every file; median of 5, each
 on a new catalogue object, so nothing is remembered in memory); and a warm pass after one image
 was replaced. Run: ``python benchmarks/bench_fingerprint.py [n_images]`` (target: warm < 2 s).
+
+Measured once (60k images, 76.7 MB, local disk, this project's 2 shared cores at load ~5): table
+hash alone 0.017 s; cold 4.34 s (13.8k files/s, index 6.5 MB); warm median 0.59 s (0.50-0.78);
+warm after replacing one image 1.08 s (the index is rewritten).
 """
 
 from __future__ import annotations

@@ -235,6 +235,9 @@ class CellEngine:
                 seed=cfg.seed, options=cfg.data_options.get(dataset),
             )
             plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
+            # hash the images now, with the load (the first run reads each once; under torchrun
+            # rank 0 does it before the barrier, so the other ranks only stat the files)
+            cat.fingerprint()
             self.inputs[dataset] = CellInputs(dataset, cat, plan)
         return self.inputs[dataset]
 
