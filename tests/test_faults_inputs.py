@@ -116,6 +116,16 @@ def test_warm_fingerprint_stats_the_images_without_reading_them(small_demo, tmp_
     assert list(filehash.index_dir().glob("*.json"))  # remembered on disk
 
 
+def test_first_pass_over_a_large_catalogue_shows_progress(small_demo, tmp_path, monkeypatch,
+                                                          capsys):
+    csv = _shop(small_demo, tmp_path / "shop", list(range(12)))
+    monkeypatch.setattr(filehash, "PROGRESS_MIN", 10)  # 12 images count as large here
+    from_manifest(csv).fingerprint()
+    assert "hashing images" in capsys.readouterr().err
+    from_manifest(csv).fingerprint()  # warm: nothing to read, no bar
+    assert "hashing images" not in capsys.readouterr().err
+
+
 def test_fetched_rows_are_hashed_by_the_bytes_fetched(server, tmp_path):  # noqa: F811
     base, _ = server
     cat = _catalogue(base, ["/img/0.png", "/img/1.png"])
