@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from embbench.filehash import HASH_NAME, file_hashes
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("item_id", "path", "split")
@@ -54,6 +56,8 @@ class Catalogue:
     default_label: str
     root: str = ""
     source: dict = field(default_factory=dict)
+    # content hashes and fingerprint, computed once per table (replace() starts afresh)
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,22 +105,52 @@ class Catalogue:
             )
         return self.items[column]
 
-    def fingerprint(self) -> str:
-        """A hash of the table's content (ids, splits, labels) and its source.
+    def content_hashes(self, progress: bool = True) -> pd.Series:
+        """The xxh3-128 hash of each row's image bytes, indexed like ``items``.
 
-        It changes when images are added, removed, relabelled or moved between splits, or when
-        the loader's options change (e.g. the demo generator's seed, a split scheme), so
-        embedding caches and results keyed by it are never reused for different data. It does
-        not read the image files: a copy whose images were replaced under the same names keeps
-        its fingerprint (rerun with ``overwrite`` then).
+        Computed once per file and remembered by its stat signature (size, mtime, inode,
+        ctime) in an index under the cache folder (:mod:`embbench.filehash`): a later run only
+        stats the files. A path that is not a readable file gives ``"missing"``, an http(s) row
+        not fetched yet ``"url"``.
         """
-        cols = ["item_id", "split", *self.label_columns]
-        table = self.items[cols].astype(str)
-        h = hashlib.sha256()
-        h.update(json.dumps(self.source, sort_keys=True, default=str).encode())
-        h.update("\x1f".join(cols).encode())
-        h.update(pd.util.hash_pandas_object(table, index=False).values.tobytes())
-        return h.hexdigest()[:16]
+        key = (id(self.items), self.items.shape, self.root)
+        if self._memo.get("hashes_key") != key:
+            digests = file_hashes(self.items["path"].astype(str).tolist(),
+                                  base=self._folder(), progress=progress)
+            self._memo.clear()
+            self._memo.update(hashes_key=key, hashes=pd.Series(digests, index=self.items.index))
+        return self._memo["hashes"]
+
+    def _folder(self) -> str | None:
+        """The folder the images are expected under (the manifest's folder, the root folder)."""
+        if not self.root:
+            return None
+        root = Path(self.root).expanduser()
+        return str(root.parent if root.suffix.lower() == ".csv" or root.is_file() else root)
+
+    def fingerprint(self) -> str:
+        """The content identity of the catalogue: what its images are, how they are labelled.
+
+        A hash of the bytes of every image (:meth:`content_hashes`), the resolved root, the
+        ids, splits and labels, and the loader's options (e.g. the demo generator's seed, a
+        split scheme). It changes when an image is replaced (even under the same name, size and
+        mtime), added, removed, relabelled or moved between splits, or when the catalogue is
+        read from another folder, so embedding caches, cell hashes and results keyed by it are
+        never reused for other data. The first call on a large catalogue reads every image
+        once (with a progress bar); later runs only stat them.
+        """
+        hashes = self.content_hashes()
+        if "fingerprint" not in self._memo:
+            cols = ["item_id", "split", *self.label_columns]
+            table = self.items[cols].astype(str).assign(_content=hashes.to_numpy())
+            root = str(Path(self.root).expanduser().resolve()) if self.root else ""
+            h = hashlib.sha256()
+            h.update(json.dumps(self.source, sort_keys=True, default=str).encode())
+            h.update(f"root={root}\x1fhash={HASH_NAME}\x1f".encode())
+            h.update("\x1f".join(cols).encode())
+            h.update(pd.util.hash_pandas_object(table, index=False).values.tobytes())
+            self._memo["fingerprint"] = h.hexdigest()[:16]
+        return self._memo["fingerprint"]
 
     def subset(self, max_per_split: int = 0, seed: int = 0) -> Catalogue:
         """A seeded subsample of at most ``max_per_split`` images per split (0 = all).
@@ -164,6 +198,9 @@ def from_manifest(
     default_split: str = "test",
     id_column: str | None = None,
     allow_outside_root: bool = False,
+    split_case: str = "exact",
+    empty_split: str = "error",
+    empty_label: str = "error",
 ) -> Catalogue:
     """Read a user's catalogue from a CSV manifest.
 
@@ -172,6 +209,12 @@ def from_manifest(
     the check is on the written path, so a symlink placed under the folder is trusted).
     http(s) URLs are kept as they are (fetch them with :func:`embbench.datasets.fetch_urls`
     before embedding); ``file://`` and other schemes are refused.
+
+    Every row must have a split of ``train``, ``val`` or ``test`` (only those are ever scored)
+    and a non-empty value in each label column (an empty label would make all such rows one
+    class, relevant to each other). Rows that break this are refused, naming the file and the
+    rows, unless an option says what to do with them: ``split_case``, ``empty_split``,
+    ``empty_label`` (given as ``data_options: {<name>: {...}}`` in a params file).
 
     Args:
         path: The CSV file.
@@ -182,14 +225,25 @@ def from_manifest(
         default_split: Split given to every row when ``split_column`` is absent.
         id_column: Column holding a unique id (default: the path column's value).
         allow_outside_root: Accept image paths outside the manifest's folder.
+        split_case: ``exact`` (split values must be written ``train``/``val``/``test``) or
+            ``lower`` (blanks around them are stripped and they are lower-cased: ``Test`` ->
+            ``test``).
+        empty_split: What a row with an empty split gets: ``error`` (refuse), ``train``,
+            ``val``, ``test``, or ``drop`` (leave the row out, with a WARNING).
+        empty_label: ``error`` (refuse rows with an empty value in a label column) or ``drop``
+            (leave them out, with a WARNING).
 
     Returns:
         The catalogue.
 
     Raises:
-        CatalogueError: The file is missing, lacks a named column, or a row's path escapes the
-            manifest's folder or uses an unsupported scheme (the message names the row).
+        CatalogueError: The file is missing, lacks a named column, a row's path escapes the
+            manifest's folder or uses an unsupported scheme, or rows have an empty label or a
+            split other than train/val/test (the message names the rows and the option).
     """
+    _check_choice("split_case", split_case, SPLIT_CASES)
+    _check_choice("empty_split", empty_split, EMPTY_SPLITS)
+    _check_choice("empty_label", empty_label, EMPTY_LABELS)
     path = Path(path)
     if not path.is_file():
         raise CatalogueError(f"manifest {path} does not exist")
@@ -237,6 +291,10 @@ def from_manifest(
     )
     for col in label_columns:
         items[col] = df[col]
+    rules = _ManifestRules(path, name or path.stem, split_case, empty_split, empty_label)
+    if split_column:
+        items = rules.splits(items, split_column)
+    items = rules.labels(items, tuple(label_columns)).reset_index(drop=True)
     return Catalogue(
         name=name or path.stem,
         items=items,
@@ -245,6 +303,83 @@ def from_manifest(
         root=str(path),
         source={"loader": "manifest", "path_column": path_column},
     )
+
+
+SPLITS = ("train", "val", "test")
+SPLIT_CASES = ("exact", "lower")
+EMPTY_SPLITS = ("error", *SPLITS, "drop")
+EMPTY_LABELS = ("error", "drop")
+
+
+def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CatalogueError(f"manifest option {option}={value!r} is not one of {list(allowed)}")
+
+
+def _rows_text(mask: pd.Series) -> str:
+    """``rows 3, 7, 9 ... (12 row(s))``: CSV lines of ``mask`` (indexed like the file's rows)."""
+    lines = [str(i + 2) for i in mask.index[mask.to_numpy()]]
+    shown = ", ".join(lines[:5]) + (" ..." if len(lines) > 5 else "")
+    return f"row{'s' if len(lines) > 1 else ''} {shown} ({len(lines)} row(s))"
+
+
+@dataclass(frozen=True)
+class _ManifestRules:
+    """What a manifest's rows with an odd split or an empty label become (or the one-line error)."""
+
+    path: Path
+    name: str
+    split_case: str
+    empty_split: str
+    empty_label: str
+
+    def _option(self, text: str) -> str:
+        return f"data_options: {{{self.name}: {{{text}}}}}"
+
+    def splits(self, items: pd.DataFrame, column: str) -> pd.DataFrame:
+        """The rows with their split checked (and mapped or dropped as the options say)."""
+        given = items["split"].astype(str)
+        split = given.str.strip().str.lower() if self.split_case == "lower" else given
+        empty = split.str.strip() == ""
+        keep = pd.Series(True, index=items.index)
+        if empty.any() and self.empty_split == "drop":
+            logger.warning("manifest %s: %s with an empty %r left out (empty_split: drop)",
+                           self.path, _rows_text(empty), column)
+            keep &= ~empty
+        elif empty.any() and self.empty_split in SPLITS:
+            split = split.where(~empty, self.empty_split)
+        odd = ~split.isin(SPLITS) & keep
+        if odd.any():
+            values = sorted(set(given[odd]))
+            hints = []
+            if self.split_case == "exact" and any(v.strip().lower() in SPLITS for v in values):
+                hints.append(self._option("split_case: lower") + " (' Test' -> 'test')")
+            if any(not v.strip() for v in values):
+                hints.append(self._option("empty_split: test") + " (or train, val, drop)")
+            fix = "; or set " + " and ".join(hints) if hints else ""
+            raise CatalogueError(
+                f"manifest {self.path}: {_rows_text(odd)} have a {column!r} value other than "
+                f"{'/'.join(SPLITS)} ({', '.join(repr(v) for v in values[:5])}) and would never "
+                f"be scored; write train, val or test{fix}"
+            )
+        return items.assign(split=split)[keep.to_numpy()]
+
+    def labels(self, items: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+        empty = pd.Series(False, index=items.index)
+        for col in columns:
+            empty |= items[col].astype(str).str.strip() == ""
+        if not empty.any():
+            return items
+        cols = [c for c in columns if (items[c].astype(str).str.strip() == "").any()]
+        if self.empty_label == "error":
+            raise CatalogueError(
+                f"manifest {self.path}: {_rows_text(empty)} have an empty label in {cols} (they "
+                "would form one class '' whose rows count as relevant to each other); fill "
+                f"them in, or set {self._option('empty_label: drop')} to leave those rows out"
+            )
+        logger.warning("manifest %s: %s with an empty label in %s left out (empty_label: drop)",
+                       self.path, _rows_text(empty), cols)
+        return items[~empty.to_numpy()]
 
 
 def _resolve_row(p: str, base: Path) -> tuple[str, str]:

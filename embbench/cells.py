@@ -8,9 +8,10 @@ owns everything the cells share, in this order:
    in seconds, not after four models have run;
 2. **load** each dataset's catalogue once (fetching http(s) rows of a manifest) and **plan** its
    retrieval (label, protocol, query and index splits);
-3. per cell: compute the **cell hash** (the stage config's hash, the plan, the stage's identity
-   of its inputs), **skip** a finished cell or recompute it (``overwrite``), open the cell's
-   **single MLflow run** (started when the cell's work starts), call the stage's **produce**
+3. per cell: compute the **cell hash** (the stage config's hash, the plan, the catalogue's
+   fingerprint (its images' content, root and labels), the stage's identity of its inputs),
+   **skip** a finished cell or recompute it (``overwrite``), open the cell's **single MLflow
+   run** (started when the cell's work starts), call the stage's **produce**
    step, **score** retrieval with the backend object, and **write the record**.
 
 A stage supplies a :class:`StageSteps` object: its grid, its extra checks, the identity of a
@@ -237,6 +238,9 @@ class CellEngine:
                 seed=cfg.seed, options=cfg.data_options.get(dataset),
             )
             plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
+            # hash the images now, with the load (the first run reads each once; under torchrun
+            # rank 0 does it before the barrier, so the other ranks only stat the files)
+            cat.fingerprint()
             self.inputs[dataset] = CellInputs(dataset, cat, plan)
         return self.inputs[dataset]
 
@@ -292,6 +296,8 @@ class CellEngine:
                 "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source,
                          cell.variant],
                 "plan": inputs.plan.as_dict(),
+                # the images' content, root, ids, splits and labels: other data, another cell
+                "dataset": inputs.catalogue.fingerprint(),
                 "inputs": self.steps.identity(cell, inputs),
             }
         )

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from embbench._registry import Registry
 from embbench._utils import stable_hash
@@ -60,6 +67,77 @@ def registered_stage_names() -> list[str]:
     return _STAGES.names()
 
 
+# Params files are a few dozen keys; anchors and aliases beyond these bounds are a mistake or an
+# "alias bomb" (9 anchors of 9 aliases each expand to 9**9 nodes when validated or logged).
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(text: str, source: str | Path) -> Any:
+    """Parse YAML safely (``yaml.SafeLoader``), refusing alias bombs before anything expands them.
+
+    PyYAML builds an alias as a shared reference, so a small file can stand for billions of
+    nodes that validation, hashing or logging would then walk. The node graph is measured
+    first: more than :data:`MAX_YAML_ALIASES` aliases, an expanded size above
+    :data:`MAX_YAML_NODES` nodes, or a recursive alias is refused.
+
+    Raises:
+        ConfigError: The text is not valid YAML or exceeds the bounds (naming ``source``).
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problem = _alias_problem(node)
+        if problem:
+            raise ConfigError(
+                f"params file {source}: {problem}; write the values out (params files need no "
+                "anchors) or split the file"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"params file {source} is nested too deeply to be read") from None
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _alias_problem(root: yaml.Node) -> str:
+    """Why the composed YAML graph is refused ("" if it is not): aliases, size, recursion."""
+    size: dict[int, int] = {}
+    on_path = {id(root)}
+    stack = [(root, iter(_children(root)))]
+    aliases = 0
+    while stack:
+        node, todo = stack[-1]
+        child = next(todo, None)
+        if child is None:
+            stack.pop()
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[id(node)] > MAX_YAML_NODES:
+                return (f"its anchors and aliases expand to more than {MAX_YAML_NODES:,} values "
+                        f"(line {node.start_mark.line + 1})")
+        elif id(child) in on_path:
+            return f"a recursive alias at line {child.start_mark.line + 1}"
+        elif id(child) in size:  # a node reached again: an alias
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                return f"more than {MAX_YAML_ALIASES} aliases (*name)"
+        else:
+            on_path.add(id(child))
+            stack.append((child, iter(_children(child))))
+    return ""
+
+
 def read_params_files(files: Iterable[str | Path]) -> tuple[dict[str, Any], dict[str, str]]:
     """Merge YAML params files, later ones winning.
 
@@ -75,10 +153,7 @@ def read_params_files(files: Iterable[str | Path]) -> tuple[dict[str, Any], dict
         path = Path(f)
         if not path.is_file():
             raise ConfigError(f"params file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
+        data = load_yaml(path.read_text(encoding="utf-8"), path) or {}
         if not isinstance(data, dict):
             raise ConfigError(
                 f"params file {path} must be a mapping of name: value, got {type(data).__name__}"
@@ -131,7 +206,12 @@ class StageConfig(BaseModel):
         except ValidationError as exc:
             parts = []
             for err in exc.errors():
-                key = ".".join(str(p) for p in err["loc"]) or "(config)"
+                if not err["loc"]:  # a check across fields: its message names them
+                    msg = err["msg"].removeprefix("Value error, ")
+                    files = sorted({f for k, f in origin.items() if f"{k}." in msg})
+                    parts.append(msg + (f" (in {', '.join(files)})" if files else ""))
+                    continue
+                key = ".".join(str(p) for p in err["loc"])
                 src = (
                     f" (from {origin[err['loc'][0]]})"
                     if err["loc"] and err["loc"][0] in origin
@@ -205,6 +285,28 @@ class GridConfig(StageConfig):
         {"models", "datasets", "data_root", "data_options", "batch_size", "num_workers",
          "threads", "device", "milvus_uri", "tracking_uri", "experiment", "overwrite"}
     )
+
+    def grid_datasets(self) -> list[str]:
+        """The datasets the grid reads (``data_root`` and ``data_options`` may name only these)."""
+        return list(self.datasets)
+
+    @model_validator(mode="after")
+    def _entries_name_grid_datasets(self) -> GridConfig:
+        # a typo (my_sohp for my_shop) would silently drop the entry: its options, its folder
+        grid = self.grid_datasets()
+        stray = []
+        for name in ("data_root", "data_options"):
+            for key in getattr(self, name):
+                if key not in grid:
+                    close = difflib.get_close_matches(key, grid, n=1, cutoff=0.6)
+                    stray.append(f"{name}.{key}" + (f" (did you mean {close[0]!r}?)" if close
+                                                    else ""))
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)}: no dataset of the grid {grid} has that name; correct "
+                "it, add the dataset to datasets, or remove the entry"
+            )
+        return self
 
     @field_validator("models", "datasets")
     @classmethod

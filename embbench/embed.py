@@ -291,6 +291,7 @@ def embed_splits(
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
     lock_timeout: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, EmbeddingSet]:
     """Run :func:`embed_split` for each of ``splits``; return ``{split: EmbeddingSet}``.
 
@@ -308,6 +309,7 @@ def embed_splits(
             shard_size=shard_size,
             progress=progress,
             lock_timeout=lock_timeout,
+            overwrite=overwrite,
         )
         for s in sorted(set(splits))
     }

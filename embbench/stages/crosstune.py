@@ -67,6 +67,10 @@ class CrosstuneConfig(GridConfig):
         "finetuned_on", "toptuned_on", "include_diagonal", "skip_missing"
     }
 
+    def grid_datasets(self) -> list[str]:
+        """The targets and the source datasets (whose ``data_options`` name their models)."""
+        return list(dict.fromkeys([*self.datasets, *self.finetuned_on, *self.toptuned_on]))
+
     @model_validator(mode="after")
     def _some_source(self) -> CrosstuneConfig:
         if not self.finetuned_on and not self.toptuned_on:
@@ -182,6 +186,7 @@ class CrosstuneSteps:
         if cell.mode == CROSS_TUNED:
             emb = self._finetuned_embedder(cell)
             sets = embed_splits(emb, inputs.catalogue, splits,
+                                overwrite=self.cfg.overwrite == "always",
                                 **embed_options(self.cfg, cell.model))
             used = dict(emb.weights_used)
             start = (src.get("start_weights") or {}).get("kind")

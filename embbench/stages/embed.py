@@ -22,7 +22,7 @@ from embbench._threads import ThreadBudget, apply_thread_budget, resolve_thread_
 from embbench._torch_utils import resolve_device
 from embbench.cells import Cell, CellInputs, Produced, run_grid
 from embbench.config import GridConfig, register_stage
-from embbench.embed import embed_splits, embedding_cache
+from embbench.embed import embed_split, embedding_cache
 from embbench.models import create_embedder, model_facts
 from embbench.records import Lineage, ResultStore, record_row
 from embbench.stages import _variants as V
@@ -109,6 +109,7 @@ class PretrainedEmbedder:
     def __init__(self, cfg: GridConfig) -> None:
         self.cfg = cfg
         self._embedders: dict[str, Any] = {}
+        self._recomputed: set[str] = set()  # cache keys embedded again by this run
 
     def __call__(self, model: str) -> Any:
         """The embedder of ``model`` with the configured weights."""
@@ -122,9 +123,20 @@ class PretrainedEmbedder:
         return {s: embedding_cache(emb, inputs.catalogue, s).key for s in sorted(set(splits))}
 
     def embed(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:
-        """``{split: EmbeddingSet}``, computed or read from the cache."""
-        return embed_splits(self(model), inputs.catalogue, sorted(set(splits)),
-                            **embed_options(self.cfg, model))
+        """``{split: EmbeddingSet}``, computed or read from the cache.
+
+        Under ``overwrite: always`` each split's vectors are embedded again, once per run (the
+        cells that share them, e.g. deployment variants or the top-tuning baseline, reuse the
+        fresh ones).
+        """
+        emb, options = self(model), embed_options(self.cfg, model)
+        out = {}
+        for split in sorted(set(splits)):
+            key = embedding_cache(emb, inputs.catalogue, split).key
+            again = self.cfg.overwrite == "always" and key not in self._recomputed
+            out[split] = embed_split(emb, inputs.catalogue, split, overwrite=again, **options)
+            self._recomputed.add(key)
+        return out
 
 
 class EmbedSteps:

@@ -343,6 +343,7 @@ class FinetuneSteps:
         splits = inputs.plan.splits
 
         sets = embed_splits(emb, inputs.catalogue, splits,
+                            overwrite=self.cfg.overwrite == "always",
                             **embed_options(self.cfg, cell.model))
         pre = self.pretrained.embed(cell.model, inputs, splits)
         used = dict(emb.weights_used)
