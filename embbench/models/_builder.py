@@ -93,7 +93,8 @@ def offline_models() -> list[str]:
             spec = get_model_spec(name)
             if spec.packaged_weights and not spec.control:
                 with contextlib.suppress(ImportError, ValueError):
-                    if importlib.util.find_spec(spec.packaged_weights["package"]) is not None:
+                    module = str(spec.packaged_weights["locator"]).split(":")[0]
+                    if importlib.util.find_spec(module) is not None:
                         out.append(name)
     return out
 
