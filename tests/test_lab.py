@@ -38,7 +38,7 @@ def test_offline_pretrained_fails_at_once_in_one_line_naming_the_demo_models(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
-    monkeypatch.setattr(_builder, "_hub_reachable", None)
+    monkeypatch.setattr(_builder, "_hub_reachable", None, raising=False)
     probes, connects = [], []
 
     def no_route(address, *args, **kwargs):
