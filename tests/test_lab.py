@@ -30,8 +30,7 @@ def test_offline_pretrained_fails_at_once_in_one_line_naming_the_demo_models(
     """No HF_HUB_OFFLINE, no network: one probe, no download attempt, one line naming the fix."""
     from huggingface_hub import constants
 
-    from embbench.models import WeightsUnavailableError, create_embedder
-    from embbench.models import _builder
+    from embbench.models import WeightsUnavailableError, _builder, create_embedder
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
