@@ -114,7 +114,7 @@ def _overlaps(fig, ax) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("sizes", [
-    (256, 512, 640, 1280, 2560, 5120),  # PCA variants, float16/int8 and FLAT
+    (160, 256, 512, 640, 1280, 2560, 5120),  # binary, PCA, int8, float16, float32: the demo's
     (300, 400, 600, 700),  # under a decade: matplotlib labelled the minor ticks 3x10^2 4x10^2
     (0.04, 0.2, 3.0, 900.0),  # over four decades
 ])
