@@ -177,7 +177,7 @@ def all_models_figure(long: pd.DataFrame, metric: str):
     order = sorted(long["dataset"].unique())
     ncols = min(3, len(modes))
     nrows = math.ceil(len(modes) / ncols)
-    width = max(6.0, 2.2 * len(order) + 2)
+    width = max(5.0, 1.5 * len(order) + 1.5)  # room for the labels right of the dots
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(width * ncols, 4.8 * nrows), sharey=True, squeeze=False
     )
