@@ -63,7 +63,7 @@ def unavailable(spec: ModelSpec, err: BaseException | str) -> WeightsUnavailable
     offline = os.environ.get("HF_HUB_OFFLINE", "")
     where = _cache_locations()
     detail = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    detail = " ".join(str(detail).split())  # library messages span lines; ours is one
+    detail = " ".join(str(detail).split()).rstrip(".")  # library messages span lines
     if len(detail) > 300:
         detail = detail[:297] + "..."
     demo = offline_models()
