@@ -184,11 +184,13 @@ def all_models_figure(long: pd.DataFrame, metric: str):
     families = sorted(long["family"].fillna("unknown").unique())
     lo, hi = float(long[metric].min()), float(long[metric].max())
     gap = max(hi - lo, 0.05) * 0.045
+    top = hi
     for ax, mode in zip(axes.flat, modes, strict=False):
         data = long[long["mode"] == mode]
         for i, ds in enumerate(order):
             rows = data[data["dataset"] == ds].sort_values(metric).to_dict("records")
             heights = _spread([float(r[metric]) for r in rows], gap)
+            top = max([top, *heights])
             for r, y_text in zip(rows, heights, strict=True):
                 control = _is_control(r.get("control"))
                 y = float(r[metric])
@@ -215,6 +217,7 @@ def all_models_figure(long: pd.DataFrame, metric: str):
         ax.set_xticks(range(len(order)), order, rotation=30)
         ax.set_xlim(-0.4, len(order) - 0.1)
         ax.set(title=MODE_LABELS.get(mode, mode), xlabel="", ylabel=metric)
+    axes.flat[0].set_ylim(lo - 2 * gap, top + 2 * gap)  # shared: labels stay inside
     for ax in list(axes.flat)[len(modes) :]:
         fig.delaxes(ax)
     controls = "control" in long and any(_is_control(v) for v in long["control"])
