@@ -53,6 +53,7 @@ _OWN_HANDLER_LIBRARIES = ("huggingface_hub",)
 
 
 def _one_handler(*names: str) -> None:
+    """Drop the plain stderr handler of each library in ``names`` (the root's prints its lines)."""
     import contextlib
     import importlib
 

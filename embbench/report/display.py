@@ -243,7 +243,7 @@ def show_sentences(sentences: Iterable[str], *, empty: str = "") -> None:
 
 # Results with no MLflow run of their own, by stage: what they are, in words.
 _RUNLESS = {
-    "toptune-baseline": "pretrained baselines that a tuning run recorded as its reference",
+    "toptune-baseline": ("pretrained baseline", " that a tuning run recorded as its reference"),
 }
 
 
@@ -262,8 +262,10 @@ def runs_count(df: pd.DataFrame) -> str:
     why = []
     stages = df.loc[~has_run, "stage"] if "stage" in df else pd.Series(dtype=object)
     for stage, count in sorted(stages.fillna("unknown").astype(str).value_counts().items()):
-        what = _RUNLESS.get(stage, f"{stage} results")
-        why.append(f"{count} {what} ha{'s' if count == 1 else 've'} no run of their own")
+        noun, rest = _RUNLESS.get(stage, (f"{stage} result", ""))
+        one = count == 1
+        why.append(f"{count} {noun}{'' if one else 's'}{rest} "
+                   f"{'has' if one else 'have'} no run of {'its' if one else 'their'} own")
     shared = int(has_run.sum()) - n_runs
     if shared:
         why.append(f"{shared} result{'s' if shared != 1 else ''} share a run with another result")
