@@ -43,6 +43,29 @@ def setup_logging(level: int | str = "INFO") -> None:
     # Third-party libraries (open_clip logs on the root logger) stay at WARNING.
     logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=stream)
     logging.getLogger("embbench").setLevel(level)
+    _one_handler(*_OWN_HANDLER_LIBRARIES)
+
+
+# Libraries that add a stderr handler of their own AND propagate to the root logger, so each of
+# their lines printed twice (a red stderr copy under the root's); their lines go through the
+# root's handler only.
+_OWN_HANDLER_LIBRARIES = ("huggingface_hub",)
+
+
+def _one_handler(*names: str) -> None:
+    """Drop the plain stderr handler of each library in ``names`` (the root's prints its lines)."""
+    import contextlib
+    import importlib
+
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"{name}.utils.logging")  # adds its handler on import
+        lib = logging.getLogger(name)
+        if not lib.propagate or not logging.getLogger().handlers:
+            continue
+        for handler in list(lib.handlers):
+            if type(handler) is logging.StreamHandler:  # the library's plain stderr handler
+                lib.removeHandler(handler)
 
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

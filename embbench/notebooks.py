@@ -248,8 +248,25 @@ def render_report(
         logger.info("report: false in the params; executed notebook only: %s", executed)
         return executed
     output = Path(output) if output else reports_dir() / f"{cfg.report_name}.html"
-    sources = sorted((reports_dir() / "notebooks").glob("0[1-4]_*/latest.ipynb"))
+    latest = sorted((reports_dir() / "notebooks").glob("0[1-4]_*/latest.ipynb"))
+    sources = [versioned_notebook(p) for p in latest]
     return export_html(executed, output, title=cfg.title, sources=[*sources, executed])
+
+
+def versioned_notebook(path: Path) -> Path:
+    """The per-run executed notebook that ``<name>/latest.ipynb`` is a copy of.
+
+    ``latest`` moves with the next run; the report names the run it read. Falls back to
+    ``path`` when no per-run file has the same bytes (a ``latest`` written by hand).
+    """
+    path = Path(path)
+    if path.name != "latest.ipynb":
+        return path
+    data = path.read_bytes()
+    for run in sorted(path.parent.glob("2*.ipynb"), reverse=True):  # newest first
+        if run.stat().st_size == len(data) and run.read_bytes() == data:
+            return run
+    return path
 
 
 def report_main(argv: Sequence[str] | None = None, *, dry_run: bool = False) -> int:

@@ -212,9 +212,10 @@ def test_report_renders_every_table_and_figure(rendered):
     assert "Traceback" not in html
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html  # no error, no log
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING)", html)
-    # the report links the executed notebook it came from (kept per run)
+    # the report embeds the executed notebook it came from (the versioned run, not latest)
     assert "Notebooks this report came from" in html
-    assert re.search(r'href="notebooks/05_analysis/\d{8}-\d{6}-[0-9a-f]{8}\.ipynb"', html)
+    assert re.search(r'download="05_analysis_\d{8}-\d{6}-[0-9a-f]{8}\.ipynb" '
+                     r'href="data:application/x-ipynb\+json;base64,', html)
     stderr = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "stream" and o.get("name") == "stderr"]
     assert not stderr, [o.text[:200] for o in stderr]

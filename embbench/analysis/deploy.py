@@ -40,10 +40,15 @@ def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     if "variant" not in results:
         return pd.DataFrame()
     rows = []
+    plain = results[results["variant"].fillna("") == ""]
+    full_dim = {
+        (r["model"], r["dataset"]): _f(r.get("embed_dim"))
+        for r in plain[plain["mode"] == "pretrained"].to_dict("records")
+    } if "mode" in plain else {}
     for r in results[results["variant"].fillna("") != ""].to_dict("records"):
         exact = _f(r.get(f"pretrained_metrics.{metric}"))
         quality = _f(r.get(metric))
-        ref_bytes = 4.0 * _f(r.get("embed_dim"))
+        ref_bytes = _float32_bytes(r, full_dim.get((r["model"], r["dataset"]), math.nan))
         bpv = _f(r.get("bytes_per_vector"))
         rows.append({
             "model": r["model"], "dataset": r["dataset"], "variant": r["variant"],
@@ -55,6 +60,20 @@ def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
             "engine": _s(r.get("engine")) or _s(r.get("search")), "n_index": _f(r.get("n_index")),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _float32_bytes(row: Mapping, plain_dim: float) -> float:
+    """Bytes of the model's full float32 vector: what every variant's memory is measured against.
+
+    A PCA variant's record holds its reduced ``embed_dim`` (64 for pca64), so ``4 * embed_dim``
+    would make every PCA variant cost 100% of the memory. The variant's own
+    ``float32_bytes_per_vector`` comes first, then the plain pretrained row's dimension.
+    """
+    for value in (_f(row.get("float32_bytes_per_vector")), 4.0 * plain_dim,
+                  4.0 * _f(row.get("embed_dim"))):
+        if math.isfinite(value) and value > 0:
+            return value
+    return math.nan
 
 
 def deployment_points(table: pd.DataFrame) -> dict[tuple[str, str], list[VariantPoint]]:

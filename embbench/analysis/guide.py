@@ -136,10 +136,25 @@ def _cost(r: Mapping[str, Any]) -> str:
     hours, gpu = r.get("train_hours"), r.get("gpu_hours")
     parts = []
     if isinstance(hours, float) and not math.isnan(hours):
-        parts.append(f"{hours:.2f} h of training")
+        if hours == 0:
+            parts.append("no training")
+        elif hours < 0.01:  # "0.00 h" would read as free
+            parts.append(f"{hours * 3600:.0f} s of training")
+        else:
+            parts.append(f"{hours:.2f} h of training")
     if isinstance(gpu, float) and not math.isnan(gpu):
         parts.append(f"{gpu:.2f} GPU-hours" if gpu > 0 else "no GPU")
     return ", ".join(parts) if parts else "cost not recorded"
+
+
+def _gap(win: Mapping[str, Any], other: Mapping[str, Any]) -> str:
+    """How far ``other`` is from the recommendation, in words: ``0.179 lower``."""
+    diff = float(other["score"]) - float(win["score"])
+    if math.isnan(diff):
+        return "not comparable"
+    if abs(diff) < 5e-4:
+        return "the same score"
+    return f"{abs(diff):.3f} {'lower' if diff < 0 else 'higher'}"
 
 
 def guide_sentences(
@@ -185,10 +200,9 @@ def guide_sentences(
                 s += f" Cost: {_cost(win)}."
         others = [r for r in recs if not r["recommended"]]
         for r in others:
-            diff = win["score"] - r["score"]
             s += (
                 f" Best {r['strategy']}: {r['model']} at {_fmt(r['score'])} "
-                f"({diff:+.3f} behind; {_cost(r)})."
+                f"({_gap(win, r)}; {_cost(r)})."
             )
         if paired is not None and not paired.empty and task == "visual search":
             entries = guide.attrs.get("entries", {})

@@ -51,13 +51,18 @@ def _palette(families) -> dict[str, str]:
     return {f: FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]) for f in families}
 
 
-def _family_legend(ax, families) -> None:
+def _family_legend(ax, families, *, control: bool = False) -> None:
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = [
         Patch(color=FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]), label=FAMILY_LABELS.get(f, f))
         for f in families
     ]
+    if control:
+        handles.append(Line2D([], [], marker="X", linestyle="", markersize=8,
+                              markerfacecolor=CONTROL_COLOUR, markeredgecolor="black",
+                              label="random-init control"))
     ax.legend(handles=handles, title="type", loc="best", fontsize="small")
 
 
@@ -143,40 +148,80 @@ def correlation_figure(corr: pd.DataFrame):
     return _done(fig)
 
 
+CONTROL_COLOUR = "#6e7781"
+
+
+def _is_control(value: object) -> bool:
+    return value is True or (isinstance(value, (bool, np.bool_)) and bool(value))
+
+
+def _spread(values: list[float], gap: float) -> list[float]:
+    """Label heights near ``values`` (sorted ascending) at least ``gap`` apart."""
+    out: list[float] = []
+    for v in values:
+        out.append(max(v, out[-1] + gap) if out else v)
+    return out
+
+
 def all_models_figure(long: pd.DataFrame, metric: str):
-    """Figure 4a: every model's ``metric`` per dataset, one panel per mode."""
+    """Figure 4a: every model's ``metric`` per dataset, one panel per mode.
+
+    Each dot is labelled with its model (and deployment variant); a random-init control is a
+    grey cross labelled ``(control)``, so it never reads as one more model.
+    """
     if long.empty:
         return None
-    plt, sns = _plt(), _sns()
+    plt = _plt()
+    _sns()
     modes = [m for m in MODES if m in set(long["mode"])]
     order = sorted(long["dataset"].unique())
     ncols = min(3, len(modes))
     nrows = math.ceil(len(modes) / ncols)
-    width = max(4.5, 0.9 * len(order) + 2)
+    width = max(5.0, 1.5 * len(order) + 1.5)  # room for the labels right of the dots
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(width * ncols, 4.2 * nrows), sharey=True, squeeze=False
+        nrows, ncols, figsize=(width * ncols, 4.8 * nrows), sharey=True, squeeze=False
     )
-    families = sorted(long["family"].unique())
+    families = sorted(long["family"].fillna("unknown").unique())
+    lo, hi = float(long[metric].min()), float(long[metric].max())
+    gap = max(hi - lo, 0.05) * 0.045
+    top = hi
     for ax, mode in zip(axes.flat, modes, strict=False):
         data = long[long["mode"] == mode]
-        sns.stripplot(
-            data=data,
-            x="dataset",
-            y=metric,
-            hue="family",
-            order=order,
-            palette=_palette(families),
-            dodge=True,
-            size=7,
-            jitter=0.15,
-            ax=ax,
-            legend=False,
-        )
+        for i, ds in enumerate(order):
+            rows = data[data["dataset"] == ds].sort_values(metric).to_dict("records")
+            heights = _spread([float(r[metric]) for r in rows], gap)
+            top = max([top, *heights])
+            for r, y_text in zip(rows, heights, strict=True):
+                control = _is_control(r.get("control"))
+                y = float(r[metric])
+                if control:
+                    ax.scatter(i, y, marker="X", s=70, color=CONTROL_COLOUR, edgecolor="black",
+                               linewidth=0.6, zorder=3)
+                else:
+                    colour = FAMILY_PALETTE.get(r.get("family"), FAMILY_PALETTE["unknown"])
+                    ax.scatter(i, y, s=45, color=colour, edgecolor="white", linewidth=0.5,
+                               zorder=3)
+                label = str(r["model"])
+                variant = r.get("variant")
+                if isinstance(variant, str) and variant:
+                    label += f" · {variant}"
+                if control:
+                    label += " (control)"
+                ax.annotate(
+                    label, (i, y), xytext=(i + 0.08, y_text), textcoords="data", fontsize=7,
+                    va="center", color=CONTROL_COLOUR if control else "#24292f",
+                    style="italic" if control else "normal",
+                    arrowprops={"arrowstyle": "-", "color": "#b0b0b0", "lw": 0.5}
+                    if abs(y_text - y) > gap / 4 else None,
+                )
+        ax.set_xticks(range(len(order)), order, rotation=30)
+        ax.set_xlim(-0.4, len(order) - 0.1)
         ax.set(title=MODE_LABELS.get(mode, mode), xlabel="", ylabel=metric)
-        ax.tick_params(axis="x", rotation=30)
+    axes.flat[0].set_ylim(lo - 2 * gap, top + 2 * gap)  # shared: labels stay inside
     for ax in list(axes.flat)[len(modes) :]:
         fig.delaxes(ax)
-    _family_legend(axes.flat[0], families)
+    controls = "control" in long and any(_is_control(v) for v in long["control"])
+    _family_legend(axes.flat[0], families, control=controls)
     fig.suptitle(f"All models: {metric} per dataset and mode")
     fig.tight_layout()
     return _done(fig)

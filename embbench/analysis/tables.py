@@ -215,6 +215,8 @@ def results_long(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         "mode",
         "entry",
         "embed_dim",
+        "variant",
+        "control",
         metric,
         f"{metric} low",
         f"{metric} high",
@@ -385,6 +387,10 @@ def cross_deltas(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols).sort_values(["mode", "target", "source", "model"])
 
 
+# Below this cost (0.01 h = 36 s, shown as "0.01 h") no gain per hour is quoted.
+MIN_RATE_HOURS = 0.01
+
+
 def strategy_costs(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Every result with its gain over the same base model's pretrained result and its cost.
 
@@ -392,7 +398,8 @@ def strategy_costs(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         The rows of modes pretrained, top-tuned and fine-tuned with ``base``, ``score``
         (``metric``), ``gain`` (score minus the base's pretrained score), ``train_hours``,
         ``gpu_hours`` (0 for pretrained), ``gain_per_hour`` and ``gain_per_gpu_hour`` (missing
-        when the cost is unknown or zero).
+        when the cost is unknown or below :data:`MIN_RATE_HOURS`: a rate over seconds of
+        tuning extrapolates a hundredfold and says nothing about an hour of it).
     """
     sub = df[df["mode"].isin(["pretrained", *TUNED_MODES])].copy()
     if sub.empty:
@@ -410,8 +417,8 @@ def strategy_costs(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     pretrained = sub["mode"] == "pretrained"
     sub.loc[pretrained, "train_hours"] = 0.0
     sub.loc[pretrained, "gpu_hours"] = 0.0
-    hours = sub["train_hours"].where(sub["train_hours"] > 0)
-    gpu = sub["gpu_hours"].where(sub["gpu_hours"] > 0)
+    hours = sub["train_hours"].where(sub["train_hours"] >= MIN_RATE_HOURS)
+    gpu = sub["gpu_hours"].where(sub["gpu_hours"] >= MIN_RATE_HOURS)
     sub["gain_per_hour"] = sub["gain"] / hours
     sub["gain_per_gpu_hour"] = sub["gain"] / gpu
     return sub.reset_index(drop=True)

@@ -163,6 +163,7 @@ def _figure(points: Sequence[VariantPoint], attr: str, xlabel: str, metric: str,
             pts[i].label, (xs[i], ys[i]), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
     ax.set_xscale("log")
+    _log_ticks(ax, xs)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
@@ -170,6 +171,35 @@ def _figure(points: Sequence[VariantPoint], attr: str, xlabel: str, metric: str,
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _plain(value: float, _pos: Any = None) -> str:
+    """A tick label in plain digits (``5,120``, ``0.25``), never ``3x10^2``."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def _log_ticks(ax: Any, values: np.ndarray) -> None:
+    """Plain-number ticks on a log axis that never overlap.
+
+    matplotlib labels minor ticks when the data span less than a decade or so, in scientific
+    notation (``3x10^2 4x10^2 6x10^2``), and those labels run into each other. Here only major
+    ticks are labelled: 1, 2 and 5 per decade over at most 2.5 decades, else 1 per decade; when
+    fewer than two of them fall in the data's range, the smallest and largest values are the
+    ticks.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return
+    lo, hi = float(values.min()), float(values.max())
+    subs = (1.0, 2.0, 5.0) if np.log10(hi / lo) <= 2.5 else (1.0,)
+    locator = LogLocator(base=10, subs=subs)
+    inside = [t for t in locator.tick_values(lo, hi) if lo <= t <= hi]
+    ax.xaxis.set_major_locator(locator if len(inside) >= 2 else FixedLocator(sorted({lo, hi})))
+    ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _title(model: str, dataset: str, what: str) -> str:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from embbench.models._builder import Built
+from embbench.models._builder import Built, go_offline_if_unreachable
 from embbench.models._checkpoints import load_checkpoint
 from embbench.models._embedder import Embedder
 from embbench.models._hub import build_torch_hub
@@ -162,6 +162,8 @@ def _build(spec: ModelSpec, *, pretrained: bool) -> Built:
 def _dispatch(spec: ModelSpec, *, pretrained: bool) -> Built:
     if spec.source == "timm" and pretrained and spec.packaged_weights:
         return build_packaged(spec)
+    if pretrained:  # an offline machine fails at once from the caches, not after retries
+        go_offline_if_unreachable()
     if spec.source == "timm":
         return build_timm(spec, pretrained=pretrained)
     if spec.source in ("open_clip", "hf-hub"):

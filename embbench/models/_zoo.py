@@ -49,7 +49,15 @@ class ModelError(ValueError):
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (offline, not cached, or none published)."""
+    """Pretrained weights could not be fetched (offline, not cached, or none published).
+
+    In a notebook the message is the whole story (what failed, which models work offline, how
+    to switch), so IPython shows it as one line instead of a page of library traceback.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook: the one-line message instead of the traceback."""
+        return [f"{type(self).__name__}: {self}"]
 
 
 class CheckpointError(ValueError):

@@ -226,12 +226,61 @@ def ci_display(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.fillna(MISSING)
 
 
-def show_sentences(sentences: Iterable[str]) -> None:
-    """Display generated sentences as a bullet list."""
+def show_sentences(sentences: Iterable[str], *, empty: str = "") -> None:
+    """Display generated sentences as a bullet list; nothing (or ``empty``) when there are none.
+
+    A placeholder such as "Nothing to say yet." above a gallery or a table reads as a broken
+    section, so an empty list shows nothing unless the caller names what is missing.
+    """
     from IPython.display import Markdown, display
 
     items = [s for s in sentences if s]
-    display(Markdown("\n".join(f"- {s}" for s in items) if items else "*Nothing to say yet.*"))
+    if items:
+        display(Markdown("\n".join(f"- {s}" for s in items)))
+    elif empty:
+        display(Markdown(f"*{empty}*"))
+
+
+# Results with no MLflow run of their own, by stage: what they are, in words.
+_RUNLESS = {
+    "toptune-baseline": ("pretrained baseline", " that a tuning run recorded as its reference"),
+}
+
+
+def runs_count(df: pd.DataFrame) -> str:
+    """How the number of results relates to the number of MLflow runs, in words.
+
+    The header and the closing lines of the report both quote it, so they never disagree:
+    ``16 results from 14 MLflow runs (2 pretrained baselines that a tuning run recorded as
+    its reference have no run of their own)``.
+    """
+    n = len(df)
+    ids = df["mlflow_run_id"] if "mlflow_run_id" in df else pd.Series([None] * n, index=df.index)
+    has_run = ids.notna() & (ids.astype(str) != "")
+    n_runs = int(ids[has_run].nunique())
+    text = f"{n} result{'s' if n != 1 else ''} from {n_runs} MLflow run{'s' if n_runs != 1 else ''}"
+    why = []
+    stages = df.loc[~has_run, "stage"] if "stage" in df else pd.Series(dtype=object)
+    for stage, count in sorted(stages.fillna("unknown").astype(str).value_counts().items()):
+        noun, rest = _RUNLESS.get(stage, (f"{stage} result", ""))
+        one = count == 1
+        why.append(f"{count} {noun}{'' if one else 's'}{rest} "
+                   f"{'has' if one else 'have'} no run of {'its' if one else 'their'} own")
+    shared = int(has_run.sum()) - n_runs
+    if shared:
+        why.append(f"{shared} result{'s' if shared != 1 else ''} share a run with another result")
+    return text + (f" ({'; '.join(why)})" if why else "")
+
+
+def results_footer(analysis: Any) -> list[str]:
+    """The report's closing lines: where the numbers came from and the weights they used."""
+    df = analysis.results
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(weights_summary(df)["counts"].items()))
+    return [
+        f"Source: {df.attrs.get('source', analysis.cfg.source)}.",
+        f"{runs_count(df)}; MLflow experiment {analysis.cfg.experiment}.",
+        f"Weights used (results per kind): {counts}.",
+    ]
 
 
 def control_models(df: pd.DataFrame) -> list[str]:
@@ -257,11 +306,11 @@ def header_html(analysis: Any, *, max_open_runs: int = 40) -> str:
     esc = html.escape
     parts = [f"<h1>{esc(cfg.title)}</h1>"]
     parts.append(
-        "<p>Generated {when} from {src}: {n} results, {m} models, {d} datasets ({ds}); modes: "
+        "<p>Generated {when} from {src}: {n}, {m} models, {d} datasets ({ds}); modes: "
         "{modes}. Headline metric: <b>{metric}</b> (k={k}); confidence intervals: {ci}.</p>".format(
             when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             src=esc(str(df.attrs.get("source", cfg.source))),
-            n=len(df),
+            n=esc(runs_count(df)),
             m=df["model"].nunique(),
             d=df["dataset"].nunique(),
             ds=esc(", ".join(sorted(df["dataset"].unique()))),
@@ -325,8 +374,9 @@ def header_html(analysis: Any, *, max_open_runs: int = 40) -> str:
     table = runs.to_html(index=False, na_rep=MISSING, border=0, classes="embbench-runs")
     open_attr = " open" if len(runs) <= max_open_runs else ""
     parts.append(
-        f"<details{open_attr}><summary><b>Runs behind these numbers</b> ({len(runs)}; MLflow "
-        f"experiment {esc(cfg.experiment)!s})</summary>{table}</details>"
+        f"<details{open_attr}><summary><b>Runs behind these numbers</b> "
+        f"({esc(runs_count(df))}; MLflow experiment {esc(cfg.experiment)!s})</summary>"
+        f"{table}</details>"
     )
     return "\n".join(parts)
 

@@ -52,22 +52,43 @@ def _keep_output(output: Any) -> bool:
     return _WIDGET_MIME not in output.get("data", {})
 
 
-def _sources_cell(sources: Sequence[str | Path], output: Path) -> Any:
-    """A closing markdown cell linking the executed notebooks the report came from."""
-    import os
+EMBED_NOTEBOOKS_MB = 40.0  # executed notebooks up to this size (in all) travel inside the HTML
+
+
+def _sources_cell(sources: Sequence[str | Path], budget_mb: float = EMBED_NOTEBOOKS_MB) -> Any:
+    """A closing markdown cell with the executed notebooks the report came from, embedded.
+
+    Each notebook is a download link holding the file itself (a ``data:`` URI named after the
+    versioned run, ``01_embed/20260101-120000-abcd1234.ipynb``), so the links work wherever the
+    HTML is sent, and always point at the run the report read, never at a ``latest`` copy. Past
+    ``budget_mb`` in all, the rest are named by their versioned path only.
+    """
+    import base64
+    import html as html_mod
 
     import nbformat
 
-    links = []
+    items, used = [], 0
     for src in sources:
         src = Path(src)
-        try:
-            href = os.path.relpath(src, output.parent)
-        except ValueError:  # another drive on Windows
-            href = str(src)
-        links.append(f"- [{src.parent.name}/{src.name}]({href})")
+        name = f"{src.parent.name}/{src.name}"
+        data = src.read_bytes() if src.is_file() else b""
+        if data and used + len(data) <= budget_mb * 1e6:
+            used += len(data)
+            href = "data:application/x-ipynb+json;base64," + base64.b64encode(data).decode("ascii")
+            items.append(
+                f'<li><a download="{html_mod.escape(src.parent.name + "_" + src.name)}" '
+                f'href="{href}">{html_mod.escape(name)}</a> ({len(data) / 1e6:.1f} MB, '
+                "embedded in this file)</li>"
+            )
+        else:
+            why = "not found" if not data else f"over the {budget_mb:g} MB embedding budget"
+            items.append(f"<li>{html_mod.escape(name)} ({why}; in the reports folder of the "
+                         "run)</li>")
     return nbformat.v4.new_markdown_cell(
-        "### Notebooks this report came from\n\n" + "\n".join(links)
+        "### Notebooks this report came from\n\n"
+        "The executed notebooks of the runs this report read, embedded: a click downloads the "
+        "notebook; open it in JupyterLab.\n\n<ul>" + "".join(items) + "</ul>"
     )
 
 
@@ -82,7 +103,8 @@ def export_html(
 
     Log output (stderr streams, log lines on stdout), progress widgets and cells tagged
     ``report-hide`` are dropped; figures stay embedded as base64 PNGs; no script or stylesheet is
-    fetched from the network. ``sources`` (executed notebooks) are linked in a closing section.
+    fetched from the network. ``sources`` (executed notebooks) are embedded in a closing section
+    as download links, so the HTML can be shared alone.
 
     Raises:
         ReportError: The notebook holds a failed cell, or the HTML would load external scripts.
@@ -105,7 +127,7 @@ def export_html(
             )
         cell.outputs = [o for o in cell.outputs if _keep_output(o)]
     if sources:
-        nb.cells.append(_sources_cell(sources, output))
+        nb.cells.append(_sources_cell(sources))
     nb.metadata["title"] = title
     exporter = HTMLExporter(
         extra_loaders=[DictLoader({_TEMPLATE_NAME: _TEMPLATE})],
