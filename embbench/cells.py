@@ -42,7 +42,7 @@ from embbench.config import ConfigError, GridConfig
 from embbench.datasets import list_datasets, register_user_catalogues
 from embbench.datasets.plan import RetrievalPlan, load_catalogue, retrieval_plan
 from embbench.models import get_model_spec
-from embbench.records import Lineage, ResultRecord, ResultStore, Timings
+from embbench.records import CatalogueRef, Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
 from embbench.services import ServiceUnreachableError, check_milvus
 from embbench.tracking import (
@@ -404,6 +404,10 @@ class CellEngine:
             config=self.cfg.model_dump(mode="json"),
             dataset_fingerprint=cat.fingerprint(),
             dataset_root=str(cat.root) if cat.root else None,
+            catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
+                name=cell.dataset, root=str(cat.root) if cat.root else None,
+                options=dict(self.cfg.data_options.get(cell.dataset) or {}),
+                label=self.cfg.label, max_images=self.cfg.max_images, seed=self.cfg.seed),
             caches={"query": str(query.path), "index": str(index.path)},
             failed_images=failed,
             provenance=provenance(),
