@@ -1,6 +1,6 @@
-"""A user's own catalogue (a CSV manifest, label ``sku``, named ``my_shop``) through stages 01
-and 03, notebook 01's gallery and the report of notebook 05, exactly like a public dataset: every
-section runs and every thumbnail is an image of that manifest (checked in headless Chromium)."""
+"""A user's own catalogue (a CSV manifest, label ``sku``, named ``my_shop``) through notebook 01,
+stage 03 and the report of notebook 05, exactly like a public dataset: every section runs and
+every gallery thumbnail is an image of that manifest (also as decoded by headless Chromium)."""
 
 from __future__ import annotations
 
@@ -57,47 +57,63 @@ def _thumbs(html: str) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
-    """Stages 01 and 03 on my_shop (smoke params), then notebook 05 rendered to the report."""
+    """Notebook 01 and stage 03 on my_shop (smoke params), then notebook 05's report."""
+    import yaml
+
     import embbench.datasets as ds
-    from embbench.notebooks import render_report
-    from embbench.stages.embed import EmbedConfig, run_embed
+    from embbench.notebooks import render_report, run_notebook
+    from embbench.records import ResultStore
+    from embbench.report import export_html
     from embbench.stages.toptune import TopTuneConfig, run_toptune
 
     home = tmp_path_factory.mktemp("shop_home")
     csv = _manifest(home / "shop")
     own = {"datasets": ["my_shop"], "data_root": {"my_shop": str(csv)}, "label": "sku",
            "max_images": 0, "backend": "exact"}
+    own_yaml = home / "my_shop.yaml"
+    own_yaml.write_text(yaml.safe_dump(own))
     with pytest.MonkeyPatch.context() as mp:
         for var in ("RUNS", "REPORTS", "CACHE", "DATA"):
             mp.setenv(f"EMBBENCH_{var}", str(home / var.lower()))
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak
-        embedded = run_embed(EmbedConfig.from_files(
-            PARAMS / "01_embed.yaml", PARAMS / "smoke" / "01_embed.yaml", **own))
+        nb01 = run_notebook("01_embed", [PARAMS / "01_embed.yaml",
+                                         PARAMS / "smoke" / "01_embed.yaml", own_yaml],
+                            progress=False)
+        html01 = export_html(nb01, home / "01_embed.html", title="01")
         run_toptune(TopTuneConfig.from_files(
             PARAMS / "03_toptune.yaml", PARAMS / "smoke" / "03_toptune.yaml", **own))
-        # notebook 01's gallery, in a process that never registered my_shop
-        mp.setattr(ds._REGISTRY, "_entries", {k: v for k, v in ds._REGISTRY._entries.items()
-                                              if k != "my_shop"})
+        # notebook 01's gallery again, as in a process that never registered my_shop
         from embbench.analysis import gallery_for_runs
 
-        galleries = gallery_for_runs(embedded["mlflow_run_id"], k=5)
+        mp.setattr(ds._REGISTRY, "_entries", {k: v for k, v in ds._REGISTRY._entries.items()
+                                              if k != "my_shop"})
+        run_ids = [r.mlflow_run_id for r in ResultStore().records("embed")]
+        galleries = gallery_for_runs(run_ids, k=5)
         html = render_report(params_files=[PARAMS / "05_analysis.yaml",
                                            PARAMS / "smoke" / "05_analysis.yaml"])
         runs = sorted((home / "reports" / "notebooks" / "05_analysis").glob("2*.ipynb"))
         nb = nbformat.read(runs[-1], as_version=4)
-    return {"csv": csv, "galleries": galleries, "html": html, "notebook": nb}
+        nb1 = nbformat.read(nb01, as_version=4)
+    return {"csv": csv, "galleries": galleries, "html": html, "notebook": nb,
+            "notebook01": nb1, "html01": html01}
 
 
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_own_catalogue_flows_through_the_chain_and_the_report(shop):
     files = _files(shop["csv"])
-    nb = shop["notebook"]
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "error"]
-    assert not errors, [e.get("evalue") for e in errors]
+    for nb in (shop["notebook01"], shop["notebook"]):
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if o.output_type == "error"]
+        assert not errors, [e.get("evalue") for e in errors]
+    # notebook 01 drew its run's gallery: thumbnails of the manifest, no "not readable" line
+    html01 = shop["html01"].read_text()
+    assert "not readable" not in html01 and "No gallery" not in html01
+    thumbs01 = _thumbs(html01)
+    assert len(thumbs01) >= 4 * (1 + 2 * 5)
+    assert all(files.get(item) == digest for item, digest in thumbs01)
     (gallery,) = shop["galleries"]  # notebook 01: the run's gallery, not an error line
     assert gallery.rows and gallery.label == "sku"
     shown = [c for r in gallery.rows for c in [r.query, *sum(r.results.values(), [])]]
@@ -132,19 +148,20 @@ def test_report_gallery_images_are_the_searched_catalogue_in_chromium(shop, tmp_
         "p.textContent = t.join('\\n'); document.body.appendChild(p);"
         "});</script>"
     )
-    page = tmp_path / "report.html"
-    html = shop["html"].read_text()
-    page.write_text(html.replace("</body>", probe + "</body>"))
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    block = re.search(r'<pre id="decoded-thumbs">([^<]*)</pre>', proc.stdout)
-    assert block, proc.stdout[-1000:]
-    decoded = [line.split("|") for line in block.group(1).split("\n") if line]
-    assert len(decoded) == len(_thumbs(html)) > 0  # every thumbnail decoded by the browser
-    assert all(files.get(item) == digest for item, digest in decoded)
+    for name, path in (("report", shop["html"]), ("notebook 01", shop["html01"])):
+        page = tmp_path / f"{name.replace(' ', '_')}.html"
+        html = path.read_text()
+        page.write_text(html.replace("</body>", probe + "</body>"))
+        proc = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        block = re.search(r'<pre id="decoded-thumbs">([^<]*)</pre>', proc.stdout)
+        assert block, (name, proc.stdout[-1000:])
+        decoded = [line.split("|") for line in block.group(1).split("\n") if line]
+        assert len(decoded) == len(_thumbs(html)) > 0, name  # every thumbnail decoded
+        assert all(files.get(item) == digest for item, digest in decoded), name

@@ -71,13 +71,14 @@ def test_gallery_merges_identical_columns_and_leaves_out_unknown_variant_ranking
     stored = {**pq, "topk_ids": ranked.ids, "topk_scores": ranked.scores, "query_index": every}
     same = load_source({**row, "entry": "lite0 · int8", "variant": "int8"},
                        lambda r: stored, {"demo": small_demo})
-    unknown = load_source({**row, "entry": "lite0 · HNSW", "variant": "HNSW"},
-                          lambda r: pq, {"demo": small_demo})
+    unknown = [load_source({**row, "entry": f"lite0 · {v}", "variant": v}, lambda r: pq,
+                           {"demo": small_demo}) for v in ("HNSW", "float16")]
     other_row, other_pq = _source_row(small_demo, "lite1", 2)
     other = load_source(other_row, lambda r: other_pq, {"demo": small_demo})
-    g = an.build_gallery([same, plain, unknown, other], k=K, n_sample=4, n_extreme=2, seed=0,
+    g = an.build_gallery([same, plain, *unknown, other], k=K, n_sample=4, n_extreme=2, seed=0,
                          metric=f"mMP@{K}")
     assert g.entries == ["lite0", "lite1"]  # the plain model kept, its identical twin merged
     assert g.same_as == {"lite0": ["lite0 · int8"]}
-    assert len(g.notes) == 1 and g.notes[0].startswith("lite0 · HNSW: not shown")
+    assert g.notes == [g.notes[0]]  # one line for every variant left out
+    assert g.notes[0].startswith("lite0 · HNSW, lite0 · float16: not shown")
     assert all(set(r.results) == {"lite0", "lite1"} for r in g.rows)

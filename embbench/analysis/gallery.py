@@ -224,12 +224,12 @@ def build_gallery(
     """
     if not sources:
         raise GalleryError("no result to show")
+    unknown = [s.entry for s in sources if _variant(s) and "topk_ids" not in s.per_query]
     notes = [
-        f"{s.entry}: not shown, its own ranking is not stored (its cached vectors are the plain "
-        "model's); its scores are in the deployment table"
-        for s in sources if _variant(s) and "topk_ids" not in s.per_query
-    ]
-    sources = [s for s in sources if not (_variant(s) and "topk_ids" not in s.per_query)]
+        f"{', '.join(unknown)}: not shown, the variants' own rankings are not stored (their "
+        "cached vectors are the plain model's); their scores are in the variants' table"
+    ] if unknown else []
+    sources = [s for s in sources if s.entry not in unknown]
     if not sources:
         raise GalleryError("; ".join(notes))
     first = sources[0]

@@ -319,6 +319,8 @@ def load_sources(
         try:
             out.append(load_source(row, loader, catalogues, _memo=memo))
         except GalleryError as exc:
-            notes.append(f"{row.get('dataset')}: {exc}")
-            logger.warning("gallery: %s", exc)
+            note = f"{row.get('dataset')}: {exc}"
+            if note not in notes:  # one line per reason, not one per result of the catalogue
+                notes.append(note)
+                logger.warning("gallery: %s", exc)
     return out, notes
