@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -405,7 +406,7 @@ class CellEngine:
             dataset_fingerprint=cat.fingerprint(),
             dataset_root=str(cat.root) if cat.root else None,
             catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
-                name=cell.dataset, root=str(cat.root) if cat.root else None,
+                name=cell.dataset, root=str(Path(cat.root).resolve()) if cat.root else None,
                 options=dict(self.cfg.data_options.get(cell.dataset) or {}),
                 label=self.cfg.label, max_images=self.cfg.max_images, seed=self.cfg.seed),
             caches={"query": str(query.path), "index": str(index.path)},

@@ -98,3 +98,25 @@ def test_a_catalogue_that_is_not_the_runs_is_one_line_never_a_picture(demo_run):
 def _ids_paths(root: Path) -> tuple[list[str], list[str]]:
     rows = [line.split(",") for line in (root / "manifest.csv").read_text().splitlines()[1:]]
     return [r[0] for r in rows], [str(root / r[1]) for r in rows]
+
+
+def test_a_manifest_named_by_a_relative_path_is_found_from_another_folder(tmp_path, monkeypatch):
+    from fixtures_datasets import write_jpeg
+
+    import embbench.datasets as ds
+    from embbench.stages.embed import EmbedConfig, run_embed
+
+    monkeypatch.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak
+    rows = ["path,sku,split"]
+    for s in range(4):
+        for v in range(3):
+            write_jpeg(tmp_path / "shop" / f"i{s}_{v}.jpg", cls=s, view=v)
+            rows.append(f"i{s}_{v}.jpg,S{s},test")
+    (tmp_path / "shop" / "m.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    table = run_embed(EmbedConfig(models=["test_resnet"], weights="random", datasets=["shopx"],
+                                  data_root={"shopx": "shop/m.csv"}, label="sku",
+                                  backend="exact", num_workers=0))
+    monkeypatch.chdir(tmp_path / "shop")  # e.g. a notebook's kernel, started elsewhere
+    (gallery,) = an.gallery_for_runs(table["mlflow_run_id"], n_sample=2, n_extreme=1)
+    assert gallery.rows and not gallery.notes
