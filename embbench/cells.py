@@ -416,6 +416,8 @@ class CellEngine:
             started=started,
         )
         per_query = {**result.per_query, "query_index": result.query_index}
+        if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
+            per_query["topk_ids"] = result.topk_ids
         return record, per_query
 
     def evaluate(self, query: EmbeddingSet, index: EmbeddingSet, inputs: CellInputs) -> Any:

@@ -82,3 +82,36 @@ def test_gallery_merges_identical_columns_and_leaves_out_unknown_variant_ranking
     assert g.notes == [g.notes[0]]  # one line for every variant left out
     assert g.notes[0].startswith("lite0 · HNSW, lite0 · float16: not shown")
     assert all(set(r.results) == {"lite0", "lite1"} for r in g.rows)
+
+
+def test_a_real_runs_variants_are_shown_by_their_own_ranking_or_merged():
+    from embbench.records import ResultStore
+    from embbench.stages.embed import EmbedConfig, run_embed
+
+    demo = {"n_categories": 4, "products_per_category": 3, "views": [3, 1, 3], "image_size": 32}
+    table = run_embed(EmbedConfig(models=["test_resnet"], weights="random", datasets=["demo"],
+                                  data_options={"demo": demo}, backend="exact", num_workers=0,
+                                  compressions=["float16", "binary"], indexes=["FLAT"]))
+    store = ResultStore()
+    for rec in store.records("embed"):  # every cell stores the ranking it scored
+        pq = store.per_query(rec)
+        assert pq["topk_ids"].shape == (rec.n_queries, rec.k)
+    (g,) = an.gallery_for_runs(table["mlflow_run_id"], n_sample=3, n_extreme=2)
+    variants = {f"test_resnet · {v}" for v in table["variant"] if v}
+    merged = {e for twins in g.same_as.values() for e in twins}
+    assert g.entries[0] == "test_resnet" and not g.notes
+    assert set(g.entries[1:]) | merged == variants and not set(g.entries) & merged
+    # each column's top-1 is right exactly when its own run's per-query R@1 says so
+    from embbench.analysis.sources import load_embedding_set
+
+    recs = {" · ".join(["test_resnet", *([r.lineage.variant["name"]] if r.lineage.variant
+                                          else [])]): r for r in store.records("embed")}
+    for entry in g.entries:
+        rec = recs[entry]
+        pq = store.per_query(rec)
+        r1 = dict(zip(pq["query_index"].tolist(), pq["mR@1"].tolist(), strict=True))
+        pos = {i: n for n, i in enumerate(load_embedding_set(rec.caches["query"]).item_ids)}
+        for row in g.rows:
+            assert row.results[entry][0].relevant == bool(r1[pos[row.query.item_id]])
+    rankings = [[c.item_id for c in r.results[e]] for r in g.rows for e in g.entries]
+    assert len({tuple(x) for x in rankings}) > 1

@@ -2,9 +2,10 @@
 
 Everything comes from what the stages stored: the result rows name their cached vectors
 (``cache_query`` / ``cache_index``, from the record's ``caches``) and their catalogue
-(``dataset_id``, ``dataset_root``, ``data_root``); the per-query arrays give each query's
-difficulty and whether its top-1 was right. Rankings are not recomputed when the per-query file
-holds them (``topk_ids`` / ``topk_scores``, rows aligned with ``query_index``); otherwise they
+(the record's ``catalogue`` reference, checked against its fingerprint); the per-query arrays
+give each query's difficulty and whether its top-1 was right. Rankings are not recomputed when
+the per-query file holds them (``topk_ids``, rows aligned with ``query_index``: the ranking the
+metrics scored, a deployment variant's own included); otherwise they
 are computed with :class:`~embbench.retrieval.ExactBackend`, the code the metrics were scored
 with: the same L2 normalisation, canonical scores, ties by index id, and under protocol
 ``within`` the query removed from its own list by id. Relevance is the metrics' rule: the
@@ -208,10 +209,11 @@ def build_gallery(
 ) -> Gallery:
     """The gallery of one dataset for results that share its query split.
 
-    A deployment variant whose own ranking is not stored is left out with a note (its cached
-    vectors are the plain model's, so re-ranking them would show the plain model's results under
-    the variant's name); columns whose top-k are identical to an earlier column on every query
-    shown are merged into it (``same_as``), the plain model kept first.
+    A deployment variant whose own ranking is not stored (runs before ``topk_ids`` were saved)
+    is left out with a note (its cached vectors are the plain model's, so re-ranking them would
+    show the plain model's results under the variant's name); columns whose top-k are identical
+    to another column's on every query shown are merged into it (``same_as``), the plain model
+    kept.
 
     Args:
         sources: The results shown, in column order (same dataset, label and query split).
@@ -276,7 +278,8 @@ def distinct_rankings(
 ) -> tuple[list[GallerySource], dict[str, list[str]]]:
     """The sources whose top-k differ on ``positions``; the others merged into the first equal.
 
-    Plain models are kept before deployment variants; column order is otherwise kept.
+    Plain models come first (they are kept over an identical variant), then the variants;
+    column order is otherwise kept.
 
     Returns:
         ``(kept, same_as)``: ``same_as[kept entry]`` lists the entries with identical top-k.
@@ -293,8 +296,7 @@ def distinct_rankings(
             keepers.append((s, sig))
         else:
             same_as.setdefault(twin.entry, []).append(s.entry)
-    kept = {id(s) for s, _ in keepers}
-    return [s for s in sources if id(s) in kept], same_as
+    return [s for s, _ in keepers], same_as
 
 
 def gallery_for_runs(

@@ -158,16 +158,27 @@ def rank(source: GallerySource, positions: Sequence[int] | np.ndarray, k: int) -
 def _stored_topk(
     source: GallerySource, pos: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's own top-k of ``pos`` (``topk_ids``), when its per-query file holds them.
+
+    Scores come from ``topk_scores`` when saved, else they are the cosine similarities of the
+    cached vectors (for a compression variant: of the float32 vectors it was compressed from).
+    """
     pq = source.per_query
-    if "topk_ids" not in pq or "topk_scores" not in pq:
+    if "topk_ids" not in pq:
         return None
-    ids, scores = np.asarray(pq["topk_ids"]), np.asarray(pq["topk_scores"])
+    ids = np.asarray(pq["topk_ids"])
     qi = np.asarray(pq.get("query_index", np.arange(len(ids))), dtype=np.int64)
     row = pd.Series(np.arange(len(qi)), index=qi)
     if ids.ndim != 2 or ids.shape[1] < k or not np.isin(pos, qi).all():
         return None
     take = row.loc[pos].to_numpy()
-    return ids[take, :k].astype(np.int64), scores[take, :k].astype(np.float64)
+    ids = ids[take, :k].astype(np.int64)
+    if "topk_scores" in pq:
+        return ids, np.asarray(pq["topk_scores"])[take, :k].astype(np.float64)
+    q = source.query_unit[pos].astype(np.float64)
+    x = source.index_unit[np.clip(ids, 0, None)].astype(np.float64)
+    scores = np.einsum("qd,qkd->qk", q, x)
+    return ids, np.where(ids >= 0, scores, np.nan)
 
 
 def top1_correct(source: GallerySource) -> pd.Series:
