@@ -120,3 +120,12 @@ def test_a_manifest_named_by_a_relative_path_is_found_from_another_folder(tmp_pa
     monkeypatch.chdir(tmp_path / "shop")  # e.g. a notebook's kernel, started elsewhere
     (gallery,) = an.gallery_for_runs(table["mlflow_run_id"], n_sample=2, n_extreme=1)
     assert gallery.rows and not gallery.notes
+
+
+def test_records_of_the_first_schema_still_say_where_their_catalogue_is():
+    folder = Path(__file__).parent / "data" / "records_v1"
+    for path in sorted(folder.glob("*.json")):
+        raw = json.loads(path.read_text())
+        ref = parse_record(raw, str(path)).catalogue_ref()
+        assert ref.name == raw["dataset"] and ref.root == raw["dataset_root"], path.name
+        assert ref.max_images == raw["config"]["max_images"] and ref.label == raw["config"]["label"]
