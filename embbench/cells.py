@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,7 +44,7 @@ from embbench.config import ConfigError, GridConfig
 from embbench.datasets import list_datasets, register_user_catalogues
 from embbench.datasets.plan import RetrievalPlan, load_catalogue, retrieval_plan
 from embbench.models import get_model_spec
-from embbench.records import Lineage, ResultRecord, ResultStore, Timings
+from embbench.records import CatalogueRef, Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
 from embbench.services import ServiceUnreachableError, check_milvus
 from embbench.tracking import (
@@ -419,6 +420,10 @@ class CellEngine:
             config=self.cfg.model_dump(mode="json"),
             dataset_fingerprint=cat.fingerprint(),
             dataset_root=str(cat.root) if cat.root else None,
+            catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
+                name=cell.dataset, root=str(Path(cat.root).resolve()) if cat.root else None,
+                options=dict(self.cfg.data_options.get(cell.dataset) or {}),
+                label=self.cfg.label, max_images=self.cfg.max_images, seed=self.cfg.seed),
             caches={"query": str(query.path), "index": str(index.path)},
             failed_images=failed,
             provenance=provenance(),
@@ -426,6 +431,8 @@ class CellEngine:
             started=started,
         )
         per_query = {**result.per_query, "query_index": result.query_index}
+        if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
+            per_query["topk_ids"] = result.topk_ids
         return record, per_query
 
     def evaluate(self, query: EmbeddingSet, index: EmbeddingSet, inputs: CellInputs) -> Any:

@@ -86,6 +86,8 @@ class RetrievalResult:
         n_lone: Number of queries excluded because no index item shares their label.
         k: The cut-off.
         query_index: Positions (in the original query order) of the evaluated queries.
+        topk_ids: The ranking scored (index positions, ``-1`` padding), one row per evaluated
+            query aligned with ``query_index``, when built from rankings (galleries show it).
     """
 
     summary: dict[str, float]
@@ -94,6 +96,7 @@ class RetrievalResult:
     n_lone: int
     k: int
     query_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    topk_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, *, per_query: bool = False) -> dict[str, Any]:
         """A JSON-serialisable view.
@@ -308,7 +311,9 @@ def evaluate_rankings(
                 "evaluate_rankings: exclude_self=True but some query labels do not occur in "
                 "index_labels; under protocol 'within' every query must be an index item."
             )
-    return retrieval_metrics(rel, n_rel, k)
+    result = retrieval_metrics(rel, n_rel, k)
+    result.topk_ids = ids[result.query_index]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

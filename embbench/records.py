@@ -98,6 +98,25 @@ class Timings(BaseModel):
     gpu_hours: float | None = None  # accelerator hours of the training, when measured
 
 
+class CatalogueRef(BaseModel):
+    """How to load again exactly the catalogue a cell scored (the galleries read it back).
+
+    ``root`` is where the loader read the catalogue (a generated demo folder, a manifest CSV,
+    an image folder, a public dataset's folder), not the configured parent, so reading it again
+    never generates nor looks elsewhere; the record's ``dataset_fingerprint`` then proves it is
+    the same catalogue.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # the dataset's registry name (a user's catalogue: the user's own name)
+    root: str | None = None  # the folder or manifest the catalogue was read from
+    options: dict[str, Any] = Field(default_factory=dict)  # loader options (data_options[name])
+    label: str = ""  # label column the loader was asked for ("" = the catalogue's default)
+    max_images: int = 0  # per-split subsample (0 = all)
+    seed: int = 0  # subsample and split seed
+
+
 class ResultRecord(BaseModel):
     """One cell's result: identity, lineage, retrieval plan, metrics, timings, provenance."""
 
@@ -131,6 +150,7 @@ class ResultRecord(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved stage config
     dataset_fingerprint: str = ""
     dataset_root: str | None = None
+    catalogue: CatalogueRef | None = None  # how to reload the scored catalogue (None: older runs)
     caches: dict[str, str] = Field(default_factory=dict)  # role -> embedding cache folder
     failed_images: list[dict[str, Any]] = Field(default_factory=list)
     per_query_file: str | None = None
@@ -154,6 +174,25 @@ class ResultRecord(BaseModel):
     def git_sha(self) -> str:
         """The code version that produced the record."""
         return str(self.provenance.get("git_sha", "unknown"))
+
+    def catalogue_ref(self) -> CatalogueRef:
+        """How to reload the scored catalogue.
+
+        Records written before ``catalogue`` existed get it rebuilt from the stage config
+        they carry and their ``dataset_root``.
+        """
+        if self.catalogue is not None:
+            return self.catalogue
+        cfg = self.config
+        options = (cfg.get("data_options") or {}).get(self.dataset) or {}
+        return CatalogueRef(
+            name=self.dataset,
+            root=self.dataset_root,
+            options=dict(options),
+            label=str(cfg.get("label") or ""),
+            max_images=int(cfg.get("max_images") or 0),
+            seed=int(cfg.get("seed") or 0),
+        )
 
     def key(self) -> tuple[str, str, str, str, str]:
         """(stage, dataset, model, mode, config_hash): where the record lives."""
@@ -375,6 +414,7 @@ __all__ = [
     "MODES",
     "OVERWRITE_POLICIES",
     "SCHEMA_VERSION",
+    "CatalogueRef",
     "Lineage",
     "RecordError",
     "ResultRecord",

@@ -2,9 +2,10 @@
 
 Everything comes from what the stages stored: the result rows name their cached vectors
 (``cache_query`` / ``cache_index``, from the record's ``caches``) and their catalogue
-(``dataset_id``, ``dataset_root``, ``data_root``); the per-query arrays give each query's
-difficulty and whether its top-1 was right. Rankings are not recomputed when the per-query file
-holds them (``topk_ids`` / ``topk_scores``, rows aligned with ``query_index``); otherwise they
+(the record's ``catalogue`` reference, checked against its fingerprint); the per-query arrays
+give each query's difficulty and whether its top-1 was right. Rankings are not recomputed when
+the per-query file holds them (``topk_ids``, rows aligned with ``query_index``: the ranking the
+metrics scored, a deployment variant's own included); otherwise they
 are computed with :class:`~embbench.retrieval.ExactBackend`, the code the metrics were scored
 with: the same L2 normalisation, canonical scores, ties by index id, and under protocol
 ``within`` the query removed from its own list by id. Relevance is the metrics' rule: the
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from embbench.analysis.load import records_frame
 from embbench.analysis.sources import (
@@ -138,6 +138,8 @@ class Gallery:
     k: int
     rows: list[GalleryRow]
     sections: dict[str, str] = field(default_factory=dict)  # section -> heading
+    same_as: dict[str, list[str]] = field(default_factory=dict)  # shown entry -> identical ones
+    notes: list[str] = field(default_factory=list)  # results not shown, and why (one line each)
 
 
 def gallery_rows(
@@ -207,6 +209,12 @@ def build_gallery(
 ) -> Gallery:
     """The gallery of one dataset for results that share its query split.
 
+    A deployment variant whose own ranking is not stored (runs before ``topk_ids`` were saved)
+    is left out with a note (its cached vectors are the plain model's, so re-ranking them would
+    show the plain model's results under the variant's name); columns whose top-k are identical
+    to another column's on every query shown are merged into it (``same_as``), the plain model
+    kept.
+
     Args:
         sources: The results shown, in column order (same dataset, label and query split).
         k: Results shown per query and result.
@@ -218,6 +226,14 @@ def build_gallery(
     """
     if not sources:
         raise GalleryError("no result to show")
+    unknown = [s.entry for s in sources if _variant(s) and "topk_ids" not in s.per_query]
+    notes = [
+        f"{', '.join(unknown)}: not shown, the variants' own rankings are not stored (their "
+        "cached vectors are the plain model's); their scores are in the variants' table"
+    ] if unknown else []
+    sources = [s for s in sources if s.entry not in unknown]
+    if not sources:
+        raise GalleryError("; ".join(notes))
     first = sources[0]
     group_label = group_label or category_column(first)
     cand = common_queries(sources)
@@ -231,8 +247,11 @@ def build_gallery(
     picked = sample_queries(
         cand, groups, difficulty, n_sample=n_sample, n_extreme=n_extreme, seed=seed
     )
+    sections = ("hardest", "easiest", "sample")
+    shown = np.concatenate([np.asarray(picked.get(x, []), dtype=np.int64) for x in sections])
+    sources, same_as = distinct_rankings(sources, shown, k)
     rows = []
-    for section in ("hardest", "easiest", "sample"):
+    for section in sections:
         rows += gallery_rows(
             sources, picked.get(section, []), section=section, k=k, group_label=group_label
         )
@@ -243,8 +262,41 @@ def build_gallery(
         entries=[s.entry for s in sources],
         k=k,
         rows=rows,
-        sections={s: SECTIONS[s] for s in ("hardest", "easiest", "sample")},
+        sections={s: SECTIONS[s] for s in sections},
+        same_as=same_as,
+        notes=notes,
     )
+
+
+def _variant(source: GallerySource) -> str:
+    value = source.row.get("variant")
+    return value if isinstance(value, str) else ""
+
+
+def distinct_rankings(
+    sources: Sequence[GallerySource], positions: np.ndarray, k: int
+) -> tuple[list[GallerySource], dict[str, list[str]]]:
+    """The sources whose top-k differ on ``positions``; the others merged into the first equal.
+
+    Plain models come first (they are kept over an identical variant), then the variants;
+    column order is otherwise kept.
+
+    Returns:
+        ``(kept, same_as)``: ``same_as[kept entry]`` lists the entries with identical top-k.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    keepers: list[tuple[GallerySource, bytes]] = []
+    same_as: dict[str, list[str]] = {}
+    for s in sorted(sources, key=lambda s: bool(_variant(s))):
+        ids = rank(s, positions, k).ids
+        items = np.where(ids >= 0, s.index.item_ids[np.clip(ids, 0, None)], "")
+        sig = "\x1f".join(map(str, items.ravel().tolist())).encode()
+        twin = next((kept for kept, other in keepers if other == sig), None)
+        if twin is None:
+            keepers.append((s, sig))
+        else:
+            same_as.setdefault(twin.entry, []).append(s.entry)
+    return [s for s, _ in keepers], same_as
 
 
 def gallery_for_runs(
@@ -257,24 +309,33 @@ def gallery_for_runs(
     seed: int = 0,
     catalogues: Mapping[str, Catalogue] | None = None,
 ) -> list[Gallery]:
-    """Galleries (one per dataset) of the runs ``run_ids`` of the result store (notebook 01)."""
+    """Galleries (one per dataset) of the runs ``run_ids`` of the result store (notebook 01).
+
+    A result that cannot be shown (its catalogue is not the one it embedded, or is not on this
+    machine) is one line in its gallery's ``notes``, never a picture.
+    """
     store = store or ResultStore()
     wanted = {r for r in run_ids if isinstance(r, str)}
     records = [r for r in store.records() if r.mlflow_run_id in wanted]
     frame = records_frame(records, k)
     if frame.empty:
         return []
-    sources, _ = load_sources(frame, PerQuery(store), catalogues)
+    sources, notes = load_sources(frame, PerQuery(store), catalogues)
     out = []
-    for _, group in pd.Series(sources).groupby([s.dataset for s in sources], sort=True):
-        out.append(
-            build_gallery(
-                list(group),
-                k=k,
-                n_sample=n_sample,
-                n_extreme=n_extreme,
-                seed=seed,
-                metric=f"mMP@{k}",
+    for dataset in sorted(frame["dataset"].astype(str).unique()):
+        group = [s for s in sources if s.dataset == dataset]
+        lines = list(dict.fromkeys(n.split(": ", 1)[1] for n in notes
+                                   if n.startswith(f"{dataset}: ")))
+        if not group:  # nothing can be shown: the reasons, one line each, never a picture
+            out.append(Gallery(dataset, "", "", [], k, [], notes=lines))
+            continue
+        try:
+            gallery = build_gallery(
+                group, k=k, n_sample=n_sample, n_extreme=n_extreme, seed=seed, metric=f"mMP@{k}"
             )
-        )
+        except GalleryError as exc:
+            out.append(Gallery(dataset, "", "", [], k, [], notes=[*lines, str(exc)]))
+            continue
+        gallery.notes[:0] = lines
+        out.append(gallery)
     return out

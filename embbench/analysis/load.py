@@ -11,6 +11,7 @@ Missing cells stay missing (``NaN``), never zero.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -104,6 +105,8 @@ def normalise_record(record: ResultRecord | Mapping[str, Any], k: int) -> dict[s
         cache_query=rec.caches.get("query"),
         cache_index=rec.caches.get("index"),
         data_root=rec.dataset_root,
+        # how to read that catalogue again (checked against dataset_fingerprint before use)
+        catalogue_ref=json.dumps(rec.catalogue_ref().model_dump(mode="json"), sort_keys=True),
     )
     for name in metric_names(k):
         row[name] = _num(rec.metrics.get(name))
@@ -238,9 +241,16 @@ def baseline_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 def _entry(row: Mapping[str, Any]) -> str:
-    """A short unique label of one result: model, mode and where it was tuned."""
+    """A short unique label of one result: model, deployment variant, mode, where tuned.
+
+    A deployment variant reads ``efficientnet_lite0 · IVF_SQ8 nprobe=16``, never the plain
+    model's name alone.
+    """
     mode = row.get("mode")
     label = str(row.get("model"))
+    variant = _text(row.get("variant"))
+    if variant:
+        label += f" · {variant}"
     if mode and mode != "pretrained":
         label += f" [{mode}"
         src = _text(row.get("source_dataset")) or _text(row.get("tuned_on"))

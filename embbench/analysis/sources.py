@@ -1,7 +1,8 @@
 """A result's stored material for the galleries: cached vectors, labels, images, rankings.
 
 :func:`load_source` reads what a result row names (``cache_query`` / ``cache_index`` from the
-record's ``caches``, the catalogue from ``dataset_id`` / ``dataset_root`` / ``data_root``);
+record's ``caches``, the catalogue from the record's ``catalogue`` reference: its root, loader
+options, label and subsample, checked against ``dataset_fingerprint`` before any image is used);
 :func:`rank` ranks queries exactly as the metrics did (stored ``topk_ids`` / ``topk_scores``
 when the per-query file has them, else :class:`~embbench.retrieval.ExactBackend`: same
 normalisation, canonical scores, ties by index id, the query excluded from its own list by id);
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embbench._registry import UnknownNameError
 from embbench.analysis._common import text as _text
 from embbench.cache import CacheError, EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
-from embbench.datasets import create_catalogue
+from embbench.datasets.plan import load_catalogue
+from embbench.records import CatalogueRef
 from embbench.retrieval import ExactBackend, l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -155,16 +158,27 @@ def rank(source: GallerySource, positions: Sequence[int] | np.ndarray, k: int) -
 def _stored_topk(
     source: GallerySource, pos: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's own top-k of ``pos`` (``topk_ids``), when its per-query file holds them.
+
+    Scores come from ``topk_scores`` when saved, else they are the cosine similarities of the
+    cached vectors (for a compression variant: of the float32 vectors it was compressed from).
+    """
     pq = source.per_query
-    if "topk_ids" not in pq or "topk_scores" not in pq:
+    if "topk_ids" not in pq:
         return None
-    ids, scores = np.asarray(pq["topk_ids"]), np.asarray(pq["topk_scores"])
+    ids = np.asarray(pq["topk_ids"])
     qi = np.asarray(pq.get("query_index", np.arange(len(ids))), dtype=np.int64)
     row = pd.Series(np.arange(len(qi)), index=qi)
     if ids.ndim != 2 or ids.shape[1] < k or not np.isin(pos, qi).all():
         return None
     take = row.loc[pos].to_numpy()
-    return ids[take, :k].astype(np.int64), scores[take, :k].astype(np.float64)
+    ids = ids[take, :k].astype(np.int64)
+    if "topk_scores" in pq:
+        return ids, np.asarray(pq["topk_scores"])[take, :k].astype(np.float64)
+    q = source.query_unit[pos].astype(np.float64)
+    x = source.index_unit[np.clip(ids, 0, None)].astype(np.float64)
+    scores = np.einsum("qd,qkd->qk", q, x)
+    return ids, np.where(ids >= 0, scores, np.nan)
 
 
 def top1_correct(source: GallerySource) -> pd.Series:
@@ -195,22 +209,68 @@ def category_column(source: GallerySource) -> str:
 def _catalogue(
     row: Mapping[str, Any], catalogues: Mapping[str, Catalogue] | None, memo: dict
 ) -> Catalogue:
-    """The catalogue of ``row``: given, else re-read as the stage read it."""
-    dataset = row.get("dataset_id") or row.get("dataset")
+    """The catalogue ``row`` scored, proven by the record's fingerprint before any use.
+
+    A given catalogue wins (tests); otherwise it is read again exactly as the run read it: the
+    record's root (where the loader read it), loader options, label and subsample. Nothing is
+    generated or looked up elsewhere: a root that is not on this machine, a record without a
+    fingerprint, or a catalogue whose fingerprint differs is one clear :class:`GalleryError`.
+    """
+    dataset = str(row.get("dataset_id") or row.get("dataset"))
+    expected = _text(row.get("dataset_fingerprint"))
     if catalogues and dataset in catalogues:
-        return catalogues[dataset]
-    errors = []
-    for root in dict.fromkeys((_text(row.get("dataset_root")), _text(row.get("data_root")))):
-        key = (dataset, root)
+        key: Any = ("given", dataset)
         if key not in memo:
-            try:
-                memo[key] = create_catalogue(dataset, root)
-            except (CatalogueError, OSError, ValueError, TypeError) as exc:
-                memo[key] = exc
-        if isinstance(memo[key], Catalogue):
-            return memo[key]
-        errors.append(f"{root or 'default root'}: {memo[key]}")
-    raise GalleryError(f"catalogue {dataset!r} not readable ({'; '.join(errors)})")
+            memo[key] = (catalogues[dataset], None)
+        if expected is None:
+            return memo[key][0]  # the caller vouches for it and the row cannot be checked
+    else:
+        ref = _ref(row, dataset)
+        key = json.dumps(ref.model_dump(mode="json"), sort_keys=True, default=str)
+        if key not in memo:
+            memo[key] = (_reload(ref), None)
+        if expected is None:
+            raise GalleryError(
+                f"catalogue {dataset!r}: the run recorded no dataset_fingerprint to check the "
+                "images against, so none are shown; rerun its cell to draw its gallery"
+            )
+    cat, fingerprint = memo[key]
+    if isinstance(cat, str):
+        raise GalleryError(cat)
+    if fingerprint is None:
+        fingerprint = cat.fingerprint()
+        memo[key] = (cat, fingerprint)
+    if fingerprint != expected:
+        raise GalleryError(
+            f"catalogue {dataset!r} at {cat.root or 'in memory'} is not the one the run embedded "
+            f"(fingerprint {fingerprint}, the record says {expected}); no image of it is shown: "
+            "restore the run's catalogue or rerun its cell"
+        )
+    return cat
+
+
+def _ref(row: Mapping[str, Any], dataset: str) -> CatalogueRef:
+    """The row's :class:`~embbench.records.CatalogueRef` (older rows: name and root only)."""
+    raw = _text(row.get("catalogue_ref"))
+    if raw:
+        return CatalogueRef.model_validate(json.loads(raw))
+    return CatalogueRef(name=dataset, root=_text(row.get("data_root")))
+
+
+def _reload(ref: CatalogueRef) -> Catalogue | str:
+    """The catalogue ``ref`` names, read from its recorded root; else why not, in one line."""
+    if not ref.root:
+        return (f"catalogue {ref.name!r}: the run recorded no folder or manifest it was read "
+                "from, so its images cannot be found; rerun its cell to draw its gallery")
+    if not Path(ref.root).exists():
+        return (f"catalogue {ref.name!r}: {ref.root} (where the run read it) is not on this "
+                "machine; copy it there to see the gallery")
+    try:
+        return load_catalogue(ref.name, {ref.name: ref.root}, label=ref.label,
+                              max_images=ref.max_images, seed=ref.seed, options=ref.options,
+                              progress=False)
+    except (CatalogueError, UnknownNameError, OSError, ValueError, TypeError) as exc:
+        return f"catalogue {ref.name!r} at {ref.root} not readable ({exc})"
 
 
 def load_source(
@@ -270,6 +330,8 @@ def load_sources(
         try:
             out.append(load_source(row, loader, catalogues, _memo=memo))
         except GalleryError as exc:
-            notes.append(f"{row.get('dataset')}: {exc}")
-            logger.warning("gallery: %s", exc)
+            note = f"{row.get('dataset')}: {exc}"
+            if note not in notes:  # one line per reason, not one per result of the catalogue
+                notes.append(note)
+                logger.warning("gallery: %s", exc)
     return out, notes

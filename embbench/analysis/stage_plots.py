@@ -1,4 +1,4 @@
-"""The figures and tables that notebooks 02-04 show for their own run (thin cells call these).
+"""The figures and tables that notebooks 01-04 show for their own run (thin cells call these).
 
 Each takes the table its stage's ``run_*`` returned and returns a seaborn grid, a matplotlib
 figure or a styled table; nothing here reads a file.
@@ -13,18 +13,81 @@ import pandas as pd
 __all__ = [
     "cross_delta_figure",
     "delta_matrix_style",
+    "embed_figure",
     "finetune_table",
     "toptune_comparison_figure",
     "training_curves_figure",
     "trials_figure",
     "val_accuracy_vs_retrieval_figure",
+    "variants_figure",
+    "variants_table",
 ]
+
+PLAIN = "plain (float32, exact)"  # how the model without a deployment variant is labelled
 
 
 def _sns() -> Any:
     import seaborn as sns  # plotting only when a figure is drawn
 
     return sns
+
+
+def _is_variant(results: pd.DataFrame) -> pd.Series:
+    if "variant" not in results:
+        return pd.Series(False, index=results.index)
+    return results["variant"].fillna("").astype(str) != ""
+
+
+def embed_figure(results: pd.DataFrame, metric: str) -> Any:
+    """Stage 01's bars: ``metric`` per dataset and plain model, one run each, no averaging.
+
+    Deployment variants (compressions, index settings) are left out here: averaged into their
+    model's bar they would hide its plain score (:func:`variants_figure` shows them).
+    """
+    plain = results[~_is_variant(results)]
+    if plain.empty:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * plain["dataset"].nunique() + 3), 3.5))
+    _sns().barplot(data=plain, x="dataset", y=metric, hue="model", errorbar=None, ax=ax)
+    ax.set_ylim(0, 1)
+    weights = ", ".join(sorted(plain["weights"].astype(str).unique())) if "weights" in plain else ""
+    ax.set_title(f"Pretrained retrieval, {metric}" + (f" (weights: {weights})" if weights else ""))
+    return fig
+
+
+def variants_table(results: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+    """Each deployment variant's ``metric`` beside its plain model's, labelled by variant.
+
+    Returns:
+        Rows ``model, dataset, variant, metric, delta vs plain`` (the plain model first, as
+        :data:`PLAIN`), or ``None`` when the run has no variants.
+    """
+    is_var = _is_variant(results)
+    if not is_var.any():
+        return None
+    plain = results[~is_var].set_index(["model", "dataset"])[metric]
+    var = results[is_var]
+    pairs = var[["model", "dataset"]].drop_duplicates()
+    base = results[~is_var].merge(pairs, on=["model", "dataset"]).assign(variant=PLAIN)
+    table = pd.concat([base, var])[["model", "dataset", "variant", metric]].copy()
+    ref = [plain.get((m, d), float("nan")) for m, d in zip(table["model"], table["dataset"],
+                                                           strict=True)]
+    table[f"delta {metric} vs plain"] = table[metric] - ref
+    return table.sort_values(["dataset", "model"], kind="stable").reset_index(drop=True)
+
+
+def variants_figure(results: pd.DataFrame, metric: str) -> Any:
+    """Horizontal bars: each deployment variant of a model, by name, below its plain score."""
+    table = variants_table(results, metric)
+    if table is None:
+        return None
+    grid = _sns().catplot(data=table, kind="bar", y="variant", x=metric, col="model",
+                          row="dataset", errorbar=None, sharey=False, height=3, aspect=1.6)
+    grid.set(xlim=(0, 1))
+    grid.set_titles("{col_name} on {row_name}")
+    return grid
 
 
 def finetune_table(results: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -2,7 +2,9 @@
 
 Each row shows the query and, per result, its top-k with a green (relevant) or red (not
 relevant) frame, the rank and the cosine similarity under each image. Thumbnails are JPEGs
-embedded as base64 ``data:`` URIs (nothing fetched, no file path in the page), and one
+embedded as base64 ``data:`` URIs (nothing fetched, no file path in the page); each carries the
+catalogue's ``data-item-id`` and ``data-sha256`` (the first 16 hex digits of the image file's
+SHA-256), so anyone can check that every picture is the searched catalogue's. One
 :class:`GalleryRenderer` bounds their total size across every gallery of a report: rows that
 would pass the bound are left out, and the page says how many.
 """
@@ -10,6 +12,7 @@ would pass the bound are left out, and the page says how many.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import logging
@@ -40,6 +43,7 @@ class GalleryRenderer:
         self.quality = int(quality)
         self.used = 0
         self._thumbs: dict[str, str] = {}
+        self._digests: dict[str, str] = {}
 
     @property
     def remaining(self) -> int:
@@ -55,7 +59,9 @@ class GalleryRenderer:
                 try:
                     from PIL import Image
 
-                    with Image.open(p) as im:
+                    raw = p.read_bytes()
+                    self._digests[path] = hashlib.sha256(raw).hexdigest()[:16]
+                    with Image.open(io.BytesIO(raw)) as im:
                         im = im.convert("RGB")
                         im.thumbnail((self.thumb_px, self.thumb_px))
                         buf = io.BytesIO()
@@ -73,6 +79,8 @@ class GalleryRenderer:
         if src:
             img = (
                 f'<img class="embbench-thumb" src="{src}" alt="{html.escape(alt)}" '
+                f'data-item-id="{html.escape(cell.item_id)}" '
+                f'data-sha256="{self._digests.get(cell.path, "")}" '
                 f'title="{html.escape(alt)}" style="{box};object-fit:contain;background:#fff">'
             )
         else:
@@ -115,6 +123,9 @@ class GalleryRenderer:
         out, size, skipped = [], 0, 0
         esc = html.escape
         for g in galleries:
+            out += [f"<p><i>{esc(g.dataset)}: {esc(n)}</i></p>" for n in g.notes]
+            if not g.rows:
+                continue
             ncol = 1 + len(g.entries) * (g.k + 1)
             head = [
                 f'<div class="embbench-gallery"><h4>{esc(g.dataset)}: relevance = same '
@@ -122,7 +133,10 @@ class GalleryRenderer:
                 '<table style="border-collapse:collapse;table-layout:fixed">',
                 "<tr><th>query</th>"
                 + "".join(
-                    f'<th></th><th colspan="{g.k}" style="text-align:center">{esc(e)}</th>'
+                    f'<th></th><th colspan="{g.k}" style="text-align:center">{esc(e)}'
+                    + (f'<br><small>same top-{g.k}: {esc(", ".join(g.same_as[e]))}</small>'
+                       if g.same_as.get(e) else "")
+                    + "</th>"
                     for e in g.entries
                 )
                 + "</tr>",
@@ -170,7 +184,8 @@ def show_gallery(
     from IPython.display import HTML, Markdown, display
 
     items = [galleries] if isinstance(galleries, Gallery) else list(galleries)
-    if not items or not any(g.rows for g in items):
-        display(Markdown(f"*{empty}*"))
+    if not any(g.rows for g in items):  # why not, one line per reason, never a picture
+        lines = [f"{g.dataset}: {n}" for g in items for n in g.notes] or [empty]
+        display(Markdown("\n\n".join(f"*{line}*" for line in lines)))
         return
     display(HTML((renderer or GalleryRenderer()).render(items, share=share)))

@@ -318,6 +318,7 @@ def run_views(
                 group_label=cfg.category_label,
             )
         )
+        notes += [f"{dataset}: {n}" for n in galleries[-1].notes]
         confusion[f"{dataset}: {group[0].entry}"] = category_confusion(
             group[0], group_label=cfg.category_label
         )
