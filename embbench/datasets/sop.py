@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 TITLE = "SOP (Stanford Online Products)"
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
-SUPER_CLASSES = ("bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle", "lamp", "mug",
-                 "sofa", "stapler", "table", "toaster")
 
 LAYOUT = Layout(
     title=TITLE,
