@@ -42,7 +42,7 @@ from embbench.cache import EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.config import ConfigError, GridConfig
 from embbench.datasets import list_datasets, register_user_catalogues
-from embbench.datasets.plan import RetrievalPlan, load_catalogue, retrieval_plan
+from embbench.datasets.prepare import RetrievalPlan, load_catalogue, retrieval_plan
 from embbench.models import get_model_spec
 from embbench.records import CatalogueRef, Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate

@@ -618,3 +618,55 @@ def test_demo_b_is_the_demo_with_other_products(tmp_path):
     assert set(a.items["category"]) == set(b.items["category"])  # same shapes
     assert a.root != b.root and a.fingerprint() != b.fingerprint()  # other images
     assert get_dataset_info("demo_b").default_label == "product"
+
+
+def test_every_loader_takes_one_load_request():
+    # one calling convention: load(request, **options), built-in and a user's catalogue alike
+    import inspect
+
+    from embbench.datasets._registry import get_entry
+
+    for name in list_datasets():
+        params = list(inspect.signature(get_entry(name).loader).parameters.values())
+        assert params[0].kind is params[0].POSITIONAL_OR_KEYWORD, name
+        assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[1:]), name
+
+
+def test_load_request_finish_names_roots_and_records_the_source(tmp_path):
+    from embbench.datasets import LoadRequest
+    from embbench.datasets._common import LoadNotes
+
+    items = pd.DataFrame({"item_id": ["a.jpg", "b.jpg"], "path": ["/x/a.jpg", "/x/b.jpg"],
+                          "split": ["test", "test"], "class_id": [1, 2],
+                          "super_class_id": [7, 7], "scratch": [1, 2], "note": ["n", "m"]})
+    req = LoadRequest(name="sop", folder=tmp_path, variant="ebay", seed=3,
+                      info=get_dataset_info("sop"), split_scheme="dml", val_fraction=0.1,
+                      test_fraction=0.2)
+    cat = req.finish(items, ("super_class_id", "class_id"), LoadNotes(notes=["seen"]),
+                     extra_columns=("note",), seed=3, val_from="train")
+    assert cat.name == "sop" and cat.root == str(tmp_path)
+    assert list(cat.items.columns) == ["item_id", "path", "split", "super_class_id", "class_id",
+                                       "note"]
+    assert cat.label_columns == ("super_class_id", "class_id")
+    assert cat.default_label == get_dataset_info("sop").default_label
+    assert list(cat.source.items()) == [
+        ("loader", "sop"), ("variant", "ebay"), ("split_scheme", "dml"), ("seed", 3),
+        ("val_from", "train"), ("notes", ["seen"]), ("problems", []), ("missing", []),
+    ]
+    with pytest.raises(ValueError, match="public datasets only"):
+        LoadRequest(name="shop", folder=None, variant=None, seed=0).finish(
+            items, ("class_id",), LoadNotes())
+
+
+def test_the_package_init_only_re_exports():
+    # the registry and the factory live in _registry / _factory; __init__ holds no logic
+    import ast
+
+    import embbench.datasets as package
+
+    tree = ast.parse(Path(package.__file__).read_text())
+    kinds = {type(node).__name__ for node in tree.body[1:]}  # after the docstring
+    assert kinds <= {"ImportFrom", "Import", "Assign"}, kinds
+    assigned = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
+    assert assigned == ["__all__"]
+    assert all(hasattr(package, name) for name in package.__all__)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -46,3 +48,68 @@ def test_a_building_block_importing_a_stage_breaks_the_layers(tmp_path):
     proc = _lint_imports(tree)
     assert proc.returncode != 0
     assert "BROKEN" in proc.stdout and "embbench.metrics -> embbench.stages" in proc.stdout
+
+
+def _import_cycles(graph) -> list[list[str]]:
+    """The import cycles of a grimp graph: its strongly connected components of 2+ modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+    for start in sorted(graph.modules):
+        if start in index:
+            continue
+        # Tarjan's algorithm, iterative (the package is deeper than a comfortable recursion).
+        work = [(start, iter(sorted(graph.find_modules_directly_imported_by(start))))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, edges = work[-1]
+            child = next(edges, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append(
+                        (child, iter(sorted(graph.find_modules_directly_imported_by(child))))
+                    )
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def _embbench_graph():
+    grimp = pytest.importorskip("grimp")  # installed with import-linter
+    return grimp.build_graph("embbench", cache_dir=None)
+
+
+def test_no_import_cycles_in_the_package():
+    # package __init__ re-exports count: `embbench.datasets` importing a module that imports
+    # `embbench.datasets` back is a cycle.
+    assert _import_cycles(_embbench_graph()) == []
+
+
+def test_an_import_cycle_is_found():
+    graph = _embbench_graph()
+    graph.add_import(importer="embbench.datasets._common", imported="embbench.datasets")
+    cycles = _import_cycles(graph)
+    assert len(cycles) == 1
+    assert {"embbench.datasets", "embbench.datasets._common"} <= set(cycles[0])

@@ -119,8 +119,9 @@ def test_a_users_catalogue_has_the_users_name(tmp_path, monkeypatch):
 
     import embbench.datasets as ds
     from embbench.catalogue import CatalogueError
+    from embbench.datasets._registry import _REGISTRY
 
-    monkeypatch.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak
+    monkeypatch.setattr(_REGISTRY, "_entries", dict(_REGISTRY._entries))  # no leak
     write_jpeg(tmp_path / "imgs" / "a.jpg")
     write_jpeg(tmp_path / "imgs" / "b.jpg", 1)
     csv = tmp_path / "catalogue.csv"

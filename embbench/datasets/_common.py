@@ -1,4 +1,4 @@
-"""Shared pieces of the dataset loaders: layout errors, finding the root, seeded splits."""
+"""Shared pieces of the dataset loaders: the load request, layout errors, roots, seeded splits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embbench.catalogue import IMAGE_SUFFIXES, CatalogueError
+from embbench.catalogue import IMAGE_SUFFIXES, Catalogue, CatalogueError
+from embbench.datasets._params import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +33,86 @@ class DatasetLayoutError(CatalogueError):
         self.root = str(root) if root is not None else None
 
 
-@dataclass(frozen=True)
-class LoadRequest:
-    """What the factory asks a dataset loader to read (every loader takes one).
+@dataclass
+class LoadNotes:
+    """What a loader noticed while reading (kept in ``Catalogue.source`` for ``verify``).
 
     Attributes:
-        folder: The dataset folder the factory found.
+        notes: Human-readable remarks that are not problems of the copy.
+        problems: Remarks that are problems of the copy (each names the path and the fix).
+        missing: Item paths the annotation lists but the loader dropped (no image file).
+    """
+
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """A JSON-friendly dict for ``Catalogue.source``."""
+        return {"notes": list(self.notes), "problems": list(self.problems),
+                "missing": list(self.missing)}
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the factory asks a dataset loader to read: every loader is ``load(request, **options)``.
+
+    Attributes:
+        name: The name the catalogue is loaded as (the registry name, or a user's own name).
+        folder: The dataset folder the factory found (public datasets); the path the user gave
+            (a manifest's CSV, an image folder, the demo's parent folder) or ``None``.
         variant: The layout variant found (or forced), e.g. Cars196 ``devkit`` / ``metric``.
-        info: The dataset's defaults (``params/datasets.yaml``).
         seed: Seed of the splits the loader carves (val; test where none is published).
+        label: The label column asked for (a manifest reads it), or ``None``.
+        info: The dataset's defaults (``params/datasets.yaml``; public datasets).
         split_scheme: ``classification`` (closed set) or ``dml`` (class-disjoint), if offered.
         val_fraction: Share moved to val (a loader that reads a published val ignores it).
         test_fraction: Share put in test (a loader that reads a published test ignores it).
     """
 
-    folder: Path
-    variant: str
-    info: Any
+    name: str
+    folder: Path | None
+    variant: str | None
     seed: int
-    split_scheme: str
-    val_fraction: float
-    test_fraction: float
+    label: str | None = None
+    info: DatasetInfo | None = None
+    split_scheme: str = ""
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+
+    def finish(
+        self,
+        items: pd.DataFrame,
+        label_columns: tuple[str, ...],
+        notes: LoadNotes,
+        *,
+        extra_columns: tuple[str, ...] = (),
+        **source: Any,
+    ) -> Catalogue:
+        """The catalogue a public dataset's loader read, named, rooted and with its provenance.
+
+        Args:
+            items: The table; ``item_id``, ``path``, ``split``, the label columns and
+                ``extra_columns`` are kept, in that order.
+            label_columns: The label columns (the default label comes from ``info``).
+            notes: What the loader noticed (appended to ``source``).
+            extra_columns: Further columns to keep after the labels.
+            **source: Loader-specific provenance, after ``loader``, ``variant`` and
+                ``split_scheme``.
+        """
+        if self.info is None or self.folder is None:
+            raise ValueError(f"LoadRequest.finish({self.name!r}) needs the dataset's info and "
+                             "folder (public datasets only)")
+        columns = ["item_id", "path", "split", *label_columns, *extra_columns]
+        return Catalogue(
+            name=self.name,
+            items=items[columns],
+            label_columns=tuple(label_columns),
+            default_label=self.info.default_label,
+            root=str(self.folder),
+            source={"loader": self.name, "variant": self.variant,
+                    "split_scheme": self.split_scheme, **source, **notes.as_dict()},
+        )
 
 
 @dataclass(frozen=True)
@@ -76,26 +136,6 @@ class Layout:
     def candidates(self, root: Path) -> list[Path]:
         """``root`` and the usual sub-folders below it, in search order."""
         return [root, *(root / s for s in self.subdirs)]
-
-
-@dataclass
-class LoadNotes:
-    """What a loader noticed while reading (kept in ``Catalogue.source`` for ``verify``).
-
-    Attributes:
-        notes: Human-readable remarks that are not problems of the copy.
-        problems: Remarks that are problems of the copy (each names the path and the fix).
-        missing: Item paths the annotation lists but the loader dropped (no image file).
-    """
-
-    notes: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        """A JSON-friendly dict for ``Catalogue.source``."""
-        return {"notes": list(self.notes), "problems": list(self.problems),
-                "missing": list(self.missing)}
 
 
 def _listing(folder: Path, limit: int = 12) -> str:
@@ -236,6 +276,26 @@ def read_text_lines(path: Path, title: str) -> list[str]:
             f"{title}: {path} is not UTF-8 text ({err}); re-download it", root=path.parent
         ) from None
     return text.splitlines()
+
+
+def existing_mask(paths: pd.Series) -> np.ndarray:
+    """Which paths exist as files (URLs count as present), listing each folder once."""
+    values = paths.astype(str).tolist()
+    listing: dict[str, set[str] | None] = {}
+    out = np.ones(len(values), dtype=bool)
+    for i, p in enumerate(values):
+        if p.startswith(("http://", "https://")):
+            continue
+        parent, name = os.path.split(p)
+        if parent not in listing:
+            try:
+                with os.scandir(parent or ".") as it:
+                    listing[parent] = {e.name for e in it}
+            except OSError:
+                listing[parent] = None
+        names = listing[parent]
+        out[i] = names is not None and name in names
+    return out
 
 
 def join_paths(base: Path, relative: Iterable[str]) -> list[str]:

@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from embbench._registry import UnknownNameError
 from embbench.catalogue import Catalogue, CatalogueError
-from embbench.datasets import create_catalogue, get_dataset_info, list_datasets
+from embbench.datasets._common import existing_mask
+from embbench.datasets._factory import create_catalogue
 from embbench.datasets._params import DatasetParamsError
+from embbench.datasets._registry import get_dataset_info, list_datasets
 from embbench.images import DEFAULT_MAX_PIXELS, check_image, is_truncation_tolerant
 
 logger = logging.getLogger(__name__)
@@ -102,26 +103,6 @@ class VerifyReport:
             lines.append("Notes:")
             lines.extend(f"  - {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def existing_mask(paths: pd.Series) -> np.ndarray:
-    """Which paths exist as files (URLs count as present), listing each folder once."""
-    values = paths.astype(str).tolist()
-    listing: dict[str, set[str] | None] = {}
-    out = np.ones(len(values), dtype=bool)
-    for i, p in enumerate(values):
-        if p.startswith(("http://", "https://")):
-            continue
-        parent, name = os.path.split(p)
-        if parent not in listing:
-            try:
-                with os.scandir(parent or ".") as it:
-                    listing[parent] = {e.name for e in it}
-            except OSError:
-                listing[parent] = None
-        names = listing[parent]
-        out[i] = names is not None and name in names
-    return out
 
 
 def _missing_problem(cat: Catalogue, missing: list[str]) -> str:

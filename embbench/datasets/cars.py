@@ -42,6 +42,7 @@ from embbench.datasets._common import (
     nested_image_dir,
     require_file,
 )
+from embbench.datasets._registry import DatasetEntry, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -209,31 +210,22 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``class`` and ``class_name``.
     """
-    folder, variant, info = req.folder, req.variant, req.info
-    seed, split_scheme = req.seed, req.split_scheme
-    val_fraction, test_fraction = req.val_fraction, req.test_fraction
-    del test_fraction
-    items = _read_devkit(folder) if variant == "devkit" else _read_metric(folder)
-    if split_scheme == "dml":
+    items = _read_devkit(req.folder) if req.variant == "devkit" else _read_metric(req.folder)
+    if req.split_scheme == "dml":
         items["split"] = np.where(items["class"] <= DML_TRAIN_CLASSES, "train", "test")
     else:
         items["split"] = items["published_split"]
     items = items.drop(columns="published_split")
-    items = carve_val(items, stratify="class", fraction=val_fraction, seed=seed,
-                      by_class=split_scheme == "dml")
+    items = carve_val(items, stratify="class", fraction=req.val_fraction, seed=req.seed,
+                      by_class=req.split_scheme == "dml")
     notes = LoadNotes()
     notes.notes.append(
-        f"{variant} layout; split scheme {split_scheme} "
-        + ("(classes 1-98 train, 99-196 test)" if split_scheme == "dml"
+        f"{req.variant} layout; split scheme {req.split_scheme} "
+        + ("(classes 1-98 train, 99-196 test)" if req.split_scheme == "dml"
            else "(published train/test)")
     )
-    return Catalogue(
-        name="cars196",
-        items=items[["item_id", "path", "split", "class", "class_name"]],
-        label_columns=("class", "class_name"),
-        default_label=info.default_label,
-        root=str(folder),
-        source={"loader": "cars196", "variant": variant, "split_scheme": split_scheme,
-                "seed": seed, "val_fraction": val_fraction, "val_from": "train",
-                **notes.as_dict()},
-    )
+    return req.finish(items, ("class", "class_name"), notes, seed=req.seed,
+                      val_fraction=req.val_fraction, val_from="train")
+
+
+register_dataset(DatasetEntry(name="cars196", loader=load, layout=LAYOUT))

@@ -39,6 +39,7 @@ from embbench.datasets._common import (
     stratified_pick,
     suffix,
 )
+from embbench.datasets._registry import DatasetEntry, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +139,13 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
     Returns:
         The catalogue (label columns listed in the module docstring).
     """
-    folder, variant, info = req.folder, req.variant, req.info
-    seed, split_scheme = req.seed, req.split_scheme
-    val_fraction, test_fraction = req.val_fraction, req.test_fraction
-    if val_fraction + test_fraction >= 1:
+    if req.val_fraction + req.test_fraction >= 1:
         raise ValueError(
-            f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}"
+            f"val_fraction + test_fraction must be < 1, got {req.val_fraction} + "
+            f"{req.test_fraction}"
         )
     notes = LoadNotes()
-    styles_path = folder / "styles.csv"
+    styles_path = req.folder / "styles.csv"
     table, comma_rows, bad_rows = read_styles(styles_path)
     if bad_rows:
         notes.problems.append(
@@ -165,53 +164,48 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
     if dup.any():
         notes.problems.append(f"{styles_path}: {int(dup.sum())} duplicate ids; first kept")
         table = table[~dup]
-    for column, values in info.exclude.items():
+    for column, values in req.info.exclude.items():
         drop = table[column].isin(values)
         if drop.any():
             notes.notes.append(f"dropped {int(drop.sum())} rows with {column} in {list(values)}")
             table = table[~drop]
-    images = _image_files(folder / "images")
+    images = _image_files(req.folder / "images")
     table = table.copy()
     table["file"] = [images.get(str(i)) for i in table["id"]]
     absent = table["file"].isna()
     missing = [f"images/{i}.jpg" for i in table.loc[absent, "id"]]
     if missing:
-        known = set(info.known_missing)
+        known = set(req.info.known_missing)
         unknown = [m for m in missing if m not in known]
         notes.missing.extend(missing)
         notes.notes.append(
-            f"{len(missing)} ids of styles.csv have no image in {folder / 'images'} and were "
+            f"{len(missing)} ids of styles.csv have no image in {req.folder / 'images'} and were "
             f"dropped ({len(missing) - len(unknown)} of them are known to be missing from the "
             "published archive)"
         )
     table = table[~absent]
     if table.empty:
         raise DatasetLayoutError(
-            f"{TITLE}: none of the ids in {styles_path} has an image in {folder / 'images'}; "
+            f"{TITLE}: none of the ids in {styles_path} has an image in {req.folder / 'images'}; "
             "extract images/ completely",
-            root=folder,
+            root=req.folder,
         )
     items = pd.DataFrame({
         "item_id": ["images/" + f for f in table["file"]],
-        "path": join_paths(folder / "images", table["file"]),
+        "path": join_paths(req.folder / "images", table["file"]),
     })
     for col in (*LABELS, "year", "productDisplayName"):
         items[col] = table[col].to_numpy()
     # Stratified by masterCategory whatever the label, so the split does not depend on it.
-    items = assign_test(items, stratify="masterCategory", fraction=test_fraction, seed=seed)
+    items = assign_test(items, stratify="masterCategory", fraction=req.test_fraction, seed=req.seed)
     rest = items.index[items["split"] == "train"]
     val = stratified_pick(items, rest, "masterCategory",
-                          val_fraction / (1 - test_fraction), seed + 1)
+                          req.val_fraction / (1 - req.test_fraction), req.seed + 1)
     items.loc[val, "split"] = "val"
-    cols = ["item_id", "path", "split", *LABELS, "year", "productDisplayName"]
-    return Catalogue(
-        name="fashion",
-        items=items[cols],
-        label_columns=LABELS,
-        default_label=info.default_label,
-        root=str(folder),
-        source={"loader": "fashion", "variant": variant, "split_scheme": split_scheme,
-                "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                "val_from": "ours", "skip_malformed": skip_malformed, **notes.as_dict()},
-    )
+    return req.finish(items, LABELS, notes, extra_columns=("year", "productDisplayName"),
+                      seed=req.seed, val_fraction=req.val_fraction,
+                      test_fraction=req.test_fraction, val_from="ours",
+                      skip_malformed=skip_malformed)
 
+
+register_dataset(DatasetEntry(name="fashion", loader=load, layout=LAYOUT))

@@ -40,7 +40,7 @@ from embbench import paths
 from embbench._utils import atomic_write_json
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.images import BadImageError, load_rgb
-from embbench.progress import progress_bar as tqdm
+from embbench.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,8 @@ def fetch_urls(
         images_dir.mkdir(parents=True, exist_ok=True)
         logger.info("fetching %d URLs (%d already cached) into %s", len(todo), len(local),
                     images_dir)
-        bar = tqdm(total=len(todo), desc="fetching images", unit="img", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="fetching images", unit="img",
+                           disable=not progress)
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
         try:
             futures = {

@@ -28,6 +28,7 @@ from embbench.datasets._common import (
     join_paths,
     read_text_lines,
 )
+from embbench.datasets._registry import DatasetEntry, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +111,14 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``food_id`` and ``food_name``.
     """
-    folder, variant, info = req.folder, req.variant, req.info
-    seed, split_scheme = req.seed, req.split_scheme
-    val_fraction, test_fraction = req.val_fraction, req.test_fraction
-    del seed, val_fraction, test_fraction
-    label_dir = folder / "Food2k_label" if variant == "standard" else folder
-    image_dir = folder / IMAGE_DIR
+    label_dir = req.folder / "Food2k_label" if req.variant == "standard" else req.folder
+    image_dir = req.folder / IMAGE_DIR
     notes = LoadNotes()
     if not image_dir.is_dir():
         raise DatasetLayoutError(
             f"{TITLE}: image folder {image_dir} not found (expected "
-            f"{image_dir}/<0..1999>/<image>.jpg); extract Food2k_complete into {folder}",
-            root=folder,
+            f"{image_dir}/<0..1999>/<image>.jpg); extract Food2k_complete into {req.folder}",
+            root=req.folder,
         )
     frames = []
     for split, fname in SPLIT_FILES.items():
@@ -148,12 +145,12 @@ def load(req: LoadRequest) -> Catalogue:
             f"differs from their folder (e.g. {ex[0]} labelled {ex[1]}); the label in the file "
             "is used: check that the split files match Food2k_complete"
         )
-    names_path = next((p for p in (folder / NAMES_FILE, label_dir / NAMES_FILE,
-                                   folder / "Food2k_label" / NAMES_FILE) if p.is_file()), None)
+    names_path = next((p for p in (req.folder / NAMES_FILE, label_dir / NAMES_FILE,
+                                   req.folder / "Food2k_label" / NAMES_FILE) if p.is_file()), None)
     if names_path is None:
         notes.notes.append(
-            f"{NAMES_FILE} not found in {folder} or {label_dir}: food_name is empty (labels use "
-            "the integer food_id, so nothing else changes)"
+            f"{NAMES_FILE} not found in {req.folder} or {label_dir}: food_name is empty (labels "
+            "use the integer food_id, so nothing else changes)"
         )
         items["food_name"] = None
     else:
@@ -173,13 +170,7 @@ def load(req: LoadRequest) -> Catalogue:
                 f"{len(shared)} English names are shared by several ids (e.g. "
                 f"{shared.index[0]!r} x{int(shared.iloc[0])}); food_id is the label"
             )
-    cols = ["item_id", "path", "split", "food_id", "food_name"]
-    return Catalogue(
-        name="food2k",
-        items=items[cols],
-        label_columns=("food_id", "food_name"),
-        default_label=info.default_label,
-        root=str(folder),
-        source={"loader": "food2k", "variant": variant, "split_scheme": split_scheme,
-                "val_from": "publisher", **notes.as_dict()},
-    )
+    return req.finish(items, ("food_id", "food_name"), notes, val_from="publisher")
+
+
+register_dataset(DatasetEntry(name="food2k", loader=load, layout=LAYOUT))

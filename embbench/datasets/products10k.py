@@ -31,6 +31,7 @@ from embbench.datasets._common import (
     nested_image_dir,
     require_file,
 )
+from embbench.datasets._registry import DatasetEntry, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +98,22 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``class`` and ``group``.
     """
-    folder, variant, info = req.folder, req.variant, req.info
-    seed, split_scheme = req.seed, req.split_scheme
-    val_fraction, test_fraction = req.val_fraction, req.test_fraction
-    del test_fraction
     notes = LoadNotes()
-    train = _read_csv(require_file(folder / "train.csv", TITLE, "annotation file"),
+    train = _read_csv(require_file(req.folder / "train.csv", TITLE, "annotation file"),
                       ("name", "class", "group"))
-    test_csv = next((folder / n for n in TEST_FILES if (folder / n).is_file()), None)
+    test_csv = next((req.folder / n for n in TEST_FILES if (req.folder / n).is_file()), None)
     if test_csv is None:
         raise DatasetLayoutError(
-            f"{TITLE}: no test annotation file in {folder} (expected {TEST_FILES[0]} with "
+            f"{TITLE}: no test annotation file in {req.folder} (expected {TEST_FILES[0]} with "
             f"columns name,class,Usage, or {TEST_FILES[1]}); download it with the test images",
-            root=folder,
+            root=req.folder,
         )
     test = _read_csv(test_csv, ("name", "class"))
     groups_of = train.groupby("class")["group"].agg(lambda g: g.mode().iloc[0])
     inconsistent = train.groupby("class")["group"].nunique()
     if (inconsistent > 1).any():
         notes.problems.append(
-            f"{int((inconsistent > 1).sum())} classes in {folder / 'train.csv'} have several "
+            f"{int((inconsistent > 1).sum())} classes in {req.folder / 'train.csv'} have several "
             "groups; the most frequent one is used"
         )
     if "group" in test.columns:
@@ -132,7 +129,7 @@ def load(req: LoadRequest) -> Catalogue:
         test["group"] = test["group"].fillna(-1).astype("int64")
     frames = []
     for split, df in (("train", train), ("test", test)):
-        img_dir = nested_image_dir(folder / split)
+        img_dir = nested_image_dir(req.folder / split)
         files = [_file_name(n) for n in df["name"]]
         frames.append(pd.DataFrame({
             "item_id": [f"{split}/{f}" for f in files],
@@ -149,14 +146,9 @@ def load(req: LoadRequest) -> Catalogue:
             f"{items.loc[dup, 'item_id'].iloc[0]}); the first row is kept"
         )
         items = items[~dup].reset_index(drop=True)
-    items = carve_val(items, stratify="class", fraction=val_fraction, seed=seed)
-    return Catalogue(
-        name="products10k",
-        items=items[["item_id", "path", "split", "class", "group"]],
-        label_columns=("class", "group"),
-        default_label=info.default_label,
-        root=str(folder),
-        source={"loader": "products10k", "variant": variant, "split_scheme": split_scheme,
-                "seed": seed, "val_fraction": val_fraction, "val_from": "train",
-                "test_file": test_csv.name, **notes.as_dict()},
-    )
+    items = carve_val(items, stratify="class", fraction=req.val_fraction, seed=req.seed)
+    return req.finish(items, ("class", "group"), notes, seed=req.seed,
+                      val_fraction=req.val_fraction, val_from="train", test_file=test_csv.name)
+
+
+register_dataset(DatasetEntry(name="products10k", loader=load, layout=LAYOUT))

@@ -33,6 +33,7 @@ from embbench.datasets._common import (
     carve_val,
     list_images,
 )
+from embbench.datasets._registry import DatasetEntry, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +76,13 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``category`` and ``category_id``.
     """
-    folder, variant, info = req.folder, req.variant, req.info
-    seed, split_scheme = req.seed, req.split_scheme
-    val_fraction, test_fraction = req.val_fraction, req.test_fraction
-    del test_fraction
     notes = LoadNotes()
     rows = []
     garbled: list[str] = []
     stray = 0
     per_split_categories: dict[str, set[str]] = {}
     for split in ("train", "test"):
-        split_dir = folder / split
+        split_dir = req.folder / split
         cats: set[str] = set()
         with os.scandir(split_dir) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -107,20 +104,20 @@ def load(req: LoadRequest) -> Catalogue:
         per_split_categories[split] = cats
     if not rows:
         raise DatasetLayoutError(
-            f"{TITLE}: no images in {folder}/train/<category>/ or {folder}/test/<category>/; "
-            "the archive is not extracted completely",
-            root=folder,
+            f"{TITLE}: no images in {req.folder}/train/<category>/ or "
+            f"{req.folder}/test/<category>/; the archive is not extracted completely",
+            root=req.folder,
         )
     items = pd.DataFrame(rows, columns=["item_id", "path", "split", "category"])
     labels = sorted(per_split_categories["train"] | per_split_categories["test"])
     index = {name: i for i, name in enumerate(labels)}
     items["category_id"] = items["category"].map(index).astype("int64")
     if stray:
-        notes.notes.append(f"{stray} files directly in {folder}/train or /test were ignored "
+        notes.notes.append(f"{stray} files directly in {req.folder}/train or /test were ignored "
                            "(images must be in a category folder)")
     if garbled:
         notes.problems.append(
-            f"{len(garbled)} folder or file names under {folder} are not UTF-8 (e.g. "
+            f"{len(garbled)} folder or file names under {req.folder} are not UTF-8 (e.g. "
             f"{garbled[0]!r}, decoded as GB18030) and were left out: the archive was extracted "
             "with the wrong filename encoding; extract it again with "
             "`unzip -O GB18030 rp2k_dataset.zip` (or `7z x`)"
@@ -131,14 +128,9 @@ def load(req: LoadRequest) -> Catalogue:
             f"{len(only_test)} categories occur only in test (e.g. {sorted(only_test)[0]!r}): "
             "a classifier trained on train cannot predict them"
         )
-    items = carve_val(items, stratify="category", fraction=val_fraction, seed=seed)
-    return Catalogue(
-        name="rp2k",
-        items=items[["item_id", "path", "split", "category", "category_id"]],
-        label_columns=("category", "category_id"),
-        default_label=info.default_label,
-        root=str(folder),
-        source={"loader": "rp2k", "variant": variant, "split_scheme": split_scheme, "seed": seed,
-                "val_fraction": val_fraction, "val_from": "train", "n_categories": len(labels),
-                **notes.as_dict()},
-    )
+    items = carve_val(items, stratify="category", fraction=req.val_fraction, seed=req.seed)
+    return req.finish(items, ("category", "category_id"), notes, seed=req.seed,
+                      val_fraction=req.val_fraction, val_from="train", n_categories=len(labels))
+
+
+register_dataset(DatasetEntry(name="rp2k", loader=load, layout=LAYOUT))

@@ -35,13 +35,12 @@ from embbench.datasets._common import (
     join_paths,
     read_text_lines,
 )
+from embbench.datasets._registry import DatasetEntry, register_dataset
 
 logger = logging.getLogger(__name__)
 
 TITLE = "SOP (Stanford Online Products)"
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
-SUPER_CLASSES = ("bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle", "lamp", "mug",
-                 "sofa", "stapler", "table", "toaster")
 
 LAYOUT = Layout(
     title=TITLE,
@@ -97,12 +96,9 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``class_id``, ``super_class_id``, ``super_class_name``.
     """
-    folder, variant, info = req.folder, req.variant, req.info
-    seed, split_scheme = req.seed, req.split_scheme
-    val_fraction, test_fraction = req.val_fraction, req.test_fraction
     frames = []
     for split in ("train", "test"):
-        df = read_ebay_file(folder / f"Ebay_{split}.txt")
+        df = read_ebay_file(req.folder / f"Ebay_{split}.txt")
         df["split"] = split
         frames.append(df)
     items = pd.concat(frames, ignore_index=True)
@@ -111,27 +107,22 @@ def load(req: LoadRequest) -> Catalogue:
         example = items.loc[dup, "item_id"].iloc[0]
         raise DatasetLayoutError(
             f"{TITLE}: {int(dup.sum())} paths are listed twice in Ebay_train.txt/Ebay_test.txt "
-            f"(e.g. {example!r}); the files in {folder} are not the published ones",
-            root=folder,
+            f"(e.g. {example!r}); the files in {req.folder} are not the published ones",
+            root=req.folder,
         )
-    items["path"] = join_paths(folder, items["item_id"])
+    items["path"] = join_paths(req.folder, items["item_id"])
     items["super_class_name"] = [p.split("/", 1)[0].removesuffix("_final")
                                  for p in items["item_id"]]
     notes = LoadNotes()
-    if split_scheme == "classification":
-        items = assign_test(items, stratify="class_id", fraction=test_fraction, seed=seed)
+    if req.split_scheme == "classification":
+        items = assign_test(items, stratify="class_id", fraction=req.test_fraction, seed=req.seed)
         notes.notes.append(
-            f"closed-set split (ours): {test_fraction:.0%} of each product's images in test"
+            f"closed-set split (ours): {req.test_fraction:.0%} of each product's images in test"
         )
-    items = carve_val(items, stratify="class_id", fraction=val_fraction, seed=seed,
-                      by_class=split_scheme == "dml")
-    cols = ["item_id", "path", "split", "class_id", "super_class_id", "super_class_name"]
-    return Catalogue(
-        name="sop",
-        items=items[cols],
-        label_columns=("class_id", "super_class_id", "super_class_name"),
-        default_label=info.default_label,
-        root=str(folder),
-        source={"loader": "sop", "variant": variant, "split_scheme": split_scheme, "seed": seed,
-                "val_fraction": val_fraction, "val_from": "train", **notes.as_dict()},
-    )
+    items = carve_val(items, stratify="class_id", fraction=req.val_fraction, seed=req.seed,
+                      by_class=req.split_scheme == "dml")
+    return req.finish(items, ("class_id", "super_class_id", "super_class_name"), notes,
+                      seed=req.seed, val_fraction=req.val_fraction, val_from="train")
+
+
+register_dataset(DatasetEntry(name="sop", loader=load, layout=LAYOUT))

@@ -1,4 +1,4 @@
-"""A dataset by name, ready to score: load the catalogue (fetching URLs) and plan its retrieval.
+"""A dataset by name, prepared to be scored: load the catalogue (fetching URLs), plan retrieval.
 
 :func:`load_catalogue` creates a registered catalogue, subsamples it and fetches its http(s)
 rows; :func:`retrieval_plan` decides the relevance label, the protocol and the query and index
@@ -15,14 +15,16 @@ from typing import Any
 
 from embbench.catalogue import Catalogue, CatalogueError
 from embbench.config import ConfigError
-from embbench.datasets import create_catalogue, fetch_urls, get_dataset_info, list_datasets
+from embbench.datasets._factory import create_catalogue
+from embbench.datasets._registry import get_dataset_info, list_datasets
+from embbench.datasets.fetch import fetch_urls
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlanError", "RetrievalPlan", "load_catalogue", "retrieval_plan"]
+__all__ = ["RetrievalPlan", "RetrievalPlanError", "load_catalogue", "retrieval_plan"]
 
 
-class PlanError(ConfigError):
+class RetrievalPlanError(ConfigError):
     """A dataset cannot be scored as configured (a split or the label is missing)."""
 
 
@@ -98,7 +100,7 @@ def retrieval_plan(name: str, cat: Catalogue, label: str = "", protocol: str = "
     """Label column, protocol and query/index splits for dataset ``name`` (overrides win).
 
     Raises:
-        PlanError: The catalogue lacks a split the protocol needs, or the label column.
+        RetrievalPlanError: The catalogue lacks a split the protocol needs, or the label column.
     """
     info = get_dataset_info(name) if name in list_datasets() else None
     # The six public datasets have curated defaults; a user's catalogue keeps its own label.
@@ -112,13 +114,13 @@ def retrieval_plan(name: str, cat: Catalogue, label: str = "", protocol: str = "
         index_split = "train"
     for split in sorted({query_split, index_split}):
         if split not in cat.splits:
-            raise PlanError(
+            raise RetrievalPlanError(
                 f"dataset {name!r}: protocol {protocol!r} needs split {split!r}, the catalogue "
                 f"has {cat.splits}. Fix: choose protocol 'within', or give the catalogue that "
                 "split."
             )
     if label not in cat.label_columns:
-        raise PlanError(
+        raise RetrievalPlanError(
             f"dataset {name!r}: label {label!r} is not among its label columns "
             f"{list(cat.label_columns)}. Fix: set label to one of them ('' = the default)."
         )
