@@ -11,8 +11,9 @@ Bayesian oracle draws the optimiser's restarts from a numpy ``RandomState`` that
 in file-system order, and every trial trains with whatever TensorFlow/numpy/Python RNG state the
 trials before it in *this process* left. So:
 
-- :class:`ResumableBayesianOracle` saves and restores that ``RandomState`` in ``oracle.json``
-  and orders reloaded trials by number, as they were created;
+- :class:`ResumableBayesianOracle` saves and restores that ``RandomState`` in ``oracle.json``,
+  orders reloaded trials by number, as they were created, and does not train the last finished
+  trial again (keras-tuner saves it as still running);
 - :class:`SeededTuner` seeds Python, numpy and the backend at the start of every trial from the
   search seed and the trial's number (:func:`trial_seed`), so a trial's training depends on its
   hyperparameters and seed only, not on what ran before it in the process.
@@ -100,9 +101,18 @@ class ResumableBayesianOracle(keras_tuner.oracles.BayesianOptimizationOracle):
             )
 
     def reload(self) -> None:
-        """Reload the project, trials in the order they were created."""
+        """Reload the project, trials in the order they were created; rerun no finished one.
+
+        keras-tuner saves ``oracle.json`` in ``end_trial`` before it drops the ended trial from
+        the ongoing ones, and on reload sends every "ongoing" trial to be run again: the last
+        finished trial of a killed search was trained once more. Only unfinished trials are
+        rerun here.
+        """
         super().reload()
         self.trials = dict(sorted(self.trials.items(), key=lambda kv: int(kv[0])))
+        self._retry_queue = [
+            t for t in self._retry_queue if self.trials[t].status != "COMPLETED"
+        ]
 
 
 class SeededTuner(keras_tuner.Tuner):
