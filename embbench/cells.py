@@ -44,7 +44,7 @@ from embbench.datasets.plan import RetrievalPlan, load_catalogue, retrieval_plan
 from embbench.models import get_model_spec
 from embbench.records import Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
-from embbench.services import ServiceUnreachableError, check_milvus
+from embbench.services import ServiceUnreachableError, check_milvus, unreachable_mid_run
 from embbench.tracking import (
     close_stale_run,
     log_json_artifact,
@@ -182,6 +182,11 @@ class CellEngine:
         self._owns_backend = backend is None
         self.inputs: dict[str, CellInputs] = {}
         self.dist = DistInfo()
+        self._tracking_uri = ""
+
+    def _milvus_uri(self) -> str:
+        """The Milvus URI the backend searches (a Lite file's path or a server address)."""
+        return str(getattr(self._backend, "uri", "") or self.cfg.milvus_uri or "Milvus Lite")
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, cells: Sequence[Cell]) -> None:
@@ -261,7 +266,7 @@ class CellEngine:
         cells = [c for c in self.steps.grid() if select is None or select(c)]
         if self.dist.is_main:
             self.validate(cells)
-            setup_mlflow(self.cfg.tracking_uri, self.cfg.experiment)
+            self._tracking_uri = setup_mlflow(self.cfg.tracking_uri, self.cfg.experiment)
         barrier(self.dist)
         if not self.dist.is_main:
             self.validate(cells)
@@ -275,6 +280,9 @@ class CellEngine:
                 record = self.run_cell(cell)
                 if record is not None:
                     records.append(record)
+        except Exception as err:  # a service lost mid-grid: one line naming its URI
+            unreachable_mid_run(err, self._tracking_uri, self._milvus_uri())
+            raise
         finally:
             if self._owns_backend and self._backend is not None:
                 self._backend.close()

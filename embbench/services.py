@@ -14,9 +14,41 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-__all__ = ["ServiceUnreachableError", "check_milvus", "check_tracking"]
+__all__ = [
+    "MLFLOW_HTTP_DEFAULTS",
+    "MILVUS_CALL_TIMEOUT",
+    "ServiceUnreachableError",
+    "check_milvus",
+    "check_tracking",
+    "connection_failure",
+    "unreachable_mid_run",
+]
 
 DEFAULT_TIMEOUT = 3.0
+# MLflow's HTTP client (mlflow 3.x reads these at each request; the user's environment wins):
+# by default it waits 120 s per request and retries 7 times with backoff, so a tracking server
+# that died mid-grid hung the run for many minutes. Here: about 10 s per request, 2 retries.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+# Seconds each pymilvus call may take, its retries included (pymilvus retries an unavailable
+# server up to 75 times otherwise); override with EMBBENCH_MILVUS_TIMEOUT.
+MILVUS_CALL_TIMEOUT = 60.0
+
+# What a dead or hung service looks like, wrapped by requests/urllib3/grpc/pymilvus.
+_CONNECTION_NAMES = frozenset({
+    "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError",
+    "NewConnectionError", "ConnectionRefusedError", "ConnectionResetError", "RemoteDisconnected",
+    "ProtocolError", "_InactiveRpcError", "MilvusUnavailableException",
+})
+_CONNECTION_TEXT = (
+    "Max retries exceeded", "Connection refused", "timed out", "Connection aborted",
+    "Connection reset", "RemoteDisconnected", "StatusCode.UNAVAILABLE", "DEADLINE_EXCEEDED",
+    "Retry timeout", "server unavailable", "Fail connecting to server",
+)
 
 
 class ServiceUnreachableError(ConnectionError):
@@ -95,3 +127,55 @@ def check_milvus(uri: str, token: str = "", timeout: float = DEFAULT_TIMEOUT) ->
             f"Milvus at {uri} is unreachable ({err}, {timeout:g} s timeout); start the server, "
             "fix milvus_uri, or leave it empty to use Milvus Lite (a local file)"
         ) from None
+
+
+def connection_failure(err: BaseException) -> tuple[str, str] | None:
+    """``(service, reason)`` when ``err`` (or what it wraps) is a lost connection, else ``None``.
+
+    ``service`` is ``"milvus"`` when pymilvus/grpc raised it, else ``"mlflow"`` (requests or
+    urllib3 under MLflow's client); ``reason`` is a short first line of the underlying error.
+    """
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    service = (
+        "milvus"
+        if any(type(e).__module__.split(".")[0] in ("pymilvus", "grpc") for e in chain)
+        else "mlflow"
+    )
+    for e in chain:
+        text = str(e)
+        if type(e).__name__ in _CONNECTION_NAMES or any(t in text for t in _CONNECTION_TEXT):
+            first = (text.strip().splitlines() or [type(e).__name__])[0]
+            return service, first[:200]
+    return None
+
+
+def unreachable_mid_run(err: BaseException, tracking_uri: str, milvus_uri: str) -> None:
+    """Raise :class:`ServiceUnreachableError` naming the URI when ``err`` is a lost service.
+
+    Called by the cell engine on an error raised while cells run; returns (so the caller
+    re-raises ``err`` unchanged) when ``err`` is not a lost connection.
+    """
+    if isinstance(err, ServiceUnreachableError):
+        return
+    found = connection_failure(err)
+    if found is None:
+        return
+    service, reason = found
+    if service == "mlflow" and not tracking_uri.startswith(("http://", "https://")):
+        return  # a local store has no connection to lose
+    if service == "milvus":
+        raise ServiceUnreachableError(
+            f"Milvus at {milvus_uri} stopped answering mid-run ({reason}); finished cells' "
+            "records are kept: start the server again (or fix milvus_uri) and rerun"
+        ) from err
+    raise ServiceUnreachableError(
+        f"MLflow tracking server {tracking_uri} stopped answering mid-run ({reason}); finished "
+        "cells' records are kept: start it again (or fix tracking_uri / MLFLOW_TRACKING_URI) "
+        "and rerun"
+    ) from err

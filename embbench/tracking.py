@@ -33,7 +33,7 @@ from typing import Any
 from filelock import FileLock
 
 from embbench.paths import project_root, runs_dir
-from embbench.services import ServiceUnreachableError, check_tracking
+from embbench.services import MLFLOW_HTTP_DEFAULTS, ServiceUnreachableError, check_tracking
 
 __all__ = [
     "ServiceUnreachableError",
@@ -175,7 +175,9 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
     """Point MLflow at ``uri`` (default :func:`default_tracking_uri`) and select ``experiment``.
 
     A local sqlite store is created once, atomically (:func:`ensure_sqlite_store`); a tracking
-    server is probed first (:func:`check_tracking`, seconds, not minutes of retries). A new
+    server is probed first (:func:`check_tracking`, seconds, not minutes of retries), and
+    MLflow's HTTP timeout and retries are bounded for the rest of the run
+    (:data:`embbench.services.MLFLOW_HTTP_DEFAULTS`, unless set in the environment). A new
     experiment on a local store gets its artifacts under ``<runs_dir>/mlartifacts``.
 
     Returns:
@@ -186,6 +188,8 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
         TrackingStoreError: The local store is damaged and holds runs.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for var, value in MLFLOW_HTTP_DEFAULTS.items():  # seconds, not minutes; the user's env wins
+        os.environ.setdefault(var, value)
     uri = uri or default_tracking_uri()
     check_tracking(uri)
     if uri.startswith("sqlite:///"):

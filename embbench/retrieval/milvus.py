@@ -28,6 +28,7 @@ from embbench.retrieval.base import (
     select_top,
     to_sq_l2,
 )
+from embbench.services import MILVUS_CALL_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class MilvusBackend(SearchBackend):
             search time at limit 16; rows with boundary ties are re-searched anyway.
         index_params: Extra index build parameters (e.g. ``{"M": 16}`` for HNSW).
         search_params: Extra search parameters (e.g. ``{"ef": 64}``).
+        timeout: Seconds each Milvus call may take, pymilvus' retries included (default
+            ``EMBBENCH_MILVUS_TIMEOUT`` or 60): a server that dies mid-grid fails the call in
+            seconds instead of pymilvus retrying for minutes.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class MilvusBackend(SearchBackend):
         margin: int = 2,
         index_params: dict[str, Any] | None = None,
         search_params: dict[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if uri is None:
             uri = str(runs_dir() / "milvus.db")
@@ -124,6 +129,8 @@ class MilvusBackend(SearchBackend):
         self.margin = int(margin)
         self.index_params = dict(index_params or {})
         self.search_params = dict(search_params or {})
+        self.timeout = float(timeout or os.environ.get("EMBBENCH_MILVUS_TIMEOUT") or
+                             MILVUS_CALL_TIMEOUT)
         self._client: Any = None
         self._collection: str | None = None
         self._collection_rows = 0
@@ -158,7 +165,8 @@ class MilvusBackend(SearchBackend):
             path.parent.mkdir(parents=True, exist_ok=True)
             self.uri = str(path)
         try:
-            self._client = MilvusClient(uri=self.uri, token=self._token)
+            self._client = MilvusClient(uri=self.uri, token=self._token,
+                                        timeout=min(self.timeout, 10.0))
         except Exception as err:
             hint = (
                 " Milvus Lite allows one process per file: close the other process, or run "
@@ -217,12 +225,12 @@ class MilvusBackend(SearchBackend):
             raise ValueError(f"MilvusBackend.build: ids must be {n} unique integers")
         t0 = time.perf_counter()
         client = self._get_client()
-        if client.has_collection(name):
-            client.drop_collection(name)
+        if client.has_collection(name, timeout=self.timeout):
+            client.drop_collection(name, timeout=self.timeout)
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
-        client.create_collection(name, schema=schema)
+        client.create_collection(name, schema=schema, timeout=self.timeout)
         rows_per_call = max(1, min(self.insert_batch, _GRPC_BUDGET_BYTES // (4 * d + 32)))
         for start in range(0, n, rows_per_call):
             stop = min(n, start + rows_per_call)
@@ -230,16 +238,17 @@ class MilvusBackend(SearchBackend):
                 {"id": key, "vector": vec}
                 for key, vec in zip(keys[start:stop].tolist(), arr[start:stop], strict=True)
             ]
-            client.insert(name, rows)
-        client.flush(name)  # unflushed rows are re-stacked from the memtable on every search
+            client.insert(name, rows, timeout=self.timeout)
+        # unflushed rows are re-stacked from the memtable on every search
+        client.flush(name, timeout=self.timeout)
         index_params = client.prepare_index_params()
         index_params.add_index(
             "vector", index_type=self.index_type, metric_type=self.metric, params=self.index_params
         )
         # Lite lacks AllocTimestamp, which the synchronous wait for the index uses (it logs a
         # server error and sleeps); Lite builds the index before returning anyway.
-        client.create_index(name, index_params, sync=not self.is_local)
-        client.load_collection(name)
+        client.create_index(name, index_params, sync=not self.is_local, timeout=self.timeout)
+        client.load_collection(name, timeout=self.timeout)
         self._collection = name
         self._collection_rows = n
         self.last_build_s = time.perf_counter() - t0
@@ -253,10 +262,11 @@ class MilvusBackend(SearchBackend):
         if self._collection == name:
             return name
         client = self._get_client()
-        if client.has_collection(name):
-            rows = int(client.get_collection_stats(name).get("row_count", -1))
+        if client.has_collection(name, timeout=self.timeout):
+            stats = client.get_collection_stats(name, timeout=self.timeout)
+            rows = int(stats.get("row_count", -1))
             if rows == index.shape[0]:
-                client.load_collection(name)
+                client.load_collection(name, timeout=self.timeout)
                 self._collection = name
                 self._collection_rows = rows
                 self.last_build_s = 0.0
@@ -287,6 +297,7 @@ class MilvusBackend(SearchBackend):
             limit=limit,
             output_fields=["id"],
             search_params=params,
+            timeout=self.timeout,
         )
         ids = np.full((len(queries), limit), -1, dtype=np.int64)
         scores = np.full((len(queries), limit), -np.inf, dtype=np.float32)
