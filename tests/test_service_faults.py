@@ -108,3 +108,26 @@ def test_mlflow_server_killed_mid_grid_fails_in_seconds_and_the_rerun_completes(
         assert len(ResultStore().records()) == 2
     finally:
         _kill(server)
+
+
+@pytest.mark.slow
+def test_corrupted_milvus_lite_collection_is_rebuilt_with_equal_metrics(
+        small_demo, monkeypatch, caplog, capfd):
+    from embbench.paths import runs_dir
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    first = run_embed(EmbedConfig(**{**BASE, "backend": "milvus"}))
+    files = [p for p in (runs_dir() / "milvus.db").rglob("*.json*") if "collections" in p.parts]
+    assert files  # the collection's schema and manifest
+    for path in files:  # garbage where Milvus Lite expects UTF-8 JSON
+        path.write_bytes(b"\xff\xfe\x80" * 50)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        again = run_embed(EmbedConfig(**{**BASE, "backend": "milvus", "overwrite": "always"}))
+    metrics = [c for c in first.columns if "@" in c]
+    assert metrics and again[metrics].equals(first[metrics])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "cannot be read" in warnings[0] and "rebuilding it from the embedding cache" in \
+        warnings[0] and str(runs_dir() / "milvus.db") in warnings[0]
+    assert "Traceback" not in capfd.readouterr().err  # pymilvus' own handler stayed quiet

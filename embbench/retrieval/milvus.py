@@ -7,11 +7,13 @@ loop): fine for the paper's datasets, slow past a few hundred thousand vectors; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +30,7 @@ from embbench.retrieval.base import (
     select_top,
     to_sq_l2,
 )
-from embbench.services import MILVUS_CALL_TIMEOUT
+from embbench.services import MILVUS_CALL_TIMEOUT, connection_failure
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,27 @@ __all__ = ["MilvusBackend"]
 _MILVUS_MAX_NQ = 16_384  # a Milvus server caps nq and topk per search call at 16,384
 _MILVUS_MAX_TOPK = 16_384
 _GRPC_BUDGET_BYTES = 192 * 2**20  # stay well under the 256 MiB gRPC message limit
+
+
+@contextlib.contextmanager
+def _quiet_milvus() -> Iterator[None]:
+    """Silence pymilvus' and Lite's tracebacks for an error handled here (with one warning)."""
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of a Milvus error, without pymilvus' wrapper."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    match = re.search(r"message=(.*?)\)>?$", text)
+    return (match.group(1) if match else text)[:300]
 
 
 @register_backend("milvus")
@@ -257,23 +280,63 @@ class MilvusBackend(SearchBackend):
         )
 
     def ensure_collection(self, index: np.ndarray) -> str:
-        """Build the collection for ``index`` unless an identical one exists; return its name."""
+        """Build the collection for ``index`` unless an identical one exists; return its name.
+
+        A collection that exists but cannot be read (e.g. a corrupted Milvus Lite file: ``'utf-8'
+        codec can't decode byte ...``) is dropped and rebuilt from ``index`` with one warning:
+        Milvus is a derived index, the embedding cache is the source of truth.
+        """
         name = self.collection_name(index)
         if self._collection == name:
             return name
-        client = self._get_client()
-        if client.has_collection(name, timeout=self.timeout):
-            stats = client.get_collection_stats(name, timeout=self.timeout)
-            rows = int(stats.get("row_count", -1))
-            if rows == index.shape[0]:
-                client.load_collection(name, timeout=self.timeout)
-                self._collection = name
-                self._collection_rows = rows
-                self.last_build_s = 0.0
-                logger.info("milvus: reusing collection %s (%d rows)", name, rows)
-                return name
-        self.build(name, index)
+        self._get_client()  # opening it (re)configures pymilvus' logging: before quieting it
+        try:
+            with _quiet_milvus():
+                reused = self._reuse(name, index.shape[0])
+        except Exception as err:
+            if connection_failure(err) is not None:
+                raise
+            self._drop_unreadable(name, err)
+            reused = False
+        if not reused:
+            self.build(name, index)
         return name
+
+    def _reuse(self, name: str, n: int) -> bool:
+        """Load collection ``name`` if it exists with ``n`` rows; whether it was reused."""
+        client = self._get_client()
+        if not client.has_collection(name, timeout=self.timeout):
+            return False
+        stats = client.get_collection_stats(name, timeout=self.timeout)
+        rows = int(stats.get("row_count", -1))
+        if rows != n:
+            return False
+        client.load_collection(name, timeout=self.timeout)
+        self._collection = name
+        self._collection_rows = rows
+        self.last_build_s = 0.0
+        logger.info("milvus: reusing collection %s (%d rows)", name, rows)
+        return True
+
+    def _drop_unreadable(self, name: str, err: Exception) -> None:
+        """Drop an unreadable collection (for Lite, move the whole file aside if that fails)."""
+        logger.warning(
+            "milvus: collection %s in %s cannot be read (%s); dropping it and rebuilding it "
+            "from the embedding cache", name, self.uri, _first_line(err),
+        )
+        self._collection = None
+        try:
+            with _quiet_milvus():
+                self._get_client().drop_collection(name, timeout=self.timeout)
+            return
+        except Exception as drop_err:
+            if not self.is_local or connection_failure(drop_err) is not None:
+                raise
+        aside = f"{self.uri}.unreadable-{int(time.time())}"
+        logger.warning("milvus: %s cannot drop it either; moved the Lite file to %s (derived "
+                       "collections are rebuilt on use)", self.uri, aside)
+        self.close()
+        Path(self.uri).replace(aside)
 
     # -- searching -----------------------------------------------------------------------------
 
@@ -329,7 +392,15 @@ class MilvusBackend(SearchBackend):
         for start in range(0, nq, step):
             stop = min(nq, start + step)
             qb = qry[start:stop]
-            ids_b, raw_b = self._raw_search(name, qb, limit)
+            try:
+                with _quiet_milvus():
+                    ids_b, raw_b = self._raw_search(name, qb, limit)
+            except Exception as err:  # a reused collection whose data cannot be read
+                if connection_failure(err) is not None or self.last_build_s > 0:
+                    raise
+                self._drop_unreadable(name, err)
+                name = self.ensure_collection(idx)
+                ids_b, raw_b = self._raw_search(name, qb, limit)
             rows, cols, canon = self._rescore(qb, idx, ids_b)
             pending = self._unresolved(canon, ids_b, raw_b, kk, tol, n)
             self.n_widened += int(pending.size)
