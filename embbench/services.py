@@ -14,13 +14,19 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from embbench._utils import StorageError, storage_fault, writable_problem
+from embbench.paths import cache_dir, reports_dir, runs_dir
+
 __all__ = [
     "MLFLOW_HTTP_DEFAULTS",
     "MILVUS_CALL_TIMEOUT",
     "ServiceUnreachableError",
     "check_milvus",
+    "check_storage",
     "check_tracking",
     "connection_failure",
+    "explain_mid_run",
+    "storage_fault_mid_run",
     "unreachable_mid_run",
 ]
 
@@ -179,3 +185,51 @@ def unreachable_mid_run(err: BaseException, tracking_uri: str, milvus_uri: str) 
         "cells' records are kept: start it again (or fix tracking_uri / MLFLOW_TRACKING_URI) "
         "and rerun"
     ) from err
+
+
+def _storage_roots() -> dict[Path, str]:
+    return {cache_dir(): "EMBBENCH_CACHE", runs_dir(): "EMBBENCH_RUNS",
+            reports_dir(): "EMBBENCH_REPORTS"}
+
+
+def check_storage() -> None:
+    """Check that the cache, runs and reports folders (and their subfolders) can be written.
+
+    Each is probed by writing a small file (:func:`embbench._utils.writable_problem`), so a
+    read-only mount or a full disk is reported before any work instead of as a traceback
+    halfway through a grid.
+
+    Raises:
+        StorageError: One line per folder that cannot be written, naming it and the fix.
+    """
+    problems = []
+    for root, var in _storage_roots().items():
+        problem = writable_problem(root, var)
+        if problem is None and root.is_dir():
+            # a read-only or full mount may sit one level down (cache/embeddings, runs/results)
+            for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.is_mount()):
+                problem = problem or writable_problem(sub, var)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise StorageError("\n".join(problems))
+
+
+def storage_fault_mid_run(err: BaseException, tracking_uri: str) -> None:
+    """Raise one line naming the path and the fix when ``err`` is a full or read-only disk.
+
+    Returns (the caller re-raises ``err``) for any other error.
+    """
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    fault = storage_fault(err, _storage_roots(), db)
+    if fault is not None and fault is not err:
+        raise fault from err
+
+
+def explain_mid_run(err: BaseException, tracking_uri: str, milvus_uri: str) -> None:
+    """Raise one line for a service lost or a disk full/read-only while a grid runs.
+
+    Returns (the caller re-raises ``err`` unchanged) for any other error.
+    """
+    unreachable_mid_run(err, tracking_uri, milvus_uri)
+    storage_fault_mid_run(err, tracking_uri)

@@ -74,9 +74,9 @@ TRACKED_PACKAGES = (
 )
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's local sqlite store."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+def default_tracking_uri(uri: str = "") -> str:
+    """``uri`` if given, else ``MLFLOW_TRACKING_URI`` if set, else the project's sqlite store."""
+    env = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     return f"sqlite:///{(runs_dir() / 'mlflow.db').resolve()}"
@@ -158,13 +158,16 @@ def _build_store(db: Path) -> None:
         # MLflow creates an empty "Default" experiment (id 0); embbench logs to named
         # experiments only, so it is soft-deleted: the UI does not list a stray empty experiment.
         store.delete_experiment(store.DEFAULT_EXPERIMENT_ID)
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
-        if engine is not None:
-            engine.dispose()
         tmp.replace(db)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        # MLflow caches one engine per URI: a failed build (disk full) must not leave this
+        # process's next attempt talking to the half-made file it had open
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI

@@ -131,3 +131,102 @@ def test_corrupted_milvus_lite_collection_is_rebuilt_with_equal_metrics(
     assert "cannot be read" in warnings[0] and "rebuilding it from the embedding cache" in \
         warnings[0] and str(runs_dir() / "milvus.db") in warnings[0]
     assert "Traceback" not in capfd.readouterr().err  # pymilvus' own handler stayed quiet
+
+
+# ---- read-only and full folders, through the CLI ---------------------------------------------
+@pytest.fixture
+def mounts():
+    """Mount small tmpfs file systems (real EROFS/ENOSPC); skipped where mounting is refused."""
+    done: list[Path] = []
+
+    def mount(target: Path, options: str) -> Path:
+        target.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {res.stderr}")
+        done.append(target)
+        return target
+
+    yield mount
+    for target in reversed(done):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def _remount(target: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(target)], check=True)
+
+
+def _cli_embed(tmp_path: Path, capsys) -> tuple[int, list[str]]:
+    """``embbench embed -f tiny.yaml``; its status and its stderr lines."""
+    from embbench.cli import main
+
+    params = tmp_path / "tiny.yaml"
+    params.write_text("models: [test_resnet]\ndatasets: [demo]\nweights: random\nbatch_size: 8\n"
+                      "num_workers: 0\nbackend: exact\n")
+    capsys.readouterr()
+    status = main(["embed", "-f", str(params)])
+    return status, capsys.readouterr().err.splitlines()
+
+
+def _one_error_line(lines: list[str]) -> str:
+    errors = [ln for ln in lines if ln.startswith("embbench embed: error:")]
+    assert len(errors) == 1 and not any("Traceback" in ln for ln in lines), lines
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_read_only_cache_folder_is_one_line_before_any_work(small_demo, monkeypatch, tmp_path,
+                                                            capsys, mounts):
+    from embbench.paths import cache_dir
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    cache = mounts(cache_dir(), "size=8m")
+    (cache / "embeddings").mkdir()
+    _remount(cache, "ro")
+    status, lines = _cli_embed(tmp_path, capsys)
+    line = _one_error_line(lines)
+    assert status == 2
+    assert str(cache) in line and "read-only" in line and "EMBBENCH_CACHE" in line
+    assert ResultStore().records() == []  # nothing ran, nothing recorded
+    _remount(cache, "rw")  # fixed: the rerun completes
+    status, lines = _cli_embed(tmp_path, capsys)
+    assert status == 0, lines
+    assert len(ResultStore().records()) == 1
+
+
+@pytest.mark.slow
+def test_full_runs_folder_is_one_line_before_any_work(small_demo, monkeypatch, tmp_path, capsys,
+                                                      mounts):
+    from embbench.paths import runs_dir
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    runs = mounts(runs_dir(), "size=256k")
+    with (runs / "filler").open("wb") as fh, pytest.raises(OSError):  # fill it up
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    status, lines = _cli_embed(tmp_path, capsys)
+    line = _one_error_line(lines)
+    assert status == 2 and f"disk full while writing {runs} " in line and "EMBBENCH_RUNS" in line
+    assert not list((runs_dir()).glob("results/**/*.json"))
+
+
+@pytest.mark.slow
+def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
+        small_demo, monkeypatch, tmp_path, capsys, mounts):
+    from embbench.paths import runs_dir
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = mounts(runs_dir(), "size=256k")  # room for the probe, not for the MLflow store (~1 MB)
+    status, lines = _cli_embed(tmp_path, capsys)
+    line = _one_error_line(lines)
+    assert status == 2
+    assert f"disk full while writing {runs / 'mlflow.db'}" in line and "EMBBENCH_RUNS" in line
+    assert not (runs / "mlflow.db").exists() and not list(runs.glob(".mlflow.db.*"))  # no half
+    assert ResultStore().records() == []
+    subprocess.run(["umount", "-l", str(runs)], check=True)  # space again: the rerun completes
+    status, lines = _cli_embed(tmp_path, capsys)
+    assert status == 0, lines
+    assert len(ResultStore().records()) == 1
