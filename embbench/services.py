@@ -20,6 +20,7 @@ from embbench.paths import cache_dir, reports_dir, runs_dir
 __all__ = [
     "MLFLOW_HTTP_DEFAULTS",
     "MILVUS_CALL_TIMEOUT",
+    "MILVUS_INDEX_TIMEOUT",
     "ServiceUnreachableError",
     "check_milvus",
     "check_storage",
@@ -41,8 +42,10 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
 }
 # Seconds each pymilvus call may take, its retries included (pymilvus retries an unavailable
-# server up to 75 times otherwise); override with EMBBENCH_MILVUS_TIMEOUT.
-MILVUS_CALL_TIMEOUT = 60.0
+# server up to 75 times otherwise); override with EMBBENCH_MILVUS_TIMEOUT. Building an index
+# and loading a collection get MILVUS_INDEX_TIMEOUT (an HNSW build of millions of rows).
+MILVUS_CALL_TIMEOUT = 30.0
+MILVUS_INDEX_TIMEOUT = 600.0
 
 # What a dead or hung service looks like, wrapped by requests/urllib3/grpc/pymilvus.
 _CONNECTION_NAMES = frozenset({

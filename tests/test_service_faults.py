@@ -110,6 +110,63 @@ def test_mlflow_server_killed_mid_grid_fails_in_seconds_and_the_rerun_completes(
         _kill(server)
 
 
+def _start_milvus(home: Path, port: int) -> subprocess.Popen:
+    log = (home / "milvus.log").open("a")
+    proc = subprocess.Popen(
+        [str(BIN / "milvus-lite"), "server", "--data-dir", str(home / "milvus.db"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    _kill(proc)
+    raise RuntimeError(f"milvus-lite server did not come up; see {home / 'milvus.log'}")
+
+
+@pytest.mark.slow
+def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
+        small_demo, monkeypatch, tmp_path):
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    monkeypatch.delenv("EMBBENCH_MILVUS_TIMEOUT", raising=False)
+    home = tmp_path / "milvus"
+    home.mkdir()
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = EmbedConfig(**{**BASE, "models": ["test_resnet", "test_clip"], "backend": "milvus",
+                         "milvus_uri": uri})
+    server = _start_milvus(home, port)
+    produce = EmbedSteps.produce
+    calls = []
+
+    def dies_at_the_second_cell(self, cell, inputs):
+        calls.append(cell.model)
+        if len(calls) == 2:
+            _kill(server)
+        return produce(self, cell, inputs)
+
+    monkeypatch.setattr(EmbedSteps, "produce", dies_at_the_second_cell)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(ServiceUnreachableError) as err:
+            run_embed(cfg)
+        elapsed = time.perf_counter() - t0
+        message = str(err.value)
+        assert len(message.splitlines()) == 1 and f"Milvus at {uri}" in message
+        assert elapsed < 60, elapsed  # pymilvus alone retries for minutes (generous bound)
+        (first,) = ResultStore().records()
+        assert first.model == "test_resnet" and first.metrics
+        server = _start_milvus(home, port)  # back: the rerun completes, the first cell kept
+        table = run_embed(cfg)
+        assert table["model"].tolist() == ["test_resnet", "test_clip"]
+        assert calls == ["test_resnet", "test_clip", "test_clip"]
+    finally:
+        _kill(server)
+
+
 @pytest.mark.slow
 def test_corrupted_milvus_lite_collection_is_rebuilt_with_equal_metrics(
         small_demo, monkeypatch, caplog, capfd):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from embbench.deploy.indexes import IndexSpec
-from embbench.services import MILVUS_CALL_TIMEOUT, connection_failure
+from embbench.services import MILVUS_CALL_TIMEOUT, MILVUS_INDEX_TIMEOUT, connection_failure
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class MilvusIndex:
         uri: A ``.db`` path (Milvus Lite) or ``http(s)://host:port`` (a server).
         token: Server token (never logged).
         timeout: Seconds each call may take, pymilvus' retries included (default
-            ``EMBBENCH_MILVUS_TIMEOUT`` or 60): a dead server fails in seconds, not minutes.
+            ``EMBBENCH_MILVUS_TIMEOUT`` or 30; building an index and
+            loading a collection may take 600 s): a dead server fails in seconds, not minutes.
     """
 
     def __init__(self, uri: str, token: str = "", timeout: float | None = None) -> None:
@@ -125,8 +126,9 @@ class MilvusIndex:
                 "vector", index_type=spec.index_type, metric_type="IP", params=spec.build_params
             )
             # Lite lacks AllocTimestamp used by the synchronous wait; it indexes before returning.
-            c.create_index(name, params, sync=self.is_server, timeout=self.timeout)
-            c.load_collection(name, timeout=self.timeout)
+            c.create_index(name, params, sync=self.is_server,
+                           timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
+            c.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
         except Exception:
             c.drop_collection(name, timeout=self.timeout)
             raise

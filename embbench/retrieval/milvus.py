@@ -30,7 +30,7 @@ from embbench.retrieval.base import (
     select_top,
     to_sq_l2,
 )
-from embbench.services import MILVUS_CALL_TIMEOUT, connection_failure
+from embbench.services import MILVUS_CALL_TIMEOUT, MILVUS_INDEX_TIMEOUT, connection_failure
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class MilvusBackend(SearchBackend):
         index_params: Extra index build parameters (e.g. ``{"M": 16}`` for HNSW).
         search_params: Extra search parameters (e.g. ``{"ef": 64}``).
         timeout: Seconds each Milvus call may take, pymilvus' retries included (default
-            ``EMBBENCH_MILVUS_TIMEOUT`` or 60): a server that dies mid-grid fails the call in
+            ``EMBBENCH_MILVUS_TIMEOUT`` or 30; building an index and
+            loading a collection may take 600 s): a server that dies mid-grid fails the call in
             seconds instead of pymilvus retrying for minutes.
     """
 
@@ -270,8 +271,9 @@ class MilvusBackend(SearchBackend):
         )
         # Lite lacks AllocTimestamp, which the synchronous wait for the index uses (it logs a
         # server error and sleeps); Lite builds the index before returning anyway.
-        client.create_index(name, index_params, sync=not self.is_local, timeout=self.timeout)
-        client.load_collection(name, timeout=self.timeout)
+        client.create_index(name, index_params, sync=not self.is_local,
+                            timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
+        client.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
         self._collection = name
         self._collection_rows = n
         self.last_build_s = time.perf_counter() - t0
@@ -311,7 +313,7 @@ class MilvusBackend(SearchBackend):
         rows = int(stats.get("row_count", -1))
         if rows != n:
             return False
-        client.load_collection(name, timeout=self.timeout)
+        client.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
         self._collection = name
         self._collection_rows = rows
         self.last_build_s = 0.0
