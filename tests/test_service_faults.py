@@ -127,6 +127,23 @@ def _start_milvus(home: Path, port: int) -> subprocess.Popen:
     raise RuntimeError(f"milvus-lite server did not come up; see {home / 'milvus.log'}")
 
 
+def _wait_for_milvus(uri: str, timeout: float = 60.0) -> None:
+    """Until a pymilvus client of this process answers (its gRPC channel is up again)."""
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = MilvusClient(uri=uri, timeout=5)
+            client.list_collections()
+            client.close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.mark.slow
 def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
         small_demo, monkeypatch, tmp_path):
@@ -160,6 +177,7 @@ def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
         (first,) = ResultStore().records()
         assert first.model == "test_resnet" and first.metrics
         server = _start_milvus(home, port)  # back: the rerun completes, the first cell kept
+        _wait_for_milvus(uri)
         table = run_embed(cfg)
         assert table["model"].tolist() == ["test_resnet", "test_clip"]
         assert calls == ["test_resnet", "test_clip", "test_clip"]
