@@ -335,6 +335,8 @@ def _explain(exc: BaseException) -> tuple[str, int] | None:
         return f"the notebook failed{where}: {ename}: {evalue}", status
     if isinstance(exc, _user_errors()):
         text = str(exc)
+        if type(exc).__name__ in ("DiskFullError", "StorageError") and exc.strerror:
+            text = exc.strerror  # without str()'s "[Errno 28] " prefix
         if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
             text = f"{text}: {exc.filename}"
         return text, 2

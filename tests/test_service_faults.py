@@ -262,7 +262,8 @@ def test_read_only_cache_folder_is_one_line_before_any_work(small_demo, monkeypa
     status, lines = _cli_embed(tmp_path, capsys)
     line = _one_error_line(lines)
     assert status == 2
-    assert str(cache) in line and "read-only" in line and "EMBBENCH_CACHE" in line
+    assert line.startswith(f"embbench embed: error: {cache}") and "EMBBENCH_CACHE" in line
+    assert "read-only" in line
     assert ResultStore().records() == []  # nothing ran, nothing recorded
     _remount(cache, "rw")  # fixed: the rerun completes
     status, lines = _cli_embed(tmp_path, capsys)
@@ -298,10 +299,52 @@ def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
     status, lines = _cli_embed(tmp_path, capsys)
     line = _one_error_line(lines)
     assert status == 2
-    assert f"disk full while writing {runs / 'mlflow.db'}" in line and "EMBBENCH_RUNS" in line
+    assert line.startswith(f"embbench embed: error: MLflow store: disk full while writing "
+                           f"{runs / 'mlflow.db'} ") and "EMBBENCH_RUNS" in line
     assert not (runs / "mlflow.db").exists() and not list(runs.glob(".mlflow.db.*"))  # no half
     assert ResultStore().records() == []
     subprocess.run(["umount", "-l", str(runs)], check=True)  # space again: the rerun completes
     status, lines = _cli_embed(tmp_path, capsys)
     assert status == 0, lines
     assert len(ResultStore().records()) == 1
+
+
+@pytest.mark.parametrize(("code", "words"), [(30, "is on a read-only file system"),
+                                             (28, "disk full while writing"),
+                                             (13, "is not writable by this user")])
+def test_write_probe_names_the_folder_and_the_fix(tmp_path, monkeypatch, code, words):
+    """The probe behind the engine's check, where no file system can be mounted (no root)."""
+    import errno
+
+    from embbench import _utils
+
+    def failing_open(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    assert code in (errno.EROFS, errno.ENOSPC, errno.EACCES)
+    monkeypatch.setattr(_utils, "open", failing_open, raising=False)
+    line = _utils.writable_problem(tmp_path / "cache", "EMBBENCH_CACHE")
+    assert line is not None and len(line.splitlines()) == 1
+    assert f"{tmp_path / 'cache'}" in line and words in line and "EMBBENCH_CACHE" in line
+    assert not list((tmp_path / "cache").iterdir())  # no probe file left behind
+    monkeypatch.undo()
+    assert _utils.writable_problem(tmp_path / "cache", "EMBBENCH_CACHE") is None
+
+
+def test_mlflow_store_full_mid_run_becomes_one_line(tmp_path):
+    import sqlite3
+
+    from embbench._utils import DiskFullError, storage_fault
+
+    db = tmp_path / "runs" / "mlflow.db"
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as inner:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full") from inner
+    except RuntimeError as err:
+        fault = storage_fault(err, {tmp_path / "runs": "EMBBENCH_RUNS"}, db)
+    assert isinstance(fault, DiskFullError)
+    assert fault.strerror.startswith(f"MLflow store: disk full while writing {db} ")
+    assert "EMBBENCH_RUNS" in fault.strerror and len(str(fault).splitlines()) == 1
+    assert storage_fault(ValueError("x"), {}, db) is None
