@@ -7,6 +7,7 @@ that need torch live in :mod:`embbench._torch_utils`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DiskFullError",
+    "StorageError",
+    "storage_fault",
+    "writable_problem",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_npy",
@@ -67,6 +71,98 @@ def _disk_full_error(path: Path, err: OSError) -> DiskFullError:
         "or point EMBBENCH_CACHE / EMBBENCH_RUNS at a larger one, then rerun (finished work "
         "is kept)",
     )
+
+
+class StorageError(OSError):
+    """A folder embbench writes to is read-only or not writable; the message names it, the fix."""
+
+
+def _owner_var(path: Path, roots: Mapping[Path, str]) -> str:
+    """The environment variable of the project folder holding ``path`` (for the fix)."""
+    for root, var in roots.items():
+        if path == root or root in path.parents:
+            return var
+    return " / ".join(roots.values()) or "the folder setting"
+
+
+def _storage_text(path: Path, err: OSError, var: str) -> str | None:
+    """One line naming ``path``, what is wrong and the fix, or ``None`` for other errors."""
+    if _is_disk_full(err):
+        try:
+            free = f"{shutil.disk_usage(path if path.is_dir() else path.parent).free / 1e6:,.1f} MB"
+        except OSError:
+            free = "unknown"
+        return (f"disk full while writing {path} ({free} free); free space on that file system or "
+                f"point {var} at a larger one, then rerun (finished work is kept)")
+    if err.errno == errno.EROFS:
+        return (f"{path} is on a read-only file system; remount it read-write or point {var} at "
+                "a writable folder, then rerun (finished work is kept)")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (f"{path} is not writable by this user ({err.strerror}); fix its permissions or "
+                f"point {var} at a writable folder, then rerun (finished work is kept)")
+    return None
+
+
+def writable_problem(folder: Path, var: str) -> str | None:
+    """Whether embbench can write under ``folder``: ``None``, or one line naming it and the fix.
+
+    Creates the folder if missing, then writes, fsyncs and removes a 4 KiB probe file, so a
+    read-only mount, a folder without write permission or a full file system is found before
+    any work (``os.access`` alone misses read-only mounts and full disks).
+    """
+    folder = Path(folder)
+    probe = folder / f".embbench-write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+    except OSError as err:
+        path = Path(err.filename) if err.filename and Path(err.filename) != probe else folder
+        return _storage_text(path, err, var) or (
+            f"cannot write under {folder} ({err}); point {var} at a writable folder")
+    return None
+
+
+def storage_fault(err: BaseException, roots: Mapping[Path, str],
+                  sqlite_db: Path | None = None) -> OSError | None:
+    """A one-line :class:`DiskFullError`/:class:`StorageError` for a write that failed, or None.
+
+    Looks through ``err``'s chain for an ``OSError`` that says "full", "read-only" or
+    "permission denied" (naming its file), or SQLite's "database or disk is full" / "attempt to
+    write a readonly database" (naming ``sqlite_db``, the MLflow store).
+
+    Args:
+        err: The error raised while a run wrote its files.
+        roots: Project folders -> their environment variable (``EMBBENCH_CACHE``...).
+        sqlite_db: The local MLflow store, when the tracking URI is one.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, DiskFullError | StorageError):
+            return cur
+        text = str(cur)
+        if sqlite_db is not None and ("database or disk is full" in text
+                                      or "readonly database" in text):
+            code = errno.ENOSPC if "full" in text else errno.EROFS
+            fake = OSError(code, "database or disk is full" if "full" in text else text)
+            line = _storage_text(sqlite_db, fake, _owner_var(sqlite_db, roots))
+            kind = DiskFullError if code == errno.ENOSPC else StorageError
+            return kind(code, f"MLflow store: {line}")
+        if isinstance(cur, OSError) and cur.filename:
+            path = Path(cur.filename)
+            line = _storage_text(path, cur, _owner_var(path, roots))
+            if line is not None:
+                return (DiskFullError if _is_disk_full(cur) else StorageError)(cur.errno, line)
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _replace_from_temp(path: Path, write) -> None:

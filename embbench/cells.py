@@ -46,10 +46,11 @@ from embbench.datasets.prepare import RetrievalPlan, load_catalogue, retrieval_p
 from embbench.models import get_model_spec
 from embbench.records import CatalogueRef, Lineage, ResultRecord, ResultStore, Timings
 from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
-from embbench.services import ServiceUnreachableError, check_milvus
+from embbench.services import ServiceUnreachableError, check_milvus, check_storage, explain_mid_run
 from embbench.tracking import (
     cell_params,
     close_stale_run,
+    default_tracking_uri,
     log_catalogue_input,
     log_json_artifact,
     log_params,
@@ -187,15 +188,18 @@ class CellEngine:
         self._owns_backend = backend is None
         self.inputs: dict[str, CellInputs] = {}
         self.dist = DistInfo()
+        self._tracking_uri = ""
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, cells: Sequence[Cell]) -> None:
         """Check the whole grid before any work; load and plan every dataset once.
 
         Raises:
+            StorageError: The cache, runs or reports folder cannot be written (read-only, full).
             GridError: Listing every problem found (unknown models and datasets with close
                 matches, an unknown backend, a missing split or label), each with its fix.
         """
+        check_storage()
         problems: list[str] = []
         # a user's catalogue is named by its data_root key (cache, records, MLflow, report)
         register_user_catalogues(self.cfg.data_root)
@@ -267,22 +271,27 @@ class CellEngine:
         # catalogue), logs, locks and records, the others join the collective work of produce
         self.dist = init_distributed(resolve_device(self.cfg.device))
         cells = [c for c in self.steps.grid() if select is None or select(c)]
-        if self.dist.is_main:
-            self.validate(cells)
-            setup_mlflow(self.cfg.tracking_uri, self.cfg.experiment)
-        barrier(self.dist)
-        if not self.dist.is_main:
-            self.validate(cells)
-        expand = getattr(self.steps, "expand", None)
-        if expand is not None:  # cells known only once the data is (e.g. an index sweep)
-            cells = [c for c in expand(cells, self.inputs) if select is None or select(c)]
         records = []
         try:
+            if self.dist.is_main:
+                self.validate(cells)
+                self._tracking_uri = default_tracking_uri(self.cfg.tracking_uri)
+                setup_mlflow(self._tracking_uri, self.cfg.experiment)
+            barrier(self.dist)
+            if not self.dist.is_main:
+                self.validate(cells)
+            expand = getattr(self.steps, "expand", None)
+            if expand is not None:  # cells known only once the data is (e.g. an index sweep)
+                cells = [c for c in expand(cells, self.inputs) if select is None or select(c)]
             for i, cell in enumerate(cells, 1):
                 logger.info("[%d/%d] %s", i, len(cells), cell)
                 record = self.run_cell(cell)
                 if record is not None:
                     records.append(record)
+        except Exception as err:  # a lost service or a full/read-only disk: one line, no traceback
+            uri = getattr(self._backend, "uri", "") or self.cfg.milvus_uri or "Milvus Lite"
+            explain_mid_run(err, self._tracking_uri, str(uri))
+            raise
         finally:
             if self._owns_backend and self._backend is not None:
                 self._backend.close()

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that are a user's to fix: printed as their message, exit status 2."""
     from embbench._registry import UnknownNameError
-    from embbench._utils import DiskFullError
+    from embbench._utils import DiskFullError, StorageError
     from embbench.analysis import AnalysisError
     from embbench.cache import CacheError
     from embbench.catalogue import CatalogueError
@@ -309,7 +309,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from embbench.tracking import TrackingStoreError
 
     return (ConfigError, CatalogueError, CacheError, ServiceUnreachableError, RecordError,
-            TrackingStoreError, DiskFullError, UnknownNameError, FileNotFoundError,
+            TrackingStoreError, DiskFullError, StorageError, UnknownNameError, FileNotFoundError,
             DatasetParamsError, ModelError, WeightsUnavailableError, CheckpointError,
             AnalysisError, ReportError, BadImageError)
 
@@ -321,7 +321,7 @@ _USER_ERROR_NAMES = frozenset({
     "RecordError", "TrackingStoreError", "DiskFullError", "UnknownNameError", "FileNotFoundError",
     "DatasetParamsError", "ModelError", "WeightsUnavailableError", "CheckpointError",
     "PackageWeightsMissingError", "AnalysisError", "GalleryError", "TopTuneError",
-    "CrosstuneError", "FinetuneError",
+    "CrosstuneError", "FinetuneError", "StorageError",
 })
 
 
@@ -335,6 +335,8 @@ def _explain(exc: BaseException) -> tuple[str, int] | None:
         return f"the notebook failed{where}: {ename}: {evalue}", status
     if isinstance(exc, _user_errors()):
         text = str(exc)
+        if type(exc).__name__ in ("DiskFullError", "StorageError") and exc.strerror:
+            text = exc.strerror  # without str()'s "[Errno 28] " prefix
         if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
             text = f"{text}: {exc.filename}"
         return text, 2

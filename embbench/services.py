@@ -17,11 +17,51 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from embbench.paths import runs_dir
+from embbench._utils import StorageError, storage_fault, writable_problem
+from embbench.paths import cache_dir, reports_dir, runs_dir
 
-__all__ = ["ServiceUnreachableError", "check_milvus", "check_tracking", "lite_lock_holder"]
+__all__ = [
+    "MLFLOW_HTTP_DEFAULTS",
+    "MILVUS_CALL_TIMEOUT",
+    "MILVUS_INDEX_TIMEOUT",
+    "ServiceUnreachableError",
+    "check_milvus",
+    "check_storage",
+    "check_tracking",
+    "connection_failure",
+    "explain_mid_run",
+    "lite_lock_holder",
+    "storage_fault_mid_run",
+    "unreachable_mid_run",
+]
 
 DEFAULT_TIMEOUT = 3.0
+# MLflow's HTTP client (mlflow 3.x reads these at each request; the user's environment wins):
+# by default it waits 120 s per request and retries 7 times with backoff, so a tracking server
+# that died mid-grid hung the run for many minutes. Here: about 10 s per request, 2 retries.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+# Seconds each pymilvus call may take, its retries included (pymilvus retries an unavailable
+# server up to 75 times otherwise); override with EMBBENCH_MILVUS_TIMEOUT. Building an index
+# and loading a collection get MILVUS_INDEX_TIMEOUT (an HNSW build of millions of rows).
+MILVUS_CALL_TIMEOUT = 30.0
+MILVUS_INDEX_TIMEOUT = 600.0
+
+# What a dead or hung service looks like, wrapped by requests/urllib3/grpc/pymilvus.
+_CONNECTION_NAMES = frozenset({
+    "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError",
+    "NewConnectionError", "ConnectionRefusedError", "ConnectionResetError", "RemoteDisconnected",
+    "ProtocolError", "_InactiveRpcError", "MilvusUnavailableException",
+})
+_CONNECTION_TEXT = (
+    "Max retries exceeded", "Connection refused", "timed out", "Connection aborted",
+    "Connection reset", "RemoteDisconnected", "StatusCode.UNAVAILABLE", "DEADLINE_EXCEEDED",
+    "Retry timeout", "server unavailable", "Fail connecting to server",
+)
 
 
 class ServiceUnreachableError(ConnectionError):
@@ -183,3 +223,103 @@ def _open_by(lock: Path) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def connection_failure(err: BaseException) -> tuple[str, str] | None:
+    """``(service, reason)`` when ``err`` (or what it wraps) is a lost connection, else ``None``.
+
+    ``service`` is ``"milvus"`` when pymilvus/grpc raised it, else ``"mlflow"`` (requests or
+    urllib3 under MLflow's client); ``reason`` is a short first line of the underlying error.
+    """
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    service = (
+        "milvus"
+        if any(type(e).__module__.split(".")[0] in ("pymilvus", "grpc") for e in chain)
+        else "mlflow"
+    )
+    for e in chain:
+        text = str(e)
+        if type(e).__name__ in _CONNECTION_NAMES or any(t in text for t in _CONNECTION_TEXT):
+            first = (text.strip().splitlines() or [type(e).__name__])[0]
+            return service, first[:200]
+    return None
+
+
+def unreachable_mid_run(err: BaseException, tracking_uri: str, milvus_uri: str) -> None:
+    """Raise :class:`ServiceUnreachableError` naming the URI when ``err`` is a lost service.
+
+    Called by the cell engine on an error raised while cells run; returns (so the caller
+    re-raises ``err`` unchanged) when ``err`` is not a lost connection.
+    """
+    if isinstance(err, ServiceUnreachableError):
+        return
+    found = connection_failure(err)
+    if found is None:
+        return
+    service, reason = found
+    if service == "mlflow" and not tracking_uri.startswith(("http://", "https://")):
+        return  # a local store has no connection to lose
+    if service == "milvus":
+        raise ServiceUnreachableError(
+            f"Milvus at {milvus_uri} stopped answering mid-run ({reason}); finished cells' "
+            "records are kept: start the server again (or fix milvus_uri) and rerun"
+        ) from err
+    raise ServiceUnreachableError(
+        f"MLflow tracking server {tracking_uri} stopped answering mid-run ({reason}); finished "
+        "cells' records are kept: start it again (or fix tracking_uri / MLFLOW_TRACKING_URI) "
+        "and rerun"
+    ) from err
+
+
+def _storage_roots() -> dict[Path, str]:
+    return {cache_dir(): "EMBBENCH_CACHE", runs_dir(): "EMBBENCH_RUNS",
+            reports_dir(): "EMBBENCH_REPORTS"}
+
+
+def check_storage() -> None:
+    """Check that the cache, runs and reports folders (and their subfolders) can be written.
+
+    Each is probed by writing a small file (:func:`embbench._utils.writable_problem`), so a
+    read-only mount or a full disk is reported before any work instead of as a traceback
+    halfway through a grid.
+
+    Raises:
+        StorageError: One line per folder that cannot be written, naming it and the fix.
+    """
+    problems = []
+    for root, var in _storage_roots().items():
+        problem = writable_problem(root, var)
+        if problem is None and root.is_dir():
+            # a read-only or full mount may sit one level down (cache/embeddings, runs/results)
+            for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.is_mount()):
+                problem = problem or writable_problem(sub, var)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise StorageError("\n".join(problems))
+
+
+def storage_fault_mid_run(err: BaseException, tracking_uri: str) -> None:
+    """Raise one line naming the path and the fix when ``err`` is a full or read-only disk.
+
+    Returns (the caller re-raises ``err``) for any other error.
+    """
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    fault = storage_fault(err, _storage_roots(), db)
+    if fault is not None and fault is not err:
+        raise fault from err
+
+
+def explain_mid_run(err: BaseException, tracking_uri: str, milvus_uri: str) -> None:
+    """Raise one line for a service lost or a disk full/read-only while a grid runs.
+
+    Returns (the caller re-raises ``err`` unchanged) for any other error.
+    """
+    unreachable_mid_run(err, tracking_uri, milvus_uri)
+    storage_fault_mid_run(err, tracking_uri)

@@ -34,7 +34,7 @@ from typing import Any
 from filelock import FileLock
 
 from embbench.paths import project_root, runs_dir
-from embbench.services import ServiceUnreachableError, check_tracking
+from embbench.services import MLFLOW_HTTP_DEFAULTS, ServiceUnreachableError, check_tracking
 
 __all__ = [
     "ServiceUnreachableError",
@@ -80,9 +80,9 @@ TRACKED_PACKAGES = (
 )
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's local sqlite store."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+def default_tracking_uri(uri: str = "") -> str:
+    """``uri`` if given, else ``MLFLOW_TRACKING_URI`` if set, else the project's sqlite store."""
+    env = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     return f"sqlite:///{(runs_dir() / 'mlflow.db').resolve()}"
@@ -164,13 +164,16 @@ def _build_store(db: Path) -> None:
         # MLflow creates an empty "Default" experiment (id 0); embbench logs to named
         # experiments only, so it is soft-deleted: the UI does not list a stray empty experiment.
         store.delete_experiment(store.DEFAULT_EXPERIMENT_ID)
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
-        if engine is not None:
-            engine.dispose()
         tmp.replace(db)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        # MLflow caches one engine per URI: a failed build (disk full) must not leave this
+        # process's next attempt talking to the half-made file it had open
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
 
 
 # The experiment's kind. MLflow 3.17's UI does not read it to pick its view (see ML_WORKFLOW and
@@ -183,7 +186,9 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
     """Point MLflow at ``uri`` (default :func:`default_tracking_uri`) and select ``experiment``.
 
     A local sqlite store is created once, atomically (:func:`ensure_sqlite_store`); a tracking
-    server is probed first (:func:`check_tracking`, seconds, not minutes of retries). A new
+    server is probed first (:func:`check_tracking`, seconds, not minutes of retries), and
+    MLflow's HTTP timeout and retries are bounded for the rest of the run
+    (:data:`embbench.services.MLFLOW_HTTP_DEFAULTS`, unless set in the environment). A new
     experiment on a local store gets its artifacts under ``<runs_dir>/mlartifacts``.
 
     Returns:
@@ -194,6 +199,8 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
         TrackingStoreError: The local store is damaged and holds runs.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for var, value in MLFLOW_HTTP_DEFAULTS.items():  # seconds, not minutes; the user's env wins
+        os.environ.setdefault(var, value)
     uri = uri or default_tracking_uri()
     check_tracking(uri)
     if uri.startswith("sqlite:///"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from embbench.deploy.indexes import IndexSpec
+from embbench.services import MILVUS_CALL_TIMEOUT, MILVUS_INDEX_TIMEOUT, connection_failure
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MAX_NQ", "MAX_TOPK", "MilvusIndex", "error_text", "is_unsupported", "quiet_milvus"]
 
@@ -66,18 +70,23 @@ class MilvusIndex:
     Args:
         uri: A ``.db`` path (Milvus Lite) or ``http(s)://host:port`` (a server).
         token: Server token (never logged).
+        timeout: Seconds each call may take, pymilvus' retries included (default
+            ``EMBBENCH_MILVUS_TIMEOUT`` or 30; building an index and
+            loading a collection may take 600 s): a dead server fails in seconds, not minutes.
     """
 
-    def __init__(self, uri: str, token: str = "") -> None:
+    def __init__(self, uri: str, token: str = "", timeout: float | None = None) -> None:
         from pymilvus import MilvusClient
 
+        self.timeout = float(timeout or os.environ.get("EMBBENCH_MILVUS_TIMEOUT") or
+                             MILVUS_CALL_TIMEOUT)
         self.uri = str(uri)
         self.is_server = bool(re.match(r"^[a-z]+://", self.uri))
         if not self.is_server:
             path = Path(self.uri).expanduser().resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
             self.uri = str(path)
-        self.client = MilvusClient(uri=self.uri, token=token)
+        self.client = MilvusClient(uri=self.uri, token=token, timeout=min(self.timeout, 10.0))
 
     def close(self) -> None:
         """Close the client; for Lite also release the file lock."""
@@ -98,12 +107,11 @@ class MilvusIndex:
         c = self.client
         n, d = vectors.shape
         t0 = time.perf_counter()
-        if c.has_collection(name):
-            c.drop_collection(name)
+        self.drop(name)
         schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
-        c.create_collection(name, schema=schema)
+        c.create_collection(name, schema=schema, timeout=self.timeout)
         try:
             step = max(1, min(8192, _INSERT_BUDGET // (4 * d + 32)))
             for s in range(0, n, step):
@@ -111,17 +119,18 @@ class MilvusIndex:
                     {"id": i, "vector": v}
                     for i, v in zip(range(s, min(n, s + step)), vectors[s : s + step], strict=True)
                 ]
-                c.insert(name, rows)
-            c.flush(name)
+                c.insert(name, rows, timeout=self.timeout)
+            c.flush(name, timeout=self.timeout)
             params = c.prepare_index_params()
             params.add_index(
                 "vector", index_type=spec.index_type, metric_type="IP", params=spec.build_params
             )
             # Lite lacks AllocTimestamp used by the synchronous wait; it indexes before returning.
-            c.create_index(name, params, sync=self.is_server)
-            c.load_collection(name)
+            c.create_index(name, params, sync=self.is_server,
+                           timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
+            c.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
         except Exception:
-            c.drop_collection(name)
+            c.drop_collection(name, timeout=self.timeout)
             raise
         return time.perf_counter() - t0
 
@@ -142,6 +151,7 @@ class MilvusIndex:
                 limit=limit,
                 output_fields=["id"],
                 search_params=sp,
+                timeout=self.timeout,
             )
             for i, hits in enumerate(res):
                 ids[s + i, : len(hits.ids)] = hits.ids
@@ -149,6 +159,15 @@ class MilvusIndex:
         return ids, scores
 
     def drop(self, name: str) -> None:
-        """Drop a collection if present."""
-        if self.client.has_collection(name):
-            self.client.drop_collection(name)
+        """Drop a collection if present, or if it cannot be read (e.g. a corrupted Lite file)."""
+        try:
+            with quiet_milvus():
+                present = self.client.has_collection(name, timeout=self.timeout)
+        except Exception as err:
+            if connection_failure(err) is not None:
+                raise
+            logger.warning("milvus: collection %s in %s cannot be read (%s); dropping it and "
+                           "rebuilding it", name, self.uri, error_text(err))
+            present = True
+        if present:
+            self.client.drop_collection(name, timeout=self.timeout)

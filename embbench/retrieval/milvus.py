@@ -7,11 +7,13 @@ loop): fine for the paper's datasets, slow past a few hundred thousand vectors; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from embbench.retrieval.base import (
     select_top,
     to_sq_l2,
 )
+from embbench.services import MILVUS_CALL_TIMEOUT, MILVUS_INDEX_TIMEOUT, connection_failure
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,27 @@ __all__ = ["MilvusBackend"]
 _MILVUS_MAX_NQ = 16_384  # a Milvus server caps nq and topk per search call at 16,384
 _MILVUS_MAX_TOPK = 16_384
 _GRPC_BUDGET_BYTES = 192 * 2**20  # stay well under the 256 MiB gRPC message limit
+
+
+@contextlib.contextmanager
+def _quiet_milvus() -> Iterator[None]:
+    """Silence pymilvus' and Lite's tracebacks for an error handled here (with one warning)."""
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of a Milvus error, without pymilvus' wrapper."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    match = re.search(r"message=(.*?)\)>?$", text)
+    return (match.group(1) if match else text)[:300]
 
 
 @register_backend("milvus")
@@ -77,6 +101,10 @@ class MilvusBackend(SearchBackend):
             search time at limit 16; rows with boundary ties are re-searched anyway.
         index_params: Extra index build parameters (e.g. ``{"M": 16}`` for HNSW).
         search_params: Extra search parameters (e.g. ``{"ef": 64}``).
+        timeout: Seconds each Milvus call may take, pymilvus' retries included (default
+            ``EMBBENCH_MILVUS_TIMEOUT`` or 30; building an index and
+            loading a collection may take 600 s): a server that dies mid-grid fails the call in
+            seconds instead of pymilvus retrying for minutes.
     """
 
     def __init__(
@@ -91,6 +119,7 @@ class MilvusBackend(SearchBackend):
         margin: int = 2,
         index_params: dict[str, Any] | None = None,
         search_params: dict[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if uri is None:
             uri = str(runs_dir() / "milvus.db")
@@ -124,6 +153,8 @@ class MilvusBackend(SearchBackend):
         self.margin = int(margin)
         self.index_params = dict(index_params or {})
         self.search_params = dict(search_params or {})
+        self.timeout = float(timeout or os.environ.get("EMBBENCH_MILVUS_TIMEOUT") or
+                             MILVUS_CALL_TIMEOUT)
         self._client: Any = None
         self._collection: str | None = None
         self._collection_rows = 0
@@ -158,7 +189,8 @@ class MilvusBackend(SearchBackend):
             path.parent.mkdir(parents=True, exist_ok=True)
             self.uri = str(path)
         try:
-            self._client = MilvusClient(uri=self.uri, token=self._token)
+            self._client = MilvusClient(uri=self.uri, token=self._token,
+                                        timeout=min(self.timeout, 10.0))
         except Exception as err:
             hint = (
                 " Milvus Lite allows one process per file: close the other process, or run "
@@ -217,12 +249,12 @@ class MilvusBackend(SearchBackend):
             raise ValueError(f"MilvusBackend.build: ids must be {n} unique integers")
         t0 = time.perf_counter()
         client = self._get_client()
-        if client.has_collection(name):
-            client.drop_collection(name)
+        if client.has_collection(name, timeout=self.timeout):
+            client.drop_collection(name, timeout=self.timeout)
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
-        client.create_collection(name, schema=schema)
+        client.create_collection(name, schema=schema, timeout=self.timeout)
         rows_per_call = max(1, min(self.insert_batch, _GRPC_BUDGET_BYTES // (4 * d + 32)))
         for start in range(0, n, rows_per_call):
             stop = min(n, start + rows_per_call)
@@ -230,16 +262,18 @@ class MilvusBackend(SearchBackend):
                 {"id": key, "vector": vec}
                 for key, vec in zip(keys[start:stop].tolist(), arr[start:stop], strict=True)
             ]
-            client.insert(name, rows)
-        client.flush(name)  # unflushed rows are re-stacked from the memtable on every search
+            client.insert(name, rows, timeout=self.timeout)
+        # unflushed rows are re-stacked from the memtable on every search
+        client.flush(name, timeout=self.timeout)
         index_params = client.prepare_index_params()
         index_params.add_index(
             "vector", index_type=self.index_type, metric_type=self.metric, params=self.index_params
         )
         # Lite lacks AllocTimestamp, which the synchronous wait for the index uses (it logs a
         # server error and sleeps); Lite builds the index before returning anyway.
-        client.create_index(name, index_params, sync=not self.is_local)
-        client.load_collection(name)
+        client.create_index(name, index_params, sync=not self.is_local,
+                            timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
+        client.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
         self._collection = name
         self._collection_rows = n
         self.last_build_s = time.perf_counter() - t0
@@ -248,22 +282,63 @@ class MilvusBackend(SearchBackend):
         )
 
     def ensure_collection(self, index: np.ndarray) -> str:
-        """Build the collection for ``index`` unless an identical one exists; return its name."""
+        """Build the collection for ``index`` unless an identical one exists; return its name.
+
+        A collection that exists but cannot be read (e.g. a corrupted Milvus Lite file: ``'utf-8'
+        codec can't decode byte ...``) is dropped and rebuilt from ``index`` with one warning:
+        Milvus is a derived index, the embedding cache is the source of truth.
+        """
         name = self.collection_name(index)
         if self._collection == name:
             return name
-        client = self._get_client()
-        if client.has_collection(name):
-            rows = int(client.get_collection_stats(name).get("row_count", -1))
-            if rows == index.shape[0]:
-                client.load_collection(name)
-                self._collection = name
-                self._collection_rows = rows
-                self.last_build_s = 0.0
-                logger.info("milvus: reusing collection %s (%d rows)", name, rows)
-                return name
-        self.build(name, index)
+        self._get_client()  # opening it (re)configures pymilvus' logging: before quieting it
+        try:
+            with _quiet_milvus():
+                reused = self._reuse(name, index.shape[0])
+        except Exception as err:
+            if connection_failure(err) is not None:
+                raise
+            self._drop_unreadable(name, err)
+            reused = False
+        if not reused:
+            self.build(name, index)
         return name
+
+    def _reuse(self, name: str, n: int) -> bool:
+        """Load collection ``name`` if it exists with ``n`` rows; whether it was reused."""
+        client = self._get_client()
+        if not client.has_collection(name, timeout=self.timeout):
+            return False
+        stats = client.get_collection_stats(name, timeout=self.timeout)
+        rows = int(stats.get("row_count", -1))
+        if rows != n:
+            return False
+        client.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
+        self._collection = name
+        self._collection_rows = rows
+        self.last_build_s = 0.0
+        logger.info("milvus: reusing collection %s (%d rows)", name, rows)
+        return True
+
+    def _drop_unreadable(self, name: str, err: Exception) -> None:
+        """Drop an unreadable collection (for Lite, move the whole file aside if that fails)."""
+        logger.warning(
+            "milvus: collection %s in %s cannot be read (%s); dropping it and rebuilding it "
+            "from the embedding cache", name, self.uri, _first_line(err),
+        )
+        self._collection = None
+        try:
+            with _quiet_milvus():
+                self._get_client().drop_collection(name, timeout=self.timeout)
+            return
+        except Exception as drop_err:
+            if not self.is_local or connection_failure(drop_err) is not None:
+                raise
+        aside = f"{self.uri}.unreadable-{int(time.time())}"
+        logger.warning("milvus: %s cannot drop it either; moved the Lite file to %s (derived "
+                       "collections are rebuilt on use)", self.uri, aside)
+        self.close()
+        Path(self.uri).replace(aside)
 
     # -- searching -----------------------------------------------------------------------------
 
@@ -287,6 +362,7 @@ class MilvusBackend(SearchBackend):
             limit=limit,
             output_fields=["id"],
             search_params=params,
+            timeout=self.timeout,
         )
         ids = np.full((len(queries), limit), -1, dtype=np.int64)
         scores = np.full((len(queries), limit), -np.inf, dtype=np.float32)
@@ -318,7 +394,15 @@ class MilvusBackend(SearchBackend):
         for start in range(0, nq, step):
             stop = min(nq, start + step)
             qb = qry[start:stop]
-            ids_b, raw_b = self._raw_search(name, qb, limit)
+            try:
+                with _quiet_milvus():
+                    ids_b, raw_b = self._raw_search(name, qb, limit)
+            except Exception as err:  # a reused collection whose data cannot be read
+                if connection_failure(err) is not None or self.last_build_s > 0:
+                    raise
+                self._drop_unreadable(name, err)
+                name = self.ensure_collection(idx)
+                ids_b, raw_b = self._raw_search(name, qb, limit)
             rows, cols, canon = self._rescore(qb, idx, ids_b)
             pending = self._unresolved(canon, ids_b, raw_b, kk, tol, n)
             self.n_widened += int(pending.size)

@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "toptune"
 MODE = "top-tuned"
-TOPTUNE_VERSION = 1  # bump when this module changes what it computes
+TOPTUNE_VERSION = 2  # bump when this module changes what it computes
 
 
 @register_stage("03_toptune")

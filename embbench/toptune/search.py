@@ -3,6 +3,25 @@
 Resumable: the tuner's state lives in a folder; an interrupted trial is run again, finished ones
 are kept, and a larger ``max_trials`` adds trials to the same search. Imports keras, so the
 backend must be chosen first (:func:`embbench.toptune.backend.use_keras_backend`).
+
+A resumed search gives the records of an uninterrupted one (``tests/test_resume_faults.py``
+kills one with SIGKILL between trials and compares). keras-tuner 1.4.8 alone does not: its
+Bayesian oracle draws the optimiser's restarts from a numpy ``RandomState`` that it never saves
+(``oracle.json`` holds only the hyperparameter sampler's integer ``seed_state``), reloads trials
+in file-system order, and every trial trains with whatever TensorFlow/numpy/Python RNG state the
+trials before it in *this process* left. So:
+
+- :class:`ResumableBayesianOracle` saves and restores that ``RandomState`` in ``oracle.json``,
+  orders reloaded trials by number, as they were created, and does not train the last finished
+  trial again (keras-tuner saves it as still running);
+- :class:`SeededTuner` seeds Python, numpy and the backend at the start of every trial from the
+  search seed and the trial's number (:func:`trial_seed`), so a trial's training depends on its
+  hyperparameters and seed only, not on what ran before it in the process.
+
+Together the oracle proposes the same hyperparameters in the same order and each trial trains
+the same way whether or not the process was restarted in between; the finished trials kept on
+resume are those an uninterrupted run computes. An interrupted trial is rerun from its start
+with the same seed.
 """
 
 from __future__ import annotations
@@ -31,16 +50,87 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVE",
+    "ResumableBayesianOracle",
+    "SeededTuner",
     "best_trial",
     "completed_trials",
     "load_checkpoint",
     "make_tuner",
     "run_search",
     "train_final",
+    "trial_seed",
     "trial_summaries",
 ]
 
 OBJECTIVE = "val_accuracy"  # trials are selected on the validation split's accuracy
+
+
+def trial_seed(seed: int, trial_id: str) -> int:
+    """The seed of one trial's training: the search seed and the trial's number."""
+    return (int(seed) * 1_000_003 + int(trial_id) * 7_919 + 1) % (2**31 - 1)
+
+
+class ResumableBayesianOracle(keras_tuner.oracles.BayesianOptimizationOracle):
+    """keras-tuner's Bayesian oracle whose whole random state survives a restart.
+
+    keras-tuner saves the integer ``seed_state`` of its random sampler but not the numpy
+    ``RandomState`` that draws the starting points of the acquisition's optimiser, so after a
+    reload the Bayesian phase proposed other hyperparameters than an uninterrupted search. Here
+    that state is saved in ``oracle.json`` (each time keras-tuner saves the oracle, i.e. after
+    every trial's creation and end) and restored on reload; reloaded trials are ordered by
+    number (keras-tuner reads them in ``glob`` order, which feeds the Gaussian process its rows
+    in another order).
+    """
+
+    def get_state(self) -> dict:
+        """keras-tuner's state plus the optimiser's ``RandomState``."""
+        state = super().get_state()
+        kind, keys, pos, has_gauss, cached = self._random_state.get_state()
+        state["embbench_random_state"] = [kind, keys.tolist(), int(pos), int(has_gauss),
+                                          float(cached)]
+        return state
+
+    def set_state(self, state: dict) -> None:
+        """Restore keras-tuner's state and the optimiser's ``RandomState`` (when saved)."""
+        super().set_state(state)
+        saved = state.get("embbench_random_state")
+        if saved is not None:
+            kind, keys, pos, has_gauss, cached = saved
+            self._random_state.set_state(
+                (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+            )
+
+    def reload(self) -> None:
+        """Reload the project, trials in the order they were created; rerun no finished one.
+
+        keras-tuner saves ``oracle.json`` in ``end_trial`` before it drops the ended trial from
+        the ongoing ones, and on reload sends every "ongoing" trial to be run again: the last
+        finished trial of a killed search was trained once more. Only unfinished trials are
+        rerun here.
+        """
+        super().reload()
+        self.trials = dict(sorted(self.trials.items(), key=lambda kv: int(kv[0])))
+        self._retry_queue = [
+            t for t in self._retry_queue if self.trials[t].status != "COMPLETED"
+        ]
+
+
+class SeededTuner(keras_tuner.Tuner):
+    """A tuner that seeds every trial from the search seed and the trial's number.
+
+    Args:
+        search_seed: The search's seed (:func:`trial_seed` derives each trial's).
+        **kwargs: :class:`keras_tuner.Tuner`'s arguments.
+    """
+
+    def __init__(self, *args: Any, search_seed: int, **kwargs: Any) -> None:
+        self.search_seed = int(search_seed)
+        super().__init__(*args, **kwargs)
+
+    def run_trial(self, trial, *args: Any, **kwargs: Any):
+        """Seed Python, numpy and the backend for this trial, then run it."""
+        set_seed(trial_seed(self.search_seed, trial.trial_id))
+        return super().run_trial(trial, *args, **kwargs)
 
 
 def make_tuner(
@@ -52,22 +142,27 @@ def make_tuner(
     executions_per_trial: int,
     seed: int,
     overwrite: bool = False,
-) -> keras_tuner.BayesianOptimization:
+) -> SeededTuner:
     """A Bayesian-optimisation tuner whose state lives in ``directory/project_name``.
 
     With ``overwrite=False`` an existing project is reloaded: finished trials are kept, an
-    interrupted one is run again, and only the remaining ``max_trials`` are new.
+    interrupted one is run again, and only the remaining ``max_trials`` are new. The search is
+    reproducible across restarts (see the module's docstring).
     """
-    return keras_tuner.BayesianOptimization(
-        hypermodel,
+    oracle = ResumableBayesianOracle(
         objective=keras_tuner.Objective(OBJECTIVE, direction="max"),
         max_trials=max_trials,
-        executions_per_trial=executions_per_trial,
         seed=seed + 1,  # keras-tuner treats seed 0 as "no seed" (random)
+        max_consecutive_failed_trials=3,
+    )
+    return SeededTuner(
+        oracle,
+        hypermodel,
+        search_seed=seed,
+        executions_per_trial=executions_per_trial,
         directory=str(directory),
         project_name=project_name,
         overwrite=overwrite,
-        max_consecutive_failed_trials=3,
     )
 
 
