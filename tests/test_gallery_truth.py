@@ -103,7 +103,7 @@ def _ids_paths(root: Path) -> tuple[list[str], list[str]]:
 def test_a_manifest_named_by_a_relative_path_is_found_from_another_folder(tmp_path, monkeypatch):
     from fixtures_datasets import write_jpeg
 
-    import embbench.datasets as ds
+    import embbench.datasets._registry as ds
     from embbench.stages.embed import EmbedConfig, run_embed
 
     monkeypatch.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak

@@ -60,7 +60,7 @@ def shop(tmp_path_factory):
     """Notebook 01 and stage 03 on my_shop (smoke params), then notebook 05's report."""
     import yaml
 
-    import embbench.datasets as ds
+    import embbench.datasets._registry as ds
     from embbench.notebooks import render_report, run_notebook
     from embbench.records import ResultStore
     from embbench.report import export_html

@@ -26,7 +26,7 @@ from embbench._registry import UnknownNameError
 from embbench.analysis._common import text as _text
 from embbench.cache import CacheError, EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue, CatalogueError
-from embbench.datasets.plan import load_catalogue
+from embbench.datasets.prepare import load_catalogue
 from embbench.records import CatalogueRef
 from embbench.retrieval import ExactBackend, l2_normalize
 
