@@ -211,7 +211,8 @@ def make_demo_catalogue(
         image_size: Side of the square JPEGs in pixels.
 
     Returns:
-        A catalogue named ``demo`` with labels ``product`` (default) and ``category``.
+        A catalogue named ``demo`` with labels ``product`` (default) and ``category``, the
+        text column ``title`` and class names (a product's title, a category's shape).
     """
     if root is not None and (Path(root) / "spec.json").is_file():
         spec = json.loads((Path(root) / "spec.json").read_text())
