@@ -8,6 +8,7 @@ A :class:`Catalogue` is one pandas table, one row per image, with these columns:
 | path      | str  | absolute file path, or an http(s) URL before fetching                        |
 | split     | str  | ``train`` / ``val`` / ``test`` (or any name the source gives)                |
 | <labels>  | any  | one column per label kind (e.g. ``class_id``, ``super_class_id``); ints/strs |
+| <texts>   | str  | optional per-item texts (e.g. a product title); ``""`` where an item has none |
 
 Everything downstream (embedding, retrieval, tuning) reads only this table, so the six public
 datasets, the demo catalogue and a user's own catalogue share one code path.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,9 @@ class Catalogue:
         default_label: The label used when a stage does not name one.
         root: The folder (or manifest) the catalogue was read from.
         source: Free-form provenance (loader name, layout variant, seed...).
+        text_columns: Per-item text columns in ``items`` (:meth:`texts`; first = default).
+        name_maps: Label column -> {value: class name} where the data names its classes
+            (Cars196's ``class_names``, Food2K's names file), for :meth:`class_names`.
     """
 
     name: str
@@ -56,6 +61,8 @@ class Catalogue:
     default_label: str
     root: str = ""
     source: dict = field(default_factory=dict)
+    text_columns: tuple[str, ...] = ()
+    name_maps: dict[str, dict] = field(default_factory=dict)
     # content hashes and fingerprint, computed once per table (replace() starts afresh)
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -65,7 +72,8 @@ class Catalogue:
     def validate(self) -> None:
         """Check the table against the schema; raise :class:`CatalogueError` naming the problem."""
         where = f"catalogue {self.name!r} ({self.root or 'in memory'})"
-        missing = [c for c in (*REQUIRED_COLUMNS, *self.label_columns) if c not in self.items]
+        wanted = (*REQUIRED_COLUMNS, *self.label_columns, *self.text_columns)
+        missing = [c for c in wanted if c not in self.items]
         if missing:
             raise CatalogueError(f"{where} lacks column(s) {missing}; has {list(self.items)}")
         if self.default_label not in self.label_columns:
@@ -75,6 +83,8 @@ class Catalogue:
             )
         if len(self.items) == 0:
             raise CatalogueError(f"{where} has no images")
+        if unknown := sorted(set(self.name_maps) - set(self.label_columns)):
+            raise CatalogueError(f"{where}: class names for non-label column(s) {unknown}")
         dup = self.items["item_id"].duplicated()
         if dup.any():
             examples = self.items.loc[dup, "item_id"].head(3).tolist()
@@ -104,6 +114,50 @@ class Catalogue:
                 f"labels: {list(self.label_columns)}"
             )
         return self.items[column]
+
+    def texts(self, column: str | None = None) -> pd.Series:
+        """The per-item texts of ``column`` (default: the first), stripped, ``""`` where none.
+
+        Image tasks keep rows without text; :func:`embbench.datasets.check_texts` refuses them.
+
+        Raises:
+            CatalogueError: No such text column, or it is empty in every row (the message
+                names the column, the catalogue's file and the fix).
+        """
+        where = f"catalogue {self.name!r} ({self.root or 'in memory'})"
+        fix = (f"name it in data_options: {{{self.name}: {{text_column: <column>}}}} (a manifest "
+               "column named 'title' or 'text' is found by itself)")
+        column = column or (self.text_columns[0] if self.text_columns else None)
+        if column not in self.text_columns:
+            raise CatalogueError(f"{where} has no text column {column!r} (text columns: "
+                                 f"{list(self.text_columns)}); a text task needs one: {fix}")
+        texts = self.items[column].fillna("").astype(str).str.strip()
+        if (texts == "").all():
+            raise CatalogueError(f"{where}: text column {column!r} is empty in every row; fill "
+                                 f"it in, or {fix}")
+        return texts
+
+    def class_names(self, label: str | None = None) -> dict:
+        """``{label value: human-readable name}`` for every class of ``label``, sorted by value.
+
+        The dataset's own names (:attr:`name_maps`), else the value with ``_`` and ``-`` as
+        spaces (``coffee_maker`` -> ``coffee maker``; an id stays the id), for class prompts.
+        """
+        given = self.name_maps.get(label or self.default_label, {})
+        values = sorted(self.labels(label).dropna().unique().tolist(),
+                        key=lambda v: (isinstance(v, str), v))
+        return {v: str(given.get(v) or "").strip() or readable_name(v) for v in values}
+
+    def texts_fingerprint(self, column: str | None = None) -> str:
+        """The identity of the ids and texts of ``column``, for text-embedding caches.
+
+        Apart from :meth:`fingerprint` (images and labels only): adding or editing texts leaves
+        image caches valid; a text cache is keyed by both.
+        """
+        table = pd.DataFrame({"k": self.items["item_id"].astype(str), "t": self.texts(column)})
+        h = hashlib.sha256(f"{column or self.text_columns[0]}\x1f".encode())
+        h.update(pd.util.hash_pandas_object(table, index=False).values.tobytes())
+        return h.hexdigest()[:16]
 
     def content_hashes(self, progress: bool = True) -> pd.Series:
         """The xxh3-128 hash of each row's image bytes, indexed like ``items``.
@@ -185,7 +239,14 @@ class Catalogue:
             default_label=self.default_label,
             root=self.root,
             source={**self.source, "subset": {"max_per_split": max_per_split, "seed": seed}},
+            text_columns=self.text_columns,
+            name_maps=self.name_maps,
         )
+
+
+def readable_name(value: object) -> str:
+    """A label value as words, ``_`` and ``-`` as spaces: ``coffee_maker`` -> ``coffee maker``."""
+    return " ".join(re.split(r"[\s_\-]+", str(value))).strip()
 
 
 def from_manifest(
@@ -201,6 +262,7 @@ def from_manifest(
     split_case: str = "exact",
     empty_split: str = "error",
     empty_label: str = "error",
+    text_column: str | None = None,
 ) -> Catalogue:
     """Read a user's catalogue from a CSV manifest.
 
@@ -232,6 +294,7 @@ def from_manifest(
             ``val``, ``test``, or ``drop`` (leave the row out, with a WARNING).
         empty_label: ``error`` (refuse rows with an empty value in a label column) or ``drop``
             (leave them out, with a WARNING).
+        text_column: Column of per-item texts (a product title; empty cells are kept as "").
 
     Returns:
         The catalogue.
@@ -248,7 +311,7 @@ def from_manifest(
     if not path.is_file():
         raise CatalogueError(f"manifest {path} does not exist")
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    wanted = [path_column, *label_columns] + ([id_column] if id_column else [])
+    wanted = [path_column, *label_columns, *[c for c in (id_column, text_column) if c]]
     missing = [c for c in wanted if c not in df.columns]
     if missing:
         raise CatalogueError(
@@ -289,7 +352,7 @@ def from_manifest(
             "split": df[split_column] if split_column else default_split,
         }
     )
-    for col in label_columns:
+    for col in dict.fromkeys([*label_columns, *([text_column] if text_column else [])]):
         items[col] = df[col]
     rules = _ManifestRules(path, name or path.stem, split_case, empty_split, empty_label)
     if split_column:
@@ -302,6 +365,7 @@ def from_manifest(
         default_label=label_columns[0],
         root=str(path),
         source={"loader": "manifest", "path_column": path_column},
+        text_columns=(text_column,) if text_column else (),
     )
 
 

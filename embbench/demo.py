@@ -10,6 +10,12 @@ coarse one (like SOP's ``super_class_id``).
 Splits are closed-set (every product has views in train, val and test) so the same catalogue
 serves retrieval, top-tuning and fine-tuning. Generation is deterministic from the seed and
 takes a few seconds; the images are written once under ``data_dir()/demo-<hash>/`` and reused.
+
+Every item has a ``title`` that says what the image shows ("red striped mug": the product's
+main colour named from a small palette, its pattern, its shape), every product class that title
+as its name and every category its shape ("mug"), for text queries and class prompts. Titles
+are metadata only: the images (and so every image cache) are the same as before titles existed;
+a demo folder written before then gets its titles added on first read.
 """
 
 from __future__ import annotations
@@ -31,7 +37,42 @@ logger = logging.getLogger(__name__)
 
 CATEGORIES = ("mug", "bottle", "box", "ball", "lamp", "shoe", "chair", "watch")
 PATTERNS = ("solid", "stripes", "dots", "checker")
-_VERSION = 1  # bump when rendering changes, so old folders are not reused
+_VERSION = 1  # bump when rendering changes, so old folders are not reused (not for titles)
+PATTERN_WORDS = {"solid": "", "stripes": "striped", "dots": "dotted", "checker": "checked"}
+# The palette titles name colours from: basic colour terms and a typical sRGB value of each.
+COLOUR_NAMES = {
+    "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128),
+    "red": (200, 30, 30), "orange": (245, 130, 20), "yellow": (245, 220, 40),
+    "green": (40, 150, 50), "blue": (30, 80, 210), "purple": (120, 50, 160),
+    "pink": (240, 140, 180), "brown": (120, 70, 30),
+}
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB values in 0..255, last axis = channels."""
+    c = np.asarray(rgb, dtype=float) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    d = 6 / 29
+    f = np.where(xyz > d**3, np.cbrt(xyz), xyz / (3 * d * d) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
+                     200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+_PALETTE_LAB = _lab(np.array(list(COLOUR_NAMES.values())))
+
+
+def colour_name(rgb: tuple[int, int, int] | list[int]) -> str:
+    """The palette name (:data:`COLOUR_NAMES`) nearest to ``rgb`` in CIELAB."""
+    dist = ((_PALETTE_LAB - _lab(np.array(rgb))) ** 2).sum(axis=1)
+    return list(COLOUR_NAMES)[int(np.argmin(dist))]
+
+
+def product_title(category: str, prod: dict) -> str:
+    """What a product looks like, in words: ``"red striped mug"`` (a solid one: ``"red mug"``)."""
+    words = (colour_name(prod["color"]), PATTERN_WORDS[prod["pattern"]], category)
+    return " ".join(w for w in words if w)
 
 
 def _render_product(draw: ImageDraw.ImageDraw, category: str, size: int, prod: dict) -> None:
@@ -170,7 +211,8 @@ def make_demo_catalogue(
         image_size: Side of the square JPEGs in pixels.
 
     Returns:
-        A catalogue named ``demo`` with labels ``product`` (default) and ``category``.
+        A catalogue named ``demo`` with labels ``product`` (default) and ``category``, the
+        text column ``title`` and class names (a product's title, a category's shape).
     """
     if root is not None and (Path(root) / "spec.json").is_file():
         spec = json.loads((Path(root) / "spec.json").read_text())
@@ -198,12 +240,16 @@ def make_demo_catalogue(
 
 
 def _load(folder: Path, spec: dict) -> Catalogue:
-    """The catalogue of a generated demo folder."""
+    """The catalogue of a generated demo folder (titles added to a folder written without)."""
     manifest = folder / "manifest.csv"
     items = pd.read_csv(
-        manifest, dtype={"item_id": str, "path": str, "split": str, "product": str, "category": str}
+        manifest, dtype={"item_id": str, "path": str, "split": str, "product": str,
+                         "category": str, "title": str}
     )
+    if "title" not in items:
+        items = _add_titles(folder, spec, items)
     items["path"] = [str(folder / p) for p in items["path"]]
+    products = items.drop_duplicates("product")
     return Catalogue(
         name="demo",
         items=items,
@@ -211,14 +257,47 @@ def _load(folder: Path, spec: dict) -> Catalogue:
         default_label="product",
         root=str(folder),
         source={"loader": "demo", **spec},
+        text_columns=("title",),
+        name_maps={"product": dict(zip(products["product"], products["title"], strict=True)),
+                   "category": {c: c for c in products["category"]}},
     )
 
 
-def _generate(folder: Path, spec: dict) -> None:
+def _add_titles(folder: Path, spec: dict, items: pd.DataFrame) -> pd.DataFrame:
+    """``items`` with the titles of a demo folder written before titles existed.
+
+    The products are drawn again from the seed (the views too, as they share the random
+    stream; nothing is written but the manifest's new ``title`` column and ``products.json``).
+    """
+    products = {}
+    for category, product, prod, *_ in _walk(spec):
+        products[product] = {"category": category, **prod, "title": product_title(category, prod)}
+    items = items.assign(title=[products[p]["title"] for p in items["product"]])
+    try:
+        _write_metadata(folder, items, products)
+        logger.info("demo catalogue %s: titles added to its manifest", folder)
+    except OSError as err:  # a read-only copy: titles stay in memory
+        logger.warning("demo catalogue %s: cannot add titles to its manifest (%s)", folder, err)
+    return items
+
+
+def _write_metadata(folder: Path, items: pd.DataFrame, products: dict) -> None:
+    """Write ``manifest.csv`` and ``products.json`` (each product's drawn spec and title)."""
+    for name, text in (("products.json", json.dumps(products, indent=1)),
+                       ("manifest.csv", items.to_csv(index=False))):
+        tmp = folder / f"{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        tmp.replace(folder / name)
+
+
+def _walk(spec: dict):
+    """Draw the demo: yield ``(category, product, prod, split, view, image)`` in order.
+
+    Products and their views share one random stream, so the order of the draws is the
+    identity of the images; the yielded images are rendered, not written.
+    """
     rng = np.random.default_rng(spec["seed"])
     size = spec["image_size"]
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    rows = []
     split_names = ("train", "val", "test")
     for ci in range(spec["n_categories"]):
         category = CATEGORIES[ci]
@@ -233,17 +312,26 @@ def _generate(folder: Path, spec: dict) -> None:
                 "height": float(rng.uniform(0.45, 0.85)),
             }
             sprite = _product_sprite(category, prod, size)
-            (tmp / "images" / category).mkdir(parents=True, exist_ok=True)
             v = 0
             for split, n in zip(split_names, spec["views"], strict=True):
                 for _ in range(n):
-                    rel = f"images/{category}/{product}_{v:02d}.jpg"
-                    _view(sprite, rng, size).save(tmp / rel, quality=90)
-                    rows.append((rel, rel, split, product, category))
+                    yield category, product, prod, split, v, _view(sprite, rng, size)
                     v += 1
-    pd.DataFrame(rows, columns=["item_id", "path", "split", "product", "category"]).to_csv(
-        tmp / "manifest.csv", index=False
-    )
+
+
+def _generate(folder: Path, spec: dict) -> None:
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    rows = []
+    products: dict[str, dict] = {}
+    for category, product, prod, split, v, image in _walk(spec):
+        (tmp / "images" / category).mkdir(parents=True, exist_ok=True)
+        rel = f"images/{category}/{product}_{v:02d}.jpg"
+        image.save(tmp / rel, quality=90)
+        title = product_title(category, prod)
+        products.setdefault(product, {"category": category, **prod, "title": title})
+        rows.append((rel, rel, split, product, category, title))
+    items = pd.DataFrame(rows, columns=["item_id", "path", "split", "product", "category", "title"])
+    _write_metadata(tmp, items, products)
     (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
     if folder.exists():  # a half-written folder from a killed run
         import shutil

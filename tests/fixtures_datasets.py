@@ -17,6 +17,8 @@ import scipy.io
 from PIL import Image
 
 RAM_CV = "Ram C/V Cargo Van Minivan 2012"
+CARS_HYPHEN = "Mercedes-Benz S-Class Sedan 2012"  # a real class name with hyphens (class 98 here)
+CARS_LAST = "smart fortwo Convertible 2012"  # the real class 196 (lower-case, as published)
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -50,6 +52,8 @@ def _cars_names() -> np.ndarray:
     for i in range(196):
         names[0, i] = f"Make{i + 1} Model {i + 1} 2012"
     names[0, 175] = RAM_CV  # class 176 in the fixture (a slash in the name)
+    names[0, 97] = CARS_HYPHEN
+    names[0, 195] = CARS_LAST
     return names
 
 

@@ -48,6 +48,7 @@ from embbench.datasets._registry import (
     register_dataset,
     register_user_catalogues,
 )
+from embbench.datasets._texts import check_texts, detect_text_column
 from embbench.datasets._verify import VerifyReport, verify, verify_main
 from embbench.datasets.fetch import FetchError, FetchFailure, FetchReport, fetch_urls
 
@@ -64,9 +65,11 @@ __all__ = [
     "VerifyReport",
     "cars",
     "catalogue_kind",
+    "check_texts",
     "create_catalogue",
     "custom",
     "default_params_path",
+    "detect_text_column",
     "drop_missing_files",
     "fashion",
     "fetch_urls",

@@ -87,6 +87,8 @@ class LoadRequest:
         notes: LoadNotes,
         *,
         extra_columns: tuple[str, ...] = (),
+        text_columns: tuple[str, ...] = (),
+        name_maps: dict[str, dict] | None = None,
         **source: Any,
     ) -> Catalogue:
         """The catalogue a public dataset's loader read, named, rooted and with its provenance.
@@ -97,13 +99,16 @@ class LoadRequest:
             label_columns: The label columns (the default label comes from ``info``).
             notes: What the loader noticed (appended to ``source``).
             extra_columns: Further columns to keep after the labels.
+            text_columns: Per-item text columns (kept too; ``Catalogue.texts``).
+            name_maps: Label column -> {value: class name} (``Catalogue.class_names``).
             **source: Loader-specific provenance, after ``loader``, ``variant`` and
                 ``split_scheme``.
         """
         if self.info is None or self.folder is None:
             raise ValueError(f"LoadRequest.finish({self.name!r}) needs the dataset's info and "
                              "folder (public datasets only)")
-        columns = ["item_id", "path", "split", *label_columns, *extra_columns]
+        columns = list(dict.fromkeys(["item_id", "path", "split", *label_columns,
+                                      *extra_columns, *text_columns]))
         return Catalogue(
             name=self.name,
             items=items[columns],
@@ -112,7 +117,15 @@ class LoadRequest:
             root=str(self.folder),
             source={"loader": self.name, "variant": self.variant,
                     "split_scheme": self.split_scheme, **source, **notes.as_dict()},
+            text_columns=tuple(text_columns),
+            name_maps=dict(name_maps or {}),
         )
+
+
+def names_by_value(items: pd.DataFrame, label: str, names: str) -> dict:
+    """``{value of label: its name in column names}`` over the rows (names missing: skipped)."""
+    rows = items[[label, names]].dropna().drop_duplicates(label)
+    return dict(zip(rows[label].tolist(), rows[names].astype(str).tolist(), strict=True))
 
 
 @dataclass(frozen=True)

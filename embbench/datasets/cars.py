@@ -39,6 +39,7 @@ from embbench.datasets._common import (
     LoadRequest,
     carve_val,
     join_paths,
+    names_by_value,
     nested_image_dir,
     require_file,
 )
@@ -224,8 +225,11 @@ def load(req: LoadRequest) -> Catalogue:
         + ("(classes 1-98 train, 99-196 test)" if req.split_scheme == "dml"
            else "(published train/test)")
     )
+    # Class prompts use the devkit's class_names verbatim (a slash and hyphens are kept).
+    names = names_by_value(items, "class", "class_name")
+    name_maps = {"class": names, "class_name": {n: n for n in names.values()}}
     return req.finish(items, ("class", "class_name"), notes, seed=req.seed,
-                      val_fraction=req.val_fraction, val_from="train")
+                      val_fraction=req.val_fraction, val_from="train", name_maps=name_maps)
 
 
 register_dataset(DatasetEntry(name="cars196", loader=load, layout=LAYOUT))

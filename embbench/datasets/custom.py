@@ -16,6 +16,7 @@ from typing import Any
 from embbench.catalogue import Catalogue, CatalogueError, from_image_folder, from_manifest
 from embbench.datasets._common import LoadRequest
 from embbench.datasets._registry import DatasetEntry, register_dataset
+from embbench.datasets._texts import detect_text_column
 from embbench.demo import make_demo_catalogue
 
 __all__ = ["load_demo", "load_demo_b", "load_folder", "load_manifest"]
@@ -28,10 +29,16 @@ def _need_folder(req: LoadRequest, what: str) -> Path:
 
 
 def load_manifest(req: LoadRequest, **options: Any) -> Catalogue:
-    """Read the CSV manifest at ``req.folder`` (``req.label``: the label column to read)."""
+    """Read the CSV manifest at ``req.folder`` (``req.label``: the label column to read).
+
+    Item texts come from the ``text_column`` option, else from a column named ``title`` or
+    ``text`` if the manifest has one (logged).
+    """
     path = _need_folder(req, "the path of the CSV manifest")
     if req.label is not None and "label_columns" not in options:
         options["label_columns"] = (req.label,)
+    if options.get("text_column") is None:
+        options["text_column"] = detect_text_column(path, req.name)
     # Named as the dataset it is loaded as, so cache, records, MLflow and report agree.
     options.setdefault("name", req.name)
     return from_manifest(path, **options)

@@ -15,8 +15,10 @@ become missing values; 5 ids have no image (dropped, listed as known); masterCat
 
 Labels: ``masterCategory`` (default: the paper's six categories), ``subCategory``,
 ``articleType``, ``gender``, ``baseColour``, ``season``, ``usage``; ``year`` and
-``productDisplayName`` are kept as extra columns. There is no official split: a seeded split
-stratified by ``masterCategory`` (fractions from params, the paper's sizes).
+``productDisplayName`` are kept as extra columns; ``productDisplayName`` is the item text
+(``Catalogue.texts``; a row without one keeps it empty) and class names are the label values.
+There is no official split: a seeded split stratified by ``masterCategory`` (fractions from
+params, the paper's sizes).
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
                           req.val_fraction / (1 - req.test_fraction), req.seed + 1)
     items.loc[val, "split"] = "val"
     return req.finish(items, LABELS, notes, extra_columns=("year", "productDisplayName"),
+                      text_columns=("productDisplayName",),
                       seed=req.seed, val_fraction=req.val_fraction,
                       test_fraction=req.test_fraction, val_from="ours",
                       skip_malformed=skip_malformed)

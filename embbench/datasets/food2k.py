@@ -26,6 +26,7 @@ from embbench.datasets._common import (
     LoadNotes,
     LoadRequest,
     join_paths,
+    names_by_value,
     read_text_lines,
 )
 from embbench.datasets._registry import DatasetEntry, register_dataset
@@ -170,7 +171,11 @@ def load(req: LoadRequest) -> Catalogue:
                 f"{len(shared)} English names are shared by several ids (e.g. "
                 f"{shared.index[0]!r} x{int(shared.iloc[0])}); food_id is the label"
             )
-    return req.finish(items, ("food_id", "food_name"), notes, val_from="publisher")
+    # Class prompts use the English names file; without it, class_names() falls back to ids.
+    names = names_by_value(items, "food_id", "food_name")
+    name_maps = {"food_id": names, "food_name": {n: n for n in names.values()}}
+    return req.finish(items, ("food_id", "food_name"), notes, val_from="publisher",
+                      name_maps=name_maps)
 
 
 register_dataset(DatasetEntry(name="food2k", loader=load, layout=LAYOUT))

@@ -10,7 +10,8 @@ Layout::
 Images are keyed by ``(split, name)`` (item id ``train/<name>``), since names repeat across
 train and test. Labels: ``class`` (SKU) and ``group`` (361 coarse groups). The test file has no
 group column: test groups come from the class -> group map of ``train.csv`` (closed set);
-classes absent from train get group -1 and are reported.
+classes absent from train get group -1 and are reported. The layout names no class or group
+(ids only), so class names (``Catalogue.class_names``) are the ids and there is no item text.
 """
 
 from __future__ import annotations

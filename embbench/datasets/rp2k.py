@@ -129,8 +129,12 @@ def load(req: LoadRequest) -> Catalogue:
             "a classifier trained on train cannot predict them"
         )
     items = carve_val(items, stratify="category", fraction=req.val_fraction, seed=req.seed)
+    # Class names: the folder names verbatim (product names, '_' and '·' as the publisher wrote).
+    name_maps = {"category": {c: c for c in labels},
+                 "category_id": {i: c for c, i in index.items()}}
     return req.finish(items, ("category", "category_id"), notes, seed=req.seed,
-                      val_fraction=req.val_fraction, val_from="train", n_categories=len(labels))
+                      val_fraction=req.val_fraction, val_from="train", n_categories=len(labels),
+                      name_maps=name_maps)
 
 
 register_dataset(DatasetEntry(name="rp2k", loader=load, layout=LAYOUT))

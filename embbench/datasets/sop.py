@@ -11,6 +11,8 @@ Layout::
 then space-separated rows. Images are keyed by ``path`` (the item id), not ``image_id``.
 Labels: ``class_id`` (product, 1..22,634), ``super_class_id`` (12 categories, 1 = bicycle ...
 12 = toaster, alphabetical) and ``super_class_name`` (the folder name without ``_final``).
+Class names: the category words (``coffee maker``) for both category labels; products
+(``class_id``) have no names in the layout, so their class names are the ids.
 
 Split schemes: ``dml`` = Ebay_train / Ebay_test (class-disjoint: the published split; val is
 carved as whole products from train); ``classification`` = closed set: every product's images
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from embbench.catalogue import Catalogue
+from embbench.catalogue import Catalogue, readable_name
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
@@ -33,6 +35,7 @@ from embbench.datasets._common import (
     assign_test,
     carve_val,
     join_paths,
+    names_by_value,
     read_text_lines,
 )
 from embbench.datasets._registry import DatasetEntry, register_dataset
@@ -121,8 +124,12 @@ def load(req: LoadRequest) -> Catalogue:
         )
     items = carve_val(items, stratify="class_id", fraction=req.val_fraction, seed=req.seed,
                       by_class=req.split_scheme == "dml")
+    # Class names: the folder's category ("coffee_maker" -> "coffee maker"); products have none.
+    cats = names_by_value(items, "super_class_id", "super_class_name")
+    name_maps = {"super_class_id": {k: readable_name(v) for k, v in cats.items()}}
     return req.finish(items, ("class_id", "super_class_id", "super_class_name"), notes,
-                      seed=req.seed, val_fraction=req.val_fraction, val_from="train")
+                      seed=req.seed, val_fraction=req.val_fraction, val_from="train",
+                      name_maps=name_maps)
 
 
 register_dataset(DatasetEntry(name="sop", loader=load, layout=LAYOUT))
