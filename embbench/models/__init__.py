@@ -56,6 +56,14 @@ from embbench.models._packaged import (
     packaged_weights_file,
     register_converter,
 )
+from embbench.models._text import (
+    TEXT_SOURCES,
+    TextTower,
+    TextUnsupportedError,
+    check_text_capable,
+    create_text_embedder,
+    text_capable,
+)
 from embbench.models._zoo import (
     _MODELS as _MODELS,  # the registry itself (tests snapshot and restore it)
 )
@@ -99,6 +107,7 @@ __all__ = [
     "FAMILIES",
     "RANDOM_SEED",
     "SOURCES",
+    "TEXT_SOURCES",
     "WEIGHT_MODES",
     "ZOO_FILE",
     "CheckpointError",
@@ -106,9 +115,13 @@ __all__ = [
     "ModelError",
     "ModelSpec",
     "PackageWeightsMissingError",
+    "TextTower",
+    "TextUnsupportedError",
     "WeightsUnavailableError",
+    "check_text_capable",
     "converted_state_dict",
     "create_embedder",
+    "create_text_embedder",
     "find_finetuned",
     "finetuned_index_path",
     "finetuned_name",
@@ -127,5 +140,6 @@ __all__ = [
     "register_finetuned_models",
     "register_model",
     "register_models_from_yaml",
+    "text_capable",
     "unregister_model",
 ]

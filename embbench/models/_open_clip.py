@@ -1,6 +1,8 @@
 """Builder for open_clip models (and open_clip models on the Hugging Face Hub): the image tower.
 
-The text tower is dropped; the transform is open_clip's own validation transform.
+The text tower is dropped unless asked for (``with_text=True``: a
+:class:`~embbench.models.TextTower` with open_clip's own tokenizer); the transform is
+open_clip's own validation transform.
 """
 
 from __future__ import annotations
@@ -62,7 +64,24 @@ def _open_clip_preprocess_overrides(data_config: Mapping[str, Any] | None) -> di
     return out
 
 
-def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
+def build_open_clip(
+    spec: ModelSpec,
+    *,
+    pretrained: bool,
+    with_text: bool = False,
+    context_length: int | None = None,
+) -> Built:
+    """Build an open_clip model: its image tower, and its text tower when ``with_text``.
+
+    Args:
+        spec: The model (``open_clip`` or ``hf-hub`` source).
+        pretrained: Load the published weights (else random).
+        with_text: Keep the text tower and load the tokenizer (``Built.text``).
+        context_length: Override the tokenizer's context length.
+
+    Returns:
+        The :class:`Built` image tower (with ``text`` set when asked).
+    """
     oc = open_clip_module()
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -100,6 +119,11 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
                 k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pcfg
             }
         force_pp.update(_open_clip_preprocess_overrides(spec.data_config))
+    tokenizer = None
+    if with_text:  # first: a tokenizer missing offline fails before the model is built
+        from embbench.models._text import load_tokenizer
+
+        tokenizer = load_tokenizer(spec, arch, context_length)  # arch or hf-hub:org/repo
     kwargs = dict(spec.model_kwargs)
     try:
         with _quiet_open_clip():
@@ -130,11 +154,24 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
         "resize_mode": pp.get("resize_mode"),
     }
     embed_dim = _open_clip_embed_dim(visual, data_config["input_size"])
-    del clip  # the text tower is not needed; only the image tower is kept
     full = spec.identifier if spec.source == "hf-hub" else (f"{arch}/{tag}" if tag else arch)
     info: dict[str, Any] = {"kind": "pretrained" if pretrained else "random", "id": full}
     if pretrained:
         info["tag"] = tag
+    text = None
+    if with_text:
+        from embbench.models._text import TextTower
+
+        text = TextTower(
+            spec=spec,
+            model=clip.eval(),
+            tokenizer=tokenizer,
+            tokenizer_id=arch,
+            context_length=int(getattr(tokenizer, "context_length", 0) or 0),
+            embed_dim=embed_dim,
+            weights_used=info,
+        )
+    del clip  # without with_text only the image tower is kept (image-only tasks' memory)
     return Built(
         model=visual,
         transform=transform,
@@ -143,6 +180,7 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
         embed_dim=embed_dim,
         info=info,
         keep_prefix="visual.",
+        text=text,
     )
 
 
