@@ -258,6 +258,8 @@ def zero_shot_classify(
     Raises:
         ValueError: Shape mismatches, duplicate class labels, or image labels with no class.
     """
+    if int(k) != k or k < 1:
+        raise ValueError(f"zero_shot_classify: k must be a positive integer, got {k!r}")
     img = l2_normalize(image_vectors, "image_vectors")
     cls = l2_normalize(class_vectors, "class_vectors")
     y = np.asarray(image_labels)
