@@ -277,3 +277,40 @@ def test_zero_shot_with_the_tiny_clip_end_to_end(tower):
         ref = emb.text.model.encode_image(x, normalize=True) @ torch.from_numpy(cls).T
     np.testing.assert_array_equal(res.predictions,
                                   np.array(["mug", "lamp", "sofa"])[ref.argmax(1).numpy()])
+
+
+# --------------------------------------------------------------- one call per task family
+
+
+def test_class_prompt_and_item_text_tasks_on_the_demo_catalogue(small_demo):
+    from embbench.embed import embed_split
+    from embbench.text import class_prompt_tasks, item_text_tasks
+
+    emb = create_embedder("test_clip", weights="random", with_text=True)
+    images = embed_split(emb, small_demo, "test", num_workers=0, device="cpu", progress=False)
+    labels = images.labels(small_demo.items, "category")
+    vecs = np.asarray(images.vectors)
+    out = class_prompt_tasks(emb.text, vecs, labels, templates=["a photo of a {}."],
+                             dataset=small_demo.name, progress=False, device="cpu")
+    classes = sorted(set(labels.tolist()))
+    assert out.class_labels.tolist() == classes and out.text_image.n_queries == len(classes)
+    ref_cls = _unit(encode_texts(emb.text, [f"a photo of a {c}." for c in classes],
+                                 progress=False, device="cpu"))
+    np.testing.assert_allclose(out.class_vectors, ref_cls, atol=1e-6)
+    ref = evaluate_rankings(_brute_force(ref_cls, vecs, 5), out.class_labels, labels, 5,
+                            exclude_self=False)
+    assert out.text_image.summary == pytest.approx(ref.summary, abs=1e-9)
+    assert out.zero_shot.n_images == len(vecs) and set(out.zero_shot.summary) == {
+        "top1", "top5", "balanced_accuracy"}
+
+    items = small_demo.items.assign(title=lambda d: "a " + d["category"] + " " + d["product"])
+    res = item_text_tasks(emb.text, vecs, labels, items, text_column="title", label="category",
+                          split="test", where="demo", dataset=small_demo.name, progress=False,
+                          device="cpu")
+    assert res.text_image.n_queries == len(res.texts.texts) == len(vecs)
+    assert res.image_text.n_queries == len(vecs)
+    with pytest.raises(TextColumnError):
+        item_text_tasks(emb.text, vecs, labels, small_demo.items, text_column="title",
+                        label="category", split="test", where="demo")
+    with pytest.raises(TemplateError):
+        class_prompt_tasks(emb.text, vecs, labels, templates=[])

@@ -3,7 +3,8 @@
 Layout: :mod:`~embbench.text.templates` (prompt templates, CLIP_benchmark's per-class
 averaging), :mod:`~embbench.text.encode` (texts -> cached, L2-normalised vectors of a
 :class:`~embbench.models.TextTower`) and :mod:`~embbench.text.tasks` (text->image and
-image->text retrieval scored by the image-retrieval metric code, zero-shot classification).
+image->text retrieval scored by the image-retrieval metric code, zero-shot classification) and
+:mod:`~embbench.text.evaluate` (one call per task family for the engine).
 
 >>> from embbench.models import create_text_embedder
 >>> from embbench.text import embed_class_prompts, zero_shot_classify
@@ -23,6 +24,12 @@ from embbench.text.encode import (
     encode_texts,
     text_cache,
     texts_fingerprint,
+)
+from embbench.text.evaluate import (
+    ClassPromptResults,
+    ItemTextResults,
+    class_prompt_tasks,
+    item_text_tasks,
 )
 from embbench.text.tasks import (
     IMAGE_IMAGE,
@@ -61,17 +68,21 @@ __all__ = [
     "TEXT_TASKS",
     "TEXT_VERSION",
     "ZERO_SHOT",
+    "ClassPromptResults",
+    "ItemTextResults",
     "ItemTexts",
     "TemplateError",
     "TextColumnError",
     "TextEmbeddings",
     "ZeroShotResult",
     "average_class_embeddings",
+    "class_prompt_tasks",
     "class_prompts",
     "embed_class_prompts",
     "embed_texts",
     "encode_texts",
     "image_to_text",
+    "item_text_tasks",
     "item_texts",
     "retrieval_cis",
     "text_cache",
