@@ -47,7 +47,12 @@ from __future__ import annotations
 
 from embbench.models._checkpoints import load_state_dict_into, read_state_dict
 from embbench.models._embedder import Embedder
-from embbench.models._factory import RANDOM_SEED, WEIGHT_MODES, create_embedder
+from embbench.models._factory import (
+    RANDOM_SEED,
+    WEIGHT_MODES,
+    create_embedder,
+    create_text_embedder,
+)
 from embbench.models._open_clip import open_clip_module
 from embbench.models._packaged import (
     CONVERTERS,
@@ -61,7 +66,6 @@ from embbench.models._text import (
     TextTower,
     TextUnsupportedError,
     check_text_capable,
-    create_text_embedder,
     text_capable,
 )
 from embbench.models._zoo import (

@@ -20,7 +20,7 @@ from embbench.models._embedder import Embedder
 from embbench.models._hub import build_torch_hub
 from embbench.models._open_clip import build_open_clip
 from embbench.models._packaged import build_packaged
-from embbench.models._text import check_text_capable
+from embbench.models._text import TextTower, check_text_capable
 from embbench.models._timm import build_timm
 from embbench.models._zoo import (
     ZOO_FILE,
@@ -206,3 +206,37 @@ def _checkpoint_inner_spec(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(
         spec, source=source, identifier=ident, checkpoint_path=None, embed_dim=None
     )
+
+
+def create_text_embedder(
+    name: str,
+    *,
+    weights: str | Path = "pretrained",
+    device: str = "cpu",
+    context_length: int | None = None,
+) -> TextTower:
+    """Build a text-image model with its text tower and tokenizer, ready to embed texts.
+
+    The same weights policy as :func:`~embbench.models.create_embedder` (``pretrained``,
+    ``random``, ``auto``); the returned tower's ``model.visual`` is the image tower, so one build
+    serves both sides (``create_embedder(name, with_text=True)`` gives the image
+    :class:`~embbench.models.Embedder` with this tower as its ``text``).
+
+    Args:
+        name: A text-image model (``open_clip`` or ``hf-hub`` source), e.g. ``"test_clip"``.
+        weights: ``"pretrained"``, ``"random"`` or ``"auto"``.
+        device: Where to put the model.
+        context_length: Override the tokenizer's context length (default: the model's).
+
+    Returns:
+        The :class:`TextTower`.
+
+    Raises:
+        TextUnsupportedError: The model is image-only (checked before anything is built).
+        WeightsUnavailableError: The weights or the tokenizer cannot be fetched.
+    """
+    check_text_capable(get_model_spec(name), "text")
+    emb = create_embedder(name, weights=weights, device=device, with_text=True,
+                          context_length=context_length)
+    assert emb.text is not None  # with_text on a text-capable spec always builds it
+    return emb.text

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from embbench.models._builder import Built, no_published_weights, unavailable
+from embbench.models._text import TextTower, tokenizer_unavailable
 from embbench.models._zoo import CONFIG_DIR, ModelError, ModelSpec, WeightsUnavailableError
 
 _OPEN_CLIP_READY = False
@@ -62,6 +63,29 @@ def _open_clip_preprocess_overrides(data_config: Mapping[str, Any] | None) -> di
             v = data_config[key]
             out[key] = tuple(v) if isinstance(v, list) else v
     return out
+
+
+def load_tokenizer(spec: ModelSpec, arch: str, context_length: int | None = None) -> Any:
+    """open_clip's own tokenizer for a model (``get_tokenizer``), with the offline error.
+
+    Args:
+        spec: The model's spec.
+        arch: The open_clip name the tokenizer is looked up by (the architecture, or
+            ``hf-hub:org/repo``).
+        context_length: Override the model's context length (default: the model config's).
+
+    Returns:
+        The tokenizer: ``list[str] -> (n, context_length)`` token tensor.
+
+    Raises:
+        WeightsUnavailableError: It needs files from the Hugging Face Hub that are not cached.
+    """
+    oc = open_clip_module()
+    try:
+        with _quiet_open_clip():
+            return oc.get_tokenizer(arch, context_length=context_length)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        raise tokenizer_unavailable(spec, arch, e) from e
 
 
 def build_open_clip(
@@ -121,8 +145,6 @@ def build_open_clip(
         force_pp.update(_open_clip_preprocess_overrides(spec.data_config))
     tokenizer = None
     if with_text:  # first: a tokenizer missing offline fails before the model is built
-        from embbench.models._text import load_tokenizer
-
         tokenizer = load_tokenizer(spec, arch, context_length)  # arch or hf-hub:org/repo
     kwargs = dict(spec.model_kwargs)
     try:
@@ -160,8 +182,6 @@ def build_open_clip(
         info["tag"] = tag
     text = None
     if with_text:
-        from embbench.models._text import TextTower
-
         text = TextTower(
             spec=spec,
             model=clip.eval(),

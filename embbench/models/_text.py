@@ -20,12 +20,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from embbench._utils import jsonable
 from embbench.models._builder import _cache_locations
 from embbench.models._zoo import ModelError, ModelSpec, WeightsUnavailableError, get_model_spec
+
+# This module imports no builder (like _zoo): the open_clip builder loads the tokenizer
+# (:func:`embbench.models._open_clip.load_tokenizer`) and the factory builds the tower
+# (:func:`embbench.models._factory.create_text_embedder`).
 
 TEXT_SOURCES = ("open_clip", "hf-hub")  # sources whose models carry a text tower
 
@@ -94,31 +97,6 @@ def tokenizer_unavailable(spec: ModelSpec, tokenizer_id: str, err: BaseException
     )
 
 
-def load_tokenizer(spec: ModelSpec, arch: str, context_length: int | None = None) -> Any:
-    """open_clip's own tokenizer for a model (``get_tokenizer``), with the offline error.
-
-    Args:
-        spec: The model's spec.
-        arch: The open_clip name the tokenizer is looked up by (the architecture, or
-            ``hf-hub:org/repo``).
-        context_length: Override the model's context length (default: the model config's).
-
-    Returns:
-        The tokenizer: ``list[str] -> (n, context_length)`` token tensor.
-
-    Raises:
-        WeightsUnavailableError: It needs files from the Hugging Face Hub that are not cached.
-    """
-    from embbench.models._open_clip import _quiet_open_clip, open_clip_module
-
-    oc = open_clip_module()
-    try:
-        with _quiet_open_clip():
-            return oc.get_tokenizer(arch, context_length=context_length)
-    except (OSError, ValueError, ImportError, RuntimeError) as e:
-        raise tokenizer_unavailable(spec, arch, e) from e
-
-
 @dataclass
 class TextTower:
     """A text-image model's text side: the whole open_clip model and its own tokenizer.
@@ -171,39 +149,3 @@ class TextTower:
             "context_length": self.context_length,
             "embed_dim": self.embed_dim,
         }
-
-
-def create_text_embedder(
-    name: str,
-    *,
-    weights: str | Path = "pretrained",
-    device: str = "cpu",
-    context_length: int | None = None,
-) -> TextTower:
-    """Build a text-image model with its text tower and tokenizer, ready to embed texts.
-
-    The same weights policy as :func:`~embbench.models.create_embedder` (``pretrained``,
-    ``random``, ``auto``); the returned tower's ``model.visual`` is the image tower, so one build
-    serves both sides (``create_embedder(name, with_text=True)`` gives the image
-    :class:`~embbench.models.Embedder` with this tower as its ``text``).
-
-    Args:
-        name: A text-image model (``open_clip`` or ``hf-hub`` source), e.g. ``"test_clip"``.
-        weights: ``"pretrained"``, ``"random"`` or ``"auto"``.
-        device: Where to put the model.
-        context_length: Override the tokenizer's context length (default: the model's).
-
-    Returns:
-        The :class:`TextTower`.
-
-    Raises:
-        TextUnsupportedError: The model is image-only (checked before anything is built).
-        WeightsUnavailableError: The weights or the tokenizer cannot be fetched.
-    """
-    from embbench.models._factory import create_embedder
-
-    check_text_capable(get_model_spec(name), "text")
-    emb = create_embedder(name, weights=weights, device=device, with_text=True,
-                          context_length=context_length)
-    assert emb.text is not None  # with_text on a text-capable spec always builds it
-    return emb.text
