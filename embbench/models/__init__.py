@@ -14,6 +14,11 @@ validation transform), never a hand-copied one.
 >>> emb.embed_dim, emb.input_size
 (64, (3, 160, 160))
 
+Text-image models (open_clip, hf-hub) keep their text tower only when asked:
+``create_embedder(name, with_text=True)`` (``Embedder.text``) or ``create_text_embedder(name)``
+give a :class:`TextTower` with open_clip's own tokenizer; :func:`text_capable` /
+:func:`check_text_capable` say (one line) whether a model can run text tasks at all.
+
 Names: a registered name (``list_models()``), or for anything else ``timm:<arch>[.<tag>]``,
 ``open_clip:<arch>[/<tag>]`` or ``hf-hub:<org>/<repo>`` (an open_clip model on the Hub).
 

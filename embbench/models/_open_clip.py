@@ -24,10 +24,15 @@ class _OpenClipExpected(logging.Filter):
 
     open_clip logs "Failed to download weights" (ERROR) before raising, which embbench turns
     into WeightsUnavailableError (or, under ``weights: auto``, one INFO line and a recorded
-    fallback), and "No pretrained weights loaded" (WARNING) when random weights were asked for.
+    fallback), "No pretrained weights loaded" (WARNING) when random weights were asked for, and
+    get_tokenizer's "Could not load config from hf-hub" (WARNING) before its tokenizer error.
     """
 
-    _EXPECTED = ("Failed to download weights for tag", "No pretrained weights loaded for model")
+    _EXPECTED = (
+        "Failed to download weights for tag",
+        "No pretrained weights loaded for model",
+        "Could not load config from hf-hub:",  # get_tokenizer offline: reported as one line
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name == "root" and record.getMessage().startswith(self._EXPECTED))
