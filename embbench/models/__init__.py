@@ -14,6 +14,11 @@ validation transform), never a hand-copied one.
 >>> emb.embed_dim, emb.input_size
 (64, (3, 160, 160))
 
+Text-image models (open_clip, hf-hub) keep their text tower only when asked:
+``create_embedder(name, with_text=True)`` (``Embedder.text``) or ``create_text_embedder(name)``
+give a :class:`TextTower` with open_clip's own tokenizer; :func:`text_capable` /
+:func:`check_text_capable` say (one line) whether a model can run text tasks at all.
+
 Names: a registered name (``list_models()``), or for anything else ``timm:<arch>[.<tag>]``,
 ``open_clip:<arch>[/<tag>]`` or ``hf-hub:<org>/<repo>`` (an open_clip model on the Hub).
 
@@ -47,7 +52,12 @@ from __future__ import annotations
 
 from embbench.models._checkpoints import load_state_dict_into, read_state_dict
 from embbench.models._embedder import Embedder
-from embbench.models._factory import RANDOM_SEED, WEIGHT_MODES, create_embedder
+from embbench.models._factory import (
+    RANDOM_SEED,
+    WEIGHT_MODES,
+    create_embedder,
+    create_text_embedder,
+)
 from embbench.models._open_clip import open_clip_module
 from embbench.models._packaged import (
     CONVERTERS,
@@ -55,6 +65,13 @@ from embbench.models._packaged import (
     converted_state_dict,
     packaged_weights_file,
     register_converter,
+)
+from embbench.models._text import (
+    TEXT_SOURCES,
+    TextTower,
+    TextUnsupportedError,
+    check_text_capable,
+    text_capable,
 )
 from embbench.models._zoo import (
     _MODELS as _MODELS,  # the registry itself (tests snapshot and restore it)
@@ -99,6 +116,7 @@ __all__ = [
     "FAMILIES",
     "RANDOM_SEED",
     "SOURCES",
+    "TEXT_SOURCES",
     "WEIGHT_MODES",
     "ZOO_FILE",
     "CheckpointError",
@@ -106,9 +124,13 @@ __all__ = [
     "ModelError",
     "ModelSpec",
     "PackageWeightsMissingError",
+    "TextTower",
+    "TextUnsupportedError",
     "WeightsUnavailableError",
+    "check_text_capable",
     "converted_state_dict",
     "create_embedder",
+    "create_text_embedder",
     "find_finetuned",
     "finetuned_index_path",
     "finetuned_name",
@@ -127,5 +149,6 @@ __all__ = [
     "register_finetuned_models",
     "register_model",
     "register_models_from_yaml",
+    "text_capable",
     "unregister_model",
 ]

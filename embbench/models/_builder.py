@@ -33,6 +33,7 @@ class Built:
         info: What weights were loaded (becomes ``Embedder.weights_used``).
         head_prefixes: Checkpoint keys to ignore (classifier heads).
         keep_prefix: Checkpoint keys to keep, prefix stripped (e.g. ``"visual."``).
+        text: The text tower (:class:`~embbench.models.TextTower`) when it was asked for.
     """
 
     model: Any
@@ -43,6 +44,7 @@ class Built:
     info: dict[str, Any]
     head_prefixes: tuple[str, ...] = ()
     keep_prefix: str | None = None
+    text: Any = None
 
 
 def no_published_weights(spec: ModelSpec) -> WeightsUnavailableError:

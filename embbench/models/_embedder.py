@@ -32,6 +32,8 @@ class Embedder:
         input_size: ``(C, H, W)`` of the transform's output.
         data_config: Preprocessing parameters (mean, std, interpolation, crop_pct, ...).
         device: Device the model sits on.
+        text: The model's text tower and tokenizer (:class:`~embbench.models.TextTower`), only
+            when built with ``create_embedder(..., with_text=True)``; ``None`` otherwise.
     """
 
     spec: ModelSpec
@@ -42,6 +44,7 @@ class Embedder:
     input_size: tuple[int, int, int]
     data_config: dict[str, Any]
     device: str = "cpu"
+    text: Any = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Embed a batch of preprocessed images.

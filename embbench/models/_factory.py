@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from embbench.models._builder import Built, go_offline_if_unreachable
 from embbench.models._checkpoints import load_checkpoint
@@ -19,6 +20,7 @@ from embbench.models._embedder import Embedder
 from embbench.models._hub import build_torch_hub
 from embbench.models._open_clip import build_open_clip
 from embbench.models._packaged import build_packaged
+from embbench.models._text import TextTower, check_text_capable
 from embbench.models._timm import build_timm
 from embbench.models._zoo import (
     ZOO_FILE,
@@ -40,6 +42,8 @@ def create_embedder(
     weights: str | Path = "pretrained",
     device: str = "cpu",
     checkpoint: str | Path | None = None,
+    with_text: bool = False,
+    context_length: int | None = None,
 ) -> Embedder:
     """Build a model with its own preprocessing, ready to embed images.
 
@@ -50,6 +54,10 @@ def create_embedder(
             warning) or a path to a checkpoint file.
         device: Where to put the model (``cpu``, ``cuda``, ``cuda:1``, ``auto``...).
         checkpoint: A checkpoint file (same as passing its path as ``weights``).
+        with_text: Also keep the text tower and open_clip's tokenizer (``Embedder.text``, a
+            :class:`~embbench.models.TextTower`) for text tasks; image-only tasks leave it off
+            and keep only the image tower in memory.
+        context_length: With ``with_text``, override the tokenizer's context length.
 
     Returns:
         The :class:`Embedder`.
@@ -58,12 +66,22 @@ def create_embedder(
         WeightsUnavailableError: ``weights="pretrained"`` and they cannot be fetched.
         CheckpointError: The checkpoint does not fit the architecture.
         UnknownNameError: Unknown model name (the message suggests close names).
+        TextUnsupportedError: ``with_text`` on an image-only model.
     """
     spec = get_model_spec(name)
+    if with_text:
+        check_text_capable(spec, "text")
     mode, ckpt = _parse_weights(weights, checkpoint, spec)
+    if with_text and ckpt is not None:
+        raise ModelError(
+            f"Model {spec.name!r}: a checkpoint replaces the image tower only, so its text tower "
+            "would not match. Fix: run text tasks on the published (or random) weights, without "
+            "a checkpoint."
+        )
+    text = {"with_text": True, "context_length": context_length} if with_text else {}
     if mode == "auto":
         try:
-            built = _build(spec, pretrained=True)
+            built = _build(spec, pretrained=True, **text)
         except WeightsUnavailableError as e:
             # weights="auto" documents this fallback: one INFO line; records and report say so.
             logger.info(
@@ -72,10 +90,10 @@ def create_embedder(
                 spec.name,
                 e,
             )
-            built = _build(spec, pretrained=False)
+            built = _build(spec, pretrained=False, **text)
             built.info.update(fell_back=True, reason=str(e))
     else:
-        built = _build(spec, pretrained=(mode == "pretrained"))
+        built = _build(spec, pretrained=(mode == "pretrained"), **text)
     if ckpt is not None:
         load_checkpoint(built, ckpt)
     if device == "auto":
@@ -84,6 +102,9 @@ def create_embedder(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = built.model.eval()
     model.to(device)
+    if built.text is not None:  # the whole model (its visual is ``model``) on the same device
+        built.text.model.eval().to(device)
+        built.text.device = str(device)
     embed_dim = built.embed_dim
     if spec.embed_dim is not None and embed_dim != spec.embed_dim:
         raise ModelError(
@@ -100,6 +121,7 @@ def create_embedder(
         input_size=built.input_size,
         data_config=built.data_config,
         device=str(device),
+        text=built.text,
     )
 
 
@@ -142,24 +164,24 @@ def _parse_weights(
     return str(weights), None
 
 
-def _build(spec: ModelSpec, *, pretrained: bool) -> Built:
+def _build(spec: ModelSpec, *, pretrained: bool, **text: Any) -> Built:
     import torch
 
     if spec.source == "checkpoint":
         inner = _checkpoint_inner_spec(spec)
         return _build(inner, pretrained=False)
     if pretrained and not spec.control:
-        return _dispatch(spec, pretrained=True)
+        return _dispatch(spec, pretrained=True, **text)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        built = _dispatch(spec, pretrained=False)
+        built = _dispatch(spec, pretrained=False, **text)
     built.info.update(kind="random", seed=RANDOM_SEED)
     if spec.control:
         built.info["control"] = True
     return built
 
 
-def _dispatch(spec: ModelSpec, *, pretrained: bool) -> Built:
+def _dispatch(spec: ModelSpec, *, pretrained: bool, **text: Any) -> Built:
     if spec.source == "timm" and pretrained and spec.packaged_weights:
         return build_packaged(spec)
     if pretrained:  # an offline machine fails at once from the caches, not after retries
@@ -167,7 +189,7 @@ def _dispatch(spec: ModelSpec, *, pretrained: bool) -> Built:
     if spec.source == "timm":
         return build_timm(spec, pretrained=pretrained)
     if spec.source in ("open_clip", "hf-hub"):
-        return build_open_clip(spec, pretrained=pretrained)
+        return build_open_clip(spec, pretrained=pretrained, **text)
     if spec.source == "torch.hub":
         return build_torch_hub(spec, pretrained=pretrained)
     raise ModelError(f"Model {spec.name!r}: unsupported source {spec.source!r}.")
@@ -184,3 +206,37 @@ def _checkpoint_inner_spec(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(
         spec, source=source, identifier=ident, checkpoint_path=None, embed_dim=None
     )
+
+
+def create_text_embedder(
+    name: str,
+    *,
+    weights: str | Path = "pretrained",
+    device: str = "cpu",
+    context_length: int | None = None,
+) -> TextTower:
+    """Build a text-image model with its text tower and tokenizer, ready to embed texts.
+
+    The same weights policy as :func:`~embbench.models.create_embedder` (``pretrained``,
+    ``random``, ``auto``); the returned tower's ``model.visual`` is the image tower, so one build
+    serves both sides (``create_embedder(name, with_text=True)`` gives the image
+    :class:`~embbench.models.Embedder` with this tower as its ``text``).
+
+    Args:
+        name: A text-image model (``open_clip`` or ``hf-hub`` source), e.g. ``"test_clip"``.
+        weights: ``"pretrained"``, ``"random"`` or ``"auto"``.
+        device: Where to put the model.
+        context_length: Override the tokenizer's context length (default: the model's).
+
+    Returns:
+        The :class:`TextTower`.
+
+    Raises:
+        TextUnsupportedError: The model is image-only (checked before anything is built).
+        WeightsUnavailableError: The weights or the tokenizer cannot be fetched.
+    """
+    check_text_capable(get_model_spec(name), "text")
+    emb = create_embedder(name, weights=weights, device=device, with_text=True,
+                          context_length=context_length)
+    assert emb.text is not None  # with_text on a text-capable spec always builds it
+    return emb.text

@@ -1,6 +1,8 @@
 """Builder for open_clip models (and open_clip models on the Hugging Face Hub): the image tower.
 
-The text tower is dropped; the transform is open_clip's own validation transform.
+The text tower is dropped unless asked for (``with_text=True``: a
+:class:`~embbench.models.TextTower` with open_clip's own tokenizer); the transform is
+open_clip's own validation transform.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from embbench.models._builder import Built, no_published_weights, unavailable
+from embbench.models._text import TextTower, tokenizer_unavailable
 from embbench.models._zoo import CONFIG_DIR, ModelError, ModelSpec, WeightsUnavailableError
 
 _OPEN_CLIP_READY = False
@@ -21,10 +24,15 @@ class _OpenClipExpected(logging.Filter):
 
     open_clip logs "Failed to download weights" (ERROR) before raising, which embbench turns
     into WeightsUnavailableError (or, under ``weights: auto``, one INFO line and a recorded
-    fallback), and "No pretrained weights loaded" (WARNING) when random weights were asked for.
+    fallback), "No pretrained weights loaded" (WARNING) when random weights were asked for, and
+    get_tokenizer's "Could not load config from hf-hub" (WARNING) before its tokenizer error.
     """
 
-    _EXPECTED = ("Failed to download weights for tag", "No pretrained weights loaded for model")
+    _EXPECTED = (
+        "Failed to download weights for tag",
+        "No pretrained weights loaded for model",
+        "Could not load config from hf-hub:",  # get_tokenizer offline: reported as one line
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name == "root" and record.getMessage().startswith(self._EXPECTED))
@@ -62,7 +70,47 @@ def _open_clip_preprocess_overrides(data_config: Mapping[str, Any] | None) -> di
     return out
 
 
-def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
+def load_tokenizer(spec: ModelSpec, arch: str, context_length: int | None = None) -> Any:
+    """open_clip's own tokenizer for a model (``get_tokenizer``), with the offline error.
+
+    Args:
+        spec: The model's spec.
+        arch: The open_clip name the tokenizer is looked up by (the architecture, or
+            ``hf-hub:org/repo``).
+        context_length: Override the model's context length (default: the model config's).
+
+    Returns:
+        The tokenizer: ``list[str] -> (n, context_length)`` token tensor.
+
+    Raises:
+        WeightsUnavailableError: It needs files from the Hugging Face Hub that are not cached.
+    """
+    oc = open_clip_module()
+    try:
+        with _quiet_open_clip():
+            return oc.get_tokenizer(arch, context_length=context_length)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        raise tokenizer_unavailable(spec, arch, e) from e
+
+
+def build_open_clip(
+    spec: ModelSpec,
+    *,
+    pretrained: bool,
+    with_text: bool = False,
+    context_length: int | None = None,
+) -> Built:
+    """Build an open_clip model: its image tower, and its text tower when ``with_text``.
+
+    Args:
+        spec: The model (``open_clip`` or ``hf-hub`` source).
+        pretrained: Load the published weights (else random).
+        with_text: Keep the text tower and load the tokenizer (``Built.text``).
+        context_length: Override the tokenizer's context length.
+
+    Returns:
+        The :class:`Built` image tower (with ``text`` set when asked).
+    """
     oc = open_clip_module()
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -100,6 +148,9 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
                 k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pcfg
             }
         force_pp.update(_open_clip_preprocess_overrides(spec.data_config))
+    tokenizer = None
+    if with_text:  # first: a tokenizer missing offline fails before the model is built
+        tokenizer = load_tokenizer(spec, arch, context_length)  # arch or hf-hub:org/repo
     kwargs = dict(spec.model_kwargs)
     try:
         with _quiet_open_clip():
@@ -130,11 +181,22 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
         "resize_mode": pp.get("resize_mode"),
     }
     embed_dim = _open_clip_embed_dim(visual, data_config["input_size"])
-    del clip  # the text tower is not needed; only the image tower is kept
     full = spec.identifier if spec.source == "hf-hub" else (f"{arch}/{tag}" if tag else arch)
     info: dict[str, Any] = {"kind": "pretrained" if pretrained else "random", "id": full}
     if pretrained:
         info["tag"] = tag
+    text = None
+    if with_text:
+        text = TextTower(
+            spec=spec,
+            model=clip.eval(),
+            tokenizer=tokenizer,
+            tokenizer_id=arch,
+            context_length=int(getattr(tokenizer, "context_length", 0) or 0),
+            embed_dim=embed_dim,
+            weights_used=info,
+        )
+    del clip  # without with_text only the image tower is kept (image-only tasks' memory)
     return Built(
         model=visual,
         transform=transform,
@@ -143,6 +205,7 @@ def build_open_clip(spec: ModelSpec, *, pretrained: bool) -> Built:
         embed_dim=embed_dim,
         info=info,
         keep_prefix="visual.",
+        text=text,
     )
 
 
