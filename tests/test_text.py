@@ -309,8 +309,8 @@ def test_class_prompt_and_item_text_tasks_on_the_demo_catalogue(small_demo):
                           device="cpu")
     assert res.text_image.n_queries == len(res.texts.texts) == len(vecs)
     assert res.image_text.n_queries == len(vecs)
-    with pytest.raises(TextColumnError):
-        item_text_tasks(emb.text, vecs, labels, small_demo.items, text_column="title",
+    with pytest.raises(TextColumnError):  # the demo has titles, but no descriptions
+        item_text_tasks(emb.text, vecs, labels, small_demo.items, text_column="description",
                         label="category", split="test", where="demo")
     with pytest.raises(TemplateError):
         class_prompt_tasks(emb.text, vecs, labels, templates=[])
