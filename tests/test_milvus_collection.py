@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -121,3 +123,26 @@ def test_a_failed_build_drops_the_collection_only_when_asked():
                 drop_on_failure=drop,
             )
         assert ("c" in client.present) is not drop
+
+
+HOLD = """
+import sys, time
+from pymilvus import MilvusClient
+client = MilvusClient(uri=sys.argv[1])
+print("holding", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_lite_file_held_elsewhere_names_its_holder(tmp_path):
+    db = tmp_path / "held.db"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(db)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        col = MilvusCollection(str(db), owner="MilvusBackend")
+        with pytest.raises(RuntimeError, match=f"cannot open .*held by pid {holder.pid}: "):
+            col.connect()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 
 from embbench.paths import runs_dir
-from embbench.services import MILVUS_CALL_TIMEOUT, MILVUS_INDEX_TIMEOUT, connection_failure
+from embbench.services import (
+    MILVUS_CALL_TIMEOUT,
+    MILVUS_INDEX_TIMEOUT,
+    connection_failure,
+    lite_lock_holder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +128,12 @@ class MilvusCollection:
     # -- connection ----------------------------------------------------------------------------
 
     def connect(self) -> Any:
-        """The pymilvus client, opened on first use (a Lite path is resolved, its folder made)."""
+        """The pymilvus client, opened on first use (a Lite path is resolved, its folder made).
+
+        Raises:
+            RuntimeError: It cannot be opened; for a Lite file held by another process the
+                message names that process (:func:`embbench.services.lite_lock_holder`).
+        """
         if self._client is not None:
             return self._client
         from pymilvus import MilvusClient  # optional dependency, imported on use
@@ -141,8 +151,10 @@ class MilvusCollection:
             self._client = MilvusClient(uri=self.uri, token=self._token,
                                         timeout=min(self.timeout, 10.0))
         except Exception as err:
+            holder = lite_lock_holder(Path(self.uri)) if self.is_local else None
+            held = f" (held by pid {holder[0]}: {holder[1]})" if holder else ""
             hint = (
-                " Milvus Lite allows one process per file: close the other process, or run "
+                f" Milvus Lite allows one process per file{held}: close the other process, or run "
                 f"`milvus-lite server --data-dir {self.uri} --host 127.0.0.1 --port 19530` and "
                 "pass uri='http://127.0.0.1:19530'."
                 if self.is_local
