@@ -257,7 +257,8 @@ def evaluate_indexes(
         token: Server token.
         timings: Measure the labelled latency/throughput/memory (off for quality-only runs).
         n_single: Single-query searches timed for p50/p99 (faiss and server).
-        batch: Throughput batch size (at most 16,384 on a server).
+        batch: Throughput batch size (on a server at most
+            :data:`~embbench.retrieval.milvus_collection.MAX_NQ`).
         threads: faiss threads during timing (``None``: faiss' default).
         lite_timing_queries: Single-query searches timed on Milvus Lite (slow, pure Python).
         margin: Extra candidates fetched so that ties at the k-th place resolve by id (the

@@ -49,7 +49,8 @@ class MilvusBackend(SearchBackend):
     IP does not. Scores are converted to squared L2 (``2 - 2 ip``) and, like every backend here,
     candidates are re-scored canonically and re-sorted by (distance, id); a few extra candidates
     (``margin``) are fetched, and rows whose ties cross the boundary are re-searched with a larger
-    limit (up to Milvus' topk cap of 16,384, beyond which a warning is logged).
+    limit (up to Milvus' topk cap, :data:`~embbench.retrieval.milvus_collection.MAX_TOPK`,
+    beyond which a warning is logged).
 
     Measured on 60k x 768 vectors with Milvus Lite, where the time went and what fixed it: the
     default output returned every hit's 768-float vector through gRPC (search 2x slower; fixed by
@@ -68,7 +69,8 @@ class MilvusBackend(SearchBackend):
         index_type: Milvus index type; ``FLAT`` is exact.
         metric: ``IP`` (default) or ``COSINE``; both rank like L2 on unit vectors.
         batch: Queries per search call; ``None`` sizes it to the index (Lite scores
-            ``batch x rows`` at once) and never above Milvus' cap of 16,384.
+            ``batch x rows`` at once) and never above Milvus' cap
+            (:data:`~embbench.retrieval.milvus_collection.MAX_NQ`).
         insert_batch: Rows per insert call (also kept under the 256 MiB gRPC message limit).
         margin: Extra candidates fetched per query for tie handling. Kept small: Milvus Lite
             materialises every hit as a Python record (~40-70 us each), which dominated its
