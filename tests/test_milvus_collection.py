@@ -105,9 +105,7 @@ def test_build_inserts_under_the_grpc_budget_then_flushes_indexes_and_loads(monk
     monkeypatch.setattr(mc, "GRPC_INSERT_BUDGET", 3 * (4 * d + 32))  # 3 rows per insert call
     client = _FakeClient(hits=0)
     keys = np.arange(10, 17, dtype=np.int64)
-    build_s = _collection(client).build(
-        "c", np.ones((7, d), np.float32), keys, "FLAT", "IP", {}
-    )
+    build_s = _collection(client).build("c", np.ones((7, d), np.float32), keys, "FLAT", "IP", {})
     assert build_s >= 0
     assert client.inserted == [[10, 11, 12], [13, 14, 15], [16]]
     assert [c[0] for c in client.calls] == ["flush", "index", "load"]
@@ -119,7 +117,12 @@ def test_a_failed_build_drops_the_collection_only_when_asked():
         client = _FakeClient(hits=0, fail_index=True)
         with pytest.raises(RuntimeError, match="unknown index_type"):
             _collection(client).build(
-                "c", np.ones((2, 4), np.float32), np.arange(2), "IVF_PQ", "IP", {},
+                "c",
+                np.ones((2, 4), np.float32),
+                np.arange(2),
+                "IVF_PQ",
+                "IP",
+                {},
                 drop_on_failure=drop,
             )
         assert ("c" in client.present) is not drop
@@ -136,8 +139,9 @@ time.sleep(300)
 
 def test_a_lite_file_held_elsewhere_names_its_holder(tmp_path):
     db = tmp_path / "held.db"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(db)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(db)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         col = MilvusCollection(str(db), owner="MilvusBackend")

@@ -104,8 +104,9 @@ class MilvusCollection:
     ) -> None:
         self.uri = str(runs_dir() / "milvus.db") if uri is None else str(uri)
         self._token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
-        self.timeout = float(timeout or os.environ.get("EMBBENCH_MILVUS_TIMEOUT") or
-                             MILVUS_CALL_TIMEOUT)
+        self.timeout = float(
+            timeout or os.environ.get("EMBBENCH_MILVUS_TIMEOUT") or MILVUS_CALL_TIMEOUT
+        )
         self.insert_batch = int(insert_batch)
         self.owner = owner
         self._client: Any = None
@@ -148,8 +149,9 @@ class MilvusCollection:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.uri = str(path)
         try:
-            self._client = MilvusClient(uri=self.uri, token=self._token,
-                                        timeout=min(self.timeout, 10.0))
+            self._client = MilvusClient(
+                uri=self.uri, token=self._token, timeout=min(self.timeout, 10.0)
+            )
         except Exception as err:
             holder = lite_lock_holder(Path(self.uri)) if self.is_local else None
             held = f" (held by pid {holder[0]}: {holder[1]})" if holder else ""
@@ -258,8 +260,12 @@ class MilvusCollection:
         except Exception as err:
             if connection_failure(err) is not None:
                 raise
-            logger.warning("milvus: collection %s in %s cannot be read (%s); dropping it and "
-                           "rebuilding it", name, self.uri, error_text(err))
+            logger.warning(
+                "milvus: collection %s in %s cannot be read (%s); dropping it and rebuilding it",
+                name,
+                self.uri,
+                error_text(err),
+            )
             present = True
         if present:
             client.drop_collection(name, timeout=self.timeout)
@@ -271,7 +277,10 @@ class MilvusCollection:
         """
         logger.warning(
             "milvus: collection %s in %s cannot be read (%s); dropping it and rebuilding it "
-            "from the embedding cache", name, self.uri, error_text(err),
+            "from the embedding cache",
+            name,
+            self.uri,
+            error_text(err),
         )
         try:
             with quiet_milvus():
@@ -281,8 +290,12 @@ class MilvusCollection:
             if not self.is_local or connection_failure(drop_err) is not None:
                 raise
         aside = f"{self.uri}.unreadable-{int(time.time())}"
-        logger.warning("milvus: %s cannot drop it either; moved the Lite file to %s (derived "
-                       "collections are rebuilt on use)", self.uri, aside)
+        logger.warning(
+            "milvus: %s cannot drop it either; moved the Lite file to %s (derived "
+            "collections are rebuilt on use)",
+            self.uri,
+            aside,
+        )
         self.close()
         Path(self.uri).replace(aside)
 
@@ -303,9 +316,7 @@ class MilvusCollection:
             query got fewer hits than ``limit`` (tiny collections).
         """
         if limit > MAX_TOPK:
-            raise ValueError(
-                f"{self.owner}: limit {limit} exceeds Milvus' topk cap of {MAX_TOPK}"
-            )
+            raise ValueError(f"{self.owner}: limit {limit} exceeds Milvus' topk cap of {MAX_TOPK}")
         nq = len(queries)
         ids = np.full((nq, limit), -1, dtype=np.int64)
         scores = np.full((nq, limit), -np.inf, dtype=np.float32)
