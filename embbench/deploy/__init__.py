@@ -38,7 +38,6 @@ from embbench.deploy.indexes import (
     faiss_factory,
     time_faiss,
 )
-from embbench.deploy.milvus import MilvusIndex
 from embbench.deploy.plots import (
     VariantPoint,
     deployment_sentence,
@@ -79,7 +78,6 @@ __all__ = [
     "FittedCompression",
     "IndexResult",
     "IndexSpec",
-    "MilvusIndex",
     "Timing",
     "build_faiss",
     "compare_compressions",

@@ -44,16 +44,16 @@ from embbench.deploy.indexes import (
     latency_stats,
     time_faiss,
 )
-from embbench.deploy.milvus import (
+from embbench.metrics import RetrievalResult, evaluate_rankings
+from embbench.retrieval import ExactBackend, l2_normalize
+from embbench.retrieval.milvus_collection import (
     MAX_NQ,
     MAX_TOPK,
-    MilvusIndex,
+    MilvusCollection,
     error_text,
     is_unsupported,
     quiet_milvus,
 )
-from embbench.metrics import RetrievalResult, evaluate_rankings
-from embbench.retrieval import ExactBackend, l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,8 @@ def evaluate_indexes(
         token: Server token.
         timings: Measure the labelled latency/throughput/memory (off for quality-only runs).
         n_single: Single-query searches timed for p50/p99 (faiss and server).
-        batch: Throughput batch size (at most 16,384 on a server).
+        batch: Throughput batch size (on a server at most
+            :data:`~embbench.retrieval.milvus_collection.MAX_NQ`).
         threads: faiss threads during timing (``None``: faiss' default).
         lite_timing_queries: Single-query searches timed on Milvus Lite (slow, pure Python).
         margin: Extra candidates fetched so that ties at the k-th place resolve by id (the
@@ -283,7 +284,8 @@ def evaluate_indexes(
         from embbench.paths import runs_dir
 
         uri = str(runs_dir() / "milvus_deploy.db")
-    mil = MilvusIndex(uri, token)
+    mil = MilvusCollection(uri, token, owner="evaluate_indexes")
+    mil.connect()  # a Milvus that cannot be opened fails the study, not each variant
     engine_name = "milvus-server" if mil.is_server else "milvus-lite"
     fp = _fingerprint(x)
     results: list[IndexResult] = []
@@ -300,7 +302,11 @@ def evaluate_indexes(
                 )
                 try:
                     with quiet_milvus():
-                        built[key] = (engine_name, name, mil.build(name, x, spec), "")
+                        build_s = mil.build(
+                            name, x, np.arange(len(x), dtype=np.int64), spec.index_type, "IP",
+                            spec.build_params, drop_on_failure=True,
+                        )
+                        built[key] = (engine_name, name, build_s, "")
                 except Exception as err:  # noqa: BLE001 - reported per variant, others go on
                     msg = f"{engine_name}: {error_text(err)}"
                     logger.warning("index %s not built by %s: %s", spec.name, engine_name, msg)
@@ -322,7 +328,7 @@ def evaluate_indexes(
             if engine == "faiss":
                 raw_ids, raw_sc = faiss_search(faiss_built[key][0], spec, q, limit)
             else:
-                raw_ids, raw_sc = mil.search(name, spec, q, limit)
+                raw_ids, raw_sc = mil.search(name, q, limit, "IP", spec.search_params)
             search_s = time.perf_counter() - t0
             ids = rank_candidates(raw_ids, snap_scores(raw_ids, raw_sc, x, q), k, qids)
             res.retrieval = evaluate_rankings(
@@ -335,7 +341,7 @@ def evaluate_indexes(
             if engine != "faiss":
 
                 def one(b: np.ndarray, _n: str = name, _s: IndexSpec = spec) -> Any:
-                    return mil.search(_n, _s, b, k)
+                    return mil.search(_n, b, k, "IP", _s.search_params)
 
                 if mil.is_server:
                     p50, p99, qps = latency_stats(one, one, q, n_single=n_single, batch=batch)

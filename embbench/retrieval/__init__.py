@@ -39,10 +39,12 @@ from embbench.retrieval.base import (
 from embbench.retrieval.evaluate import search_and_evaluate
 from embbench.retrieval.exact import ExactBackend
 from embbench.retrieval.milvus import MilvusBackend
+from embbench.retrieval.milvus_collection import MilvusCollection
 
 __all__ = [
     "ExactBackend",
     "MilvusBackend",
+    "MilvusCollection",
     "SearchBackend",
     "create_backend",
     "l2_normalize",

@@ -29,7 +29,7 @@ __all__ = [
 _BACKENDS: Registry[type[SearchBackend]] = Registry("search backend")
 
 UNIT_NORM_TOL = 1e-3  # max |norm - 1| accepted as "L2-normalised"
-PAIR_CHUNK = 16_384  # candidate pairs re-scored at once (2 x 16k x d float64)
+PAIR_CHUNK = 16_384  # candidate pairs re-scored at once (a memory chunk, not a Milvus cap)
 CHECK_CHUNK_BYTES = 8 * 2**20  # row chunk of the validation passes (no (n, d) temporaries)
 
 

@@ -7,20 +7,13 @@ loop): fine for the paper's datasets, slow past a few hundred thousand vectors; 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import re
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from embbench._utils import collection_name as valid_collection_name
-from embbench.paths import runs_dir
 from embbench.retrieval.base import (
     SearchBackend,
     as_matrix,
@@ -30,37 +23,18 @@ from embbench.retrieval.base import (
     select_top,
     to_sq_l2,
 )
-from embbench.services import MILVUS_CALL_TIMEOUT, MILVUS_INDEX_TIMEOUT, connection_failure
+from embbench.retrieval.milvus_collection import (
+    INSERT_BATCH,
+    MAX_NQ,
+    MAX_TOPK,
+    MilvusCollection,
+    quiet_milvus,
+)
+from embbench.services import connection_failure
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MilvusBackend"]
-
-_MILVUS_MAX_NQ = 16_384  # a Milvus server caps nq and topk per search call at 16,384
-_MILVUS_MAX_TOPK = 16_384
-_GRPC_BUDGET_BYTES = 192 * 2**20  # stay well under the 256 MiB gRPC message limit
-
-
-@contextlib.contextmanager
-def _quiet_milvus() -> Iterator[None]:
-    """Silence pymilvus' and Lite's tracebacks for an error handled here (with one warning)."""
-    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _first_line(err: Exception) -> str:
-    """The first line of a Milvus error, without pymilvus' wrapper."""
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    match = re.search(r"message=(.*?)\)>?$", text)
-    return (match.group(1) if match else text)[:300]
-
 
 @register_backend("milvus")
 class MilvusBackend(SearchBackend):
@@ -75,7 +49,8 @@ class MilvusBackend(SearchBackend):
     IP does not. Scores are converted to squared L2 (``2 - 2 ip``) and, like every backend here,
     candidates are re-scored canonically and re-sorted by (distance, id); a few extra candidates
     (``margin``) are fetched, and rows whose ties cross the boundary are re-searched with a larger
-    limit (up to Milvus' topk cap of 16,384, beyond which a warning is logged).
+    limit (up to Milvus' topk cap, :data:`~embbench.retrieval.milvus_collection.MAX_TOPK`,
+    beyond which a warning is logged).
 
     Measured on 60k x 768 vectors with Milvus Lite, where the time went and what fixed it: the
     default output returned every hit's 768-float vector through gRPC (search 2x slower; fixed by
@@ -94,7 +69,8 @@ class MilvusBackend(SearchBackend):
         index_type: Milvus index type; ``FLAT`` is exact.
         metric: ``IP`` (default) or ``COSINE``; both rank like L2 on unit vectors.
         batch: Queries per search call; ``None`` sizes it to the index (Lite scores
-            ``batch x rows`` at once) and never above Milvus' cap of 16,384.
+            ``batch x rows`` at once) and never above Milvus' cap
+            (:data:`~embbench.retrieval.milvus_collection.MAX_NQ`).
         insert_batch: Rows per insert call (also kept under the 256 MiB gRPC message limit).
         margin: Extra candidates fetched per query for tie handling. Kept small: Milvus Lite
             materialises every hit as a Python record (~40-70 us each), which dominated its
@@ -115,16 +91,12 @@ class MilvusBackend(SearchBackend):
         index_type: str = "FLAT",
         metric: Literal["IP", "COSINE"] = "IP",
         batch: int | None = None,
-        insert_batch: int = 8192,
+        insert_batch: int = INSERT_BATCH,
         margin: int = 2,
         index_params: dict[str, Any] | None = None,
         search_params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> None:
-        if uri is None:
-            uri = str(runs_dir() / "milvus.db")
-        self.uri = str(uri)
-        self._token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
         if (
             valid_collection_name(collection_prefix) != collection_prefix
             or len(collection_prefix) > 200
@@ -141,8 +113,8 @@ class MilvusBackend(SearchBackend):
                 "'COSINE'. On unit vectors both rank exactly as L2, and Milvus Lite's exact L2 "
                 "search materialises (queries x rows x dim) floats and runs out of memory."
             )
-        if batch is not None and not 1 <= batch <= _MILVUS_MAX_NQ:
-            raise ValueError(f"MilvusBackend: batch must be in [1, {_MILVUS_MAX_NQ}], got {batch}")
+        if batch is not None and not 1 <= batch <= MAX_NQ:
+            raise ValueError(f"MilvusBackend: batch must be in [1, {MAX_NQ}], got {batch}")
         if insert_batch < 1 or margin < 0:
             raise ValueError("MilvusBackend: insert_batch must be >= 1 and margin >= 0")
         self.collection_prefix = collection_prefix
@@ -153,9 +125,7 @@ class MilvusBackend(SearchBackend):
         self.margin = int(margin)
         self.index_params = dict(index_params or {})
         self.search_params = dict(search_params or {})
-        self.timeout = float(timeout or os.environ.get("EMBBENCH_MILVUS_TIMEOUT") or
-                             MILVUS_CALL_TIMEOUT)
-        self._client: Any = None
+        self._milvus = MilvusCollection(uri, token, timeout, self.insert_batch, "MilvusBackend")
         self._collection: str | None = None
         self._collection_rows = 0
         self.n_widened = 0
@@ -168,53 +138,24 @@ class MilvusBackend(SearchBackend):
         )
 
     @property
+    def uri(self) -> str:
+        """The Milvus Lite file (resolved once opened) or the server address."""
+        return self._milvus.uri
+
+    @property
     def is_local(self) -> bool:
         """Whether ``uri`` is a Milvus Lite file (not a server address)."""
-        return not re.match(r"^[a-z]+://", self.uri)
+        return self._milvus.is_local
 
-    # -- connection ----------------------------------------------------------------------------
-
-    def _get_client(self) -> Any:
-        if self._client is not None:
-            return self._client
-        from pymilvus import MilvusClient  # optional dependency, imported on use
-
-        if self.is_local:
-            path = Path(self.uri).expanduser().resolve()
-            if path.suffix != ".db":
-                raise ValueError(
-                    f"MilvusBackend: local uri {self.uri!r} must end in '.db' (Milvus Lite file); "
-                    "for a server pass 'http://host:19530'."
-                )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.uri = str(path)
-        try:
-            self._client = MilvusClient(uri=self.uri, token=self._token,
-                                        timeout=min(self.timeout, 10.0))
-        except Exception as err:
-            hint = (
-                " Milvus Lite allows one process per file: close the other process, or run "
-                f"`milvus-lite server --data-dir {self.uri} --host 127.0.0.1 --port 19530` and "
-                "pass uri='http://127.0.0.1:19530'."
-                if self.is_local
-                else " Check the address and that MILVUS_TOKEN is set if the server needs one."
-            )
-            raise RuntimeError(f"MilvusBackend: cannot open {self.uri!r}: {err}.{hint}") from err
-        return self._client
+    @property
+    def timeout(self) -> float:
+        """Seconds each Milvus call may take (see ``timeout`` above)."""
+        return self._milvus.timeout
 
     def close(self) -> None:
         """Close the client and, for Milvus Lite, stop its server so the file lock is released."""
-        if self._client is not None:
-            try:
-                self._client.close()
-            finally:
-                self._client = None
-                self._collection = None
-        if self.is_local:
-            # optional dependency (Milvus Lite only), imported on use
-            from milvus_lite.server_manager import server_manager_instance
-
-            server_manager_instance.release_server(str(Path(self.uri).expanduser().resolve()))
+        self._collection = None
+        self._milvus.close()
 
     # -- building ------------------------------------------------------------------------------
 
@@ -234,8 +175,6 @@ class MilvusBackend(SearchBackend):
             vectors: ``(n, d)`` float32 vectors.
             ids: ``(n,)`` unique int64 primary keys; default ``0..n-1`` (positions).
         """
-        from pymilvus import DataType  # optional dependency, imported on use
-
         if valid_collection_name(name) != name:
             raise ValueError(
                 f"MilvusBackend.build: {name!r} is not a valid Milvus collection name; use "
@@ -247,36 +186,11 @@ class MilvusBackend(SearchBackend):
         keys = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if keys.shape != (n,) or len(np.unique(keys)) != n:
             raise ValueError(f"MilvusBackend.build: ids must be {n} unique integers")
-        t0 = time.perf_counter()
-        client = self._get_client()
-        if client.has_collection(name, timeout=self.timeout):
-            client.drop_collection(name, timeout=self.timeout)
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
-        client.create_collection(name, schema=schema, timeout=self.timeout)
-        rows_per_call = max(1, min(self.insert_batch, _GRPC_BUDGET_BYTES // (4 * d + 32)))
-        for start in range(0, n, rows_per_call):
-            stop = min(n, start + rows_per_call)
-            rows = [
-                {"id": key, "vector": vec}
-                for key, vec in zip(keys[start:stop].tolist(), arr[start:stop], strict=True)
-            ]
-            client.insert(name, rows, timeout=self.timeout)
-        # unflushed rows are re-stacked from the memtable on every search
-        client.flush(name, timeout=self.timeout)
-        index_params = client.prepare_index_params()
-        index_params.add_index(
-            "vector", index_type=self.index_type, metric_type=self.metric, params=self.index_params
+        self.last_build_s = self._milvus.build(
+            name, arr, keys, self.index_type, self.metric, self.index_params
         )
-        # Lite lacks AllocTimestamp, which the synchronous wait for the index uses (it logs a
-        # server error and sleeps); Lite builds the index before returning anyway.
-        client.create_index(name, index_params, sync=not self.is_local,
-                            timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
-        client.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
         self._collection = name
         self._collection_rows = n
-        self.last_build_s = time.perf_counter() - t0
         logger.info(
             "milvus: built collection %s (%d x %d) in %.1f s", name, n, d, self.last_build_s
         )
@@ -291,54 +205,28 @@ class MilvusBackend(SearchBackend):
         name = self.collection_name(index)
         if self._collection == name:
             return name
-        self._get_client()  # opening it (re)configures pymilvus' logging: before quieting it
+        self._milvus.connect()  # opening it (re)configures pymilvus' logging: before quieting it
         try:
-            with _quiet_milvus():
-                reused = self._reuse(name, index.shape[0])
+            with quiet_milvus():
+                reused = self._milvus.reuse(name, index.shape[0])
         except Exception as err:
             if connection_failure(err) is not None:
                 raise
             self._drop_unreadable(name, err)
             reused = False
-        if not reused:
+        if reused:
+            self._collection = name
+            self._collection_rows = index.shape[0]
+            self.last_build_s = 0.0
+            logger.info("milvus: reusing collection %s (%d rows)", name, index.shape[0])
+        else:
             self.build(name, index)
         return name
 
-    def _reuse(self, name: str, n: int) -> bool:
-        """Load collection ``name`` if it exists with ``n`` rows; whether it was reused."""
-        client = self._get_client()
-        if not client.has_collection(name, timeout=self.timeout):
-            return False
-        stats = client.get_collection_stats(name, timeout=self.timeout)
-        rows = int(stats.get("row_count", -1))
-        if rows != n:
-            return False
-        client.load_collection(name, timeout=max(self.timeout, MILVUS_INDEX_TIMEOUT))
-        self._collection = name
-        self._collection_rows = rows
-        self.last_build_s = 0.0
-        logger.info("milvus: reusing collection %s (%d rows)", name, rows)
-        return True
-
     def _drop_unreadable(self, name: str, err: Exception) -> None:
-        """Drop an unreadable collection (for Lite, move the whole file aside if that fails)."""
-        logger.warning(
-            "milvus: collection %s in %s cannot be read (%s); dropping it and rebuilding it "
-            "from the embedding cache", name, self.uri, _first_line(err),
-        )
+        """Forget the current collection and drop the unreadable one (see ``ensure_collection``)."""
         self._collection = None
-        try:
-            with _quiet_milvus():
-                self._get_client().drop_collection(name, timeout=self.timeout)
-            return
-        except Exception as drop_err:
-            if not self.is_local or connection_failure(drop_err) is not None:
-                raise
-        aside = f"{self.uri}.unreadable-{int(time.time())}"
-        logger.warning("milvus: %s cannot drop it either; moved the Lite file to %s (derived "
-                       "collections are rebuilt on use)", self.uri, aside)
-        self.close()
-        Path(self.uri).replace(aside)
+        self._milvus.drop_unreadable(name, err)
 
     # -- searching -----------------------------------------------------------------------------
 
@@ -348,33 +236,14 @@ class MilvusBackend(SearchBackend):
         if self.is_local:
             # Lite scores (batch x rows) float32 at once, plus a negated copy (~1 GiB here), and
             # pays ~0.2 s of per-row Python bookkeeping per call at 60k rows: few large calls.
-            return int(max(1, min(_MILVUS_MAX_NQ, 2**30 // max(1, 8 * n))))
-        return _MILVUS_MAX_NQ
+            return int(max(1, min(MAX_NQ, 2**30 // max(1, 8 * n))))
+        return MAX_NQ
 
     def _raw_search(
         self, name: str, queries: np.ndarray, limit: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """One Milvus search call; returns ``(ids, scores)`` padded with -1 / -inf."""
-        params = {"metric_type": self.metric, "params": dict(self.search_params)}
-        res = self._get_client().search(
-            name,
-            data=queries,
-            limit=limit,
-            output_fields=["id"],
-            search_params=params,
-            timeout=self.timeout,
-        )
-        ids = np.full((len(queries), limit), -1, dtype=np.int64)
-        scores = np.full((len(queries), limit), -np.inf, dtype=np.float32)
-        lengths = [len(hits.ids) for hits in res]
-        if lengths and min(lengths) == max(lengths) == limit:
-            ids[:] = np.asarray([hits.ids for hits in res], dtype=np.int64)
-            scores[:] = np.asarray([hits.distances for hits in res], dtype=np.float32)
-        else:  # fewer hits than limit for some queries (tiny collections)
-            for i, hits in enumerate(res):
-                ids[i, : len(hits.ids)] = hits.ids
-                scores[i, : len(hits.distances)] = hits.distances
-        return ids, scores
+        return self._milvus.search(name, queries, limit, self.metric, self.search_params)
 
     def _search(
         self, idx: np.ndarray, qry: np.ndarray, k: int, qids: np.ndarray | None, tol: float
@@ -387,15 +256,15 @@ class MilvusBackend(SearchBackend):
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
         name = self.ensure_collection(idx)
         kk = k + (1 if qids is not None else 0)
-        if kk > _MILVUS_MAX_TOPK:
-            raise ValueError(f"MilvusBackend: k={k} exceeds Milvus' topk cap of 16,384")
-        limit = min(n, kk + self.margin, _MILVUS_MAX_TOPK)
+        if kk > MAX_TOPK:
+            raise ValueError(f"MilvusBackend: k={k} exceeds Milvus' topk cap of {MAX_TOPK:,}")
+        limit = min(n, kk + self.margin, MAX_TOPK)
         step = self._batch_size(n)
         for start in range(0, nq, step):
             stop = min(nq, start + step)
             qb = qry[start:stop]
             try:
-                with _quiet_milvus():
+                with quiet_milvus():
                     ids_b, raw_b = self._raw_search(name, qb, limit)
             except Exception as err:  # a reused collection whose data cannot be read
                 if connection_failure(err) is not None or self.last_build_s > 0:
@@ -408,7 +277,7 @@ class MilvusBackend(SearchBackend):
             self.n_widened += int(pending.size)
             cur = limit
             while pending.size:
-                if cur >= min(n, _MILVUS_MAX_TOPK):
+                if cur >= min(n, MAX_TOPK):
                     if cur < n:
                         logger.warning(
                             "milvus: %d queries have ties crossing the topk cap of %d; their "
@@ -418,7 +287,7 @@ class MilvusBackend(SearchBackend):
                             kk,
                         )
                     break
-                cur = min(n, _MILVUS_MAX_TOPK, cur * 4)
+                cur = min(n, MAX_TOPK, cur * 4)
                 ids_w, raw_w = self._raw_search(name, qb[pending], cur)
                 r_w, c_w, s_w = self._rescore(qb[pending], idx, ids_w)
                 keep = ~np.isin(rows, pending)
