@@ -5,9 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-MODES = ("pretrained", "top-tuned", "fine-tuned", "cross-tuned", "cross-top-tuned")
-TUNED_MODES = ("top-tuned", "fine-tuned")
-CROSS_MODES = ("cross-tuned", "cross-top-tuned")
 MODE_LABELS = {
     "pretrained": "Pretrained",
     "top-tuned": "Top-tuned",

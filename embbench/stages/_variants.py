@@ -168,6 +168,7 @@ def produce_index(
         timings=base.timings,
         details={"variant_kind": "index", "variant": spec.name, **_index_details(res)},
         result=res.retrieval,
+        searched_with=res.engine,
         baseline=(q, x),
     )
 
