@@ -1,4 +1,4 @@
-"""The vocabulary of the analysis frame: modes, model families, their labels, small coercions."""
+"""The analysis frame's labels (modes, families) and small coercions (modes: embbench.vocab)."""
 
 from __future__ import annotations
 
