@@ -17,7 +17,7 @@ from embbench._torch_utils import resolve_device
 from embbench.cells import CellInputs
 from embbench.config import GridConfig
 from embbench.embed import embed_split, embedding_cache
-from embbench.models import create_embedder, model_facts
+from embbench.models import Embedder, create_embedder, model_facts
 from embbench.records import Lineage
 from embbench.vocab import WEIGHT_MODES
 
@@ -34,7 +34,7 @@ def weights_problem(weights: str) -> str | None:
     )
 
 
-def lineage_of(embedder: Any, base_model: str) -> Lineage:
+def lineage_of(embedder: Embedder, base_model: str) -> Lineage:
     """The lineage of a model's embeddings as the embedder built them."""
     used = dict(embedder.weights_used)
     return Lineage(
@@ -79,10 +79,10 @@ class EmbedderPool:
 
     def __init__(self, cfg: GridConfig) -> None:
         self.cfg = cfg
-        self._embedders: dict[str, Any] = {}
+        self._embedders: dict[str, Embedder] = {}
         self._recomputed: set[str] = set()  # cache keys embedded again by this run
 
-    def __call__(self, model: str) -> Any:
+    def __call__(self, model: str) -> Embedder:
         """The embedder of ``model`` with the configured weights."""
         if model not in self._embedders:
             self._embedders[model] = create_embedder(model, weights=self.cfg.weights)
