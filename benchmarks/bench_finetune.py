@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import embbench.cells as cells  # noqa: E402
 from embbench.demo import make_demo_catalogue  # noqa: E402
-from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell  # noqa: E402
+from embbench.stages.finetune import FinetuneConfig, finetune_job, make_trainer  # noqa: E402
 from embbench.train import FineTuner  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main() -> None:
             device="cpu",
             backend="exact",
         )
-        trainer = make_trainer(cfg, plan_cell(cfg, args.model, "demo"))
+        trainer = make_trainer(cfg, finetune_job(cfg, args.model, "demo"))
         n_train = len(cat.split("train"))
         print(
             f"{args.model} {args.recipe} at {args.size} px, batch {args.batch}, "

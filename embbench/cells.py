@@ -15,56 +15,49 @@ owns everything the cells share, in this order:
    step, **score** retrieval with the backend object, and **write the record**.
 
 A stage supplies a :class:`StageSteps` object: its grid, its extra checks, the identity of a
-cell's inputs (for the hash) and the ``produce`` step that returns the query and index
-embeddings with their lineage. This follows mteb's ``AbsTask`` (the task owns the loop, each
-task fills in its step) and pytorch-metric-learning's injected ``knn_func`` (the backend is an
-object passed in, not a string).
+cell's inputs (for the hash), the cells known only once the data is loaded (``expand``) and the
+``produce`` step that returns the query and index embeddings with their lineage. The pre-work
+check lives in :mod:`embbench.cells_validate`, the cell's MLflow run and its logging in
+:mod:`embbench.tracking_runs`, and the record is built by :meth:`ResultRecord.scored`.
+This follows mteb's ``AbsTask`` (the task owns the loop, each task fills in its step) and
+pytorch-metric-learning's injected ``knn_func`` (the backend is an object passed in, not a
+string).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from embbench._registry import UnknownNameError, did_you_mean
 from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
-from embbench._utils import hold_lock, metric_key, stable_hash
+from embbench._utils import hold_lock, stable_hash
 from embbench.cache import EmbeddingSet
-from embbench.catalogue import Catalogue, CatalogueError
-from embbench.config import ConfigError, GridConfig
-from embbench.datasets import list_datasets, register_user_catalogues
+from embbench.catalogue import Catalogue
+from embbench.cells_validate import GridError, validate_grid
+from embbench.config import GridConfig
 from embbench.datasets.prepare import RetrievalPlan, load_catalogue, retrieval_plan
-from embbench.models import get_model_spec
-from embbench.records import CatalogueRef, Lineage, ResultRecord, ResultStore, Timings
-from embbench.retrieval import SearchBackend, create_backend, list_backends, search_and_evaluate
-from embbench.services import ServiceUnreachableError, check_milvus, check_storage, explain_mid_run
+from embbench.metrics import RetrievalResult
+from embbench.models import ModelSpec, get_model_spec
+from embbench.records import CatalogueRef, Lineage, ResultRecord, ResultStore
+from embbench.retrieval import SearchBackend, create_backend, search_and_evaluate
+from embbench.services import explain_mid_run
 from embbench.tracking import (
-    cell_params,
     close_stale_run,
     default_tracking_uri,
     log_catalogue_input,
-    log_json_artifact,
-    log_params,
-    mlflow_run,
     provenance,
-    run_name,
     setup_mlflow,
 )
+from embbench.tracking_runs import cell_run, log_record
 
 logger = logging.getLogger(__name__)
-
-
-class GridError(ConfigError):
-    """The grid cannot run: every problem found before the first cell, with its fix."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +96,19 @@ class CellInputs:
     plan: RetrievalPlan
 
 
+def load_cell_inputs(cfg: GridConfig, dataset: str) -> CellInputs:
+    """Load ``dataset``'s catalogue as ``cfg`` asks, plan its retrieval, hash its images."""
+    cat = load_catalogue(
+        dataset, cfg.data_root, label=cfg.label, max_images=cfg.max_images,
+        seed=cfg.seed, options=cfg.data_options.get(dataset),
+    )
+    plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
+    # hash the images now, with the load (the first run reads each once; under torchrun rank 0
+    # does it before the barrier, so the other ranks only stat the files)
+    cat.fingerprint()
+    return CellInputs(dataset, cat, plan)
+
+
 @dataclass
 class Produced:
     """What a stage's ``produce`` step returns for one cell.
@@ -116,37 +122,49 @@ class Produced:
         val_accuracy: Validation accuracy, when the cell trained a classifier.
         pretrained_metrics: The pretrained baseline's metrics on the same data (tuned modes).
         timings: ``embed_s``, ``train_s``, ``gpu_hours`` as measured by the stage.
-        details: Stage-specific facts and paths for the record.
+        toptune_model_path: The top-tuned MLP the cell trained or applied (stages 03, 04).
+        details: Stage-specific facts for the record (read by people and the analysis, never
+            by another stage).
         tags: Extra MLflow tags for the cell's run.
         baseline: The pretrained embeddings ``(query, index)`` of the same data, scored by the
             engine with the same backend into ``pretrained_metrics`` (tuned modes).
         result: The retrieval result of a variant that searches with its own index (an ANN
             index variant), computed by the same metric code; the engine then records it
             instead of searching ``query``/``index`` with its backend.
+        searched_with: What searched for ``result`` (the index variant's engine), recorded as
+            the record's backend; ``None``: the engine's backend.
     """
 
     query: EmbeddingSet
     index: EmbeddingSet
     lineage: Lineage
-    spec: Any
+    spec: ModelSpec
     classification: dict[str, float] = field(default_factory=dict)
     val_accuracy: float | None = None
     pretrained_metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float | None] = field(default_factory=dict)
+    toptune_model_path: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     baseline: tuple[EmbeddingSet, EmbeddingSet] | None = None
-    result: Any = None
+    result: RetrievalResult | None = None
+    searched_with: str | None = None
 
 
-class StageSteps(Protocol):
-    """What a stage supplies to the engine."""
+class StageSteps:
+    """What a stage supplies to the engine (subclass it; ``check`` and ``expand`` are optional)."""
 
     def grid(self) -> list[Cell]:
         """The cells, in run order."""
+        raise NotImplementedError
 
     def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
         """Stage-specific problems found before any cell runs (empty when none)."""
+        return []
+
+    def expand(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[Cell]:
+        """The cells with those known only once the data is loaded (e.g. an index sweep)."""
+        return list(cells)
 
     def identity(self, cell: Cell, inputs: CellInputs) -> dict[str, Any]:
         """Everything beyond the config and the plan that changes the cell's result.
@@ -154,12 +172,11 @@ class StageSteps(Protocol):
         Typically the embedding cache keys of the vectors the cell will score, the training
         hash of a fine-tuned model, or the hash of the top-tuned head applied.
         """
+        raise NotImplementedError
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Compute the cell's query and index embeddings (and any training) with lineage."""
-
-    # Optional: ``expand(cells, inputs) -> cells`` adds cells known only once the data is loaded
-    # (stage 01's index sweeps depend on the index size); the engine calls it after validation.
+        raise NotImplementedError
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -190,66 +207,18 @@ class CellEngine:
         self.dist = DistInfo()
         self._tracking_uri = ""
 
-    # -- validation ------------------------------------------------------------------------
     def validate(self, cells: Sequence[Cell]) -> None:
-        """Check the whole grid before any work; load and plan every dataset once.
-
-        Raises:
-            StorageError: The cache, runs or reports folder cannot be written (read-only, full).
-            GridError: Listing every problem found (unknown models and datasets with close
-                matches, an unknown backend, a missing split or label), each with its fix.
-        """
-        check_storage()
-        problems: list[str] = []
-        # a user's catalogue is named by its data_root key (cache, records, MLflow, report)
-        register_user_catalogues(self.cfg.data_root)
-        if self.cfg.backend not in list_backends():
-            problems.append(
-                f"backend {self.cfg.backend!r} is unknown; choose one of {list_backends()}"
-            )
-        for model in dict.fromkeys(c.model for c in cells):
-            try:
-                get_model_spec(model)
-            except UnknownNameError as exc:
-                problems.append(str(exc))
-        known = set(list_datasets())
-        for dataset in dict.fromkeys(c.dataset for c in cells):
-            if dataset not in known:
-                problems.append(did_you_mean(dataset, sorted(known), "dataset"))
-                continue
-            try:
-                self.inputs_for(dataset)
-            except (CatalogueError, GridError, ValueError, TypeError) as exc:
-                problems.append(f"dataset {dataset!r}: {exc}")
-        if not problems:
-            problems += self.steps.check(cells, self.inputs)
-        if self.dist.is_main and (self.cfg.backend == "milvus" or getattr(self.cfg, "indexes", 0)):
-            try:
-                check_milvus(self.cfg.milvus_uri, os.environ.get("MILVUS_TOKEN", ""))
-            except ServiceUnreachableError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise GridError(
-                f"{len(problems)} problem(s) in the grid, found before running any cell:\n- "
-                + "\n- ".join(problems)
-            )
+        """Check the whole grid before any work (:func:`validate_grid`); load every dataset."""
+        validate_grid(self.cfg, (c.model for c in cells), (c.dataset for c in cells),
+                      self.inputs_for, lambda: self.steps.check(cells, self.inputs),
+                      probe_milvus=self.dist.is_main)
 
     def inputs_for(self, dataset: str) -> CellInputs:
         """The catalogue and plan of ``dataset`` (loaded once per engine)."""
         if dataset not in self.inputs:
-            cfg = self.cfg
-            cat = load_catalogue(
-                dataset, cfg.data_root, label=cfg.label, max_images=cfg.max_images,
-                seed=cfg.seed, options=cfg.data_options.get(dataset),
-            )
-            plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
-            # hash the images now, with the load (the first run reads each once; under torchrun
-            # rank 0 does it before the barrier, so the other ranks only stat the files)
-            cat.fingerprint()
-            self.inputs[dataset] = CellInputs(dataset, cat, plan)
+            self.inputs[dataset] = load_cell_inputs(self.cfg, dataset)
         return self.inputs[dataset]
 
-    # -- running ----------------------------------------------------------------------------
     @property
     def backend(self) -> SearchBackend:
         """The retrieval backend (created on first use from the config)."""
@@ -280,9 +249,9 @@ class CellEngine:
             barrier(self.dist)
             if not self.dist.is_main:
                 self.validate(cells)
-            expand = getattr(self.steps, "expand", None)
-            if expand is not None:  # cells known only once the data is (e.g. an index sweep)
-                cells = [c for c in expand(cells, self.inputs) if select is None or select(c)]
+            # cells known only once the data is (e.g. an index sweep)
+            cells = [c for c in self.steps.expand(cells, self.inputs)
+                     if select is None or select(c)]
             for i, cell in enumerate(cells, 1):
                 logger.info("[%d/%d] %s", i, len(cells), cell)
                 record = self.run_cell(cell)
@@ -319,7 +288,7 @@ class CellEngine:
         grid never compute (or log) one cell twice: the second waits, then skips it. Under
         torchrun, ranks other than 0 only take part in ``produce`` and return ``None``.
         """
-        inputs = self.inputs_for(cell.dataset)
+        cfg, inputs = self.cfg, self.inputs_for(cell.dataset)
         chash = self.cell_hash(cell, inputs)
         path = self.store.path(cell.stage, cell.dataset, cell.model, cell.mode, chash)
         if not self.dist.is_main:
@@ -336,47 +305,33 @@ class CellEngine:
                 return done
             started = datetime.now(UTC).isoformat()
             t0 = time.perf_counter()
-            with self._cell_run(cell, chash) as run:
+            with self._cell_run(cell, chash, inputs) as run:
                 produced = self.steps.produce(cell, inputs)
                 record, per_query = self._score(cell, inputs, chash, produced, started)
                 record.timings.wall_s = round(time.perf_counter() - t0, 3)
                 record.mlflow_run_id = run.info.run_id
-                self._log(cell, record, produced)
+                log_record(record, cfg.model_dump(mode="json", exclude=set(cfg.hash_exclude)),
+                           {**cell_identity(cell), "data_root": cfg.data_root.get(cell.dataset)},
+                           produced.tags)
                 self.store.save(record, per_query)
         barrier(self.dist)
         logger.info("done %s in %.1f s: %s (record %s)", cell, record.timings.wall_s or 0.0,
                     ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()), path)
         return record
 
-    @contextmanager
-    def _cell_run(self, cell: Cell, chash: str) -> Iterator[Any]:
-        """The cell's one MLflow run: a run left RUNNING or FAILED by a crash is resumed."""
-        import mlflow
-
+    def _cell_run(self, cell: Cell, chash: str, inputs: CellInputs) -> Any:
+        """The cell's one MLflow run (:func:`embbench.tracking_runs.cell_run`)."""
         spec = get_model_spec(cell.model)
-        tags = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
-                "dataset": cell.dataset, "config_hash": chash, "family": spec.family,
-                "backbone": spec.backbone, "weights": self.cfg.weights}
-        extra = {"source_dataset": cell.source, "variant": cell.variant}
-        tags.update({k: v for k, v in extra.items() if v})
-        stale = mlflow.search_runs(
-            filter_string=f"tags.config_hash = '{chash}' and tags.stage = '{cell.stage}' and "
-            f"tags.mode = '{cell.mode}' and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"], output_format="list",
+        tags = {k: v for k, v in cell_identity(cell).items() if v}
+        tags.update(config_hash=chash, family=spec.family, backbone=spec.backbone,
+                    weights=self.cfg.weights)
+        cat, plan = inputs.catalogue, inputs.plan
+        return cell_run(
+            **cell_identity(cell, "source", "variant"), config_hash=chash, tags=tags,
+            parent_run_id=lambda: self._variant_parent(cell),
+            on_start=lambda: log_catalogue_input(cell.dataset, cat.root, cat.fingerprint(),
+                                                 "+".join(plan.splits)),
         )
-        if stale:
-            logger.info("resuming MLflow run %s of %s, left %s by an earlier attempt",
-                        stale[0].info.run_id, cell, stale[0].info.status)
-            with mlflow.start_run(run_id=stale[0].info.run_id) as run:
-                yield run
-            return
-        top = "top-" if "top" in cell.mode else ""
-        origin = f"{top}from-{cell.source}" if cell.source else None
-        name = run_name(cell.stage, cell.model, cell.dataset, origin, cell.variant)
-        with mlflow_run(name, tags=tags, parent_run_id=self._variant_parent(cell)) as run:
-            cat, plan = self.inputs[cell.dataset].catalogue, self.inputs[cell.dataset].plan
-            log_catalogue_input(cell.dataset, cat.root, cat.fingerprint(), "+".join(plan.splits))
-            yield run
 
     def _variant_parent(self, cell: Cell) -> str | None:
         """The MLflow run of a deployment variant's plain cell (its parent in the UI)."""
@@ -390,110 +345,72 @@ class CellEngine:
     def _score(
         self, cell: Cell, inputs: CellInputs, chash: str, produced: Produced, started: str
     ) -> tuple[ResultRecord, dict[str, np.ndarray]]:
-        plan = inputs.plan
-        cat = inputs.catalogue
-        query, index = produced.query, produced.index
+        """Score the produced vectors (and the baseline) and build the cell's record."""
+        cfg, cat = self.cfg, inputs.catalogue
         t0 = time.perf_counter()
-        result = produced.result or self.evaluate(query, index, inputs)
+        result = produced.result or evaluate_pair(produced.query, produced.index, inputs,
+                                                  k=cfg.k, backend=self.backend)
         search_s = round(time.perf_counter() - t0, 3)
         pretrained = dict(produced.pretrained_metrics)
         if produced.baseline is not None:
-            pretrained = dict(self.evaluate(*produced.baseline, inputs).summary)
-        failed = list(query.failed) + ([] if index is query else list(index.failed))
-
-        spec = produced.spec
-        timings = Timings(**{**produced.timings, "search_s": search_s})
-        record = ResultRecord(
-            stage=cell.stage,
-            mode=cell.mode,
-            model=cell.model,
-            dataset=cell.dataset,
-            config_hash=chash,
-            family=getattr(spec, "family", "unknown") or "unknown",
-            backbone=getattr(spec, "backbone", "unknown") or "unknown",
-            paper_name=getattr(spec, "paper_name", "") or cell.model,
-            lineage=produced.lineage,
-            backend=produced.details.get("engine", self.cfg.backend)
-            if produced.result is not None else self.cfg.backend,
-            k=self.cfg.k,
-            **plan.as_dict(),
-            metrics={k: float(v) for k, v in result.summary.items()},
-            n_queries=result.n_queries,
-            n_lone=result.n_lone,
-            n_index=int(len(index.vectors)),
-            embed_dim=int(query.vectors.shape[1]),
-            classification=produced.classification,
-            val_accuracy=produced.val_accuracy,
-            pretrained_metrics={k: float(v) for k, v in pretrained.items()},
-            timings=timings,
-            config=self.cfg.model_dump(mode="json"),
-            dataset_fingerprint=cat.fingerprint(),
-            dataset_root=str(cat.root) if cat.root else None,
+            pretrained = dict(evaluate_pair(*produced.baseline, inputs, k=cfg.k,
+                                            backend=self.backend).summary)
+        record = ResultRecord.scored(
+            cell=cell_identity(cell, "", ""),
+            config_hash=chash, spec=produced.spec, lineage=produced.lineage,
+            backend=(produced.searched_with if produced.result is not None else None)
+            or cfg.backend,
+            k=cfg.k, plan=inputs.plan.as_dict(), result=result,
+            vectors={"query": produced.query, "index": produced.index},
             catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
                 name=cell.dataset, root=str(Path(cat.root).resolve()) if cat.root else None,
-                options=dict(self.cfg.data_options.get(cell.dataset) or {}),
-                label=self.cfg.label, max_images=self.cfg.max_images, seed=self.cfg.seed),
-            caches={"query": str(query.path), "index": str(index.path)},
-            failed_images=failed,
-            provenance=provenance(),
-            details=produced.details,
-            started=started,
+                options=dict(cfg.data_options.get(cell.dataset) or {}),
+                label=cfg.label, max_images=cfg.max_images, seed=cfg.seed),
+            fingerprint=cat.fingerprint(),
+            dataset_root=str(cat.root) if cat.root else None,
+            config=cfg.model_dump(mode="json"),
+            timings={**produced.timings, "search_s": search_s},
+            classification=produced.classification, val_accuracy=produced.val_accuracy,
+            pretrained_metrics=pretrained, toptune_model_path=produced.toptune_model_path,
+            details=produced.details, provenance=provenance(), started=started,
         )
         per_query = {**result.per_query, "query_index": result.query_index}
         if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
             per_query["topk_ids"] = result.topk_ids
         return record, per_query
 
-    def evaluate(self, query: EmbeddingSet, index: EmbeddingSet, inputs: CellInputs) -> Any:
-        """Score one query/index pair of ``inputs``' dataset with the engine's backend."""
-        plan, items = inputs.plan, inputs.catalogue.items
-        shared = plan.protocol == "within" and index is query
-        return search_and_evaluate(
-            np.asarray(query.vectors),
-            query.labels(items, plan.label),
-            None if shared else np.asarray(index.vectors),
-            None if shared else index.labels(items, plan.label),
-            k=self.cfg.k,
-            protocol=plan.protocol,
-            backend=self.backend,
-        )
 
-    def _log(self, cell: Cell, record: ResultRecord, produced: Produced) -> None:
-        """Log the record into the cell's active MLflow run."""
-        import mlflow
+def cell_identity(cell: Cell, source: str = "source_dataset", variant: str = "variant") -> dict:
+    """``stage``, ``mode``, ``model``, ``dataset`` of ``cell``, with source and variant.
 
-        lin = record.lineage
-        mlflow.set_tags(
-            {
-                "family": record.family,
-                "backbone": record.backbone,
-                "weights": lin.weights_kind,
-                "lineage": lin.describe(),
-                "backend": record.backend,
-                **({"tuned_on": record.tuned_on} if record.tuned_on else {}),
-                **produced.tags,
-            }
-        )
-        own = self.cfg.model_dump(mode="json", exclude=set(self.cfg.hash_exclude))
-        log_params(cell_params(own, {
-            "stage": cell.stage, "mode": cell.mode, "model": cell.model, "dataset": cell.dataset,
-            "source_dataset": cell.source, "variant": cell.variant,
-            "data_root": self.cfg.data_root.get(cell.dataset),
-            **record.model_dump(include={"label", "protocol", "query_split", "index_split"})}))
-        metrics = {metric_key(k): v for k, v in record.metrics.items()}
-        metrics.update({f"test_{k}": v for k, v in record.classification.items()})
-        metrics.update({f"pretrained_{metric_key(k)}": v
-                        for k, v in record.pretrained_metrics.items()})
-        metrics.update({f"delta_{metric_key(k)}": v - record.pretrained_metrics[k]
-                        for k, v in record.metrics.items() if k in record.pretrained_metrics})
-        if record.val_accuracy is not None:
-            metrics["val_accuracy"] = record.val_accuracy
-        metrics.update(n_queries=record.n_queries, n_lone=record.n_lone,
-                       n_failed_images=len(record.failed_images))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        log_json_artifact(record.model_dump(mode="json"), "result.json")
-        if record.failed_images:
-            log_json_artifact(record.failed_images, "failed_images.json")
+    Args:
+        cell: The cell.
+        source: The key of its source dataset ("" leaves it out).
+        variant: The key of its variant ("" leaves it out).
+    """
+    out: dict[str, Any] = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
+                           "dataset": cell.dataset}
+    out.update({key: value for key, value in ((source, cell.source), (variant, cell.variant))
+                if key})
+    return out
+
+
+def evaluate_pair(
+    query: EmbeddingSet, index: EmbeddingSet, inputs: CellInputs, *, k: int,
+    backend: SearchBackend,
+) -> RetrievalResult:
+    """Score one query/index pair of ``inputs``' dataset with ``backend``."""
+    plan, items = inputs.plan, inputs.catalogue.items
+    shared = plan.protocol == "within" and index is query
+    return search_and_evaluate(
+        np.asarray(query.vectors),
+        query.labels(items, plan.label),
+        None if shared else np.asarray(index.vectors),
+        None if shared else index.labels(items, plan.label),
+        k=k,
+        protocol=plan.protocol,
+        backend=backend,
+    )
 
 
 def run_grid(
@@ -517,6 +434,9 @@ __all__ = [
     "RetrievalPlan",
     "StageSteps",
     "load_catalogue",
+    "cell_identity",
+    "evaluate_pair",
+    "load_cell_inputs",
     "retrieval_plan",
     "run_grid",
 ]

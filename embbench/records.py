@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,13 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from embbench._utils import atomic_write_bytes, atomic_write_json, safe_name
 from embbench.paths import runs_dir
+from embbench.records_migrate import SCHEMA_VERSION, migrate_record
+from embbench.vocab import MODES, Mode
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
 OVERWRITE_POLICIES = ("never", "always")
-Mode = Literal["pretrained", "top-tuned", "fine-tuned", "cross-tuned", "cross-top-tuned"]
-MODES: tuple[str, ...] = ("pretrained", "top-tuned", "fine-tuned", "cross-tuned", "cross-top-tuned")
 
 
 class RecordError(ValueError):
@@ -156,9 +155,96 @@ class ResultRecord(BaseModel):
     per_query_file: str | None = None
     mlflow_run_id: str | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)  # git sha, versions, platform
-    details: dict[str, Any] = Field(default_factory=dict)  # stage-specific facts and paths
+    # the top-tuned MLP (top-tuned: the one trained; cross-top-tuned: the one applied)
+    toptune_model_path: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)  # stage-specific facts, for reading
     started: str | None = None
     saved: str | None = None
+
+    @classmethod
+    def scored(
+        cls,
+        *,
+        cell: Mapping[str, str],
+        config_hash: str,
+        spec: Any,
+        lineage: Lineage,
+        backend: str,
+        k: int,
+        plan: Mapping[str, Any],
+        result: Any,
+        vectors: Mapping[str, Any],
+        catalogue: CatalogueRef,
+        fingerprint: str,
+        dataset_root: str | None,
+        config: dict[str, Any],
+        timings: Mapping[str, float | None],
+        classification: Mapping[str, float] | None = None,
+        val_accuracy: float | None = None,
+        pretrained_metrics: Mapping[str, float] | None = None,
+        toptune_model_path: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        started: str | None = None,
+    ) -> ResultRecord:
+        """The record of one scored cell.
+
+        Args:
+            cell: ``stage``, ``mode``, ``model`` and ``dataset``.
+            config_hash: The cell's hash.
+            spec: The model's spec (``family``, ``backbone``, ``paper_name``; missing ones read
+                as unknown, the paper name as the model).
+            lineage: Where the vectors come from.
+            backend: The retrieval backend (or index engine) that searched.
+            k: The cut-off of the retrieval metrics.
+            plan: The retrieval plan (label, protocol, query and index splits).
+            result: The retrieval result (``summary``, ``n_queries``, ``n_lone``).
+            vectors: ``query`` and ``index`` embedding sets scored.
+            catalogue: How to reload the scored catalogue.
+            fingerprint: The catalogue's fingerprint.
+            dataset_root: Where the catalogue was read.
+            config: The resolved stage config.
+            timings: The stage's and the engine's timings.
+            classification: Test-split classification metrics, when trained.
+            val_accuracy: Validation accuracy, when trained.
+            pretrained_metrics: The pretrained baseline's metrics on the same data.
+            toptune_model_path: The top-tuned MLP trained or applied.
+            details: Stage-specific facts.
+            provenance: Git sha, versions, platform.
+            started: When the cell's work started (ISO 8601).
+        """
+        query, index = vectors["query"], vectors["index"]
+        failed = list(query.failed) + ([] if index is query else list(index.failed))
+        return cls(
+            **cell,
+            config_hash=config_hash,
+            family=getattr(spec, "family", "unknown") or "unknown",
+            backbone=getattr(spec, "backbone", "unknown") or "unknown",
+            paper_name=getattr(spec, "paper_name", "") or cell["model"],
+            lineage=lineage,
+            backend=backend,
+            k=k,
+            **plan,
+            metrics={key: float(v) for key, v in result.summary.items()},
+            n_queries=result.n_queries,
+            n_lone=result.n_lone,
+            n_index=int(len(index.vectors)),
+            embed_dim=int(query.vectors.shape[1]),
+            classification=dict(classification or {}),
+            val_accuracy=val_accuracy,
+            pretrained_metrics={key: float(v) for key, v in (pretrained_metrics or {}).items()},
+            timings=Timings(**timings),
+            config=config,
+            dataset_fingerprint=fingerprint,
+            dataset_root=dataset_root,
+            catalogue=catalogue,
+            caches={"query": str(query.path), "index": str(index.path)},
+            failed_images=failed,
+            provenance=dict(provenance or {}),
+            toptune_model_path=toptune_model_path,
+            details=dict(details or {}),
+            started=started,
+        )
 
     @property
     def tuned_on(self) -> str | None:
@@ -197,84 +283,6 @@ class ResultRecord(BaseModel):
     def key(self) -> tuple[str, str, str, str, str]:
         """(stage, dataset, model, mode, config_hash): where the record lives."""
         return (self.stage, self.dataset, self.model, self.mode, self.config_hash)
-
-
-# ---- migration of records written before the schema ------------------------------------------
-_V1_TOP = {
-    "stage", "mode", "model", "dataset", "config_hash", "family", "backbone", "paper_name",
-    "backend", "protocol", "label", "query_split", "index_split", "k", "metrics", "n_queries",
-    "n_lone", "n_index", "embed_dim", "classification", "val_accuracy", "pretrained_metrics",
-    "config", "dataset_fingerprint", "dataset_root", "caches", "failed_images",
-    "per_query_file", "mlflow_run_id", "saved",
-}  # fmt: skip
-_V1_PROVENANCE = ("git_sha", "git_dirty", "versions", "python", "platform")
-_V1_DROPPED = ("weights_used", "weights_kind", "wall_s", "embed_wall_s", "search_wall_s",
-               "train_wall_s", "tuner_wall_s", "final_fit_wall_s", "gpu_hours", "source_dataset",
-               "tuned_on", "recipe", "source_model")  # fmt: skip
-
-
-def migrate_record(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A record of any schema version as a current-schema mapping.
-
-    Version 1 records (flat dicts written by the first landing) keep every value: known fields
-    move to their typed place (lineage, timings, provenance), the rest goes to ``details``.
-    """
-    if int(raw.get("schema_version", 1)) >= SCHEMA_VERSION:
-        return dict(raw)
-    old = dict(raw)
-    weights = dict(old.get("weights_used") or {})
-    mode = old.get("mode")
-    source = old.get("source_dataset") or old.get("finetuned_on")
-    finetuned = mode in ("fine-tuned", "cross-tuned")
-    toptuned = mode in ("top-tuned", "cross-top-tuned")
-    if mode == "fine-tuned":
-        source = old.get("dataset")
-    if mode == "top-tuned":
-        source = old.get("tuned_on") or old.get("dataset")
-    cfg = old.get("config") or {}
-    lineage = {
-        "base_model": old.get("model", ""),
-        "weights": weights,
-        "weights_kind": str(old.get("weights_kind") or weights.get("kind") or "unknown"),
-        "finetuned_on": source if finetuned else None,
-        "finetune_recipe": old.get("recipe") if finetuned else None,
-        # v1 did not record the fine-tuning's starting weights; its config's `weights` did
-        "finetune_start": (_kind(cfg.get("weights")) if finetuned else None),
-        "toptuned_on": (old.get("tuned_on") or source) if toptuned else None,
-    }
-    timings = {
-        "embed_s": old.get("embed_wall_s"),
-        "search_s": old.get("search_wall_s"),
-        "train_s": _sum(old.get("train_wall_s"), old.get("tuner_wall_s"),
-                        old.get("final_fit_wall_s")),
-        "wall_s": old.get("wall_s"),
-        "gpu_hours": old.get("gpu_hours"),
-    }
-    new: dict[str, Any] = {k: old[k] for k in _V1_TOP if k in old and old[k] is not None}
-    new["classification"] = {
-        k: float(v) for k, v in (old.get("classification") or {}).items()
-        if isinstance(v, int | float)
-    }
-    new["schema_version"] = SCHEMA_VERSION
-    new["lineage"] = lineage
-    new["timings"] = {k: v for k, v in timings.items() if v is not None}
-    new["provenance"] = {k: old[k] for k in _V1_PROVENANCE if k in old}
-    new["caches"] = {k: str(v) for k, v in (old.get("caches") or {}).items()}
-    skip = _V1_TOP | set(_V1_PROVENANCE) | set(_V1_DROPPED)
-    new["details"] = {k: v for k, v in old.items() if k not in skip}
-    new["details"]["migrated_from"] = 1
-    return new
-
-
-def _kind(weights: Any) -> str | None:
-    if weights in (None, ""):
-        return None
-    return str(weights) if weights in ("pretrained", "random", "auto") else "checkpoint"
-
-
-def _sum(*values: Any) -> float | None:
-    nums = [float(v) for v in values if isinstance(v, int | float)]
-    return round(sum(nums), 3) if nums else None
 
 
 def parse_record(raw: Mapping[str, Any], source: str = "record") -> ResultRecord:

@@ -27,7 +27,7 @@ from embbench.models.finetuned import (
     register_finetuned_models,
 )
 from embbench.records import ResultStore
-from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell, run_finetune
+from embbench.stages.finetune import FinetuneConfig, finetune_job, make_trainer, run_finetune
 from embbench.train import FinetuneError, build_trainable
 from embbench.train.recipes import RECIPES, get_recipe, resolve_recipe, scale_lr
 
@@ -96,14 +96,14 @@ def test_lr_scaling_arithmetic():
 
 def test_config_lr_is_scaled_to_the_global_batch(use_tiny):
     cfg = FinetuneConfig(**{**TINY, "batch_size": 8, "grad_accum": 2})
-    cell = plan_cell(cfg, "test_resnet", "demo", world_size=4)
+    cell = finetune_job(cfg, "test_resnet", "demo", world_size=4)
     assert cell.hp["global_batch"] == 64
     assert cell.hp["lr"] == pytest.approx(5e-3 * 64 / 2048)
     assert cell.classes == sorted(use_tiny.split("train")["product"].unique())
     # what changes training changes the hash; the retrieval backend does not
-    other = plan_cell(cfg.model_copy(update={"backend": "milvus"}), "test_resnet", "demo", 4)
+    other = finetune_job(cfg.model_copy(update={"backend": "milvus"}), "test_resnet", "demo", 4)
     assert other.train_hash == cell.train_hash
-    assert plan_cell(cfg, "test_resnet", "demo", 2).train_hash != cell.train_hash
+    assert finetune_job(cfg, "test_resnet", "demo", 2).train_hash != cell.train_hash
 
 
 def test_recipes_follow_the_protocol():
@@ -127,7 +127,7 @@ def test_one_short_epoch_of_each_recipe(use_tiny, recipe):
     from timm.optim import Lamb
 
     cfg = FinetuneConfig(**{**TINY, "recipe": recipe})
-    cell = plan_cell(cfg, "test_resnet", "demo")
+    cell = finetune_job(cfg, "test_resnet", "demo")
     trainer = make_trainer(cfg, cell)
     assert isinstance(trainer.optimizer, Lamb)
     assert isinstance(trainer.criterion, SoftTargetCrossEntropy)
@@ -156,7 +156,7 @@ def test_unreadable_training_image_is_skipped_and_recorded(use_tiny, tmp_path, m
     cat = dataclasses.replace(use_tiny, items=items)
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: cat)
     cfg = FinetuneConfig(**{**TINY, "recipe": "A3"})
-    trainer = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo"))
+    trainer = make_trainer(cfg, finetune_job(cfg, "test_resnet", "demo"))
     stats = trainer.train_epoch(0)
     assert list(trainer.state.failed) == [str(bad)]
     # 15 readable images; the bad one's batch keeps 3, trimmed to 2 (mixup pairs images)
@@ -188,7 +188,7 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
     monkeypatch.setattr(trainer_mod, "_after_epoch", kill_after_first)
     with pytest.raises(_Killed):
         run_finetune(cfg)
-    cell = plan_cell(cfg, "test_resnet", "demo")
+    cell = finetune_job(cfg, "test_resnet", "demo")
     ckpt = torch.load(cell.checkpoint_path, weights_only=True)
     assert ckpt["epoch"] == 1 and not cell.summary_path.exists()
 
@@ -261,7 +261,7 @@ def test_killed_run_resumes_and_the_headless_model_is_usable(use_tiny, monkeypat
 
 def test_bf16_autocast_path_runs_on_the_cpu(use_tiny):
     cfg = FinetuneConfig(**{**TINY, "recipe": "A3", "precision": "bf16", "device": "cpu"})
-    trainer = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo"))
+    trainer = make_trainer(cfg, finetune_job(cfg, "test_resnet", "demo"))
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     assert math.isfinite(trainer.train_epoch(0)["train_loss"])
 
@@ -271,7 +271,7 @@ def test_trainer_takes_explicit_settings_not_the_stage_config(use_tiny):
     from embbench.train.recipes import get_recipe, resolve_recipe
 
     cfg = FinetuneConfig(**{**TINY, "recipe": "A3", "batch_size": 8, "seed": 3})
-    cell = plan_cell(cfg, "test_resnet", "demo")
+    cell = finetune_job(cfg, "test_resnet", "demo")
     settings = ft.train_settings(cfg)
     assert isinstance(settings, TrainSettings) and isinstance(cell, TrainJob)
     assert (settings.batch_size, settings.seed, settings.weights) == (8, 3, "random")

@@ -62,7 +62,7 @@ FINETUNE = textwrap.dedent("""
     import embbench.train.trainer as trainer_mod
     from embbench.demo import make_demo_catalogue
     from embbench.records import ResultStore
-    from embbench.stages.finetune import FinetuneConfig, plan_cell, run_finetune
+    from embbench.stages.finetune import FinetuneConfig, finetune_job, run_finetune
     from tests.test_finetune import TINY
 
     cat = make_demo_catalogue(sys.argv[2], n_categories=2, products_per_category=2,
@@ -73,7 +73,7 @@ FINETUNE = textwrap.dedent("""
             lambda trainer, epoch: os.kill(os.getpid(), signal.SIGKILL) if epoch == 0 else None)
     cfg = FinetuneConfig(**{**TINY, "epochs": 3, "lr": 0.5})  # a large lr: RNG shows in losses
     run_finetune(cfg)
-    summary = json.loads(plan_cell(cfg, "test_resnet", "demo").summary_path.read_text())
+    summary = json.loads(finetune_job(cfg, "test_resnet", "demo").summary_path.read_text())
     (rec,) = ResultStore().records("finetune")
     print("RESULT " + json.dumps({
         "metrics": rec.metrics, "val_accuracy": rec.val_accuracy, "hash": rec.config_hash,

@@ -347,7 +347,7 @@ def test_toptune_cell_end_to_end(tmp_path):
         tt = np.load(Path(d["toptuned_caches"][split]) / "vectors.npy")
         assert tt.shape == (len(sets[split].vectors), last_units)
     # the saved model reproduces the cached top-tuned embeddings (cross-top-tuning entry point)
-    head = load_toptuned(Path(d["toptune_model_path"]).parent)
+    head = load_toptuned(Path(record.toptune_model_path).parent)
     assert (head.source_model, head.source_dataset, head.label) == ("test_resnet", "demo",
                                                                      "label")
     tt_test = np.load(Path(d["toptuned_caches"]["test"]) / "vectors.npy")
@@ -390,7 +390,7 @@ def test_tensorflow_backend_works(tmp_path):
         import numpy as np
         cat, sets = synthetic()
         rec = toptune_synthetic(tiny_cfg(keras_backend="tensorflow"), cat, sets)
-        head = load_toptuned(Path(rec.details["toptune_model_path"]).parent)
+        head = load_toptuned(Path(rec.toptune_model_path).parent)
         # a timm/torchvision model after TensorFlow: triton must not crash the process
         from embbench.models import create_embedder
         create_embedder("test_resnet", weights="random")

@@ -130,11 +130,11 @@ def test_finetune_training_run_logs_its_cells_parameters_not_the_grid(small_demo
     from test_finetune import TINY
 
     import embbench.cells as cells
-    from embbench.stages.finetune import FinetuneConfig, make_trainer, plan_cell
+    from embbench.stages.finetune import FinetuneConfig, finetune_job, make_trainer
 
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     cfg = FinetuneConfig(**{**TINY, "models": ["test_resnet", "test_vit"]})
-    params = make_trainer(cfg, plan_cell(cfg, "test_resnet", "demo")).run_params
+    params = make_trainer(cfg, finetune_job(cfg, "test_resnet", "demo")).run_params
     assert (params["model"], params["dataset"], params["stage"]) == ("test_resnet", "demo",
                                                                      "finetune")
     assert "config" not in params and "models" not in params and params["epochs"] == 1

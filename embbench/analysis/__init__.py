@@ -20,14 +20,11 @@ Missing cells (a model not run on a dataset, a run without per-query arrays) sta
 from __future__ import annotations
 
 from embbench.analysis._common import (
-    CROSS_MODES,
     FAMILIES,
     FAMILY_LABELS,
     IMPROVEMENT,
     MEAN,
     MODE_LABELS,
-    MODES,
-    TUNED_MODES,
 )
 from embbench.analysis.categories import (
     breakdown_table,
@@ -90,6 +87,7 @@ from embbench.analysis.tables import (
     tuning_effect,
     zscore_vs_size,
 )
+from embbench.vocab import CROSS_MODES, MODES, TUNED_MODES
 
 __all__ = [
     "deployment_points",

@@ -1,13 +1,10 @@
-"""The vocabulary of the analysis frame: modes, model families, their labels, small coercions."""
+"""The analysis frame's labels (modes, families) and small coercions (modes: embbench.vocab)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-MODES = ("pretrained", "top-tuned", "fine-tuned", "cross-tuned", "cross-top-tuned")
-TUNED_MODES = ("top-tuned", "fine-tuned")
-CROSS_MODES = ("cross-tuned", "cross-top-tuned")
 MODE_LABELS = {
     "pretrained": "Pretrained",
     "top-tuned": "Top-tuned",

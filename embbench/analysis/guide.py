@@ -18,11 +18,10 @@ from embbench.analysis._common import (
     IMPROVEMENT,
     MEAN,
     MODE_LABELS,
-    MODES,
-    TUNED_MODES,
 )
 from embbench.analysis.stats import resolvable
 from embbench.analysis.tables import strategy_costs
+from embbench.vocab import MODES, TUNED_MODES
 
 GUIDE_COLUMNS = [
     "dataset",

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 
 from embbench._utils import metric_name
-from embbench.analysis._common import CROSS_MODES, MODES
 from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
 from embbench.metrics import metric_names
 from embbench.records import ResultRecord, ResultStore, parse_record
 from embbench.tracking import default_tracking_uri, flatten
+from embbench.vocab import CROSS_MODES, MODES
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from embbench.analysis._common import FAMILY_LABELS, MODE_LABELS, MODES
+from embbench.analysis._common import FAMILY_LABELS, MODE_LABELS
+from embbench.vocab import MODES
 
 logger = logging.getLogger(__name__)
 

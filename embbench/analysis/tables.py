@@ -19,18 +19,17 @@ import numpy as np
 import pandas as pd
 
 from embbench.analysis._common import (
-    CROSS_MODES,
     FAMILIES,
     FAMILY_LABELS,
     IMPROVEMENT,
     MEAN,
     MODE_LABELS,
-    TUNED_MODES,
 )
 from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
 from embbench.analysis.stats import BootstrapCache, paired_test
 from embbench.metrics import metric_names
+from embbench.vocab import CROSS_MODES, TUNED_MODES
 
 logger = logging.getLogger(__name__)
 

@@ -29,11 +29,10 @@ from embbench.models._zoo import (
     WeightsUnavailableError,
     get_model_spec,
 )
+from embbench.vocab import RANDOM_SEED, WEIGHT_MODES
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_MODES = ("pretrained", "random", "auto")
-RANDOM_SEED = 0  # seed of every random initialisation (so random-weight vectors are repeatable)
 
 
 def create_embedder(

@@ -27,8 +27,6 @@ ZOO_FILE = CONFIG_DIR / "zoo.yaml"
 SOURCES = ("timm", "open_clip", "hf-hub", "torch.hub", "checkpoint")
 FAMILIES = ("supervised", "ssl", "text-image", "unknown")
 BACKBONES = ("convolutional", "transformer", "unknown")
-WEIGHT_MODES = ("pretrained", "random", "auto")
-RANDOM_SEED = 0  # seed of every random initialisation (so random-weight vectors are repeatable)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _DATA_CONFIG_KEYS = (

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from embbench.cache import EmbeddingSet
-from embbench.cells import Cell, CellInputs, Produced
+from embbench.cells import CellInputs, Produced
 from embbench.deploy import (
     INDEX_TYPES,
     CompressionSpec,
@@ -91,11 +91,6 @@ def index_specs(types: list[str], n: int, dim: int, k: int) -> list[IndexSpec]:
     if bad:
         raise ValueError(f"index type(s) {bad} unknown; choose from {list(INDEX_TYPES)}")
     return default_index_grid(n, dim, k=k, index_types=wanted)
-
-
-def variant_name(spec: CompressionSpec | IndexSpec) -> str:
-    """The variant's name in cells and records (``int8``, ``IVF_SQ8 nprobe=16``...)."""
-    return spec.name
 
 
 def _decoded(es: EmbeddingSet, vectors: np.ndarray, spec: CompressionSpec) -> EmbeddingSet:
@@ -168,6 +163,7 @@ def produce_index(
         timings=base.timings,
         details={"variant_kind": "index", "variant": spec.name, **_index_details(res)},
         result=res.retrieval,
+        searched_with=res.engine,
         baseline=(q, x),
     )
 
@@ -189,11 +185,6 @@ class VariantError(RuntimeError):
     """A deployment variant cannot run here; the message names it and the fix."""
 
 
-def variant_cells(model: str, dataset: str, names: list[str]) -> list[Cell]:
-    """The variant cells of one (model, dataset) pair, after its float32 cell."""
-    return [Cell("embed", "pretrained", model, dataset, variant=v) for v in names]
-
-
 __all__ = [
     "COMPRESSIONS",
     "VariantError",
@@ -201,6 +192,4 @@ __all__ = [
     "index_specs",
     "produce_compressed",
     "produce_index",
-    "variant_cells",
-    "variant_name",
 ]

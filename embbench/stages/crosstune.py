@@ -22,18 +22,13 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from embbench.cache import EmbeddingCache
-from embbench.cells import Cell, CellInputs, Produced, run_grid
+from embbench.cells import Cell, CellInputs, Produced, StageSteps, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.embed import embed_splits, embedding_cache
 from embbench.models import create_embedder, get_model_spec
 from embbench.models.finetuned import find_finetuned, register_finetuned_models
 from embbench.records import Lineage, ResultRecord, ResultStore, record_row
-from embbench.stages.embed import (
-    PretrainedEmbedder,
-    embed_options,
-    lineage_of,
-    weights_problem,
-)
+from embbench.stagekit import EmbedderPool, embed_options, lineage_of, weights_problem
 from embbench.toptune import load_toptuned
 
 logger = logging.getLogger(__name__)
@@ -107,14 +102,14 @@ def missing_text(cfg: CrosstuneConfig, cell: Cell) -> str:
     )
 
 
-class CrosstuneSteps:
+class CrosstuneSteps(StageSteps):
     """Stage 04's steps for the cell engine."""
 
     def __init__(self, cfg: CrosstuneConfig, store: ResultStore) -> None:
 
         self.cfg = cfg
         self.store = store
-        self.pretrained = PretrainedEmbedder(cfg)
+        self.pretrained = EmbedderPool(cfg)
         self._sources: dict[Cell, Any] = {}
         self._finetuned: dict[str, Any] = {}
         register_finetuned_models()
@@ -136,7 +131,7 @@ class CrosstuneSteps:
         hits = [
             r for r in self.store.records("toptune")
             if r.model in (model, name) and r.dataset == dataset and r.mode == "top-tuned"
-            and r.details.get("toptune_model_path")
+            and r.toptune_model_path
         ]
         return max(hits, key=lambda r: r.saved or "") if hits else None
 
@@ -174,7 +169,7 @@ class CrosstuneSteps:
             return {**base, "train_hash": src.get("train_hash"), "sha256": src.get("sha256"),
                     "caches": keys}
         return {**base, "toptune_hash": src.config_hash,
-                "toptune_model_path": src.details.get("toptune_model_path")}
+                "toptune_model_path": src.toptune_model_path}
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Embed the target with the tuned model; the pretrained embeddings are the baseline."""
@@ -195,6 +190,7 @@ class CrosstuneSteps:
                 finetuned_on=cell.source, finetune_recipe=src.get("recipe"),
                 finetune_start=start or "unknown",
             )
+            toptune_model_path = None
             details = {"finetuned_model": src["spec"]["name"], "train_hash": src.get("train_hash"),
                        "checkpoint": src["spec"].get("checkpoint_path"),
                        "checkpoint_sha256": src.get("sha256")}
@@ -202,14 +198,15 @@ class CrosstuneSteps:
         else:
             sets = self._apply_toptuned(cell, src, pre)
             lineage = base_lineage.model_copy(update={"toptuned_on": cell.source})
+            toptune_model_path = src.toptune_model_path
             details = {"toptune_record_hash": src.config_hash,
-                       "toptune_model_path": src.details.get("toptune_model_path"),
                        "source_caches": {s: str(es.path) for s, es in pre.items()}}
             spec = self.pretrained(cell.model).spec
         q, i = inputs.plan.query_split, inputs.plan.index_split
         return Produced(
             query=sets[q], index=sets[i], lineage=lineage, spec=spec,
             timings={"embed_s": round(time.perf_counter() - t0, 3)},
+            toptune_model_path=toptune_model_path,
             details={**details, "crosstune_version": CROSSTUNE_VERSION},
             tags={"recipe": str(src.get("recipe"))} if cell.mode == CROSS_TUNED else {},
             baseline=(pre[q], pre[i]),
@@ -223,7 +220,7 @@ class CrosstuneSteps:
             logger.warning("%s: the MLP top-tuned on %s took %s embeddings, the target's are %s; "
                            "set weights as in 03_toptune", cell.model, cell.source, src_kind,
                            tgt_kind)
-        mlp = load_toptuned(record.details["toptune_model_path"])
+        mlp = load_toptuned(str(record.toptune_model_path))
         out = {}
         for split, es in pre.items():
             identity = {"source_cache": es.meta.get("key"), "toptune_hash": record.config_hash,

@@ -12,20 +12,16 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from pydantic import Field
 
-from embbench._threads import ThreadBudget, apply_thread_budget, resolve_thread_budget
-from embbench._torch_utils import resolve_device
-from embbench.cells import Cell, CellInputs, Produced, run_grid
+from embbench.cells import Cell, CellInputs, Produced, StageSteps, run_grid
 from embbench.config import GridConfig, register_stage
-from embbench.embed import embed_split, embedding_cache
-from embbench.models import create_embedder, model_facts
-from embbench.records import Lineage, ResultStore, record_row
-from embbench.stages import _variants as V
+from embbench.records import ResultStore, record_row
+from embbench.stagekit import EmbedderPool, lineage_of, weights_problem
+from embbench.stages import _variants
 
 logger = logging.getLogger(__name__)
 
@@ -53,98 +49,12 @@ class EmbedConfig(GridConfig):
                                               "variant_models"}
 
 
-def weights_problem(weights: str) -> str | None:
-    """Why ``weights`` is not a valid weights setting, or ``None`` when it is."""
-    if weights in ("pretrained", "random", "auto") or Path(weights).expanduser().is_file():
-        return None
-    return (
-        f"weights {weights!r} is neither pretrained, random, auto nor an existing checkpoint "
-        "file. Fix: choose one of those, or give the checkpoint's full path."
-    )
-
-
-def lineage_of(embedder: Any, base_model: str) -> Lineage:
-    """The lineage of a model's embeddings as the embedder built them."""
-    used = dict(embedder.weights_used)
-    return Lineage(
-        base_model=base_model,
-        weights=used,
-        weights_kind=str(used.get("kind", "unknown")),
-        control=bool(getattr(embedder.spec, "control", False)),
-    )
-
-
-def thread_budget(cfg: GridConfig, model: str | None = None) -> ThreadBudget:
-    """Split the cores between DataLoader workers and torch threads, apply it and log it.
-
-    With both ``threads`` and ``num_workers`` on ``auto`` on a CPU, the model's forward FLOPs
-    (:func:`embbench.models.model_facts`, cached per machine) decide the split.
-    """
-    gflops = None
-    if model and cfg.threads == "auto" and cfg.num_workers == "auto":
-        try:
-            gflops = float(model_facts(model)["gflops"])
-        except Exception as exc:  # noqa: BLE001 - facts are advice; the rule works without
-            logger.debug("no FLOP count for %s (%s); the thread rule assumes decode-bound",
-                         model, exc)
-    budget = resolve_thread_budget(cfg.threads, cfg.num_workers, resolve_device(cfg.device),
-                                   gflops_per_image=gflops)
-    apply_thread_budget(budget)
-    return budget
-
-
-def embed_options(cfg: GridConfig, model: str | None = None) -> dict[str, Any]:
-    """A stage config's embedding settings, as :func:`embbench.embed.embed_splits` takes them.
-
-    The thread budget is applied here (torch threads set; workers passed on).
-    """
-    budget = thread_budget(cfg, model)
-    return {"batch_size": cfg.batch_size, "num_workers": budget.workers, "device": cfg.device,
-            "precision": cfg.precision}
-
-
-class PretrainedEmbedder:
-    """One embedder per model for a run (created once, shared by identity and produce)."""
-
-    def __init__(self, cfg: GridConfig) -> None:
-        self.cfg = cfg
-        self._embedders: dict[str, Any] = {}
-        self._recomputed: set[str] = set()  # cache keys embedded again by this run
-
-    def __call__(self, model: str) -> Any:
-        """The embedder of ``model`` with the configured weights."""
-        if model not in self._embedders:
-            self._embedders[model] = create_embedder(model, weights=self.cfg.weights)
-        return self._embedders[model]
-
-    def cache_keys(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:
-        """The embedding cache keys of ``splits`` of ``inputs``' catalogue."""
-        emb = self(model)
-        return {s: embedding_cache(emb, inputs.catalogue, s).key for s in sorted(set(splits))}
-
-    def embed(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:
-        """``{split: EmbeddingSet}``, computed or read from the cache.
-
-        Under ``overwrite: always`` each split's vectors are embedded again, once per run (the
-        cells that share them, e.g. deployment variants or the top-tuning baseline, reuse the
-        fresh ones).
-        """
-        emb, options = self(model), embed_options(self.cfg, model)
-        out = {}
-        for split in sorted(set(splits)):
-            key = embedding_cache(emb, inputs.catalogue, split).key
-            again = self.cfg.overwrite == "always" and key not in self._recomputed
-            out[split] = embed_split(emb, inputs.catalogue, split, overwrite=again, **options)
-            self._recomputed.add(key)
-        return out
-
-
-class EmbedSteps:
+class EmbedSteps(StageSteps):
     """Stage 01's steps for the cell engine."""
 
     def __init__(self, cfg: EmbedConfig) -> None:
         self.cfg = cfg
-        self.embedders = PretrainedEmbedder(cfg)
+        self.embedders = EmbedderPool(cfg)
         self.variants: dict[tuple[str, str, str], Any] = {}
 
     def grid(self) -> list[Cell]:
@@ -155,8 +65,8 @@ class EmbedSteps:
         """The weights setting must be usable; variants need known names and a train split."""
         problems = [weights_problem(self.cfg.weights)]
         try:
-            V.compression_specs(self.cfg.compressions, 1024, self.cfg.pca_whiten)
-            V.index_specs(self.cfg.indexes, 1000, 64, self.cfg.k)
+            _variants.compression_specs(self.cfg.compressions, 1024, self.cfg.pca_whiten)
+            _variants.index_specs(self.cfg.indexes, 1000, 64, self.cfg.k)
         except ValueError as exc:
             problems.append(str(exc))
         if self.cfg.compressions:
@@ -183,9 +93,9 @@ class EmbedSteps:
             dim = int(self.embedders(cell.model).embed_dim)
             n = len(inp.catalogue.split(inp.plan.index_split))
             n_train = len(inp.catalogue.split("train")) if "train" in inp.catalogue.splits else 0
-            specs = [*V.compression_specs(self.cfg.compressions, dim, self.cfg.pca_whiten,
+            specs = [*_variants.compression_specs(self.cfg.compressions, dim, self.cfg.pca_whiten,
                                           n_train),
-                     *V.index_specs(self.cfg.indexes, n, dim, self.cfg.k)]
+                     *_variants.index_specs(self.cfg.indexes, n, dim, self.cfg.k)]
             for spec in specs:
                 self.variants[(cell.model, cell.dataset, spec.name)] = spec
                 out.append(Cell(STAGE, MODE, cell.model, cell.dataset, variant=spec.name))
@@ -219,8 +129,8 @@ class EmbedSteps:
         if spec is None:
             return base
         if hasattr(spec, "kind"):
-            return V.produce_compressed(spec, sets, inputs, base)
-        return V.produce_index(spec, inputs, base, milvus_uri=self.cfg.milvus_uri,
+            return _variants.produce_compressed(spec, sets, inputs, base)
+        return _variants.produce_index(spec, inputs, base, milvus_uri=self.cfg.milvus_uri,
                                token=os.environ.get("MILVUS_TOKEN", ""),
                                timings=self.cfg.deploy_timings, k=self.cfg.k)
 
@@ -231,5 +141,4 @@ def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFram
     return pd.DataFrame([record_row(r) for r in records])
 
 
-__all__ = ["EmbedConfig", "EmbedSteps", "PretrainedEmbedder", "embed_options", "lineage_of",
-           "run_embed", "weights_problem"]
+__all__ = ["EmbedConfig", "EmbedSteps", "run_embed"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,7 @@ from pydantic import Field
 from embbench import setup_logging
 from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
 from embbench._utils import safe_name, stable_hash
-from embbench.cells import Cell, CellEngine, CellInputs, Produced, run_grid
+from embbench.cells import Cell, CellInputs, Produced, StageSteps, load_cell_inputs, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.embed import embed_splits
 from embbench.metrics import CLASSIFICATION_KEYS
@@ -61,12 +62,7 @@ from embbench.models.finetuned import (
 )
 from embbench.paths import runs_dir
 from embbench.records import Lineage, ResultRecord, ResultStore, record_row
-from embbench.stages.embed import (
-    PretrainedEmbedder,
-    embed_options,
-    thread_budget,
-    weights_problem,
-)
+from embbench.stagekit import EmbedderPool, embed_options, thread_budget, weights_problem
 from embbench.train import (
     CHECKPOINT_FORMAT,
     FinetuneError,
@@ -121,7 +117,7 @@ TRAIN_FIELDS = (
 
 # ------------------------------------------------------------------------------ cell set-up
 @dataclass
-class CellPlan(TrainJob):
+class FinetuneJob(TrainJob):
     """One (model, dataset) cell: the training job plus the retrieval plan it is scored with.
 
     Attributes:
@@ -131,9 +127,9 @@ class CellPlan(TrainJob):
     plan: dict = field(default_factory=dict)
 
 
-def plan_cell(
+def finetune_job(
     cfg: FinetuneConfig, model: str, inputs: CellInputs | str, world_size: int = 1
-) -> CellPlan:
+) -> FinetuneJob:
     """Resolve the recipe and hash the training of one cell.
 
     Args:
@@ -147,7 +143,7 @@ def plan_cell(
         FinetuneError: The catalogue has no train split, or fewer than two classes in it.
     """
     if isinstance(inputs, str):
-        inputs = CellEngine(cfg, FinetuneSteps(cfg)).inputs_for(inputs)
+        inputs = load_cell_inputs(cfg, inputs)
     cat, plan, dataset = inputs.catalogue, inputs.plan.as_dict(), inputs.dataset
     if "train" not in cat.splits:
         raise FinetuneError(
@@ -182,7 +178,7 @@ def plan_cell(
         }
     )
     run_dir = runs_dir() / "finetune" / safe_name(model) / safe_name(dataset) / train_hash
-    return CellPlan(model=model, dataset=dataset, cat=cat, label=plan["label"], classes=classes,
+    return FinetuneJob(model=model, dataset=dataset, cat=cat, label=plan["label"], classes=classes,
                     hp=hp, train_hash=train_hash, run_dir=run_dir, world_size=world_size,
                     plan=plan)
 
@@ -199,7 +195,7 @@ def train_settings(cfg: FinetuneConfig) -> TrainSettings:
 
 
 def make_trainer(
-    cfg: FinetuneConfig, cell: CellPlan, dist_info: DistInfo | None = None
+    cfg: FinetuneConfig, cell: FinetuneJob, dist_info: DistInfo | None = None
 ) -> FineTuner:
     """The trainer of one cell; its MLflow run logs the cell's own parameters (not the grid)."""
     own = cfg.model_dump(mode="json", exclude=set(cfg.hash_exclude))
@@ -207,7 +203,7 @@ def make_trainer(
     return FineTuner(train_settings(cfg), cell, dist_info, run_params=params)
 
 
-def register_trained(cell: CellPlan, summary: Mapping[str, Any], registry: dict | None) -> Any:
+def register_trained(cell: FinetuneJob, summary: Mapping[str, Any], registry: dict | None) -> Any:
     """Register a finished training's headless model by name and list it in the index.
 
     The index entry records the weights the training started from (``start_weights``), so
@@ -273,13 +269,13 @@ def _register_in_mlflow(spec_name: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- the steps
-class FinetuneSteps:
+class FinetuneSteps(StageSteps):
     """Stage 02's steps for the cell engine."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
-        self.pretrained = PretrainedEmbedder(cfg)
-        self._plans: dict[tuple[str, str], CellPlan] = {}
+        self.pretrained = EmbedderPool(cfg)
+        self._jobs: dict[tuple[str, str], FinetuneJob] = {}
         self.dist = DistInfo()
 
     def grid(self) -> list[Cell]:
@@ -295,46 +291,44 @@ class FinetuneSteps:
                 problems.append(f"model {c.model!r} ({source}) cannot be fine-tuned here; "
                                 f"fine-tunable sources: {list(FINETUNABLE_SOURCES)}")
             try:
-                self.plan(c, inputs[c.dataset])
+                self.job(c, inputs[c.dataset])
             except FinetuneError as exc:
                 problems.append(str(exc))
         return [p for p in problems if p]
 
-    def plan(self, cell: Cell, inputs: CellInputs) -> CellPlan:
-        """The training plan of ``cell`` (computed once)."""
-        import os
-
+    def job(self, cell: Cell, inputs: CellInputs) -> FinetuneJob:
+        """The training job of ``cell`` (computed once)."""
         key = (cell.model, cell.dataset)
-        if key not in self._plans:
+        if key not in self._jobs:
             world = int(os.environ.get("WORLD_SIZE", 1))
-            self._plans[key] = plan_cell(self.cfg, cell.model, inputs, world)
-        return self._plans[key]
+            self._jobs[key] = finetune_job(self.cfg, cell.model, inputs, world)
+        return self._jobs[key]
 
     def identity(self, cell: Cell, inputs: CellInputs) -> dict[str, Any]:
         """The training's hash (everything that changes the trained weights)."""
-        return {"train_hash": self.plan(cell, inputs).train_hash}
+        return {"train_hash": self.job(cell, inputs).train_hash}
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Train (or reuse a finished training), register, embed the plan's splits."""
         self.dist = init_distributed(resolve_device(self.cfg.device))
-        plan = self.plan(cell, inputs)
+        job = self.job(cell, inputs)
         if self.cfg.overwrite == "always" and self.dist.is_main:
-            for p in (plan.summary_path, plan.checkpoint_path):
+            for p in (job.summary_path, job.checkpoint_path):
                 p.unlink(missing_ok=True)
         barrier(self.dist)
-        if plan.summary_path.is_file():
-            summary = json.loads(plan.summary_path.read_text())
-            logger.info("%s: trained earlier (%s)", cell, plan.run_dir)
+        if job.summary_path.is_file():
+            summary = json.loads(job.summary_path.read_text())
+            logger.info("%s: trained earlier (%s)", cell, job.run_dir)
         else:
-            summary = make_trainer(self.cfg, plan, self.dist).fit()
+            summary = make_trainer(self.cfg, job, self.dist).fit()
         name = finetuned_name(cell.model, cell.dataset, summary["recipe"])
         registry = None
         if self.dist.is_main:
-            register_trained(plan, summary, None)
+            register_trained(job, summary, None)
             if self.cfg.register_mlflow:
                 registry = _register_in_mlflow(name)
                 if registry:
-                    register_trained(plan, summary, registry)
+                    register_trained(job, summary, registry)
         barrier(self.dist)
         if not self.dist.is_main:
             register_finetuned_models()
@@ -364,8 +358,8 @@ class FinetuneSteps:
             timings={"embed_s": round(time.perf_counter() - t0, 3),
                      "train_s": summary["train_wall_s"], "gpu_hours": summary["gpu_hours"]},
             details={
-                "recipe": summary["recipe"], "train_hash": plan.train_hash,
-                "finetuned_model": name, "checkpoint": str(plan.model_path),
+                "recipe": summary["recipe"], "train_hash": job.train_hash,
+                "finetuned_model": name, "checkpoint": str(job.model_path),
                 "checkpoint_sha256": summary.get("model_sha256"),
                 "start_weights": start, "val_split": summary["val_split"],
                 "classification_split": summary["classification_split"],
@@ -376,7 +370,7 @@ class FinetuneSteps:
                 "epochs": summary["epochs"],
                 "n_failed_train_images": len(summary["failed_images"]),
                 "train_mlflow_run_id": summary.get("mlflow_run_id"),
-                "mlflow_registry": registry, "run_dir": str(plan.run_dir),
+                "mlflow_registry": registry, "run_dir": str(job.run_dir),
             },
             tags={"recipe": summary["recipe"]},
             baseline=(pre[q], pre[i]),
@@ -471,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "CellPlan",
+    "FinetuneJob",
     "FinetuneConfig",
     "FinetuneSteps",
     "main",
     "make_trainer",
-    "plan_cell",
+    "finetune_job",
     "register_trained",
     "result_row",
     "run_finetune",

@@ -39,11 +39,11 @@ from pydantic import Field, field_validator
 from embbench._threads import apply_thread_budget, resolve_thread_budget
 from embbench._utils import atomic_write_json, stable_hash
 from embbench.cache import EmbeddingCache, EmbeddingSet
-from embbench.cells import Cell, CellInputs, Produced, run_grid
+from embbench.cells import Cell, CellInputs, Produced, StageSteps, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.metrics import CLASSIFICATION_KEYS
 from embbench.records import ResultRecord, ResultStore, record_row
-from embbench.stages.embed import PretrainedEmbedder, lineage_of, weights_problem
+from embbench.stagekit import EmbedderPool, lineage_of, weights_problem
 from embbench.toptune import (
     ACTIVATIONS,
     OPTIMIZERS,
@@ -182,7 +182,7 @@ def search_key(cfg: TopTuneConfig, label: str, cache_keys: Mapping[str, str]) ->
     )
 
 
-class TopTuneSteps:
+class TopTuneSteps(StageSteps):
     """Stage 03's steps for the cell engine."""
 
     def __init__(self, cfg: TopTuneConfig) -> None:
@@ -190,7 +190,7 @@ class TopTuneSteps:
         # Keras trains in this process: all the cores for its threads (no DataLoader here)
         apply_thread_budget(resolve_thread_budget(cfg.threads, 0, "cpu"))
         self.cfg = cfg
-        self.pretrained = PretrainedEmbedder(cfg)
+        self.pretrained = EmbedderPool(cfg)
 
     def grid(self) -> list[Cell]:
         """Every (model, dataset) pair, dataset by dataset."""
@@ -233,6 +233,7 @@ class TopTuneSteps:
             classification=tuned["classification"],
             val_accuracy=tuned["val_accuracy"],
             timings={"embed_s": embed_s, "train_s": tuned["train_s"]},
+            toptune_model_path=tuned["toptune_model_path"],
             details=tuned["details"],
             tags={"keras_backend": tuned["details"]["keras_backend"]},
             baseline=(sets[q], sets[i]),
@@ -245,15 +246,15 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
     model, dataset, label = cell.model, cell.dataset, inputs.plan.label
     data = prepare_data(sets, inputs.catalogue, label, dataset=dataset, model=model)
     # keras: imported only now, after the configured backend is chosen
-    from embbench.toptune import keras_model as K
-    from embbench.toptune import search as S
+    from embbench.toptune import keras_model, search
 
     base = toptune_dir(dataset, model)
     out_dir = base / f"final-{tune_key}"
     if cfg.overwrite == "always" and out_dir.exists():
         shutil.rmtree(out_dir)
-    hypermodel = K.MLPHyperModel(SearchSpace(**cfg.search_space()), data.dim, len(data.classes))
-    tuner = S.make_tuner(
+    hypermodel = keras_model.MLPHyperModel(SearchSpace(**cfg.search_space()), data.dim,
+                                           len(data.classes))
+    tuner = search.make_tuner(
         hypermodel, directory=base, project_name=f"search-{search_key(cfg, label, keys)}",
         max_trials=cfg.max_trials, executions_per_trial=cfg.executions_per_trial,
         seed=cfg.seed, overwrite=cfg.overwrite == "always",
@@ -264,29 +265,30 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
         "top-tuning %s on %s: %d trial(s) x %d execution(s) x %d epoch(s), %d classes, %d train "
         "/ %d val embeddings of dim %d, Keras backend %s; %d trial(s) already done (%s)",
         model, dataset, cfg.max_trials, cfg.executions_per_trial, cfg.search_epochs,
-        len(data.classes), len(y_tr), len(y_val), data.dim, K.keras_facts()["keras_backend"],
-        S.completed_trials(tuner), tuner.project_dir,
+        len(data.classes), len(y_tr), len(y_val), data.dim,
+        keras_model.keras_facts()["keras_backend"],
+        search.completed_trials(tuner), tuner.project_dir,
     )
     t0 = time.perf_counter()
-    n_new = S.run_search(tuner, x_tr, y_tr, x_val, y_val, epochs=cfg.search_epochs,
+    n_new = search.run_search(tuner, x_tr, y_tr, x_val, y_val, epochs=cfg.search_epochs,
                          batch_size=cfg.train_batch_size, seed=cfg.seed)
     tuner_wall = time.perf_counter() - t0
-    trials = S.trial_summaries(tuner)
+    trials = search.trial_summaries(tuner)
     t0 = time.perf_counter()
-    final_model, final = S.train_final(tuner, x_tr, y_tr, x_val, y_val, epochs=cfg.final_epochs,
-                                       patience=cfg.patience, batch_size=cfg.train_batch_size,
-                                       seed=cfg.seed)
+    final_model, final = search.train_final(tuner, x_tr, y_tr, x_val, y_val,
+                                            epochs=cfg.final_epochs, patience=cfg.patience,
+                                            batch_size=cfg.train_batch_size, seed=cfg.seed)
     final_wall = time.perf_counter() - t0
     best = next(t for t in trials if t["trial_id"] == final["best_trial"])
-    hidden = K.hidden_layer_names(final_model)
+    hidden = keras_model.hidden_layer_names(final_model)
 
-    probs = K.predict(final_model, data.x[TEST])
+    probs = keras_model.predict(final_model, data.x[TEST])
     pred = data.classes[np.argmax(probs, axis=1)] if len(probs) else data.labels[TEST][:0]
     classification, cm_path = test_classification(data, pred, data.seen(TEST), out_dir)
 
-    embed_model = K.embedding_model(final_model)
-    model_path = K.save_model(final_model, out_dir / "model.keras")
-    facts = K.keras_facts()
+    embed_model = keras_model.embedding_model(final_model)
+    model_path = keras_model.save_model(final_model, out_dir / "model.keras")
+    facts = keras_model.keras_facts()
     atomic_write_json(out_dir / "toptune.json", {
         "source_model": model, "source_dataset": dataset, "label": label,
         "classes": data.classes.tolist(), "input_dim": data.dim,
@@ -298,7 +300,7 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
     tt_sets: dict[str, EmbeddingSet] = {}
     n_zero: dict[str, int] = {}
     for split, es in sets.items():
-        vectors = K.predict(embed_model, data.x[split])
+        vectors = keras_model.predict(embed_model, data.x[split])
         n_zero[split] = fill_zero_rows(vectors, f"{model} on {dataset}/{split}")
         identity = {"source_cache": keys[split], "toptune": tune_key, "mode": MODE,
                     "normalized": False, "toptune_version": TOPTUNE_VERSION}
@@ -312,9 +314,10 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
         "classification": {k: float(v) for k, v in classification.items()},
         "val_accuracy": final["val_accuracy"],
         "train_s": round(tuner_wall + final_wall, 3),
+        "toptune_model_path": str(model_path),
         "details": {
             "n_classes": len(data.classes), "n_unseen": data.n_unseen,
-            "n_zero_embeddings": n_zero, "toptune_model_path": str(model_path),
+            "n_zero_embeddings": n_zero,
             "toptune_dir": str(out_dir), "search_dir": str(tuner.project_dir),
             "confusion_matrix_path": str(cm_path), "keras_backend": facts["keras_backend"],
             "keras_versions": {"keras": facts["keras"], "keras_tuner": facts["keras_tuner"]},
@@ -395,7 +398,7 @@ def result_row(record: ResultRecord) -> dict:
         **{f"hp_{k}": v for k, v in (d.get("best_hyperparameters") or {}).items()},
         "keras_backend": d.get("keras_backend"),
         "train_s": record.timings.train_s,
-        "toptune_model_path": d.get("toptune_model_path"),
+        "toptune_model_path": record.toptune_model_path,
     }
 
 
