@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from embbench._errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """A write failed because the file system holding ``path`` is full (or over quota)."""
 
 
@@ -73,7 +75,7 @@ def _disk_full_error(path: Path, err: OSError) -> DiskFullError:
     )
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A folder embbench writes to is read-only or not writable; the message names it, the fix."""
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from embbench import setup_logging
+from embbench._errors import UserError, user_error_names
 
 logger = logging.getLogger("embbench.cli")
 
@@ -292,37 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that are a user's to fix: printed as their message, exit status 2."""
-    from embbench._registry import UnknownNameError
-    from embbench._utils import DiskFullError, StorageError
-    from embbench.analysis import AnalysisError
-    from embbench.cache import CacheError
-    from embbench.catalogue import CatalogueError
-    from embbench.config import ConfigError
-    from embbench.datasets._params import DatasetParamsError
-    from embbench.images import BadImageError
-    from embbench.models._zoo import CheckpointError, ModelError, WeightsUnavailableError
-    from embbench.records import RecordError
-    from embbench.report import ReportError
-    from embbench.services import ServiceUnreachableError
-    from embbench.tracking import TrackingStoreError
+def _is_user_error_name(ename: str) -> bool:
+    """Whether a notebook's exception, known to the CLI by class name only, is a user's to fix."""
+    # the stages import every module whose errors a notebook can raise, so that all the
+    # UserError subclasses are defined; imported here because only this error path needs them
+    import embbench.stages  # noqa: F401
 
-    return (ConfigError, CatalogueError, CacheError, ServiceUnreachableError, RecordError,
-            TrackingStoreError, DiskFullError, StorageError, UnknownNameError, FileNotFoundError,
-            DatasetParamsError, ModelError, WeightsUnavailableError, CheckpointError,
-            AnalysisError, ReportError, BadImageError)
-
-
-# Exceptions raised inside a notebook reach the CLI as papermill's execution error, by name.
-_USER_ERROR_NAMES = frozenset({
-    "ConfigError", "GridError", "CellSelectError", "CatalogueError", "DatasetLayoutError",
-    "FetchError", "CacheError", "CorruptCacheError", "CacheBusyError", "ServiceUnreachableError",
-    "RecordError", "TrackingStoreError", "DiskFullError", "UnknownNameError", "FileNotFoundError",
-    "DatasetParamsError", "ModelError", "WeightsUnavailableError", "CheckpointError",
-    "PackageWeightsMissingError", "AnalysisError", "GalleryError", "TopTuneError",
-    "CrosstuneError", "FinetuneError", "StorageError",
-})
+    return ename == "FileNotFoundError" or ename in user_error_names()
 
 
 def _explain(exc: BaseException) -> tuple[str, int] | None:
@@ -331,9 +308,9 @@ def _explain(exc: BaseException) -> tuple[str, int] | None:
         ename, evalue = getattr(exc, "ename", ""), getattr(exc, "evalue", "")
         cell = getattr(exc, "exec_count", None)
         where = f" (cell [{cell}])" if cell else ""
-        status = 2 if ename in _USER_ERROR_NAMES else 1
+        status = 2 if _is_user_error_name(ename) else 1
         return f"the notebook failed{where}: {ename}: {evalue}", status
-    if isinstance(exc, _user_errors()):
+    if isinstance(exc, UserError | FileNotFoundError):
         text = str(exc)
         if type(exc).__name__ in ("DiskFullError", "StorageError") and exc.strerror:
             text = exc.strerror  # without str()'s "[Errno 28] " prefix
