@@ -147,7 +147,7 @@ def _overrides(items: list[str] | None) -> dict:
 
 def cmd_run_cell(args: argparse.Namespace) -> int:
     """Run one cell (exit 0 when done or finished earlier, 2 when it cannot run)."""
-    from embbench.pipeline.plan import load_config, run_one_cell
+    from embbench.pipeline.grid import load_config, run_one_cell
 
     if args.dry_run:
         load_config(args.notebook, args.params, **_overrides(args.set))
@@ -180,21 +180,21 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             cpu, memory, gpus = (spec.split(",") + ["", "", ""])[:3]
             resources[mode] = TaskResources(cpu or "2", memory or "8G", int(gpus or 0))
         selector = dict(item.split("=", 1) for item in args.gpu_node_selector or [])
-        plan = compile_pipeline(
+        grid = compile_pipeline(
             params, args.output, image=args.image, name=args.name, resources=resources,
             accelerator_type=args.accelerator_type, gpu_node_selector=selector, pvc=args.pvc,
             mount_path=args.mount_path, secret=args.secret, retries=args.retries,
             caching=not args.no_cache, milvus_uri=args.milvus_uri,
             tracking_uri=args.tracking_uri,
         )
-        report = " + the report" if plan.report_yaml is not None else ""
-        sys.stdout.write(f"pipeline: {args.output} ({len(plan.cells)} cell tasks{report})\n")
+        report = " + the report" if grid.report_yaml is not None else ""
+        sys.stdout.write(f"pipeline: {args.output} ({len(grid.cells)} cell tasks{report})\n")
         return 0
     from embbench.pipeline import run_local
 
-    plan = run_local(params, milvus_uri=args.milvus_uri, tracking_uri=args.tracking_uri,
+    grid = run_local(params, milvus_uri=args.milvus_uri, tracking_uri=args.tracking_uri,
                      enable_caching=not args.no_cache)
-    sys.stdout.write(f"local pipeline finished: {len(plan.cells)} cell tasks\n")
+    sys.stdout.write(f"local pipeline finished: {len(grid.cells)} cell tasks\n")
     return 0
 
 
