@@ -27,6 +27,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from embbench._errors import UserError
+from embbench.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +285,11 @@ def jsonable(obj: Any) -> Any:
 
 
 def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation to float32; all-zero rows stay zero (no error).
+    """:func:`embbench.vectors.l2_normalize` keeping all-zero rows (training inputs).
 
-    The retrieval code uses the strict :func:`embbench.retrieval.l2_normalize`, which refuses
-    zero rows; this lenient form serves training inputs, where a zero row is harmless.
+    Kept for the top-tuning callers; new code calls ``l2_normalize(x, zero_rows="keep")``.
     """
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    return l2_normalize(x, "training vectors", zero_rows="keep")
 
 
 @contextmanager
