@@ -14,12 +14,33 @@ from embbench.cli import _explain, main
 
 # The classes the CLI listed as user-fixable before they shared a base (two lists in cli.py).
 USER_FIXABLE = {
-    "ConfigError", "GridError", "CellSelectError", "CatalogueError", "DatasetLayoutError",
-    "FetchError", "CacheError", "CorruptCacheError", "CacheBusyError", "ServiceUnreachableError",
-    "RecordError", "TrackingStoreError", "DiskFullError", "UnknownNameError",
-    "DatasetParamsError", "ModelError", "WeightsUnavailableError", "CheckpointError",
-    "PackageWeightsMissingError", "AnalysisError", "GalleryError", "TopTuneError",
-    "FinetuneError", "ReportError", "BadImageError", "RetrievalPlanError", "StorageError",
+    "ConfigError",
+    "GridError",
+    "CellSelectError",
+    "CatalogueError",
+    "DatasetLayoutError",
+    "FetchError",
+    "CacheError",
+    "CorruptCacheError",
+    "CacheBusyError",
+    "ServiceUnreachableError",
+    "RecordError",
+    "TrackingStoreError",
+    "DiskFullError",
+    "UnknownNameError",
+    "DatasetParamsError",
+    "ModelError",
+    "WeightsUnavailableError",
+    "CheckpointError",
+    "PackageWeightsMissingError",
+    "AnalysisError",
+    "GalleryError",
+    "TopTuneError",
+    "FinetuneError",
+    "ReportError",
+    "BadImageError",
+    "RetrievalPlanError",
+    "StorageError",
 }
 
 
@@ -31,8 +52,12 @@ def _error_classes() -> dict[str, type[BaseException]]:
             continue
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
-            if (inspect.isclass(obj) and issubclass(obj, BaseException)
-                    and name.endswith("Error") and obj.__module__.startswith("embbench")):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and name.endswith("Error")
+                and obj.__module__.startswith("embbench")
+            ):
                 found[name] = obj
     return found
 

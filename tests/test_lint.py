@@ -25,6 +25,21 @@ def test_ruff_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _formatted() -> bool:
+    """The Makefile's ``FORMATTED`` switch: 1 once ``make format`` ran over the whole tree."""
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.replace(" ", "").startswith("FORMATTED?="):
+            return line.split("=", 1)[1].split("#")[0].strip() == "1"
+    return False
+
+
+@pytest.mark.skipif(not _formatted(), reason="FORMATTED = 0 in the Makefile: not formatted yet")
+def test_ruff_format_clean():
+    proc = subprocess.run([_tool("ruff"), "format", "--check", "embbench", "tests", "benchmarks"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
     env = {"PATH": str(BIN), "PYTHONPATH": str(tree), "HOME": str(tree)}
     return subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=tree, capture_output=True,

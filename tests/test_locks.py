@@ -52,8 +52,10 @@ def test_a_busy_cell_lock_names_pid_host_and_command(tmp_path, caplog):
             pass
     who = f"pid {os.getpid()} on host {socket.gethostname()} ({holder['command']}, since"
     assert who in str(err.value)
-    assert any("waiting" in r.message and "cell A" in r.message and who in r.message
-               for r in caplog.records)
+    assert any(
+        "waiting" in r.message and "cell A" in r.message and who in r.message
+        for r in caplog.records
+    )
     assert lock_holder(lock) == {}  # released: the holder file is gone
     with hold_lock(lock, "cell A", timeout=0):  # and the lock is free again
         pass
