@@ -71,8 +71,8 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
     use_keras_backend(backend)
     import numpy as np
 
-    from embbench.toptune import keras_model as K
-    from embbench.toptune import search as S
+    from embbench.toptune import keras_model
+    from embbench.toptune import search as toptune_search
 
     x = np.load(folder / "x_train.npy", mmap_mode="r")
     y = np.load(folder / "y_train.npy")
@@ -81,7 +81,7 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
     # memory-mapped once; normalised already; materialised once like the stage does
     x, xv = np.ascontiguousarray(x), np.ascontiguousarray(xv)
     classes = int(max(y.max(), yv.max())) + 1
-    space = K.SearchSpace(
+    space = keras_model.SearchSpace(
         hidden_layers=(2, 2),
         units=(512,),
         learning_rate=(1e-3, 1e-3),
@@ -104,9 +104,9 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
             self.times.append(time.perf_counter() - self.t0)
 
     def plain_fit(n_epochs: int, rows: int | None = None) -> tuple[float, list, dict]:
-        K.set_seed(0)
+        keras_model.set_seed(0)
         t0 = time.perf_counter()
-        model = K.build_mlp(keras_tuner.HyperParameters(), space, x.shape[1], classes)
+        model = keras_model.build_mlp(keras_tuner.HyperParameters(), space, x.shape[1], classes)
         timer = EpochTimer()
         hist = model.fit(
             x[:rows],
@@ -129,8 +129,8 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
         "val_accuracy": round(float(history["val_accuracy"][-1]), 4),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        tuner = S.make_tuner(
-            K.MLPHyperModel(space, x.shape[1], classes),
+        tuner = toptune_search.make_tuner(
+            keras_model.MLPHyperModel(space, x.shape[1], classes),
             directory=Path(tmp),
             project_name="b",
             max_trials=1,
@@ -138,7 +138,7 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
             seed=0,
         )
         t0 = time.perf_counter()
-        S.run_search(tuner, x, y, xv, yv, epochs=epochs, batch_size=batch, seed=0)
+        toptune_search.run_search(tuner, x, y, xv, yv, epochs=epochs, batch_size=batch, seed=0)
         out["tuner_total_s"] = round(time.perf_counter() - t0, 2)
     plain_b, _, _ = plain_fit(epochs)  # again after the tuner: order effects cancel in the mean
     out["plain_total_s"] = round((plain_a + plain_b) / 2, 2)

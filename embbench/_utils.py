@@ -14,10 +14,13 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +28,9 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
+
+from embbench._errors import UserError
+from embbench.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_npy",
+    "describe_holder",
     "hold_lock",
+    "holder_path",
+    "lock_holder",
     "stable_hash",
     "sha256_file",
     "safe_name",
@@ -48,7 +57,7 @@ __all__ = [
 ]
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """A write failed because the file system holding ``path`` is full (or over quota)."""
 
 
@@ -73,7 +82,7 @@ def _disk_full_error(path: Path, err: OSError) -> DiskFullError:
     )
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A folder embbench writes to is read-only or not writable; the message names it, the fix."""
 
 
@@ -282,37 +291,84 @@ def jsonable(obj: Any) -> Any:
 
 
 def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation to float32; all-zero rows stay zero (no error).
+    """:func:`embbench.vectors.l2_normalize` keeping all-zero rows (training inputs).
 
-    The retrieval code uses the strict :func:`embbench.retrieval.l2_normalize`, which refuses
-    zero rows; this lenient form serves training inputs, where a zero row is harmless.
+    Kept for the top-tuning callers; new code calls ``l2_normalize(x, zero_rows="keep")``.
     """
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    return l2_normalize(x, "training vectors", zero_rows="keep")
+
+
+def holder_path(lock: Path) -> Path:
+    """The file beside ``lock`` that names its holder (JSON, see :func:`lock_holder`)."""
+    return lock.with_name(lock.name + ".holder.json")
+
+
+def lock_holder(lock: Path) -> dict[str, Any]:
+    """Who holds (or last held) ``lock``: ``{"pid", "host", "command", "since"}``, or ``{}``."""
+    try:
+        found = json.loads(holder_path(lock).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def describe_holder(holder: Mapping[str, Any]) -> str:
+    """``pid 123 on host h (embbench run-notebook ..., since 2026-01-01T00:00:00+00:00)``."""
+    if not holder:
+        return "an unknown process"
+    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+            f"({holder.get('command') or '?'}, since {holder.get('since', '?')})")
 
 
 @contextmanager
-def hold_lock(path: Path, what: str) -> Iterator[None]:
+def hold_lock(
+    path: Path,
+    what: str,
+    *,
+    timeout: float | None = None,
+    notify_after: float = 0.0,
+    busy: Callable[[str], Exception] | None = None,
+) -> Iterator[None]:
     """Hold the file lock ``path`` for ``what``; when busy, say who holds it and wait.
 
-    The holder's pid, host and start time are written beside the lock, so a waiting run names
-    them. The operating system releases the lock of a killed process.
+    The holder (pid, host, command line, start time) is written beside the lock
+    (:func:`holder_path`) while it is held, so a waiting run names it: a WARNING after
+    ``notify_after`` seconds, then every minute. The operating system releases the lock of a
+    killed process, so waiting never outlives the holder.
+
+    Args:
+        path: The lock file.
+        what: What the lock protects, for the messages (``embedding <folder>``...).
+        timeout: Give up after this many seconds (``None``: wait as long as the holder runs).
+        notify_after: Seconds of waiting before the first WARNING.
+        busy: Builds the error raised on ``timeout`` from the holder's description (default:
+            :class:`TimeoutError`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)
-    holder = path.with_name(path.name + ".holder")
+    start = time.monotonic()
+    step = notify_after
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - start)
+        try:
+            lock.acquire(timeout=step if left is None else max(0.0, min(step, left)))
+            break
+        except Timeout:
+            who = describe_holder(lock_holder(path))
+            waited = time.monotonic() - start
+            if timeout is not None and waited >= timeout:
+                make = busy or (lambda who: TimeoutError(f"{what}: {path} is held by {who}"))
+                raise make(who) from None
+            logger.warning("waiting %.0f s for %s, held by %s", waited, what, who)
+            step = 60.0
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        who = holder.read_text(encoding="utf-8").strip() if holder.is_file() else "unknown"
-        logger.warning("%s is being run by another process (%s); waiting for it to finish",
-                       what, who)
-        lock.acquire()
-    try:
-        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
-                          f"{datetime.now(UTC).isoformat(timespec='seconds')}", encoding="utf-8")
+        atomic_write_json(holder_path(path), {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": shlex.join(sys.argv) if sys.argv else "",
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        })
         yield
     finally:
-        holder.unlink(missing_ok=True)
+        holder_path(path).unlink(missing_ok=True)
         lock.release()

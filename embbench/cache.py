@@ -4,7 +4,7 @@ Layout, one folder per (dataset, model, split, key)::
 
     <cache_dir>/embeddings/<dataset>/<model>/
         <split>-<key>.lock           # held while a run embeds this split (filelock)
-        <split>-<key>.lock.holder.json   # pid, host and start time of the run holding it
+        <split>-<key>.lock.holder.json   # pid, host, command and start of the run holding it
         <split>-<key>/
             meta.json            # identity, status, provenance, checksums of the files below
             shard-00000.npy      # float32 (n_i, dim) while a run is in progress
@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,11 +44,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock, Timeout
 
 from embbench._utils import (
     atomic_save_npy,
     atomic_write_json,
+    hold_lock,
+    holder_path,
+    lock_holder,
     safe_name,
     stable_hash,
 )
@@ -134,7 +133,7 @@ class EmbeddingCache:
         base = root if root is not None else cache_dir() / "embeddings"
         self.path = base / safe_name(dataset) / safe_name(model) / f"{safe_name(split)}-{self.key}"
         self.lock_path = self.path.parent / f"{self.path.name}.lock"
-        self.holder_path = self.path.parent / f"{self.path.name}.lock.holder.json"
+        self.holder_path = holder_path(self.lock_path)
 
     # ---- reading -------------------------------------------------------------------------
     def _read_meta(self) -> dict | None:
@@ -242,11 +241,8 @@ class EmbeddingCache:
 
     # ---- locking -------------------------------------------------------------------------
     def holder(self) -> dict:
-        """Who holds (or last held) the lock: ``{"pid", "host", "since"}`` (empty if unknown)."""
-        try:
-            return json.loads(self.holder_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        """Who holds the lock: ``{"pid", "host", "command", "since"}`` (empty if unknown)."""
+        return lock_holder(self.lock_path)
 
     @contextmanager
     def lock(self, timeout: float | None = None, notify_after: float = 5.0) -> Iterator[None]:
@@ -264,41 +260,17 @@ class EmbeddingCache:
         Raises:
             CacheBusyError: Still busy after ``timeout`` seconds; the message names the holder.
         """
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        flock = FileLock(self.lock_path)
-        start = time.monotonic()
-        step = notify_after
-        while True:
-            left = None if timeout is None else timeout - (time.monotonic() - start)
-            wait = step if left is None else max(0.0, min(step, left))
-            try:
-                flock.acquire(timeout=wait)
-                break
-            except Timeout:
-                h = self.holder()
-                who = (
-                    f"pid {h.get('pid', '?')} on host {h.get('host', '?')} (since "
-                    f"{h.get('since', '?')})"
-                )
-                waited = time.monotonic() - start
-                if timeout is not None and waited >= timeout:
-                    raise CacheBusyError(
-                        f"{self.path} is being embedded by {who}; lock {self.lock_path}. Wait "
-                        "for that run to finish (its vectors are then reused), or stop it"
-                    ) from None
-                logger.warning("waiting %.0f s for %s, which is embedding %s", waited, who,
-                               self.path)
-                step = 60.0
-        try:
-            atomic_write_json(
-                self.holder_path,
-                {"pid": os.getpid(), "host": socket.gethostname(),
-                 "since": datetime.now(UTC).isoformat(timespec="seconds")},
-            )
+        with hold_lock(
+            self.lock_path,
+            f"embedding {self.path}",
+            timeout=timeout,
+            notify_after=notify_after,
+            busy=lambda who: CacheBusyError(
+                f"{self.path} is being embedded by {who}; lock {self.lock_path}. Wait "
+                "for that run to finish (its vectors are then reused), or stop it"
+            ),
+        ):
             yield
-        finally:
-            self.holder_path.unlink(missing_ok=True)
-            flock.release()
 
     # ---- writing -------------------------------------------------------------------------
     def begin(

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from embbench._errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -34,7 +36,7 @@ _CHUNK = 1 << 20
 _VERIFIED: dict[str, list[int]] = {}  # path -> stat signature whose bytes this process hashed
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache folder is corrupt or does not match what was asked for."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from embbench._errors import UserError
 from embbench.filehash import HASH_NAME, file_hashes
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ REQUIRED_COLUMNS = ("item_id", "path", "split")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-class CatalogueError(ValueError):
+class CatalogueError(UserError, ValueError):
     """A catalogue (manifest, folder or dataset copy) is malformed; the message says where."""
 
 

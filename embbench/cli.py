@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from embbench import setup_logging
+from embbench._errors import UserError, user_error_names
 
 logger = logging.getLogger("embbench.cli")
 
@@ -146,7 +147,7 @@ def _overrides(items: list[str] | None) -> dict:
 
 def cmd_run_cell(args: argparse.Namespace) -> int:
     """Run one cell (exit 0 when done or finished earlier, 2 when it cannot run)."""
-    from embbench.pipeline.plan import load_config, run_one_cell
+    from embbench.pipeline.grid import load_config, run_one_cell
 
     if args.dry_run:
         load_config(args.notebook, args.params, **_overrides(args.set))
@@ -179,21 +180,21 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             cpu, memory, gpus = (spec.split(",") + ["", "", ""])[:3]
             resources[mode] = TaskResources(cpu or "2", memory or "8G", int(gpus or 0))
         selector = dict(item.split("=", 1) for item in args.gpu_node_selector or [])
-        plan = compile_pipeline(
+        grid = compile_pipeline(
             params, args.output, image=args.image, name=args.name, resources=resources,
             accelerator_type=args.accelerator_type, gpu_node_selector=selector, pvc=args.pvc,
             mount_path=args.mount_path, secret=args.secret, retries=args.retries,
             caching=not args.no_cache, milvus_uri=args.milvus_uri,
             tracking_uri=args.tracking_uri,
         )
-        report = " + the report" if plan.report_yaml is not None else ""
-        sys.stdout.write(f"pipeline: {args.output} ({len(plan.cells)} cell tasks{report})\n")
+        report = " + the report" if grid.report_yaml is not None else ""
+        sys.stdout.write(f"pipeline: {args.output} ({len(grid.cells)} cell tasks{report})\n")
         return 0
     from embbench.pipeline import run_local
 
-    plan = run_local(params, milvus_uri=args.milvus_uri, tracking_uri=args.tracking_uri,
+    grid = run_local(params, milvus_uri=args.milvus_uri, tracking_uri=args.tracking_uri,
                      enable_caching=not args.no_cache)
-    sys.stdout.write(f"local pipeline finished: {len(plan.cells)} cell tasks\n")
+    sys.stdout.write(f"local pipeline finished: {len(grid.cells)} cell tasks\n")
     return 0
 
 
@@ -292,37 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that are a user's to fix: printed as their message, exit status 2."""
-    from embbench._registry import UnknownNameError
-    from embbench._utils import DiskFullError, StorageError
-    from embbench.analysis import AnalysisError
-    from embbench.cache import CacheError
-    from embbench.catalogue import CatalogueError
-    from embbench.config import ConfigError
-    from embbench.datasets._params import DatasetParamsError
-    from embbench.images import BadImageError
-    from embbench.models._zoo import CheckpointError, ModelError, WeightsUnavailableError
-    from embbench.records import RecordError
-    from embbench.report import ReportError
-    from embbench.services import ServiceUnreachableError
-    from embbench.tracking import TrackingStoreError
+def _is_user_error_name(ename: str) -> bool:
+    """Whether a notebook's exception, known to the CLI by class name only, is a user's to fix."""
+    # the stages import every module whose errors a notebook can raise, so that all the
+    # UserError subclasses are defined; imported here because only this error path needs them
+    import embbench.stages  # noqa: F401
 
-    return (ConfigError, CatalogueError, CacheError, ServiceUnreachableError, RecordError,
-            TrackingStoreError, DiskFullError, StorageError, UnknownNameError, FileNotFoundError,
-            DatasetParamsError, ModelError, WeightsUnavailableError, CheckpointError,
-            AnalysisError, ReportError, BadImageError)
-
-
-# Exceptions raised inside a notebook reach the CLI as papermill's execution error, by name.
-_USER_ERROR_NAMES = frozenset({
-    "ConfigError", "GridError", "CellSelectError", "CatalogueError", "DatasetLayoutError",
-    "FetchError", "CacheError", "CorruptCacheError", "CacheBusyError", "ServiceUnreachableError",
-    "RecordError", "TrackingStoreError", "DiskFullError", "UnknownNameError", "FileNotFoundError",
-    "DatasetParamsError", "ModelError", "WeightsUnavailableError", "CheckpointError",
-    "PackageWeightsMissingError", "AnalysisError", "GalleryError", "TopTuneError",
-    "CrosstuneError", "FinetuneError", "StorageError",
-})
+    return ename == "FileNotFoundError" or ename in user_error_names()
 
 
 def _explain(exc: BaseException) -> tuple[str, int] | None:
@@ -331,9 +308,9 @@ def _explain(exc: BaseException) -> tuple[str, int] | None:
         ename, evalue = getattr(exc, "ename", ""), getattr(exc, "evalue", "")
         cell = getattr(exc, "exec_count", None)
         where = f" (cell [{cell}])" if cell else ""
-        status = 2 if ename in _USER_ERROR_NAMES else 1
+        status = 2 if _is_user_error_name(ename) else 1
         return f"the notebook failed{where}: {ename}: {evalue}", status
-    if isinstance(exc, _user_errors()):
+    if isinstance(exc, UserError | FileNotFoundError):
         text = str(exc)
         if type(exc).__name__ in ("DiskFullError", "StorageError") and exc.strerror:
             text = exc.strerror  # without str()'s "[Errno 28] " prefix

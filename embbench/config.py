@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from embbench._errors import UserError
 from embbench._registry import Registry
 from embbench._utils import stable_hash
 
@@ -37,7 +38,7 @@ C = TypeVar("C", bound="StageConfig")
 _STAGES: Registry[type[StageConfig]] = Registry("stage")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file or parameter value is invalid; the message names the key and the fix."""
 
 

@@ -351,20 +351,12 @@ def split_labels(es: EmbeddingSet, catalogue: Catalogue, column: str | None = No
     return es.labels(catalogue.items, column or catalogue.default_label)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 __all__ = [
     "DEFAULT_SHARD_SIZE",
     "embed_split",
     "embed_splits",
     "embedding_cache",
     "split_labels",
-    "l2_normalize",
     "resolve_device",
     "resolve_precision",
     "init_distributed",

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from embbench._errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: Images with more pixels than this are refused as decompression bombs (Pillow's own limit;
@@ -38,7 +40,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _WHITE = (255, 255, 255)
 
 
-class BadImageError(Exception):
+class BadImageError(UserError):
     """An image file that cannot be decoded; ``path`` and ``reason`` say which and why.
 
     Args:

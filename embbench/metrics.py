@@ -21,7 +21,8 @@ Queries with ``n_q = 0`` ("lone" queries, e.g. singleton classes under the ``wit
 are excluded from every mean and counted in :attr:`RetrievalResult.n_lone` (pytorch-metric-learning
 behaviour; UnED divides by zero there, UDON scores 0).
 
-Classification metrics use scikit-learn's definitions with ``zero_division=0``.
+Classification metrics use scikit-learn's definitions with ``zero_division=0``. The bootstrap
+confidence intervals of per-query means live in :mod:`embbench.bootstrap` (re-exported here).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from embbench.bootstrap import bootstrap_ci, paired_bootstrap_test
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ CLASSIFICATION_KEYS = (
     "recall_weighted",
     "f1_weighted",
 )
-
-_BOOT_CHUNK_ELEMENTS = 4_000_000  # bootstrap draws materialised at once (int64: 32 MB)
 
 
 def metric_names(k: int) -> list[str]:
@@ -425,95 +426,3 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Any = None) -> dict
         "recall_weighted": float((recall * weights).sum()),
         "f1_weighted": float((f1 * weights).sum()),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Bootstrap
-# ---------------------------------------------------------------------------------------------
-
-
-def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of ``values``, drawn in chunks."""
-    n = len(values)
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        draws = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = values[draws].mean(axis=1)
-    return means
-
-
-def _check_boot_args(values: Any, n_boot: int, alpha: float, what: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"{what}: per-query values must be 1-D, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{what}: per-query values contain NaN or inf")
-    if n_boot < 1:
-        raise ValueError(f"{what}: n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"{what}: alpha must be in (0, 1), got {alpha}")
-    return arr
-
-
-def bootstrap_ci(
-    per_query: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of per-query values.
-
-    Args:
-        per_query: Per-query metric values (e.g. ``RetrievalResult.per_query["mMP@5"]``).
-        n_boot: Number of bootstrap resamples.
-        seed: Random seed.
-        alpha: ``1 - alpha`` is the coverage (0.05 gives a 95% interval).
-
-    Returns:
-        ``(low, high)``; ``(nan, nan)`` for no values.
-    """
-    arr = _check_boot_args(per_query, n_boot, alpha, "bootstrap_ci")
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    means = _bootstrap_means(arr, n_boot, seed)
-    low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
-
-
-def paired_bootstrap_test(
-    a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> dict[str, float]:
-    """Paired bootstrap comparison of two models' per-query values on the same queries.
-
-    The queries are resampled jointly; ``diff`` is ``mean(a - b)``, ``low``/``high`` its
-    percentile interval, and ``p_value`` the two-sided bootstrap p-value of "no difference":
-    the share of centred resampled differences at least as far from 0 as the observed one,
-    ``(1 + #{|m* - diff| >= |diff|}) / (n_boot + 1)``.
-
-    Args:
-        a: Per-query values of model A.
-        b: Per-query values of model B, same queries in the same order.
-        n_boot: Number of bootstrap resamples.
-        seed: Random seed.
-        alpha: ``1 - alpha`` is the interval's coverage.
-
-    Returns:
-        ``{"diff", "low", "high", "p_value"}``.
-    """
-    x = _check_boot_args(a, n_boot, alpha, "paired_bootstrap_test")
-    y = _check_boot_args(b, n_boot, alpha, "paired_bootstrap_test")
-    if x.shape != y.shape:
-        raise ValueError(
-            f"paired_bootstrap_test: a and b must cover the same queries, got {x.shape} and "
-            f"{y.shape}"
-        )
-    if x.size == 0:
-        nan = float("nan")
-        return {"diff": nan, "low": nan, "high": nan, "p_value": nan}
-    d = x - y
-    diff = float(d.mean())
-    means = _bootstrap_means(d, n_boot, seed)
-    low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    extreme = np.abs(means - diff) >= abs(diff) - 1e-15
-    p_value = (1.0 + float(extreme.sum())) / (n_boot + 1.0)
-    return {"diff": diff, "low": float(low), "high": float(high), "p_value": min(1.0, p_value)}

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from embbench._errors import UserError
 from embbench._utils import atomic_write_bytes, atomic_write_json, safe_name
 from embbench.paths import runs_dir
 from embbench.records_migrate import SCHEMA_VERSION, migrate_record
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 OVERWRITE_POLICIES = ("never", "always")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A result record does not match the schema; the message names the file and the field."""
 
 

@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from embbench._errors import UserError
 from embbench._utils import StorageError, storage_fault, writable_problem
 from embbench.paths import cache_dir, reports_dir, runs_dir
 
@@ -64,7 +65,7 @@ _CONNECTION_TEXT = (
 )
 
 
-class ServiceUnreachableError(ConnectionError):
+class ServiceUnreachableError(UserError, ConnectionError):
     """A tracking server or Milvus cannot be reached; the message names the URI and the fix."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from embbench._errors import UserError
 from embbench.paths import project_root, runs_dir
 from embbench.services import MLFLOW_HTTP_DEFAULTS, ServiceUnreachableError, check_tracking
 
@@ -88,7 +89,7 @@ def default_tracking_uri(uri: str = "") -> str:
     return f"sqlite:///{(runs_dir() / 'mlflow.db').resolve()}"
 
 
-class TrackingStoreError(RuntimeError):
+class TrackingStoreError(UserError, RuntimeError):
     """The local MLflow store is damaged and holds runs; the message says what to move aside."""
 
 

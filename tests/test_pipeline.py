@@ -21,7 +21,7 @@ import yaml
 pytest.importorskip("kfp")
 pytest.importorskip("kfp.kubernetes")
 
-from embbench.pipeline import compile_pipeline, group_params, plan_pipeline  # noqa: E402
+from embbench.pipeline import compile_pipeline, group_params, pipeline_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params"
@@ -33,10 +33,10 @@ BIN = Path(sys.executable).parent
 def full_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
     files = sorted(PARAMS.glob("0*.yaml"))
-    plan = compile_pipeline(group_params(files), out, image="registry.example/embbench:1",
+    grid = compile_pipeline(group_params(files), out, image="registry.example/embbench:1",
                             gpu_node_selector={"pool": "gpu"})
     spec, platform = list(yaml.safe_load_all(out.read_text()))
-    return plan, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return grid, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def _grid_size(notebook: str) -> tuple[int, int]:
@@ -45,7 +45,7 @@ def _grid_size(notebook: str) -> tuple[int, int]:
 
 
 def test_full_grid_task_count_matches_the_params(full_grid):
-    plan, spec, _ = full_grid
+    grid, spec, _ = full_grid
     n01, n02, n03 = (_grid_size(nb) for nb in ("01_embed", "02_finetune", "03_toptune"))
     c04 = yaml.safe_load((PARAMS / "04_crosstune.yaml").read_text())
     per_mode = len(c04["models"]) * sum(
@@ -54,13 +54,13 @@ def test_full_grid_task_count_matches_the_params(full_grid):
                 "top-tuned": n03[0] * n03[1], "cross-tuned": per_mode,
                 "cross-top-tuned": len(c04["models"]) * sum(
                     1 for t in c04["datasets"] for s in c04["toptuned_on"] if s != t)}
-    assert Counter(c.cell.mode for c in plan.cells) == expected
+    assert Counter(c.cell.mode for c in grid.cells) == expected
     tasks = spec["root"]["dag"]["tasks"]
     assert len(tasks) == sum(expected.values()) + 1 == 517  # + the report
 
 
 def test_full_grid_dependencies_follow_the_stage_order(full_grid):
-    plan, spec, _ = full_grid
+    grid, spec, _ = full_grid
     tasks = spec["root"]["dag"]["tasks"]
     by_label = {t["taskInfo"]["name"]: name for name, t in tasks.items()}
     deps = {t["taskInfo"]["name"]: {tasks[d]["taskInfo"]["name"]
@@ -250,8 +250,8 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, milvus_server, mlflow_
     monkeypatch.chdir(ROOT)  # the tasks run `python -m embbench` of this checkout
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     params = _tiny_params()
-    plan = plan_pipeline(params)
-    cells = plan.cells
+    grid = pipeline_grid(params)
+    cells = grid.cells
     assert {c.cell.mode for c in cells} == {"pretrained", "fine-tuned", "top-tuned",
                                             "cross-tuned", "cross-top-tuned"}
 

@@ -9,12 +9,13 @@ import mlflow
 import numpy as np
 import pytest
 
-from embbench.embed import embed_split, l2_normalize
+from embbench.embed import embed_split
 from embbench.models import create_embedder
 from embbench.paths import project_root, runs_dir
 from embbench.records import ResultStore
 from embbench.retrieval import create_backend
 from embbench.stages.embed import EmbedConfig, run_embed
+from embbench.vectors import l2_normalize
 
 PARAMS = project_root() / "params"
 

@@ -267,29 +267,28 @@ def test_all_zero_toptuned_rows_get_a_direction():
 
 # ---- the search ---------------------------------------------------------------------------------
 def _keras_space(cfg: TopTuneConfig):
-    from embbench.toptune import SearchSpace
-    from embbench.toptune import keras_model as K
-    from embbench.toptune import search as S
+    from embbench.toptune import SearchSpace, keras_model
+    from embbench.toptune import search as toptune_search
 
-    return K, S, SearchSpace(**cfg.search_space())
+    return keras_model, toptune_search, SearchSpace(**cfg.search_space())
 
 
 @pytest.mark.slow
 def test_search_runs_resumes_and_extends(tmp_path):
-    K, S, space = _keras_space(tiny_cfg(hidden_layers=[2, 3]))
+    keras_model, toptune_search, space = _keras_space(tiny_cfg(hidden_layers=[2, 3]))
     cat, sets = synthetic()
     data = prepare_data(sets, cat, "label", dataset="synth")
     args = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
 
-    def search(max_trials, hypermodel_cls=K.MLPHyperModel):
+    def search(max_trials, hypermodel_cls=keras_model.MLPHyperModel):
         hm = hypermodel_cls(space, data.dim, len(data.classes))
-        tuner = S.make_tuner(
+        tuner = toptune_search.make_tuner(
             hm, directory=tmp_path, project_name="s", max_trials=max_trials,
             executions_per_trial=1, seed=0,
         )
-        return tuner, hm, S.run_search(tuner, *args, epochs=2, batch_size=32, seed=0)
+        return tuner, hm, toptune_search.run_search(tuner, *args, epochs=2, batch_size=32, seed=0)
 
-    class Interrupted(K.MLPHyperModel):
+    class Interrupted(keras_model.MLPHyperModel):
         fits = 0
 
         def fit(self, hp, model, *a, **kw):
@@ -301,14 +300,14 @@ def test_search_runs_resumes_and_extends(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         search(3, Interrupted)
     tuner, hm, new = search(3)  # resumes: reruns the interrupted trial, then one more
-    assert new == 2 and S.completed_trials(tuner) == 3
+    assert new == 2 and toptune_search.completed_trials(tuner) == 3
     tuner, hm, new = search(3)  # finished: nothing is trained again
     assert new == 0 and hm.builds <= 1
     tuner, hm, new = search(4)  # a larger budget continues the same search
-    assert new == 1 and S.completed_trials(tuner) == 4
-    for t in S.trial_summaries(tuner):
+    assert new == 1 and toptune_search.completed_trials(tuner) == 4
+    for t in toptune_search.trial_summaries(tuner):
         model = hm.build(tuner.oracle.trials[t["trial_id"]].hyperparameters)
-        names = K.hidden_layer_names(model)
+        names = keras_model.hidden_layer_names(model)
         assert 2 <= len(names) <= 3 and len(names) == t["hyperparameters"]["hidden_layers"]
         assert model.layers[-1].name == "classifier"
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from embbench.analysis.sources import GallerySource, category_column, rank, top1_correct
-from embbench.metrics import bootstrap_ci
+from embbench.bootstrap import bootstrap_ci
 
 BREAKDOWN_COLUMNS = ["dataset", "category", "entry", "metric", "n", "value", "low", "high"]
 DISAGREE_COLUMNS = [

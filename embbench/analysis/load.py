@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from embbench._errors import UserError
 from embbench._utils import metric_name
 from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
@@ -42,7 +43,7 @@ _ID_COLUMNS = (
 )  # fmt: skip
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """The runs cannot be analysed (none found, wrong experiment...); the message says why."""
 
 

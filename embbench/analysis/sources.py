@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embbench._errors import UserError
 from embbench._registry import UnknownNameError
 from embbench.analysis._common import text as _text
 from embbench.cache import CacheError, EmbeddingCache, EmbeddingSet
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 PerQueryLoader = Callable[[Mapping[str, Any]], dict[str, np.ndarray] | None]
 
 
-class GalleryError(RuntimeError):
+class GalleryError(UserError, RuntimeError):
     """A result cannot be shown (cached vectors or catalogue missing); the message says which."""
 
 

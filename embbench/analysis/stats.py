@@ -19,7 +19,8 @@ import pandas as pd
 
 from embbench._utils import atomic_write_json, stable_hash
 from embbench.analysis._common import text as _text
-from embbench.metrics import bootstrap_ci, metric_names, paired_bootstrap_test
+from embbench.bootstrap import bootstrap_ci, paired_bootstrap_test
+from embbench.metrics import metric_names
 from embbench.paths import runs_dir
 from embbench.records import ResultStore
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from embbench._errors import UserError
 from embbench.paths import params_dir
 
 Source = Literal["paper", "uned", "publisher", "ours"]
@@ -19,7 +20,7 @@ Scheme = Literal["classification", "dml"]
 _FOLLOWABLE = ("label", "split_scheme", "val_fraction", "test_fraction", "protocol", "k")
 
 
-class DatasetParamsError(ValueError):
+class DatasetParamsError(UserError, ValueError):
     """``params/datasets.yaml`` is malformed; the message names the file, key and value."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from embbench._errors import UserError
 from embbench._registry import Registry, UnknownNameError
 from embbench._utils import jsonable
 
@@ -42,11 +43,11 @@ _PACKAGED_KEYS = ("package", "locator", "converter")
 _TORCH_HUB_REQUIRED = ("input_size", "interpolation", "mean", "std", "crop_pct")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model spec, name or weights argument is invalid; the message says what and how to fix."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights could not be fetched (offline, not cached, or none published).
 
     In a notebook the message is the whole story (what failed, which models work offline, how
@@ -58,7 +59,7 @@ class WeightsUnavailableError(RuntimeError):
         return [f"{type(self).__name__}: {self}"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file does not fit the model's architecture."""
 
 

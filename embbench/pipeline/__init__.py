@@ -1,6 +1,6 @@
 """The grid on Kubeflow Pipelines: one task per cell, run by the cell engine.
 
-- :mod:`embbench.pipeline.plan`: the tasks and their order, planned from the params files, and
+- :mod:`embbench.pipeline.grid`: the cell tasks and their order, read from the params files, and
   :func:`run_one_cell` (``embbench run-cell``), the one thing a task runs;
 - :mod:`embbench.pipeline.build`: the kfp pipeline (resources, retries, caching, secrets,
   volume), :func:`compile_pipeline` and :func:`run_local` (kfp's local runner);
@@ -21,12 +21,12 @@ from embbench.pipeline.build import (
     compile_pipeline,
     run_local,
 )
-from embbench.pipeline.plan import (
+from embbench.pipeline.grid import (
     CellSelectError,
-    PipelinePlan,
-    PlannedCell,
+    CellTask,
+    PipelineGrid,
     group_params,
-    plan_pipeline,
+    pipeline_grid,
     run_one_cell,
 )
 
@@ -35,13 +35,13 @@ __all__ = [
     "SECRET_ENV",
     "CellSelectError",
     "PipelineOptions",
-    "PipelinePlan",
-    "PlannedCell",
+    "CellTask",
+    "PipelineGrid",
     "TaskResources",
     "build_pipeline",
     "compile_pipeline",
     "group_params",
-    "plan_pipeline",
+    "pipeline_grid",
     "run_local",
     "run_one_cell",
 ]

@@ -1,6 +1,6 @@
 """Build, compile and run locally the Kubeflow Pipelines v2 pipeline of a grid.
 
-Every planned cell (:mod:`embbench.pipeline.plan`) becomes one task that runs ``embbench
+Every cell task (:mod:`embbench.pipeline.grid`) becomes one task that runs ``embbench
 run-cell`` in the project's image; the report task runs ``embbench report`` after every cell.
 
 On a cluster each task gets
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from embbench._utils import stable_hash
-from embbench.pipeline.plan import PipelinePlan, plan_pipeline
+from embbench.pipeline.grid import PipelineGrid, pipeline_grid
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +158,13 @@ def _cheap_task_checks() -> Iterator[None]:
         task_cls._ensure_container_spec_exists = original
 
 
-def build_pipeline(plan: PipelinePlan, options: PipelineOptions) -> Any:
-    """The kfp pipeline function of ``plan`` (call it under ``kfp.local`` or compile it)."""
+def build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
+    """The kfp pipeline function of ``grid`` (call it under ``kfp.local`` or compile it)."""
     with _cheap_task_checks():
-        return _build_pipeline(plan, options)
+        return _build_pipeline(grid, options)
 
 
-def _build_pipeline(plan: PipelinePlan, options: PipelineOptions) -> Any:
+def _build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
     from kfp import dsl  # optional dependency (the `pipeline` extra)
 
     from embbench.pipeline import components
@@ -177,13 +177,13 @@ def _build_pipeline(plan: PipelinePlan, options: PipelineOptions) -> Any:
     @dsl.pipeline(name=options.name,
                   description="embbench: every cell of the grid is one task (embbench run-cell)")
     def grid_pipeline(
-        params: str = json.dumps(plan.params, sort_keys=True),
+        params: str = json.dumps(grid.params, sort_keys=True),
         milvus_uri: str = options.milvus_uri,
         tracking_uri: str = options.tracking_uri,
         accelerator_type: str = options.accelerator_type,
     ):
         tasks = {}
-        for pc in plan.cells:
+        for pc in grid.cells:
             res = options.resources_for(pc.cell.mode)
             gpus = 0 if options.local else res.gpus
             task = run_cell(
@@ -196,12 +196,12 @@ def _build_pipeline(plan: PipelinePlan, options: PipelineOptions) -> Any:
             _configure(task, res, gpus, accelerator_type, options, pc.key)
             task.after(*[tasks[k] for k in pc.after])
             tasks[pc.key] = task
-        if plan.report_yaml is not None:
-            report = render_report(params=params, grid_key=plan.grid_key,
+        if grid.report_yaml is not None:
+            report = render_report(params=params, grid_key=grid.grid_key,
                                    tracking_uri=tracking_uri)
             report.set_display_name("05 report")
             _configure(report, options.resources_for("report"), 0, accelerator_type, options,
-                       plan.grid_key)
+                       grid.grid_key)
             report.after(*tasks.values())
 
     return grid_pipeline
@@ -244,7 +244,7 @@ def compile_pipeline(
     *,
     image: str,
     **options: Any,
-) -> PipelinePlan:
+) -> PipelineGrid:
     """Compile the pipeline of ``params`` (notebook -> layered params files) to ``output``.
 
     Args:
@@ -254,27 +254,27 @@ def compile_pipeline(
         **options: Further :class:`PipelineOptions` fields.
 
     Returns:
-        The plan compiled (its ``cells`` are the tasks besides the report).
+        The grid compiled (its ``cells`` are the tasks besides the report).
     """
     from kfp import compiler  # optional dependency (the `pipeline` extra)
 
-    plan = plan_pipeline(params)
-    _warn_lite(plan, options)
-    pipe = build_pipeline(plan, PipelineOptions(image=image, **options))
+    grid = pipeline_grid(params)
+    _warn_lite(grid, options)
+    pipe = build_pipeline(grid, PipelineOptions(image=image, **options))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipe, str(output))
-    logger.info("compiled %d cell tasks%s into %s", len(plan.cells),
-                " + the report" if plan.report_yaml else "", output)
-    return plan
+    logger.info("compiled %d cell tasks%s into %s", len(grid.cells),
+                " + the report" if grid.report_yaml else "", output)
+    return grid
 
 
-def _warn_lite(plan: PipelinePlan, options: Mapping[str, Any]) -> None:
+def _warn_lite(grid: PipelineGrid, options: Mapping[str, Any]) -> None:
     """Warn when tasks would share a Milvus Lite file (one process per file)."""
     if options.get("milvus_uri"):
         return
     if any("backend: milvus" in pc.params_yaml and "milvus_uri: ''" in pc.params_yaml
-           for pc in plan.cells):
+           for pc in grid.cells):
         logger.warning("some cells search Milvus Lite files (milvus_uri is empty): on a cluster "
                        "give a Milvus server with the milvus_uri pipeline parameter")
 
@@ -287,7 +287,7 @@ def run_local(
     pipeline_root: str | Path | None = None,
     enable_caching: bool = False,
     options: PipelineOptions | None = None,
-) -> PipelinePlan:
+) -> PipelineGrid:
     """Run the same pipeline on this machine with kfp's local runner (tasks as subprocesses).
 
     Tasks run one after the other in this Python environment, with this process's environment
@@ -313,13 +313,13 @@ def run_local(
     root = Path(pipeline_root) if pipeline_root else runs_dir() / "kfp-local"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                enable_caching=enable_caching)
-    plan = plan_pipeline(params)
+    grid = pipeline_grid(params)
     opts = replace(options or PipelineOptions(), local=True, caching=enable_caching)
-    pipe = build_pipeline(plan, opts)
+    pipe = build_pipeline(grid, opts)
     with warnings.catch_warnings():  # "non-Python base image": the tasks run in this venv
         warnings.filterwarnings("ignore", message=".*base image.*", category=RuntimeWarning)
         pipe(milvus_uri=milvus_uri, tracking_uri=tracking_uri)
-    return plan
+    return grid
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from embbench._errors import UserError
 from embbench._utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ alt="{{ (output | get_metadata('alt', 'image/png')) or 'figure' | escape_html }}
 """
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """The report could not be rendered; the message names the notebook or file to look at."""
 
 

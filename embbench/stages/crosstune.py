@@ -39,10 +39,6 @@ CROSS_TOP_TUNED = "cross-top-tuned"
 CROSSTUNE_VERSION = 2  # bump when this module changes what it computes
 
 
-class CrosstuneError(RuntimeError):
-    """A cross-tuning cell cannot run; the message names the missing input and the fix."""
-
-
 @register_stage("04_crosstune")
 class CrosstuneConfig(GridConfig):
     """Parameters of stage 04, mirrored by ``notebooks/04_crosstune.ipynb`` and its params file.
@@ -287,7 +283,6 @@ __all__ = [
     "CROSS_TOP_TUNED",
     "CROSS_TUNED",
     "CrosstuneConfig",
-    "CrosstuneError",
     "CrosstuneSteps",
     "delta_matrix",
     "grid",

@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 
+from embbench._errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -38,7 +40,7 @@ KERAS_BACKENDS = ("tensorflow", "torch", "jax")
 AUTO_ORDER = ("jax", "tensorflow", "torch")
 
 
-class TopTuneError(ValueError):
+class TopTuneError(UserError, ValueError):
     """Top-tuning cannot run on these inputs; the message names the dataset, split, key and fix."""
 
 

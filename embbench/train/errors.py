@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from embbench._errors import UserError
+
 __all__ = ["FinetuneError"]
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(UserError, RuntimeError):
     """Fine-tuning cannot run as configured; the message names the cause and the fix."""

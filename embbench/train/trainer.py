@@ -1,10 +1,9 @@
 """One training: timm model, data, optimizer, schedule, checkpoints, evaluation.
 
-Built from timm's own parts: ``create_optimizer_v2`` (LAMB, no weight decay on biases and
-norms), ``create_scheduler_v2`` (cosine with linear warm-up, stepped per update), ``Mixup``
-(mixup and CutMix), ``create_transform`` and ``RepeatAugSampler``; cross-entropy (soft-target
-under mixup). CUDA: bf16/fp16 autocast (a GradScaler for fp16), channels_last, pinned memory;
-several processes: DDP, samplers split by rank.
+Built from timm's own parts: the loss, optimizer and LR schedule of
+:mod:`embbench.train.optim`, ``create_transform`` and ``RepeatAugSampler``. CUDA: bf16/fp16
+autocast (a GradScaler for fp16), channels_last, pinned memory; several processes: DDP,
+samplers split by rank.
 
 The trainer takes what it needs explicitly: the resolved recipe and the data in a
 :class:`TrainJob`, the run's settings in a :class:`TrainSettings`; it never sees a stage config.
@@ -56,6 +55,7 @@ from embbench.train.data import (
 from embbench.train.evaluate import predict_split
 from embbench.train.job import TrainJob, TrainSettings
 from embbench.train.model import build_trainable
+from embbench.train.optim import build_loss, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,8 @@ class FineTuner:
         dist_info: DistInfo | None = None,
         run_params: dict[str, Any] | None = None,
     ) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
         self.settings = s = settings
-        self.job = self.cell = job
+        self.job = job
         self.run_params = dict(run_params or {})
         self.dist = dist_info or DistInfo()
         self.dev = resolve_device(s.device)
@@ -110,11 +105,12 @@ class FineTuner:
         net.to(self.dev)
         if self.dev.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
-        self.net = self.model = net
+        self.net = net  # the bare network; under several processes `ddp` wraps it
+        self.ddp = None
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
             )
 
@@ -142,40 +138,8 @@ class FineTuner:
         )
         self.updates_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))
 
-        self.mixup = None
-        if hp["mixup"] > 0 or hp["cutmix"] > 0:
-            self.mixup = Mixup(
-                mixup_alpha=hp["mixup"],
-                cutmix_alpha=hp["cutmix"],
-                prob=hp["mixup_prob"],
-                switch_prob=hp["mixup_switch_prob"],
-                mode="batch",
-                label_smoothing=hp["smoothing"],
-                num_classes=len(job.classes),
-            )
-            self.criterion = SoftTargetCrossEntropy()
-        elif hp["smoothing"] > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=hp["smoothing"])
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss()
-
-        self.optimizer = create_optimizer_v2(
-            net,
-            opt=hp["opt"],
-            lr=hp["lr"],
-            weight_decay=hp["weight_decay"],
-            filter_bias_and_bn=True,
-        )
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=hp["sched"],
-            num_epochs=hp["epochs"],
-            warmup_epochs=hp["warmup_epochs"],
-            warmup_lr=hp["warmup_lr"],
-            min_lr=hp["min_lr"],
-            step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch,
-        )
+        self.mixup, self.criterion = build_loss(hp, len(job.classes))
+        self.optimizer, self.scheduler = build_optimizer(net, hp, self.updates_per_epoch)
         self.scaler = torch.amp.GradScaler(
             self.dev.type, enabled=self.amp_dtype == torch.float16 and self.dev.type == "cuda"
         )
@@ -270,11 +234,11 @@ class FineTuner:
 
     def train_step(self, x, y, *, sync: bool = True):
         """Forward, backward and (when ``sync``) one optimizer step; returns the loss tensor."""
-        ddp = self.model is not self.net
-        ctx = self.model.no_sync() if ddp and not sync else nullcontext()
+        forward = self.net if self.ddp is None else self.ddp
+        ctx = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
         with ctx:
             with self._autocast():
-                loss = self.criterion(self.model(x), y)
+                loss = self.criterion(forward(x), y)
             self.scaler.scale(loss / self.settings.grad_accum).backward()
         if sync:
             self._optimizer_step()
@@ -282,7 +246,7 @@ class FineTuner:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the sampler; returns mean loss, lr, images and images/s."""
-        self.model.train()
+        (self.net if self.ddp is None else self.ddp).train()
         accum = self.settings.grad_accum
         n_batches = len(self.loader)
         total, n_images, micro = 0.0, 0, 0

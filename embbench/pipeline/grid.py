@@ -1,7 +1,7 @@
-"""The grid of a pipeline, planned from the notebooks' params files (no Kubeflow needed here).
+"""The grid of a pipeline: its cell tasks, read from the params files (no Kubeflow needed).
 
 A pipeline task runs exactly one cell of one stage through the cell engine
-(:func:`run_one_cell`, the ``embbench run-cell`` command); this module plans those tasks:
+(:func:`run_one_cell`, the ``embbench run-cell`` command); this module lists those tasks:
 
 - which cells (each stage's own grid, from :func:`embbench.stages.steps_for` on its config);
 - the order between them (the stage order of the study):
@@ -49,7 +49,7 @@ class CellSelectError(ConfigError):
 
 
 @dataclass(frozen=True)
-class PlannedCell:
+class CellTask:
     """One pipeline task: a cell of a stage, its params and what it waits for.
 
     Attributes:
@@ -75,10 +75,10 @@ class PlannedCell:
 
 
 @dataclass
-class PipelinePlan:
+class PipelineGrid:
     """Every task of a pipeline, in stage order, and the report's params (if any)."""
 
-    cells: list[PlannedCell] = field(default_factory=list)
+    cells: list[CellTask] = field(default_factory=list)
     report_yaml: str | None = None
 
     @property
@@ -89,8 +89,8 @@ class PipelinePlan:
             out[REPORT_NOTEBOOK] = self.report_yaml
         return out
 
-    def by_key(self) -> dict[str, PlannedCell]:
-        """The planned cells by key."""
+    def by_key(self) -> dict[str, CellTask]:
+        """The cell tasks by key."""
         return {c.key: c for c in self.cells}
 
     @property
@@ -157,20 +157,20 @@ def cell_key(notebook: str, cfg: StageConfig, cell: Cell) -> str:
     })
 
 
-def plan_pipeline(params: Mapping[str, Sequence[str | Path]]) -> PipelinePlan:
-    """Plan the tasks of ``params`` (notebook -> its layered params files).
+def pipeline_grid(params: Mapping[str, Sequence[str | Path]]) -> PipelineGrid:
+    """The cell tasks of ``params`` (notebook -> its layered params files).
 
     Raises:
         ConfigError: A params file is invalid, or a notebook has no grid and is not 05.
     """
-    plan = PipelinePlan()
+    grid = PipelineGrid()
     found: dict[tuple[str, str, str], str] = {}  # (mode, model, dataset) -> key, for ordering
     pending: list[tuple[str, GridConfig, Cell, bool]] = []
     for notebook in sorted(params):
         files = list(params[notebook])
         if notebook == REPORT_NOTEBOOK:
             cfg = load_config(notebook, files)
-            plan.report_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+            grid.report_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
             continue
         # skip_missing would drop 04 cells whose sources the pipeline itself is to train
         overrides = {"skip_missing": False} if notebook == "04_crosstune" else {}
@@ -184,12 +184,12 @@ def plan_pipeline(params: Mapping[str, Sequence[str | Path]]) -> PipelinePlan:
         texts.setdefault(notebook, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         found.setdefault((cell.mode, canonical_model(cell.model), cell.dataset), key)
         after = [found.get(need) for need in _needs(cell)]
-        plan.cells.append(PlannedCell(notebook, cell, key, texts[notebook],
+        grid.cells.append(CellTask(notebook, cell, key, texts[notebook],
                                       tuple(k for k in after if k and k != key)))
-    keys = [c.key for c in plan.cells]
+    keys = [c.key for c in grid.cells]
     if len(set(keys)) != len(keys):
         raise ConfigError("two cells of the pipeline have the same key; the grid repeats a cell")
-    return plan
+    return grid
 
 
 def _needs(cell: Cell) -> list[tuple[str, str, str]]:
@@ -259,13 +259,13 @@ def run_one_cell(
 
 __all__ = [
     "CellSelectError",
-    "PipelinePlan",
-    "PlannedCell",
+    "CellTask",
+    "PipelineGrid",
     "canonical_model",
     "cell_key",
     "group_params",
     "load_config",
-    "plan_pipeline",
+    "pipeline_grid",
     "run_one_cell",
     "stage_cells",
 ]
