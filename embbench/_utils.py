@@ -30,7 +30,6 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from embbench._errors import UserError
-from embbench.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ __all__ = [
     "metric_key",
     "metric_name",
     "jsonable",
-    "l2_normalize_rows",
 ]
 
 
@@ -288,14 +286,6 @@ def jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     return str(obj)
-
-
-def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-    """:func:`embbench.vectors.l2_normalize` keeping all-zero rows (training inputs).
-
-    Kept for the top-tuning callers; new code calls ``l2_normalize(x, zero_rows="keep")``.
-    """
-    return l2_normalize(x, "training vectors", zero_rows="keep")
 
 
 def holder_path(lock: Path) -> Path:

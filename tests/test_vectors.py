@@ -10,7 +10,6 @@ import pytest
 
 import embbench
 from embbench import embed, retrieval
-from embbench._utils import l2_normalize_rows
 from embbench.vectors import l2_normalize
 
 PACKAGE = Path(embbench.__file__).parent
@@ -18,16 +17,13 @@ PACKAGE = Path(embbench.__file__).parent
 HAND_MADE = re.compile(
     r"/=?\s*np\.maximum\(\s*norms|np\.linalg\.norm\([^)]*\)\s*$|/\s*np\.linalg\.norm"
 )
-# deploy/scale.py is rewritten by the Milvus branch (issue 24 item 1): its synthetic-vector
-# normalisation moves to l2_normalize after the merge, and this entry goes.
-NOT_YET = {"deploy/scale.py"}
 
 
 def test_one_normaliser_in_the_package():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
-        if rel == "vectors.py" or rel in NOT_YET:
+        if rel == "vectors.py":
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if HAND_MADE.search(line):
@@ -44,11 +40,8 @@ def test_zero_rows_are_refused_or_kept_never_divided_by_an_epsilon():
     kept = l2_normalize(x, "x", zero_rows="keep")
     assert kept.dtype == np.float32 and kept.flags.c_contiguous
     np.testing.assert_allclose(kept, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
-    # the training-input form is the same contract with zero rows kept
-    np.testing.assert_array_equal(l2_normalize_rows(x), kept)
 
 
 def test_unit_rows_are_left_bit_for_bit_under_both_policies():
     x = l2_normalize(np.random.default_rng(0).standard_normal((5, 7)))
     assert l2_normalize(x, zero_rows="keep") is x
-    np.testing.assert_array_equal(l2_normalize_rows(x), x)

@@ -126,9 +126,7 @@ def sample_like(
         lab = labels[s : s + chunk]
         noise = rng.standard_normal((len(lab), structure.dim), dtype=np.float32)
         out[s : s + chunk] = cents[lab] + noise * structure.within_std
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    out /= np.maximum(norms, 1e-12)
-    return out, labels
+    return l2_normalize(out, "synthetic vectors", zero_rows="keep"), labels
 
 
 def scale_grid(n: int, d: int, k: int = 5, ef_construction: int = 40) -> list[IndexSpec]:

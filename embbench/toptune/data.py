@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embbench._utils import l2_normalize_rows
 from embbench.cache import CacheError, EmbeddingSet
 from embbench.metrics import classification_metrics, confusion_matrix
 from embbench.toptune.backend import TopTuneError
+from embbench.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def prepare_data(
                 len(codes),
                 split,
             )
-        x[split] = l2_normalize_rows(es.vectors)
+        x[split] = l2_normalize(es.vectors, "top-tuning inputs", zero_rows="keep")
         y[split] = codes
     return TopTuneData(
         x=x, y=y, labels=labels, classes=classes, label=label, sets=dict(sets), n_unseen=n_unseen

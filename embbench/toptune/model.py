@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from embbench._utils import l2_normalize_rows, safe_name
+from embbench._utils import safe_name
 from embbench.paths import runs_dir
 from embbench.toptune.backend import TopTuneError, use_keras_backend
+from embbench.vectors import l2_normalize
 
 __all__ = ["TopTunedModel", "load_toptuned", "toptune_dir"]
 
@@ -56,7 +57,7 @@ class TopTunedModel:
                 f"{self.source_model!r}, got shape {x.shape}. Fix: feed embeddings of the same "
                 "model the MLP was top-tuned on."
             )
-        return l2_normalize_rows(x)
+        return l2_normalize(x, "top-tuning inputs", zero_rows="keep")
 
     def embed(self, vectors: np.ndarray) -> np.ndarray:
         """Top-tuned embeddings (last hidden layer) of pretrained ``vectors``.
