@@ -33,15 +33,11 @@ demo: setup ## run the notebooks on the demo catalogue (embedded Milvus Lite + l
 test: setup ## run the test suite (lint included)
 	$(PY) -m pytest -q
 
-# 1 once `make format` has run over the whole tree: `make lint` (and tests/test_lint.py) then
-# also require `ruff format --check`.
-FORMATTED ?= 0
-
 .PHONY: lint
-lint: setup ## ruff over the package, tests and benchmarks; import-linter's layer contracts
+lint: setup ## ruff check + ruff format --check over the package, tests and benchmarks; import-linter's layer contracts
 	$(VENV)/bin/ruff check embbench tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(if $(filter 1,$(FORMATTED)),$(VENV)/bin/ruff format --check embbench tests benchmarks)
+	$(VENV)/bin/ruff format --check embbench tests benchmarks
 
 .PHONY: format
 format: setup ## ruff format over the package, tests and benchmarks

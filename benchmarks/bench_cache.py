@@ -67,12 +67,17 @@ def main() -> None:
         xx = median_ms(lambda: xxhash.xxh3_64_hexdigest(raw))
         b2 = median_ms(lambda: hashlib.blake2b(raw, digest_size=16).hexdigest(), 3)
     print(f"cache read (baseline, old load + touch all vectors): {base:.1f} ms")
-    print(f"verified load (default): {ver:.1f} ms; extra / read = {(ver - base) / base:+.1%}"
-          " (target < 5%)")
-    print(f"full hash on every read (EMBBENCH_VERIFY=full): {ful:.1f} ms; extra / read = "
-          f"{(ful - base) / base:+.1%}")
-    print(f"hash of 184 MB: xxh3_64 {xx:.1f} ms, blake2b {b2:.1f} ms; blake2b / xxh3 = "
-          f"{b2 / xx:.1f}x")
+    print(
+        f"verified load (default): {ver:.1f} ms; extra / read = {(ver - base) / base:+.1%}"
+        " (target < 5%)"
+    )
+    print(
+        f"full hash on every read (EMBBENCH_VERIFY=full): {ful:.1f} ms; extra / read = "
+        f"{(ful - base) / base:+.1%}"
+    )
+    print(
+        f"hash of 184 MB: xxh3_64 {xx:.1f} ms, blake2b {b2:.1f} ms; blake2b / xxh3 = {b2 / xx:.1f}x"
+    )
 
 
 if __name__ == "__main__":

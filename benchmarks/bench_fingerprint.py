@@ -72,16 +72,20 @@ def main() -> None:
         t = time.perf_counter()
         cols = ["item_id", "split", "label"]
         pd.util.hash_pandas_object(cat.items[cols].astype(str), index=False)
-        print(f"table hash alone (the identity before content hashing): "
-              f"{time.perf_counter() - t:.3f} s")
+        print(
+            f"table hash alone (the identity before content hashing): "
+            f"{time.perf_counter() - t:.3f} s"
+        )
 
         t = time.perf_counter()
         fp = cat.fingerprint()
         cold = time.perf_counter() - t
         index = sorted((Path(tmp) / "cache" / "file_hashes").glob("*.json"))
-        print(f"cold (read + hash every file, write the index of "
-              f"{sum(p.stat().st_size for p in index) / 1e6:.1f} MB): {cold:.2f} s "
-              f"({n / cold:,.0f} files/s)")
+        print(
+            f"cold (read + hash every file, write the index of "
+            f"{sum(p.stat().st_size for p in index) / 1e6:.1f} MB): {cold:.2f} s "
+            f"({n / cold:,.0f} files/s)"
+        )
 
         warm = []
         for _ in range(5):
@@ -89,15 +93,16 @@ def main() -> None:
             t = time.perf_counter()
             assert again.fingerprint() == fp
             warm.append(time.perf_counter() - t)
-        print(f"warm (stat every file, no read): median {np.median(warm):.2f} s, "
-              f"min {min(warm):.2f} s, max {max(warm):.2f} s (target < 2 s)")
+        print(
+            f"warm (stat every file, no read): median {np.median(warm):.2f} s, "
+            f"min {min(warm):.2f} s, max {max(warm):.2f} s (target < 2 s)"
+        )
 
         Path(items["path"].iloc[123]).write_bytes(Path(items["path"].iloc[456]).read_bytes())
         changed = catalogue()
         t = time.perf_counter()
         assert changed.fingerprint() != fp
-        print(f"warm after replacing one image (stat all, read 1): "
-              f"{time.perf_counter() - t:.2f} s")
+        print(f"warm after replacing one image (stat all, read 1): {time.perf_counter() - t:.2f} s")
 
 
 if __name__ == "__main__":

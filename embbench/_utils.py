@@ -99,14 +99,20 @@ def _storage_text(path: Path, err: OSError, var: str) -> str | None:
             free = f"{shutil.disk_usage(path if path.is_dir() else path.parent).free / 1e6:,.1f} MB"
         except OSError:
             free = "unknown"
-        return (f"disk full while writing {path} ({free} free); free space on that file system or "
-                f"point {var} at a larger one, then rerun (finished work is kept)")
+        return (
+            f"disk full while writing {path} ({free} free); free space on that file system or "
+            f"point {var} at a larger one, then rerun (finished work is kept)"
+        )
     if err.errno == errno.EROFS:
-        return (f"{path} is on a read-only file system; remount it read-write or point {var} at "
-                "a writable folder, then rerun (finished work is kept)")
+        return (
+            f"{path} is on a read-only file system; remount it read-write or point {var} at "
+            "a writable folder, then rerun (finished work is kept)"
+        )
     if err.errno in (errno.EACCES, errno.EPERM):
-        return (f"{path} is not writable by this user ({err.strerror}); fix its permissions or "
-                f"point {var} at a writable folder, then rerun (finished work is kept)")
+        return (
+            f"{path} is not writable by this user ({err.strerror}); fix its permissions or "
+            f"point {var} at a writable folder, then rerun (finished work is kept)"
+        )
     return None
 
 
@@ -132,12 +138,14 @@ def writable_problem(folder: Path, var: str) -> str | None:
     except OSError as err:
         path = Path(err.filename) if err.filename and Path(err.filename) != probe else folder
         return _storage_text(path, err, var) or (
-            f"cannot write under {folder} ({err}); point {var} at a writable folder")
+            f"cannot write under {folder} ({err}); point {var} at a writable folder"
+        )
     return None
 
 
-def storage_fault(err: BaseException, roots: Mapping[Path, str],
-                  sqlite_db: Path | None = None) -> OSError | None:
+def storage_fault(
+    err: BaseException, roots: Mapping[Path, str], sqlite_db: Path | None = None
+) -> OSError | None:
     """A one-line :class:`DiskFullError`/:class:`StorageError` for a write that failed, or None.
 
     Looks through ``err``'s chain for an ``OSError`` that says "full", "read-only" or
@@ -156,8 +164,9 @@ def storage_fault(err: BaseException, roots: Mapping[Path, str],
         if isinstance(cur, DiskFullError | StorageError):
             return cur
         text = str(cur)
-        if sqlite_db is not None and ("database or disk is full" in text
-                                      or "readonly database" in text):
+        if sqlite_db is not None and (
+            "database or disk is full" in text or "readonly database" in text
+        ):
             code = errno.ENOSPC if "full" in text else errno.EROFS
             fake = OSError(code, "database or disk is full" if "full" in text else text)
             line = _storage_text(sqlite_db, fake, _owner_var(sqlite_db, roots))
@@ -306,8 +315,10 @@ def describe_holder(holder: Mapping[str, Any]) -> str:
     """``pid 123 on host h (embbench run-notebook ..., since 2026-01-01T00:00:00+00:00)``."""
     if not holder:
         return "an unknown process"
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-            f"({holder.get('command') or '?'}, since {holder.get('since', '?')})")
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+        f"({holder.get('command') or '?'}, since {holder.get('since', '?')})"
+    )
 
 
 @contextmanager
@@ -352,12 +363,15 @@ def hold_lock(
             logger.warning("waiting %.0f s for %s, held by %s", waited, what, who)
             step = 60.0
     try:
-        atomic_write_json(holder_path(path), {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": shlex.join(sys.argv) if sys.argv else "",
-            "since": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        atomic_write_json(
+            holder_path(path),
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": shlex.join(sys.argv) if sys.argv else "",
+                "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
         yield
     finally:
         holder_path(path).unlink(missing_ok=True)

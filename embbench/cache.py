@@ -69,6 +69,8 @@ from embbench.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # checksums were added without changing keys: older folders are stamped on read
+
+
 @dataclass
 class EmbeddingSet:
     """Cached vectors of one split, memory-mapped, with their item ids.

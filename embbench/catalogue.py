@@ -126,16 +126,21 @@ class Catalogue:
                 names the column, the catalogue's file and the fix).
         """
         where = f"catalogue {self.name!r} ({self.root or 'in memory'})"
-        fix = (f"name it in data_options: {{{self.name}: {{text_column: <column>}}}} (a manifest "
-               "column named 'title' or 'text' is found by itself)")
+        fix = (
+            f"name it in data_options: {{{self.name}: {{text_column: <column>}}}} (a manifest "
+            "column named 'title' or 'text' is found by itself)"
+        )
         column = column or (self.text_columns[0] if self.text_columns else None)
         if column not in self.text_columns:
-            raise CatalogueError(f"{where} has no text column {column!r} (text columns: "
-                                 f"{list(self.text_columns)}); a text task needs one: {fix}")
+            raise CatalogueError(
+                f"{where} has no text column {column!r} (text columns: "
+                f"{list(self.text_columns)}); a text task needs one: {fix}"
+            )
         texts = self.items[column].fillna("").astype(str).str.strip()
         if (texts == "").all():
-            raise CatalogueError(f"{where}: text column {column!r} is empty in every row; fill "
-                                 f"it in, or {fix}")
+            raise CatalogueError(
+                f"{where}: text column {column!r} is empty in every row; fill it in, or {fix}"
+            )
         return texts
 
     def class_names(self, label: str | None = None) -> dict:
@@ -145,8 +150,9 @@ class Catalogue:
         spaces (``coffee_maker`` -> ``coffee maker``; an id stays the id), for class prompts.
         """
         given = self.name_maps.get(label or self.default_label, {})
-        values = sorted(self.labels(label).dropna().unique().tolist(),
-                        key=lambda v: (isinstance(v, str), v))
+        values = sorted(
+            self.labels(label).dropna().unique().tolist(), key=lambda v: (isinstance(v, str), v)
+        )
         return {v: str(given.get(v) or "").strip() or readable_name(v) for v in values}
 
     def texts_fingerprint(self, column: str | None = None) -> str:
@@ -170,8 +176,9 @@ class Catalogue:
         """
         key = (id(self.items), self.items.shape, self.root)
         if self._memo.get("hashes_key") != key:
-            digests = file_hashes(self.items["path"].astype(str).tolist(),
-                                  base=self._folder(), progress=progress)
+            digests = file_hashes(
+                self.items["path"].astype(str).tolist(), base=self._folder(), progress=progress
+            )
             self._memo.clear()
             self._memo.update(hashes_key=key, hashes=pd.Series(digests, index=self.items.index))
         return self._memo["hashes"]
@@ -408,8 +415,12 @@ class _ManifestRules:
         empty = split.str.strip() == ""
         keep = pd.Series(True, index=items.index)
         if empty.any() and self.empty_split == "drop":
-            logger.warning("manifest %s: %s with an empty %r left out (empty_split: drop)",
-                           self.path, _rows_text(empty), column)
+            logger.warning(
+                "manifest %s: %s with an empty %r left out (empty_split: drop)",
+                self.path,
+                _rows_text(empty),
+                column,
+            )
             keep &= ~empty
         elif empty.any() and self.empty_split in SPLITS:
             split = split.where(~empty, self.empty_split)
@@ -442,8 +453,12 @@ class _ManifestRules:
                 "would form one class '' whose rows count as relevant to each other); fill "
                 f"them in, or set {self._option('empty_label: drop')} to leave those rows out"
             )
-        logger.warning("manifest %s: %s with an empty label in %s left out (empty_label: drop)",
-                       self.path, _rows_text(empty), cols)
+        logger.warning(
+            "manifest %s: %s with an empty label in %s left out (empty_label: drop)",
+            self.path,
+            _rows_text(empty),
+            cols,
+        )
         return items[~empty.to_numpy()]
 
 

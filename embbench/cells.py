@@ -99,8 +99,12 @@ class CellInputs:
 def load_cell_inputs(cfg: GridConfig, dataset: str) -> CellInputs:
     """Load ``dataset``'s catalogue as ``cfg`` asks, plan its retrieval, hash its images."""
     cat = load_catalogue(
-        dataset, cfg.data_root, label=cfg.label, max_images=cfg.max_images,
-        seed=cfg.seed, options=cfg.data_options.get(dataset),
+        dataset,
+        cfg.data_root,
+        label=cfg.label,
+        max_images=cfg.max_images,
+        seed=cfg.seed,
+        options=cfg.data_options.get(dataset),
     )
     plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
     # hash the images now, with the load (the first run reads each once; under torchrun rank 0
@@ -209,9 +213,14 @@ class CellEngine:
 
     def validate(self, cells: Sequence[Cell]) -> None:
         """Check the whole grid before any work (:func:`validate_grid`); load every dataset."""
-        validate_grid(self.cfg, (c.model for c in cells), (c.dataset for c in cells),
-                      self.inputs_for, lambda: self.steps.check(cells, self.inputs),
-                      probe_milvus=self.dist.is_main)
+        validate_grid(
+            self.cfg,
+            (c.model for c in cells),
+            (c.dataset for c in cells),
+            self.inputs_for,
+            lambda: self.steps.check(cells, self.inputs),
+            probe_milvus=self.dist.is_main,
+        )
 
     def inputs_for(self, dataset: str) -> CellInputs:
         """The catalogue and plan of ``dataset`` (loaded once per engine)."""
@@ -250,8 +259,9 @@ class CellEngine:
             if not self.dist.is_main:
                 self.validate(cells)
             # cells known only once the data is (e.g. an index sweep)
-            cells = [c for c in self.steps.expand(cells, self.inputs)
-                     if select is None or select(c)]
+            cells = [
+                c for c in self.steps.expand(cells, self.inputs) if select is None or select(c)
+            ]
             for i, cell in enumerate(cells, 1):
                 logger.info("[%d/%d] %s", i, len(cells), cell)
                 record = self.run_cell(cell)
@@ -272,8 +282,14 @@ class CellEngine:
         return stable_hash(
             {
                 "cfg": self.cfg.config_hash(),
-                "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source,
-                         cell.variant],
+                "cell": [
+                    cell.stage,
+                    cell.mode,
+                    cell.model,
+                    cell.dataset,
+                    cell.source,
+                    cell.variant,
+                ],
                 "plan": inputs.plan.as_dict(),
                 # the images' content, root, ids, splits and labels: other data, another cell
                 "dataset": inputs.catalogue.fingerprint(),
@@ -310,27 +326,39 @@ class CellEngine:
                 record, per_query = self._score(cell, inputs, chash, produced, started)
                 record.timings.wall_s = round(time.perf_counter() - t0, 3)
                 record.mlflow_run_id = run.info.run_id
-                log_record(record, cfg.model_dump(mode="json", exclude=set(cfg.hash_exclude)),
-                           {**cell_identity(cell), "data_root": cfg.data_root.get(cell.dataset)},
-                           produced.tags)
+                log_record(
+                    record,
+                    cfg.model_dump(mode="json", exclude=set(cfg.hash_exclude)),
+                    {**cell_identity(cell), "data_root": cfg.data_root.get(cell.dataset)},
+                    produced.tags,
+                )
                 self.store.save(record, per_query)
         barrier(self.dist)
-        logger.info("done %s in %.1f s: %s (record %s)", cell, record.timings.wall_s or 0.0,
-                    ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()), path)
+        logger.info(
+            "done %s in %.1f s: %s (record %s)",
+            cell,
+            record.timings.wall_s or 0.0,
+            ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()),
+            path,
+        )
         return record
 
     def _cell_run(self, cell: Cell, chash: str, inputs: CellInputs) -> Any:
         """The cell's one MLflow run (:func:`embbench.tracking_runs.cell_run`)."""
         spec = get_model_spec(cell.model)
         tags = {k: v for k, v in cell_identity(cell).items() if v}
-        tags.update(config_hash=chash, family=spec.family, backbone=spec.backbone,
-                    weights=self.cfg.weights)
+        tags.update(
+            config_hash=chash, family=spec.family, backbone=spec.backbone, weights=self.cfg.weights
+        )
         cat, plan = inputs.catalogue, inputs.plan
         return cell_run(
-            **cell_identity(cell, "source", "variant"), config_hash=chash, tags=tags,
+            **cell_identity(cell, "source", "variant"),
+            config_hash=chash,
+            tags=tags,
             parent_run_id=lambda: self._variant_parent(cell),
-            on_start=lambda: log_catalogue_input(cell.dataset, cat.root, cat.fingerprint(),
-                                                 "+".join(plan.splits)),
+            on_start=lambda: log_catalogue_input(
+                cell.dataset, cat.root, cat.fingerprint(), "+".join(plan.splits)
+            ),
         )
 
     def _variant_parent(self, cell: Cell) -> str | None:
@@ -338,8 +366,13 @@ class CellEngine:
         if not cell.variant:
             return None
         plain = replace(cell, variant=None)
-        done = self.store.get(plain.stage, plain.dataset, plain.model, plain.mode,
-                              self.cell_hash(plain, self.inputs_for(cell.dataset)))
+        done = self.store.get(
+            plain.stage,
+            plain.dataset,
+            plain.model,
+            plain.mode,
+            self.cell_hash(plain, self.inputs_for(cell.dataset)),
+        )
         return done.mlflow_run_id if done is not None else None
 
     def _score(
@@ -348,31 +381,45 @@ class CellEngine:
         """Score the produced vectors (and the baseline) and build the cell's record."""
         cfg, cat = self.cfg, inputs.catalogue
         t0 = time.perf_counter()
-        result = produced.result or evaluate_pair(produced.query, produced.index, inputs,
-                                                  k=cfg.k, backend=self.backend)
+        result = produced.result or evaluate_pair(
+            produced.query, produced.index, inputs, k=cfg.k, backend=self.backend
+        )
         search_s = round(time.perf_counter() - t0, 3)
         pretrained = dict(produced.pretrained_metrics)
         if produced.baseline is not None:
-            pretrained = dict(evaluate_pair(*produced.baseline, inputs, k=cfg.k,
-                                            backend=self.backend).summary)
+            pretrained = dict(
+                evaluate_pair(*produced.baseline, inputs, k=cfg.k, backend=self.backend).summary
+            )
         record = ResultRecord.scored(
             cell=cell_identity(cell, "", ""),
-            config_hash=chash, spec=produced.spec, lineage=produced.lineage,
+            config_hash=chash,
+            spec=produced.spec,
+            lineage=produced.lineage,
             backend=(produced.searched_with if produced.result is not None else None)
             or cfg.backend,
-            k=cfg.k, plan=inputs.plan.as_dict(), result=result,
+            k=cfg.k,
+            plan=inputs.plan.as_dict(),
+            result=result,
             vectors={"query": produced.query, "index": produced.index},
             catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
-                name=cell.dataset, root=str(Path(cat.root).resolve()) if cat.root else None,
+                name=cell.dataset,
+                root=str(Path(cat.root).resolve()) if cat.root else None,
                 options=dict(cfg.data_options.get(cell.dataset) or {}),
-                label=cfg.label, max_images=cfg.max_images, seed=cfg.seed),
+                label=cfg.label,
+                max_images=cfg.max_images,
+                seed=cfg.seed,
+            ),
             fingerprint=cat.fingerprint(),
             dataset_root=str(cat.root) if cat.root else None,
             config=cfg.model_dump(mode="json"),
             timings={**produced.timings, "search_s": search_s},
-            classification=produced.classification, val_accuracy=produced.val_accuracy,
-            pretrained_metrics=pretrained, toptune_model_path=produced.toptune_model_path,
-            details=produced.details, provenance=provenance(), started=started,
+            classification=produced.classification,
+            val_accuracy=produced.val_accuracy,
+            pretrained_metrics=pretrained,
+            toptune_model_path=produced.toptune_model_path,
+            details=produced.details,
+            provenance=provenance(),
+            started=started,
         )
         per_query = {**result.per_query, "query_index": result.query_index}
         if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
@@ -388,15 +435,24 @@ def cell_identity(cell: Cell, source: str = "source_dataset", variant: str = "va
         source: The key of its source dataset ("" leaves it out).
         variant: The key of its variant ("" leaves it out).
     """
-    out: dict[str, Any] = {"stage": cell.stage, "mode": cell.mode, "model": cell.model,
-                           "dataset": cell.dataset}
-    out.update({key: value for key, value in ((source, cell.source), (variant, cell.variant))
-                if key})
+    out: dict[str, Any] = {
+        "stage": cell.stage,
+        "mode": cell.mode,
+        "model": cell.model,
+        "dataset": cell.dataset,
+    }
+    out.update(
+        {key: value for key, value in ((source, cell.source), (variant, cell.variant)) if key}
+    )
     return out
 
 
 def evaluate_pair(
-    query: EmbeddingSet, index: EmbeddingSet, inputs: CellInputs, *, k: int,
+    query: EmbeddingSet,
+    index: EmbeddingSet,
+    inputs: CellInputs,
+    *,
+    k: int,
     backend: SearchBackend,
 ) -> RetrievalResult:
     """Score one query/index pair of ``inputs``' dataset with ``backend``."""

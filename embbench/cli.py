@@ -153,12 +153,21 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
         load_config(args.notebook, args.params, **_overrides(args.set))
         sys.stdout.write(f"would run the cell {args.model} on {args.dataset} of {args.notebook}\n")
         return 0
-    record = run_one_cell(args.notebook, args.params, _overrides(args.set), model=args.model,
-                          dataset=args.dataset, mode=args.mode, source=args.source)
+    record = run_one_cell(
+        args.notebook,
+        args.params,
+        _overrides(args.set),
+        model=args.model,
+        dataset=args.dataset,
+        mode=args.mode,
+        source=args.source,
+    )
     if int(os.environ.get("RANK", 0)) == 0:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
-        sys.stdout.write(f"{record.stage} {record.mode} {record.model} on {record.dataset}: "
-                         f"{metrics} (saved {record.saved})\n")
+        sys.stdout.write(
+            f"{record.stage} {record.mode} {record.model} on {record.dataset}: "
+            f"{metrics} (saved {record.saved})\n"
+        )
     return 0
 
 
@@ -181,10 +190,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             resources[mode] = TaskResources(cpu or "2", memory or "8G", int(gpus or 0))
         selector = dict(item.split("=", 1) for item in args.gpu_node_selector or [])
         grid = compile_pipeline(
-            params, args.output, image=args.image, name=args.name, resources=resources,
-            accelerator_type=args.accelerator_type, gpu_node_selector=selector, pvc=args.pvc,
-            mount_path=args.mount_path, secret=args.secret, retries=args.retries,
-            caching=not args.no_cache, milvus_uri=args.milvus_uri,
+            params,
+            args.output,
+            image=args.image,
+            name=args.name,
+            resources=resources,
+            accelerator_type=args.accelerator_type,
+            gpu_node_selector=selector,
+            pvc=args.pvc,
+            mount_path=args.mount_path,
+            secret=args.secret,
+            retries=args.retries,
+            caching=not args.no_cache,
+            milvus_uri=args.milvus_uri,
             tracking_uri=args.tracking_uri,
         )
         report = " + the report" if grid.report_yaml is not None else ""
@@ -192,8 +210,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     from embbench.pipeline import run_local
 
-    grid = run_local(params, milvus_uri=args.milvus_uri, tracking_uri=args.tracking_uri,
-                     enable_caching=not args.no_cache)
+    grid = run_local(
+        params,
+        milvus_uri=args.milvus_uri,
+        tracking_uri=args.tracking_uri,
+        enable_caching=not args.no_cache,
+    )
     sys.stdout.write(f"local pipeline finished: {len(grid.cells)} cell tasks\n")
     return 0
 
@@ -221,10 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="embbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--log-level", default="INFO", help="embbench's log level (default INFO)")
-    p.add_argument("--debug", action="store_true",
-                   help="show the full traceback of an error (and DEBUG logs)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="parse the command line and validate the params files; run nothing")
+    p.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (and DEBUG logs)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse the command line and validate the params files; run nothing",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the demo end to end")
@@ -251,8 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("run-cell", help="run one cell of a stage's grid (a pipeline task)")
     c.add_argument("notebook", help="e.g. 01_embed")
-    c.add_argument("-f", "--params", action="append", default=[], required=True,
-                   help="params YAML, layered in order (repeatable)")
+    c.add_argument(
+        "-f",
+        "--params",
+        action="append",
+        default=[],
+        required=True,
+        help="params YAML, layered in order (repeatable)",
+    )
     c.add_argument("--set", action="append", help="key=value override (YAML value)")
     c.add_argument("--model", required=True)
     c.add_argument("--dataset", required=True, help="the dataset scored (cross-tuning: target)")
@@ -262,22 +294,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="the grid as a Kubeflow pipeline (compile | run-local)")
     pl.add_argument("action", choices=["compile", "run-local"])
-    pl.add_argument("-f", "--params", action="append", default=[], required=True,
-                    help="params YAML named by notebook (params/01_embed.yaml, "
-                         "params/smoke/01_embed.yaml) or NOTEBOOK=path (repeatable)")
+    pl.add_argument(
+        "-f",
+        "--params",
+        action="append",
+        default=[],
+        required=True,
+        help="params YAML named by notebook (params/01_embed.yaml, "
+        "params/smoke/01_embed.yaml) or NOTEBOOK=path (repeatable)",
+    )
     pl.add_argument("--output", default="pipeline.yaml", help="compile: the pipeline package")
     pl.add_argument("--image", default="embbench:latest", help="compile: the project's image")
     pl.add_argument("--name", default="embbench-grid")
     pl.add_argument("--milvus-uri", default="", help="Milvus server URI (pipeline parameter)")
     pl.add_argument("--tracking-uri", default="", help="MLflow URI (pipeline parameter)")
     pl.add_argument("--accelerator-type", default="nvidia.com/gpu")
-    pl.add_argument("--resources", action="append",
-                    help="MODE=CPU,MEMORY,GPUS, e.g. fine-tuned=16,64G,4 (repeatable)")
+    pl.add_argument(
+        "--resources",
+        action="append",
+        help="MODE=CPU,MEMORY,GPUS, e.g. fine-tuned=16,64G,4 (repeatable)",
+    )
     pl.add_argument("--gpu-node-selector", action="append", help="LABEL=VALUE for GPU tasks")
     pl.add_argument("--pvc", default="embbench-data", help="PVC with data/cache/runs ('' = none)")
     pl.add_argument("--mount-path", default="/mnt/embbench")
-    pl.add_argument("--secret", default="embbench-secrets",
-                    help="secret with MILVUS_TOKEN, MLFLOW_TRACKING_TOKEN... ('' = none)")
+    pl.add_argument(
+        "--secret",
+        default="embbench-secrets",
+        help="secret with MILVUS_TOKEN, MLFLOW_TRACKING_TOKEN... ('' = none)",
+    )
     pl.add_argument("--retries", type=int, default=3)
     pl.add_argument("--no-cache", action="store_true", help="disable kfp's task cache")
     pl.set_defaults(func=cmd_pipeline)
@@ -345,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         if explained is None:
             raise
         text, status = explained
-        sys.stderr.write(f"embbench {args.command}: error: {text}\n"
-                         "(run `embbench --debug ...` for the traceback)\n")
+        sys.stderr.write(
+            f"embbench {args.command}: error: {text}\n"
+            "(run `embbench --debug ...` for the traceback)\n"
+        )
         return status

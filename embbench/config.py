@@ -125,8 +125,10 @@ def _alias_problem(root: yaml.Node) -> str:
             on_path.discard(id(node))
             size[id(node)] = 1 + sum(size[id(c)] for c in _children(node))
             if size[id(node)] > MAX_YAML_NODES:
-                return (f"its anchors and aliases expand to more than {MAX_YAML_NODES:,} values "
-                        f"(line {node.start_mark.line + 1})")
+                return (
+                    f"its anchors and aliases expand to more than {MAX_YAML_NODES:,} values "
+                    f"(line {node.start_mark.line + 1})"
+                )
         elif id(child) in on_path:
             return f"a recursive alias at line {child.start_mark.line + 1}"
         elif id(child) in size:  # a node reached again: an alias
@@ -283,8 +285,20 @@ class GridConfig(StageConfig):
     # Fields that do not change a cell's numbers. ``backend`` is NOT here: a record names the
     # backend that searched, so switching backends scores again (from the cached vectors).
     hash_exclude = frozenset(
-        {"models", "datasets", "data_root", "data_options", "batch_size", "num_workers",
-         "threads", "device", "milvus_uri", "tracking_uri", "experiment", "overwrite"}
+        {
+            "models",
+            "datasets",
+            "data_root",
+            "data_options",
+            "batch_size",
+            "num_workers",
+            "threads",
+            "device",
+            "milvus_uri",
+            "tracking_uri",
+            "experiment",
+            "overwrite",
+        }
     )
 
     def grid_datasets(self) -> list[str]:
@@ -300,8 +314,9 @@ class GridConfig(StageConfig):
             for key in getattr(self, name):
                 if key not in grid:
                     close = difflib.get_close_matches(key, grid, n=1, cutoff=0.6)
-                    stray.append(f"{name}.{key}" + (f" (did you mean {close[0]!r}?)" if close
-                                                    else ""))
+                    stray.append(
+                        f"{name}.{key}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    )
         if stray:
             raise ValueError(
                 f"{', '.join(stray)}: no dataset of the grid {grid} has that name; correct "

@@ -41,10 +41,17 @@ _VERSION = 1  # bump when rendering changes, so old folders are not reused (not 
 PATTERN_WORDS = {"solid": "", "stripes": "striped", "dots": "dotted", "checker": "checked"}
 # The palette titles name colours from: basic colour terms and a typical sRGB value of each.
 COLOUR_NAMES = {
-    "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128),
-    "red": (200, 30, 30), "orange": (245, 130, 20), "yellow": (245, 220, 40),
-    "green": (40, 150, 50), "blue": (30, 80, 210), "purple": (120, 50, 160),
-    "pink": (240, 140, 180), "brown": (120, 70, 30),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "red": (200, 30, 30),
+    "orange": (245, 130, 20),
+    "yellow": (245, 220, 40),
+    "green": (40, 150, 50),
+    "blue": (30, 80, 210),
+    "purple": (120, 50, 160),
+    "pink": (240, 140, 180),
+    "brown": (120, 70, 30),
 }
 
 
@@ -56,8 +63,10 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
     xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
     d = 6 / 29
     f = np.where(xyz > d**3, np.cbrt(xyz), xyz / (3 * d * d) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
-                     200 * (f[..., 1] - f[..., 2])], axis=-1)
+    return np.stack(
+        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])],
+        axis=-1,
+    )
 
 
 _PALETTE_LAB = _lab(np.array(list(COLOUR_NAMES.values())))
@@ -243,8 +252,15 @@ def _load(folder: Path, spec: dict) -> Catalogue:
     """The catalogue of a generated demo folder (titles added to a folder written without)."""
     manifest = folder / "manifest.csv"
     items = pd.read_csv(
-        manifest, dtype={"item_id": str, "path": str, "split": str, "product": str,
-                         "category": str, "title": str}
+        manifest,
+        dtype={
+            "item_id": str,
+            "path": str,
+            "split": str,
+            "product": str,
+            "category": str,
+            "title": str,
+        },
     )
     if "title" not in items:
         items = _add_titles(folder, spec, items)
@@ -258,8 +274,10 @@ def _load(folder: Path, spec: dict) -> Catalogue:
         root=str(folder),
         source={"loader": "demo", **spec},
         text_columns=("title",),
-        name_maps={"product": dict(zip(products["product"], products["title"], strict=True)),
-                   "category": {c: c for c in products["category"]}},
+        name_maps={
+            "product": dict(zip(products["product"], products["title"], strict=True)),
+            "category": {c: c for c in products["category"]},
+        },
     )
 
 
@@ -283,8 +301,10 @@ def _add_titles(folder: Path, spec: dict, items: pd.DataFrame) -> pd.DataFrame:
 
 def _write_metadata(folder: Path, items: pd.DataFrame, products: dict) -> None:
     """Write ``manifest.csv`` and ``products.json`` (each product's drawn spec and title)."""
-    for name, text in (("products.json", json.dumps(products, indent=1)),
-                       ("manifest.csv", items.to_csv(index=False))):
+    for name, text in (
+        ("products.json", json.dumps(products, indent=1)),
+        ("manifest.csv", items.to_csv(index=False)),
+    ):
         tmp = folder / f"{name}.tmp{os.getpid()}"
         tmp.write_text(text)
         tmp.replace(folder / name)

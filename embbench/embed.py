@@ -138,8 +138,9 @@ def embed_split(
         DiskFullError: The cache's file system is full (the message names the file).
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size}: must be at least 1 (default "
-                         f"{DEFAULT_SHARD_SIZE})")
+        raise ValueError(
+            f"shard_size={shard_size}: must be at least 1 (default {DEFAULT_SHARD_SIZE})"
+        )
     rows = catalogue.split(split)
     cache = embedding_cache(embedder, catalogue, split, root=cache_root)
     if not overwrite and (done := _verified_complete(cache)) is not None:
@@ -152,9 +153,19 @@ def embed_split(
             logger.info("embeddings cached by another run while waiting: %s", cache.path)
             return done
         return _embed_locked(
-            embedder, catalogue, split, rows, cache, dev, dist_info,
-            batch_size=batch_size, num_workers=num_workers, precision=precision,
-            shard_size=shard_size, overwrite=overwrite, progress=progress,
+            embedder,
+            catalogue,
+            split,
+            rows,
+            cache,
+            dev,
+            dist_info,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            progress=progress,
             keep_shards=keep_shards,
         )
 
@@ -169,9 +180,23 @@ def _verified_complete(cache: EmbeddingCache) -> EmbeddingSet | None:
         return None
 
 
-def _embed_locked(embedder, catalogue, split, rows, cache, dev, dist_info, *, batch_size,
-                  num_workers, precision, shard_size, overwrite, progress,
-                  keep_shards) -> EmbeddingSet:
+def _embed_locked(
+    embedder,
+    catalogue,
+    split,
+    rows,
+    cache,
+    dev,
+    dist_info,
+    *,
+    batch_size,
+    num_workers,
+    precision,
+    shard_size,
+    overwrite,
+    progress,
+    keep_shards,
+) -> EmbeddingSet:
     amp_dtype = resolve_precision(precision, dev)
     ids = rows["item_id"].astype(str).tolist()
     paths = rows["path"].astype(str).tolist()

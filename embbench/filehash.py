@@ -82,12 +82,17 @@ class _Index:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as err:
-            logger.warning("file hash index %s is unreadable (%s); hashing its files again",
-                           self.path, err)
+            logger.warning(
+                "file hash index %s is unreadable (%s); hashing its files again", self.path, err
+            )
             return {}
-        if (not isinstance(data, dict) or data.get("version") != INDEX_VERSION
-                or data.get("base") != self.base or data.get("hash") != HASH_NAME
-                or not isinstance(data.get("files"), dict)):
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != INDEX_VERSION
+            or data.get("base") != self.base
+            or data.get("hash") != HASH_NAME
+            or not isinstance(data.get("files"), dict)
+        ):
             return {}
         return data["files"]
 
@@ -96,13 +101,18 @@ class _Index:
         if not self.new:
             return
         merged = {**self._read(), **self.new}
-        blob = json.dumps({"version": INDEX_VERSION, "hash": HASH_NAME, "base": self.base,
-                           "files": merged}, separators=(",", ":")).encode()
+        blob = json.dumps(
+            {"version": INDEX_VERSION, "hash": HASH_NAME, "base": self.base, "files": merged},
+            separators=(",", ":"),
+        ).encode()
         try:
             atomic_write_bytes(self.path, blob)
         except OSError as err:
-            logger.warning("cannot save file hashes to %s (%s); they are computed again next "
-                           "run", self.path, err)
+            logger.warning(
+                "cannot save file hashes to %s (%s); they are computed again next run",
+                self.path,
+                err,
+            )
             return
         self.files.update(self.new)
         self.new = {}
@@ -122,7 +132,7 @@ def _groups(paths_: Sequence[str], base: str | None) -> dict[str, list[tuple[int
             continue
         full = p if p.startswith(os.sep) else str(Path(p).resolve())
         if prefix and full.startswith(prefix):
-            groups.setdefault(prefix[:-1] or os.sep, []).append((i, full[len(prefix):]))
+            groups.setdefault(prefix[:-1] or os.sep, []).append((i, full[len(prefix) :]))
         else:
             rest.append((i, full))
     if rest:
@@ -180,17 +190,31 @@ def file_hashes(
     return out
 
 
-def _hash_todo(todo: list[tuple[int, str, str, list[int]]], index: _Index, out: list[str], *,
-               progress: bool, workers: int | None) -> None:
+def _hash_todo(
+    todo: list[tuple[int, str, str, list[int]]],
+    index: _Index,
+    out: list[str],
+    *,
+    progress: bool,
+    workers: int | None,
+) -> None:
     """Read and hash the files of ``todo`` (stat taken before the read), record them in ``index``.
 
     Stat before read is the safe order: a file changed after its stat is hashed with its old
     signature, which no longer matches on the next run, so it is read again then.
     """
-    logger.info("hashing the content of %d image file(s) under %s (once: remembered in %s)",
-                len(todo), index.base, index.path)
-    bar = progress_bar(total=len(todo), desc="hashing images", unit="img",
-                       disable=not progress or len(todo) < PROGRESS_MIN)
+    logger.info(
+        "hashing the content of %d image file(s) under %s (once: remembered in %s)",
+        len(todo),
+        index.base,
+        index.path,
+    )
+    bar = progress_bar(
+        total=len(todo),
+        desc="hashing images",
+        unit="img",
+        disable=not progress or len(todo) < PROGRESS_MIN,
+    )
 
     def one(item: tuple[int, str, str, list[int]]) -> tuple[int, str, list[int], str | None]:
         i, rel, full, sig = item
@@ -204,7 +228,7 @@ def _hash_todo(todo: list[tuple[int, str, str, list[int]]], index: _Index, out: 
     try:
         with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
             for start in range(0, len(todo), _BATCH):  # bounded: no million futures at once
-                for i, rel, sig, digest in pool.map(one, todo[start:start + _BATCH]):
+                for i, rel, sig, digest in pool.map(one, todo[start : start + _BATCH]):
                     bar.update(1)
                     if digest is not None:
                         out[i] = digest

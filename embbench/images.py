@@ -163,8 +163,9 @@ def _exif_upright(im: Image.Image, path: Path) -> None:
     try:
         ImageOps.exif_transpose(im, in_place=True)
     except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError) as err:
-        logger.debug("%s: EXIF orientation unreadable (%s); using the stored orientation",
-                     path, err)
+        logger.debug(
+            "%s: EXIF orientation unreadable (%s); using the stored orientation", path, err
+        )
 
 
 def load_rgb(

@@ -99,8 +99,10 @@ class KernelLogRelay:
         while not self._stop.wait(1.0):
             if time.monotonic() - self._last >= self.heartbeat_s:
                 minutes, seconds = divmod(int(time.monotonic() - self._start), 60)
-                self._emit(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO embbench.notebooks: "
-                           f"{self.name} still running ({minutes} min {seconds} s)")
+                self._emit(
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO embbench.notebooks: "
+                    f"{self.name} still running ({minutes} min {seconds} s)"
+                )
 
     def __enter__(self) -> KernelLogRelay:
         self._thread.start()
@@ -185,8 +187,9 @@ def run_notebook(
                 kernel_manager_class=_ipc_kernel_manager(),
             )
     except Exception:
-        logger.info("%s failed after %.0f s; executed copy: %s", name, time.monotonic() - t0,
-                    output)
+        logger.info(
+            "%s failed after %.0f s; executed copy: %s", name, time.monotonic() - t0, output
+        )
         raise
     finally:
         if env_uri is None:

@@ -311,7 +311,10 @@ class ResultStore:
     def path(self, stage: str, dataset: str, model: str, mode: str, config_hash: str) -> Path:
         """Where the record for this cell lives."""
         return (
-            self.root / safe_name(stage) / safe_name(dataset) / safe_name(model)
+            self.root
+            / safe_name(stage)
+            / safe_name(dataset)
+            / safe_name(model)
             / f"{safe_name(mode)}-{config_hash}.json"
         )
 

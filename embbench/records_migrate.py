@@ -58,14 +58,16 @@ def migrate_record(raw: Mapping[str, Any]) -> dict[str, Any]:
     timings = {
         "embed_s": old.get("embed_wall_s"),
         "search_s": old.get("search_wall_s"),
-        "train_s": _sum(old.get("train_wall_s"), old.get("tuner_wall_s"),
-                        old.get("final_fit_wall_s")),
+        "train_s": _sum(
+            old.get("train_wall_s"), old.get("tuner_wall_s"), old.get("final_fit_wall_s")
+        ),
         "wall_s": old.get("wall_s"),
         "gpu_hours": old.get("gpu_hours"),
     }
     new: dict[str, Any] = {k: old[k] for k in _V1_TOP if k in old and old[k] is not None}
     new["classification"] = {
-        k: float(v) for k, v in (old.get("classification") or {}).items()
+        k: float(v)
+        for k, v in (old.get("classification") or {}).items()
         if isinstance(v, int | float)
     }
     new["schema_version"] = SCHEMA_VERSION

@@ -53,15 +53,34 @@ MILVUS_CALL_TIMEOUT = 30.0
 MILVUS_INDEX_TIMEOUT = 600.0
 
 # What a dead or hung service looks like, wrapped by requests/urllib3/grpc/pymilvus.
-_CONNECTION_NAMES = frozenset({
-    "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError",
-    "NewConnectionError", "ConnectionRefusedError", "ConnectionResetError", "RemoteDisconnected",
-    "ProtocolError", "_InactiveRpcError", "MilvusUnavailableException",
-})
+_CONNECTION_NAMES = frozenset(
+    {
+        "ConnectionError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "Timeout",
+        "MaxRetryError",
+        "NewConnectionError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "RemoteDisconnected",
+        "ProtocolError",
+        "_InactiveRpcError",
+        "MilvusUnavailableException",
+    }
+)
 _CONNECTION_TEXT = (
-    "Max retries exceeded", "Connection refused", "timed out", "Connection aborted",
-    "Connection reset", "RemoteDisconnected", "StatusCode.UNAVAILABLE", "DEADLINE_EXCEEDED",
-    "Retry timeout", "server unavailable", "Fail connecting to server",
+    "Max retries exceeded",
+    "Connection refused",
+    "timed out",
+    "Connection aborted",
+    "Connection reset",
+    "RemoteDisconnected",
+    "StatusCode.UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "Retry timeout",
+    "server unavailable",
+    "Fail connecting to server",
 )
 
 
@@ -111,7 +130,7 @@ def check_tracking(uri: str, timeout: float = DEFAULT_TIMEOUT) -> None:
                 "empty to use the local store runs/mlflow.db"
             ) from None
     elif parsed.scheme == "sqlite":
-        _local_folder_check(Path(uri[len("sqlite:///"):]), "MLflow store", uri)
+        _local_folder_check(Path(uri[len("sqlite:///") :]), "MLflow store", uri)
     elif parsed.scheme in ("file", ""):
         _local_folder_check(Path(parsed.path or uri) / "x", "MLflow store", uri)
 
@@ -279,8 +298,11 @@ def unreachable_mid_run(err: BaseException, tracking_uri: str, milvus_uri: str) 
 
 
 def _storage_roots() -> dict[Path, str]:
-    return {cache_dir(): "EMBBENCH_CACHE", runs_dir(): "EMBBENCH_RUNS",
-            reports_dir(): "EMBBENCH_REPORTS"}
+    return {
+        cache_dir(): "EMBBENCH_CACHE",
+        runs_dir(): "EMBBENCH_RUNS",
+        reports_dir(): "EMBBENCH_REPORTS",
+    }
 
 
 def check_storage() -> None:
@@ -311,7 +333,7 @@ def storage_fault_mid_run(err: BaseException, tracking_uri: str) -> None:
 
     Returns (the caller re-raises ``err``) for any other error.
     """
-    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    db = Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
     fault = storage_fault(err, _storage_roots(), db)
     if fault is not None and fault is not err:
         raise fault from err

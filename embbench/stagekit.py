@@ -56,10 +56,12 @@ def thread_budget(cfg: GridConfig, model: str | None = None) -> ThreadBudget:
         try:
             gflops = float(model_facts(model)["gflops"])
         except Exception as exc:  # noqa: BLE001 - facts are advice; the rule works without
-            logger.debug("no FLOP count for %s (%s); the thread rule assumes decode-bound",
-                         model, exc)
-    budget = resolve_thread_budget(cfg.threads, cfg.num_workers, resolve_device(cfg.device),
-                                   gflops_per_image=gflops)
+            logger.debug(
+                "no FLOP count for %s (%s); the thread rule assumes decode-bound", model, exc
+            )
+    budget = resolve_thread_budget(
+        cfg.threads, cfg.num_workers, resolve_device(cfg.device), gflops_per_image=gflops
+    )
     apply_thread_budget(budget)
     return budget
 
@@ -70,8 +72,12 @@ def embed_options(cfg: GridConfig, model: str | None = None) -> dict[str, Any]:
     The thread budget is applied here (torch threads set; workers passed on).
     """
     budget = thread_budget(cfg, model)
-    return {"batch_size": cfg.batch_size, "num_workers": budget.workers, "device": cfg.device,
-            "precision": cfg.precision}
+    return {
+        "batch_size": cfg.batch_size,
+        "num_workers": budget.workers,
+        "device": cfg.device,
+        "precision": cfg.precision,
+    }
 
 
 class EmbedderPool:

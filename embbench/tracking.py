@@ -145,8 +145,9 @@ def ensure_sqlite_store(db: Path) -> None:
                     "keeps its runs for inspection"
                 )
             aside = db.with_name(f"{db.name}.half-made-{int(time.time())}")
-            logger.warning("MLflow store %s: %s and holds no runs; moved to %s and rebuilt",
-                           db, problem, aside)
+            logger.warning(
+                "MLflow store %s: %s and holds no runs; moved to %s and rebuilt", db, problem, aside
+            )
             db.replace(aside)
         _build_store(db)
 
@@ -297,8 +298,11 @@ def mlflow_run(
     """Start an MLflow run with provenance tags (git sha, versions, host) and params."""
     import mlflow
 
-    all_tags = {**provenance_tags(), **source_tags(),
-                **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = {
+        **provenance_tags(),
+        **source_tags(),
+        **{k: str(v) for k, v in (tags or {}).items()},
+    }
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as run:
@@ -412,8 +416,9 @@ def source_tags(
         return tags
     argv = list(sys.argv if argv is None else argv)
     prog = Path(argv[0]) if argv and argv[0] else Path()
-    if prog.name == "embbench" or (prog.parent.name == "embbench"
-                                   and prog.name in ("__main__.py", "cli.py")):
+    if prog.name == "embbench" or (
+        prog.parent.name == "embbench" and prog.name in ("__main__.py", "cli.py")
+    ):
         sub = next((a for a in argv[1:] if not a.startswith("-")), "")
         return {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"embbench {sub}".strip()}
     return {}
@@ -469,7 +474,7 @@ def ui_link(
     uri = uri or default_tracking_uri()
     home = f"{base.rstrip('/')}/#/experiments"
     exp = None
-    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///") :]).is_file():
         import mlflow
 
         exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)

@@ -57,11 +57,19 @@ def cell_run(
     stale = mlflow.search_runs(
         filter_string=f"tags.config_hash = '{config_hash}' and tags.stage = '{stage}' and "
         f"tags.mode = '{mode}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], output_format="list",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
     )
     if stale:
-        logger.info("resuming MLflow run %s of %s %s %s on %s, left %s by an earlier attempt",
-                    stale[0].info.run_id, stage, mode, model, dataset, stale[0].info.status)
+        logger.info(
+            "resuming MLflow run %s of %s %s %s on %s, left %s by an earlier attempt",
+            stale[0].info.run_id,
+            stage,
+            mode,
+            model,
+            dataset,
+            stale[0].info.status,
+        )
         with mlflow.start_run(run_id=stale[0].info.run_id) as run:
             yield run
         return
@@ -77,14 +85,19 @@ def record_metrics(record: ResultRecord) -> dict[str, float]:
     """The MLflow metrics of a record: retrieval, test classification, baseline and deltas."""
     metrics: dict[str, Any] = {metric_key(k): v for k, v in record.metrics.items()}
     metrics.update({f"test_{k}": v for k, v in record.classification.items()})
-    metrics.update({f"pretrained_{metric_key(k)}": v
-                    for k, v in record.pretrained_metrics.items()})
-    metrics.update({f"delta_{metric_key(k)}": v - record.pretrained_metrics[k]
-                    for k, v in record.metrics.items() if k in record.pretrained_metrics})
+    metrics.update({f"pretrained_{metric_key(k)}": v for k, v in record.pretrained_metrics.items()})
+    metrics.update(
+        {
+            f"delta_{metric_key(k)}": v - record.pretrained_metrics[k]
+            for k, v in record.metrics.items()
+            if k in record.pretrained_metrics
+        }
+    )
     if record.val_accuracy is not None:
         metrics["val_accuracy"] = record.val_accuracy
-    metrics.update(n_queries=record.n_queries, n_lone=record.n_lone,
-                   n_failed_images=len(record.failed_images))
+    metrics.update(
+        n_queries=record.n_queries, n_lone=record.n_lone, n_failed_images=len(record.failed_images)
+    )
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -116,9 +129,15 @@ def log_record(
             **(tags or {}),
         }
     )
-    log_params(cell_params(own_params, {
-        **cell,
-        **record.model_dump(include={"label", "protocol", "query_split", "index_split"})}))
+    log_params(
+        cell_params(
+            own_params,
+            {
+                **cell,
+                **record.model_dump(include={"label", "protocol", "query_split", "index_split"}),
+            },
+        )
+    )
     mlflow.log_metrics(record_metrics(record))
     log_json_artifact(record.model_dump(mode="json"), "result.json")
     if record.failed_images:

@@ -27,8 +27,9 @@ def colour(i: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(30, 226, 3))
 
 
-def write_jpeg(path: Path, cls: int = 0, view: int = 0, size: tuple[int, int] = (16, 12),
-               mode: str = "RGB") -> Path:
+def write_jpeg(
+    path: Path, cls: int = 0, view: int = 0, size: tuple[int, int] = (16, 12), mode: str = "RGB"
+) -> Path:
     """A small JPEG: a class colour with a view-dependent bar (8x8 to 32x32 px)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.zeros((size[1], size[0], 3), np.uint8)
@@ -91,13 +92,19 @@ def make_cars_devkit_tree(root: Path) -> Path:
                 fnames.append(fname)
                 classes.append(c)
         if split == "train":
-            scipy.io.savemat(base / "devkit" / "cars_train_annos.mat",
-                             {"annotations": _cars_annos(fnames, classes)})
+            scipy.io.savemat(
+                base / "devkit" / "cars_train_annos.mat",
+                {"annotations": _cars_annos(fnames, classes)},
+            )
         else:
-            scipy.io.savemat(base / "devkit" / "cars_test_annos.mat",
-                             {"annotations": _cars_annos(fnames, classes, with_class=False)})
-            scipy.io.savemat(base / "cars_test_annos_withlabels.mat",
-                             {"annotations": _cars_annos(fnames, classes)})
+            scipy.io.savemat(
+                base / "devkit" / "cars_test_annos.mat",
+                {"annotations": _cars_annos(fnames, classes, with_class=False)},
+            )
+            scipy.io.savemat(
+                base / "cars_test_annos_withlabels.mat",
+                {"annotations": _cars_annos(fnames, classes)},
+            )
     return base
 
 
@@ -115,8 +122,15 @@ def make_cars_metric_tree(root: Path) -> Path:
     n = len(rel)
     x1 = np.arange(1, n + 1, dtype=np.uint16)
     ann = np.rec.fromarrays(
-        [np.array(rel, dtype=object), x1, x1, x1 + 9, x1 + 9,
-         np.array(classes, dtype=np.uint8), np.array(test, dtype=np.uint8)],
+        [
+            np.array(rel, dtype=object),
+            x1,
+            x1,
+            x1 + 9,
+            x1 + 9,
+            np.array(classes, dtype=np.uint8),
+            np.array(test, dtype=np.uint8),
+        ],
         names=["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"],
     )
     scipy.io.savemat(base / "cars_annos.mat", {"annotations": ann, "class_names": _cars_names()})
@@ -126,8 +140,20 @@ def make_cars_metric_tree(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # SOP
 
-SOP_CATS = ("bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle", "lamp", "mug",
-            "sofa", "stapler", "table", "toaster")
+SOP_CATS = (
+    "bicycle",
+    "cabinet",
+    "chair",
+    "coffee_maker",
+    "fan",
+    "kettle",
+    "lamp",
+    "mug",
+    "sofa",
+    "stapler",
+    "table",
+    "toaster",
+)
 SOP_TRAIN = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3}  # class_id -> super_class_id, 3 images each
 SOP_TEST = {7: 1, 8: 2, 9: 3, 10: 12}
 
@@ -157,8 +183,13 @@ def make_sop_tree(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Food2K
 
-FOOD_NAMES = {0: "Fried shrimp", 1: "Fried shrimp", 2: "Braised pork", 3: "Fried shrimp",
-              4: "Mapo tofu"}
+FOOD_NAMES = {
+    0: "Fried shrimp",
+    1: "Fried shrimp",
+    2: "Braised pork",
+    3: "Fried shrimp",
+    4: "Mapo tofu",
+}
 FOOD_PER_SPLIT = {"train": 3, "val": 1, "test": 2}
 
 
@@ -230,8 +261,10 @@ def make_products10k_tree(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Fashion Product Images
 
-FASHION_HEADER = ("id,gender,masterCategory,subCategory,articleType,baseColour,season,year,"
-                  "usage,productDisplayName")
+FASHION_HEADER = (
+    "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,"
+    "usage,productDisplayName"
+)
 # (masterCategory, subCategory, articleType) -> count of rows with an image
 FASHION_CATS = [
     ("Apparel", "Topwear", "Shirts", 8),
@@ -248,12 +281,21 @@ FASHION_COMMA_IDS = (20010, 20011)  # productDisplayName with unquoted commas
 
 def _fashion_rows() -> list[tuple[int, str]]:
     rows: list[tuple[int, str]] = [
-        (15970, "15970,Men,Apparel,Topwear,Shirts,Navy Blue,Fall,2011,Casual,"
-                "Turtle Check Men Navy Blue Shirt"),
-        (5389, "5389,Unisex,Footwear,Shoes,Sports Shoes,Yellow,,2011,Sports,"
-               "Kalenji Kapteren 200 Yellow Fw"),
-        (20010, "20010,Women,Accessories,Bags,Handbags,Black,Summer,2012,Casual,"
-                "Lino Perros Women, Black, Handbag"),
+        (
+            15970,
+            "15970,Men,Apparel,Topwear,Shirts,Navy Blue,Fall,2011,Casual,"
+            "Turtle Check Men Navy Blue Shirt",
+        ),
+        (
+            5389,
+            "5389,Unisex,Footwear,Shoes,Sports Shoes,Yellow,,2011,Sports,"
+            "Kalenji Kapteren 200 Yellow Fw",
+        ),
+        (
+            20010,
+            "20010,Women,Accessories,Bags,Handbags,Black,Summer,2012,Casual,"
+            "Lino Perros Women, Black, Handbag",
+        ),
         (20011, "20011,Men,Apparel,Topwear,Shirts,NA,Winter,,NA,Scott, International Shirt"),
         (39401, "39401,Men,Apparel,Topwear,Shirts,Blue,Fall,2011,Casual,No Image Shirt"),
         (12347, "12347,Men,Footwear,Shoes,Sports Shoes,Red,Fall,2011,Sports,No Image Shoe"),
@@ -263,8 +305,13 @@ def _fashion_rows() -> list[tuple[int, str]]:
     for master, sub, article, count in FASHION_CATS:
         for _ in range(count - used.get(master, 0)):
             usage = "NA" if next_id % 5 == 0 else "Casual"
-            rows.append((next_id, f"{next_id},Women,{master},{sub},{article},Green,Spring,2017,"
-                                  f"{usage},Plain {article} {next_id}"))
+            rows.append(
+                (
+                    next_id,
+                    f"{next_id},Women,{master},{sub},{article},Green,Spring,2017,"
+                    f"{usage},Plain {article} {next_id}",
+                )
+            )
             next_id += 1
     return rows
 
@@ -290,8 +337,8 @@ def make_fashion_tree(root: Path, *, nested_duplicate: bool = True) -> Path:
         FASHION_HEADER + "\n" + "\n".join(line for _, line in rows) + "\n", encoding="utf-8"
     )
     (base / "images.csv").write_text(
-        "filename,link\n" + "".join(f"{rid}.jpg,http://assets.myntassets.com/{rid}.jpg\n"
-                                    for rid, _ in rows)
+        "filename,link\n"
+        + "".join(f"{rid}.jpg,http://assets.myntassets.com/{rid}.jpg\n" for rid, _ in rows)
     )
     if nested_duplicate:
         dup = base / "fashion-dataset"

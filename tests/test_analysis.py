@@ -115,9 +115,14 @@ def synthetic_records() -> list[tuple[dict, dict | None]]:
                 continue  # missing cell: not top-tuned there
             pq_t = per_query_values(p + TOPTUNE_SHIFT[model], seed + 1000)
             rec = make_record(
-                model, family, backbone, 64, ds, "top-tuned", pq_t,
-                classification={"accuracy": 0.5 + TOPTUNE_SHIFT[model] + p / 4,
-                                "f1_macro": 0.4},
+                model,
+                family,
+                backbone,
+                64,
+                ds,
+                "top-tuned",
+                pq_t,
+                classification={"accuracy": 0.5 + TOPTUNE_SHIFT[model] + p / 4, "f1_macro": 0.4},
                 val_accuracy=0.5 + TOPTUNE_SHIFT[model],
                 tuner_wall_s=300.0 * (1 + dim / 64),
                 final_fit_wall_s=60.0 * (1 + dim / 64),
@@ -134,9 +139,19 @@ def synthetic_records() -> list[tuple[dict, dict | None]]:
         pq = per_query_values(p, zlib.crc32(model.encode()) % 1000)
         backbone = "convolutional" if model == "test_resnet" else "transformer"
         rec = make_record(
-            model, "supervised", backbone, dim, "alpha", "fine-tuned", pq,
-            finetuned_model=f"{model}_ft_alpha_a2", recipe="a2", val_accuracy=val,
-            classification={"accuracy": acc}, train_wall_s=hours * 3600, gpu_hours=gpu,
+            model,
+            "supervised",
+            backbone,
+            dim,
+            "alpha",
+            "fine-tuned",
+            pq,
+            finetuned_model=f"{model}_ft_alpha_a2",
+            recipe="a2",
+            val_accuracy=val,
+            classification={"accuracy": acc},
+            train_wall_s=hours * 3600,
+            gpu_hours=gpu,
             train_mlflow_run_id=f"train-{model}",
         )
         rec["paper_name"] += " (fine-tuned)"
@@ -148,8 +163,15 @@ def synthetic_records() -> list[tuple[dict, dict | None]]:
     out.append(
         (
             make_record(
-                "test_resnet", "supervised", "convolutional", 96, "beta", "cross-tuned",
-                pq, source_dataset="alpha", finetuned_model="test_resnet_ft_alpha_a2",
+                "test_resnet",
+                "supervised",
+                "convolutional",
+                96,
+                "beta",
+                "cross-tuned",
+                pq,
+                source_dataset="alpha",
+                finetuned_model="test_resnet_ft_alpha_a2",
                 pretrained_metrics=pre[("test_resnet", "beta")],
             ),
             pq,
@@ -159,8 +181,15 @@ def synthetic_records() -> list[tuple[dict, dict | None]]:
     out.append(
         (
             make_record(
-                "test_vit", "supervised", "transformer", 64, "alpha", "cross-top-tuned", pq,
-                tuned_on="beta", source_dataset="beta",
+                "test_vit",
+                "supervised",
+                "transformer",
+                64,
+                "alpha",
+                "cross-top-tuned",
+                pq,
+                tuned_on="beta",
+                source_dataset="beta",
                 pretrained_metrics=pre[("test_vit", "alpha")],
             ),
             pq,
@@ -209,15 +238,37 @@ def log_mlflow_runs(tracking_uri: str, experiment: str, store: ResultStore) -> l
         with mlflow_run("trial", tags={**search_tags, "run_kind": "trial"}, nested=True):
             mlflow.log_metric("objective_val_accuracy", 0.3)
     # a fine-tuning whose model was never scored for retrieval (table 2 shows "—")
-    with mlflow_run("finetune-train", tags={"stage": "finetune", "mode": "training",
-                                            "model": "ssl_tiny", "dataset": "alpha",
-                                            "recipe": "a2"}):
-        mlflow.log_metrics({"val_accuracy": 0.45, "train_wall_s": 2.37 * 3600,
-                            "gpu_hours": 9.5, "test_accuracy": 0.44})
+    with mlflow_run(
+        "finetune-train",
+        tags={
+            "stage": "finetune",
+            "mode": "training",
+            "model": "ssl_tiny",
+            "dataset": "alpha",
+            "recipe": "a2",
+        },
+    ):
+        mlflow.log_metrics(
+            {
+                "val_accuracy": 0.45,
+                "train_wall_s": 2.37 * 3600,
+                "gpu_hours": 9.5,
+                "test_accuracy": 0.44,
+            }
+        )
     # a run logged without its result.json artifact, in another experiment
     setup_mlflow(tracking_uri, "bare")
-    with mlflow_run("x", tags={"stage": "embed", "mode": "pretrained", "model": "m",
-                               "dataset": "d", "family": "ssl", "weights": "pretrained"}):
+    with mlflow_run(
+        "x",
+        tags={
+            "stage": "embed",
+            "mode": "pretrained",
+            "model": "m",
+            "dataset": "d",
+            "family": "ssl",
+            "weights": "pretrained",
+        },
+    ):
         mlflow.log_metrics({"mMP_at_5": 0.4, "mR_at_1": 0.5, "n_queries": 10})
     return recs
 
@@ -263,8 +314,12 @@ def results(runs_env) -> pd.DataFrame:
 def facts_stub(name: str) -> dict:
     if name == "ssl_tiny":
         raise KeyError(f"Unknown model {name!r}")
-    return {"params_m": len(name) * 1.5, "gflops": len(name) * 0.2, "gmacs": len(name) * 0.1,
-            "embed_dim": 64}
+    return {
+        "params_m": len(name) * 1.5,
+        "gflops": len(name) * 0.2,
+        "gmacs": len(name) * 0.1,
+        "embed_dim": 64,
+    }
 
 
 # ------------------------------------------------------------------------------- config
@@ -290,7 +345,9 @@ def test_records_and_mlflow_give_the_same_table(mlflow_env):
     by_records = an.load_results(AnalysisConfig(source="records", n_boot=0))
     by_mlflow = an.load_results(
         AnalysisConfig(
-            source="mlflow", tracking_uri=runs_env["uri"], experiment=runs_env["experiment"],
+            source="mlflow",
+            tracking_uri=runs_env["uri"],
+            experiment=runs_env["experiment"],
             n_boot=0,
         )
     )
@@ -317,8 +374,16 @@ def test_records_and_mlflow_give_the_same_table(mlflow_env):
     assert tt["test_accuracy"] == pytest.approx(0.5 + 0.08 + 0.80 / 4)
     assert tt["train_hours"] == pytest.approx(360.0 * 1.5 / 3600)  # search + final fit
     # the tuner's search and trial runs are not results
-    assert len(by_mlflow[(by_mlflow["mode"] == "top-tuned") & (by_mlflow["model"] == "test_vit")
-                         & (by_mlflow["dataset"] == "alpha")]) == 1
+    assert (
+        len(
+            by_mlflow[
+                (by_mlflow["mode"] == "top-tuned")
+                & (by_mlflow["model"] == "test_vit")
+                & (by_mlflow["dataset"] == "alpha")
+            ]
+        )
+        == 1
+    )
     t2 = an.table2(by_mlflow, "mR@1")
     assert list(t2["model"]) == ["test_vit", "test_resnet", "ssl_tiny"]
     assert math.isnan(t2.iloc[2]["mR@1"]) and t2.iloc[2]["val_accuracy"] == 0.45
@@ -397,15 +462,23 @@ def test_table3_values_improvement_and_missing_cells(results, runs_env):
             diff = t3.loc[(fam, "top-tuned"), ds] - t3.loc[(fam, "pretrained"), ds]
             assert (math.isnan(imp) and math.isnan(diff)) or imp == pytest.approx(diff)
     # supervised = mean over test_vit and test_resnet, never over fine-tuned models
-    sup = np.mean([r["metrics"]["mMP@5"] for r in recs if r["model"] in ("test_vit", "test_resnet")
-                   and r["mode"] == "pretrained" and r["dataset"] == "alpha"])
+    sup = np.mean(
+        [
+            r["metrics"]["mMP@5"]
+            for r in recs
+            if r["model"] in ("test_vit", "test_resnet")
+            and r["mode"] == "pretrained"
+            and r["dataset"] == "alpha"
+        ]
+    )
     assert t3.loc[("supervised", "pretrained"), "alpha"] == pytest.approx(sup)
     # ssl was not top-tuned on beta: that cell, its improvement and its mean are missing
     assert math.isnan(t3.loc[("ssl", "top-tuned"), "beta"])
     assert math.isnan(t3.loc[("ssl", "improvement"), "beta"])
     assert math.isnan(t3.loc[("ssl", "top-tuned"), "Mean"])
     assert t3.loc[("ssl", "pretrained"), "Mean"] == pytest.approx(
-        np.mean([t3.loc[("ssl", "pretrained"), d] for d in DATASETS]))
+        np.mean([t3.loc[("ssl", "pretrained"), d] for d in DATASETS])
+    )
     assert t3.loc[("text-image", "improvement"), "Mean"] == pytest.approx(
         t3.loc[("text-image", "top-tuned"), "Mean"] - t3.loc[("text-image", "pretrained"), "Mean"]
     )
@@ -431,8 +504,9 @@ def test_toptune_baseline_on_another_label_becomes_a_pretrained_row(tmp_path):
     store.save(make_record("m", "ssl", "transformer", 8, "d", "pretrained", pq), per_query=pq)
     pq_t = per_query_values(0.7, 2)
     base = {"mMP@5": 0.61, "mR@1": 0.6, "MAP@5": 0.5, "MRR@5": 0.65, "NDCG@5": 0.62}
-    tt = make_record("m", "ssl", "transformer", 8, "d", "top-tuned", pq_t, tuned_on="d",
-                     pretrained_metrics=base)
+    tt = make_record(
+        "m", "ssl", "transformer", 8, "d", "top-tuned", pq_t, tuned_on="d", pretrained_metrics=base
+    )
     tt["label"] = "category"
     store.save(tt, per_query=pq_t)
     df = an.load_results(AnalysisConfig(source="records", n_boot=0), store)
@@ -442,7 +516,8 @@ def test_toptune_baseline_on_another_label_becomes_a_pretrained_row(tmp_path):
     assert derived["embed_dim"] == 8  # from the model's stage-01 run
     t3 = an.table3(df, "mMP@5")
     assert t3.loc[("ssl", "improvement"), "d (category)"] == pytest.approx(
-        np.mean(pq_t["mMP@5"]) - 0.61)
+        np.mean(pq_t["mMP@5"]) - 0.61
+    )
     assert math.isnan(t3.loc[("ssl", "top-tuned"), "d (product)"])
     assert an.PerQuery(store)(derived.to_dict()) is None  # no per-query arrays: no CI
 
@@ -472,8 +547,11 @@ def test_metric_correlation(results):
 def test_best_per_type_and_zscores(results):
     best = an.best_per_type(results, "mMP@5")
     sup_pre_alpha = best[(best["dataset"] == "alpha") & (best["type"] == "Pretrained Supervised")]
-    cand = results[(results["dataset"] == "alpha") & (results["mode"] == "pretrained")
-                   & (results["family"] == "supervised")]
+    cand = results[
+        (results["dataset"] == "alpha")
+        & (results["mode"] == "pretrained")
+        & (results["family"] == "supervised")
+    ]
     assert sup_pre_alpha["model"].item() == cand.loc[cand["mMP@5"].idxmax(), "model"]
     assert "Fine-tuned Supervised" in set(best["type"])
     z = an.zscore_vs_size(results, "mMP@5").set_index("model")
@@ -492,17 +570,26 @@ def test_tuning_effect_and_cross_deltas(results):
     te = an.tuning_effect(results, "mMP@5")
     assert len(te) == 7  # 4 models x 2 datasets minus the missing ssl/beta cell
     r = te[(te["model"] == "test_vit") & (te["dataset"] == "alpha")].iloc[0]
-    pre = results[(results["model"] == "test_vit") & (results["dataset"] == "alpha")
-                  & (results["mode"] == "pretrained")]["mMP@5"].item()
-    top = results[(results["model"] == "test_vit") & (results["dataset"] == "alpha")
-                  & (results["mode"] == "top-tuned")]["mMP@5"].item()
+    pre = results[
+        (results["model"] == "test_vit")
+        & (results["dataset"] == "alpha")
+        & (results["mode"] == "pretrained")
+    ]["mMP@5"].item()
+    top = results[
+        (results["model"] == "test_vit")
+        & (results["dataset"] == "alpha")
+        & (results["mode"] == "top-tuned")
+    ]["mMP@5"].item()
     assert r["delta"] == pytest.approx(top - pre) and r["pretrained"] == pytest.approx(pre)
     ft = an.tuning_effect(results, "mMP@5", tuned="fine-tuned")  # base_model links ft to pre
     assert set(ft["model"]) == {"test_vit", "test_resnet"}
     cross = an.cross_deltas(results, "mMP@5").set_index("mode")
     ct = cross.loc["cross-tuned"]
-    ref = results[(results["model"] == "test_resnet") & (results["dataset"] == "beta")
-                  & (results["mode"] == "pretrained")]["mMP@5"].item()
+    ref = results[
+        (results["model"] == "test_resnet")
+        & (results["dataset"] == "beta")
+        & (results["mode"] == "pretrained")
+    ]["mMP@5"].item()
     assert (ct["model"], ct["source"], ct["target"]) == ("test_resnet", "alpha", "beta")
     assert ct["delta"] == pytest.approx(ct["cross"] - ref)
     ctt = cross.loc["cross-top-tuned"]
@@ -544,7 +631,8 @@ def test_bootstrap_cache_reuses_unchanged_results(results, runs_env, tmp_path, m
     second = an.add_confidence_intervals(results, loader, k=K, n_boot=200, cache=again)
     pd.testing.assert_frame_equal(first, second)
     pd.testing.assert_frame_equal(
-        pairs, an.paired_tests(results, loader, "mMP@5", n_boot=200, cache=again))
+        pairs, an.paired_tests(results, loader, "mMP@5", n_boot=200, cache=again)
+    )
     with pytest.raises(AssertionError, match="recomputed"):  # other settings: recomputed
         an.add_confidence_intervals(results, loader, k=K, n_boot=201, cache=again)
 
@@ -614,13 +702,18 @@ def test_practical_guide_follows_the_numbers(results):
     guide = an.practical_guide(results, "mMP@5")
     search = guide[(guide["dataset"] == "alpha") & (guide["task"] == "visual search")]
     win = search[search["recommended"]].iloc[0]
-    cand = results[(results["dataset"] == "alpha")
-                   & results["mode"].isin(["pretrained", "top-tuned", "fine-tuned"])]
+    cand = results[
+        (results["dataset"] == "alpha")
+        & results["mode"].isin(["pretrained", "top-tuned", "fine-tuned"])
+    ]
     best = cand.loc[cand["mMP@5"].idxmax()]
     assert (win["model"], win["strategy"]) == (best["model"], best["mode"])
     ft = search[search["strategy"] == "fine-tuned"].iloc[0]
-    base = results[(results["model"] == "test_vit") & (results["dataset"] == "alpha")
-                   & (results["mode"] == "pretrained")]["mMP@5"].item()
+    base = results[
+        (results["model"] == "test_vit")
+        & (results["dataset"] == "alpha")
+        & (results["mode"] == "pretrained")
+    ]["mMP@5"].item()
     assert ft["model"] == "test_vit"
     assert ft["gain"] == pytest.approx(ft["score"] - base)
     assert ft["gain_per_gpu_hour"] == pytest.approx(ft["gain"] / 9.6)
@@ -689,7 +782,8 @@ def test_figures_draw_from_synthetic_runs(results, runs_env):
         "4c": plots.zscore_figure(an.zscore_vs_size(res, "mMP@5"), "mMP@5"),
         "5": plots.pretrained_figure(long, "mMP@5"),
         "6": plots.tuning_figure(
-            an.tuning_effect(res, "mMP@5", loader=loader, n_boot=100), "mMP@5"),
+            an.tuning_effect(res, "mMP@5", loader=loader, n_boot=100), "mMP@5"
+        ),
         "7": plots.cross_figure(an.cross_deltas(res, "mMP@5"), "mMP@5"),
     }
     for name, fig in figs.items():
@@ -713,7 +807,9 @@ def test_figures_draw_from_synthetic_runs(results, runs_env):
 def test_run_analysis_end_to_end(mlflow_env):
     runs_env = mlflow_env
     cfg = AnalysisConfig(
-        source="mlflow", tracking_uri=runs_env["uri"], experiment=runs_env["experiment"],
+        source="mlflow",
+        tracking_uri=runs_env["uri"],
+        experiment=runs_env["experiment"],
         n_boot=200,
     )
     a = run_analysis(cfg, facts_fn=facts_stub)
@@ -737,10 +833,10 @@ def test_pretrained_only_runs_give_notes_not_errors(tmp_path, monkeypatch, n_mod
     store = ResultStore(tmp_path / "results")
     for i, (model, family, backbone, dim) in enumerate(MODELS[:n_models]):
         pq = per_query_values(0.4 + 0.1 * i, i)
-        store.save(make_record(model, family, backbone, dim, "alpha", "pretrained", pq),
-                   per_query=pq)
-    a = run_analysis(AnalysisConfig(source="records", n_boot=50), store,
-                        facts_fn=facts_stub)
+        store.save(
+            make_record(model, family, backbone, dim, "alpha", "pretrained", pq), per_query=pq
+        )
+    a = run_analysis(AnalysisConfig(source="records", n_boot=50), store, facts_fn=facts_stub)
     assert a.table2.empty and a.tuning.empty and a.cross.empty
     n_types = len({fam for _, fam, _, _ in MODELS[:n_models]})
     assert list(a.table3.index.get_level_values("row")).count("improvement") == n_types

@@ -16,8 +16,14 @@ from embbench.records import ResultStore
 from embbench.services import ServiceUnreachableError
 from embbench.stages.embed import EmbedConfig, EmbedSteps, run_embed
 
-BASE = dict(models=["test_resnet"], datasets=["demo"], weights="random", batch_size=8,
-            num_workers=0, backend="exact")
+BASE = dict(
+    models=["test_resnet"],
+    datasets=["demo"],
+    weights="random",
+    batch_size=8,
+    num_workers=0,
+    backend="exact",
+)
 
 
 class _Crash(RuntimeError):
@@ -73,8 +79,10 @@ def test_two_runs_of_one_grid_compute_each_cell_once(small_demo, tmp_path):
         cells.load_catalogue = lambda *a, **k: cat
         run_embed(EmbedConfig(**{BASE!r}))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert len(ResultStore().records()) == 1

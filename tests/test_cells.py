@@ -31,8 +31,9 @@ def test_unknown_model_in_fifth_position_fails_before_any_cell(small_demo, monke
 
 def test_unknown_backend_and_dataset_are_listed_together(small_demo, monkeypatch):
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = EmbedConfig(models=["test_resnet"], datasets=["demo", "sopp"],
-                      **{**BASE, "backend": "faiss"})
+    cfg = EmbedConfig(
+        models=["test_resnet"], datasets=["demo", "sopp"], **{**BASE, "backend": "faiss"}
+    )
     with pytest.raises(GridError) as err:
         run_embed(cfg)
     text = str(err.value)
@@ -52,20 +53,27 @@ def test_manifest_label_column_is_passed_to_the_catalogue(small_demo, tmp_path):
     for p in rows["path"]:
         shutil.copy(p, csv.parent / "images")
     lines = ["path,category,split"] + [
-        f"images/{Path(p).name},{c},test" for p, c in zip(rows["path"], rows["category"],
-                                                          strict=True)
+        f"images/{Path(p).name},{c},test"
+        for p, c in zip(rows["path"], rows["category"], strict=True)
     ]
     csv.write_text("\n".join(lines) + "\n")
-    cfg = EmbedConfig(models=["test_resnet"], datasets=["manifest"], label="category",
-                      data_root={"manifest": str(csv)}, **BASE)
+    cfg = EmbedConfig(
+        models=["test_resnet"],
+        datasets=["manifest"],
+        label="category",
+        data_root={"manifest": str(csv)},
+        **BASE,
+    )
     table = run_embed(cfg)
     assert table.loc[0, "n_queries"] == 24
     (rec,) = ResultStore().records("embed")
     assert rec.label == "category" and rec.backend == "exact"
     # images outside the manifest's folder are refused before any work, unless allowed
     outside = tmp_path / "elsewhere.csv"
-    outside.write_text("path,category\n" + "".join(
-        f"{p},{c}\n" for p, c in zip(rows["path"], rows["category"], strict=True)))
+    outside.write_text(
+        "path,category\n"
+        + "".join(f"{p},{c}\n" for p, c in zip(rows["path"], rows["category"], strict=True))
+    )
     cfg = cfg.model_copy(update={"data_root": {"manifest": str(outside)}})
     with pytest.raises(GridError, match="outside the manifest's folder"):
         run_embed(cfg)

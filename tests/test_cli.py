@@ -42,15 +42,16 @@ def _my_yaml(tmp_path: Path) -> Path:
 
 def _make_lines(target_and_vars: list[str]) -> list[str]:
     """`make -n ...`: the recipe lines make would run (nothing is executed)."""
-    out = subprocess.run(["make", "-n", *target_and_vars], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.replace("\\\n", " ")
+    out = subprocess.run(
+        ["make", "-n", *target_and_vars], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")
     return [line for line in out.splitlines() if line.strip()]
 
 
 def _dry_run_embbench(line: str, capsys) -> None:
     """Run an `... -m embbench ARGS` line as `embbench --dry-run ARGS` in this process."""
     tokens = shlex.split(line)
-    args = tokens[tokens.index("embbench") + 1:]
+    args = tokens[tokens.index("embbench") + 1 :]
     assert main(["--dry-run", *args]) == 0, line
     out = capsys.readouterr().out
     assert "would" in out, (line, out)
@@ -72,8 +73,12 @@ def _check_command(line: str, tmp_path: Path, capsys, monkeypatch) -> int:
     if tokens[0].endswith("papermill"):
         out = tmp_path / "prepared.ipynb"
         args = [str(out) if t == "out.ipynb" else t for t in tokens[1:]]
-        subprocess.run([sys.executable, "-m", "papermill", *args, "--prepare-only"], cwd=ROOT,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "papermill", *args, "--prepare-only"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         assert out.is_file()
         return 0
     raise AssertionError(f"the test does not know how to check {line!r}")
@@ -91,8 +96,13 @@ def test_every_readme_command_line_parses_and_validates(tmp_path, capsys, monkey
 def test_every_make_help_target_runs_in_a_dry_mode(tmp_path, capsys, monkeypatch):
     # --no-print-directory: under `make test` (a nested make) "make[1]: Entering ..." lines
     # would otherwise be read as targets
-    helptext = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout
+    helptext = subprocess.run(
+        ["make", "--no-print-directory", "help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     plain = re.sub(r"\x1b\[[0-9;]*m", "", helptext)
     targets = [line.split()[0] for line in plain.splitlines() if line.strip()]
     assert "nb-<notebook>" in targets and "nb-%" not in targets
@@ -103,11 +113,20 @@ def test_every_make_help_target_runs_in_a_dry_mode(tmp_path, capsys, monkeypatch
     assert calls >= 4  # demo, nb-01_embed, report, pipeline
 
 
-@pytest.mark.parametrize("args", [
-    ["report", "-f", "params/05_analysis.yaml", "--help"], ["report", "--help"],
-    ["run-notebook", "--help"], ["embed", "--help"], ["run-cell", "--help"],
-    ["pipeline", "compile", "--help"], ["verify", "--help"], ["demo", "--help"], ["--help"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "-f", "params/05_analysis.yaml", "--help"],
+        ["report", "--help"],
+        ["run-notebook", "--help"],
+        ["embed", "--help"],
+        ["run-cell", "--help"],
+        ["pipeline", "compile", "--help"],
+        ["verify", "--help"],
+        ["demo", "--help"],
+        ["--help"],
+    ],
+)
 def test_help_of_every_command(args, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exc:
@@ -138,9 +157,22 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 def test_the_entry_point_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "embbench", "run-cell", "01_embed", "-f",
-         str(tmp_path / "missing.yaml"), "--model", "resnet50", "--dataset", "demo"],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "embbench",
+            "run-cell",
+            "01_embed",
+            "-f",
+            str(tmp_path / "missing.yaml"),
+            "--model",
+            "resnet50",
+            "--dataset",
+            "demo",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

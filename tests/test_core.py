@@ -163,9 +163,15 @@ def test_cache_resume_and_identity(tmp_path):
 
 def test_result_store_roundtrip(tmp_path):
     store = ResultStore(tmp_path)
-    rec = ResultRecord(stage="embed", dataset="d", model="m", mode="pretrained",
-                       config_hash="abc", metrics={"mMP@5": 0.5},
-                       lineage=Lineage(base_model="m", weights_kind="random"))
+    rec = ResultRecord(
+        stage="embed",
+        dataset="d",
+        model="m",
+        mode="pretrained",
+        config_hash="abc",
+        metrics={"mMP@5": 0.5},
+        lineage=Lineage(base_model="m", weights_kind="random"),
+    )
     store.save(rec, per_query={"mMP@5": np.array([0.25, 0.75])})
     got = store.get("embed", "d", "m", "pretrained", "abc")
     assert got.metrics == {"mMP@5": 0.5} and got.lineage.weights_kind == "random"

@@ -133,14 +133,21 @@ def test_cross_tuned_and_cross_top_tuned_cells_give_deltas(use_demos):
     run = mlflow.get_run(ct.mlflow_run_id)
     assert run.data.tags["source_dataset"] == "demo" and "delta_mMP_at_5" in run.data.metrics
     # one readable name per cell; the training is a child run of its fine-tuning cell
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["embbench"],
-                                                           output_format="list")}
-    assert {"finetune/test_resnet/demo", "finetune/test_resnet/demo/training",
-            "toptune/test_resnet/demo", "crosstune/test_resnet/demo_b/from-demo",
-            "crosstune/test_resnet/demo_b/top-from-demo"} <= set(runs)
+    runs = {
+        r.info.run_name: r
+        for r in mlflow.search_runs(experiment_names=["embbench"], output_format="list")
+    }
+    assert {
+        "finetune/test_resnet/demo",
+        "finetune/test_resnet/demo/training",
+        "toptune/test_resnet/demo",
+        "crosstune/test_resnet/demo_b/from-demo",
+        "crosstune/test_resnet/demo_b/top-from-demo",
+    } <= set(runs)
     (ft,) = store.records("finetune")
     assert runs["finetune/test_resnet/demo/training"].data.tags["mlflow.parentRunId"] == (
-        ft.mlflow_run_id)
+        ft.mlflow_run_id
+    )
     assert mlflow.get_run(ctt.mlflow_run_id).data.params["source_dataset"] == "demo"
     matrix = delta_matrix(table, CROSS_TUNED)
     assert matrix.loc["demo", "demo_b"] == pytest.approx(table["delta_mMP@5"].iloc[0])

@@ -105,18 +105,29 @@ def test_params_defaults_stated():
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("    protocol: within                  # uned: queries = index = test, query "
-         "removed by id",
-         "    protocol: withn", r"datasets\.cars196\.protocol.*'within' or 'cross'"),
-        ("    label: class                      # paper: 196 categories",
-         "    label: klass", r"label 'klass' is not one of labels"),
-        ("    k: 5                              # paper\n    published:\n      images: 16185",
-         "    k: 5\n    colour: red\n    published:\n      images: 16185",
-         r"datasets\.cars196\.colour.*Extra inputs"),
-        ("    query_split: test\n    index_split: test\n    k: 5                              "
-         "# paper\n    published:\n      images: 16185",
-         "    query_split: test\n    index_split: train\n    k: 5\n    published:\n"
-         "      images: 16185", r"needs query_split == index_split"),
+        (
+            "    protocol: within                  # uned: queries = index = test, query "
+            "removed by id",
+            "    protocol: withn",
+            r"datasets\.cars196\.protocol.*'within' or 'cross'",
+        ),
+        (
+            "    label: class                      # paper: 196 categories",
+            "    label: klass",
+            r"label 'klass' is not one of labels",
+        ),
+        (
+            "    k: 5                              # paper\n    published:\n      images: 16185",
+            "    k: 5\n    colour: red\n    published:\n      images: 16185",
+            r"datasets\.cars196\.colour.*Extra inputs",
+        ),
+        (
+            "    query_split: test\n    index_split: test\n    k: 5                              "
+            "# paper\n    published:\n      images: 16185",
+            "    query_split: test\n    index_split: train\n    k: 5\n    published:\n"
+            "      images: 16185",
+            r"needs query_split == index_split",
+        ),
     ],
 )
 def test_params_validation_names_key_and_value(tmp_path, old, new, message):
@@ -170,12 +181,19 @@ def test_cars_dml_split_is_class_disjoint(trees):
 def test_cars_mat_field_order_and_reordered_file(trees, tmp_path):
     mat = scipy.io.loadmat(trees["cars196"] / "devkit" / "cars_train_annos.mat")
     assert mat["annotations"].dtype.names == (
-        "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
+        "bbox_x1",
+        "bbox_y1",
+        "bbox_x2",
+        "bbox_y2",
+        "class",
+        "fname",
+    )
     base = tmp_path / "copy"
     shutil.copytree(trees["cars196"], base)
     ann = scipy.io.loadmat(base / "devkit" / "cars_train_annos.mat", squeeze_me=True)["annotations"]
-    reordered = np.rec.fromarrays([ann["fname"], ann["class"], ann["bbox_x1"]],
-                                  names=["fname", "class", "bbox_x1"])
+    reordered = np.rec.fromarrays(
+        [ann["fname"], ann["class"], ann["bbox_x1"]], names=["fname", "class", "bbox_x1"]
+    )
     scipy.io.savemat(base / "devkit" / "cars_train_annos.mat", {"annotations": reordered})
     a = create_catalogue("cars196", trees["cars196"]).items
     b = create_catalogue("cars196", base).items
@@ -198,8 +216,9 @@ def test_cars_metric_layout(trees):
 def test_cars_missing_test_labels_explained(trees, tmp_path):
     base = tmp_path / "stanford_cars"
     shutil.copytree(trees["cars196"], base)
-    (base / "cars_test_annos_withlabels.mat").rename(base / "devkit" /
-                                                      "cars_test_annos_withlabels.mat")
+    (base / "cars_test_annos_withlabels.mat").rename(
+        base / "devkit" / "cars_test_annos_withlabels.mat"
+    )
     assert len(create_catalogue("cars196", base).items) == 30  # inside devkit/ is accepted
     (base / "devkit" / "cars_test_annos_withlabels.mat").unlink()
     with pytest.raises(DatasetLayoutError, match="cars_test_annos_withlabels.mat") as err:
@@ -297,7 +316,8 @@ def test_rp2k_utf8_labels(trees):
     counts = items["split"].value_counts()
     assert counts["test"] == 10 and counts["train"] + counts["val"] == 12
     assert _classes(cat, "test") - _classes(cat, "train") - _classes(cat, "val") == {
-        "康师傅 红烧牛肉面"}
+        "康师傅 红烧牛肉面"
+    }
     assert all(Path(p).is_file() for p in items["path"])
 
 
@@ -416,8 +436,10 @@ def test_every_loader_schema(trees, name):
 
 def test_seed_changes_val_only(trees):
     a = create_catalogue("fashion", trees["fashion"], seed=0)
-    vals = {tuple(sorted(create_catalogue("fashion", trees["fashion"], seed=s).split("val")
-                         ["item_id"])) for s in range(4)}
+    vals = {
+        tuple(sorted(create_catalogue("fashion", trees["fashion"], seed=s).split("val")["item_id"]))
+        for s in range(4)
+    }
     assert len(vals) > 1
     assert a.fingerprint() != create_catalogue("fashion", trees["fashion"], seed=3).fingerprint()
 
@@ -425,8 +447,9 @@ def test_seed_changes_val_only(trees):
 def test_stratified_pick_properties():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(20), rng.integers(1, 9, 20))
-    items = pd.DataFrame({"item_id": [f"i{i:03d}" for i in range(len(labels))], "c": labels,
-                          "split": "train"})
+    items = pd.DataFrame(
+        {"item_id": [f"i{i:03d}" for i in range(len(labels))], "c": labels, "split": "train"}
+    )
     picked = stratified_pick(items, items.index, "c", 0.25, seed=1)
     assert abs(len(picked) - round(len(items) * 0.25)) <= 0
     rest = items.drop(picked)
@@ -487,8 +510,14 @@ def test_manifest_folder_and_demo(tmp_path):
     assert create_catalogue("folder", folder).splits == ["train", "test"]
     with pytest.raises(CatalogueError, match="needs root"):
         create_catalogue("manifest")
-    demo = create_catalogue("demo", tmp_path / "demo", n_categories=2, products_per_category=2,
-                            views=(1, 1, 1), image_size=16)
+    demo = create_catalogue(
+        "demo",
+        tmp_path / "demo",
+        n_categories=2,
+        products_per_category=2,
+        views=(1, 1, 1),
+        image_size=16,
+    )
     assert demo.name == "demo" and demo.default_label == get_dataset_info("demo").default_label
 
 
@@ -610,10 +639,12 @@ def test_cli_verify_delegates(trees, capsys):
 
 
 def test_demo_b_is_the_demo_with_other_products(tmp_path):
-    a = create_catalogue("demo", tmp_path, n_categories=2, products_per_category=2,
-                         views=(1, 1, 2), image_size=24)
-    b = create_catalogue("demo_b", tmp_path, n_categories=2, products_per_category=2,
-                         views=(1, 1, 2), image_size=24)
+    a = create_catalogue(
+        "demo", tmp_path, n_categories=2, products_per_category=2, views=(1, 1, 2), image_size=24
+    )
+    b = create_catalogue(
+        "demo_b", tmp_path, n_categories=2, products_per_category=2, views=(1, 1, 2), image_size=24
+    )
     assert b.name == "demo_b" and b.source["variant_of"] == "demo"
     assert set(a.items["category"]) == set(b.items["category"])  # same shapes
     assert a.root != b.root and a.fingerprint() != b.fingerprint()  # other images
@@ -636,26 +667,60 @@ def test_load_request_finish_names_roots_and_records_the_source(tmp_path):
     from embbench.datasets import LoadRequest
     from embbench.datasets._common import LoadNotes
 
-    items = pd.DataFrame({"item_id": ["a.jpg", "b.jpg"], "path": ["/x/a.jpg", "/x/b.jpg"],
-                          "split": ["test", "test"], "class_id": [1, 2],
-                          "super_class_id": [7, 7], "scratch": [1, 2], "note": ["n", "m"]})
-    req = LoadRequest(name="sop", folder=tmp_path, variant="ebay", seed=3,
-                      info=get_dataset_info("sop"), split_scheme="dml", val_fraction=0.1,
-                      test_fraction=0.2)
-    cat = req.finish(items, ("super_class_id", "class_id"), LoadNotes(notes=["seen"]),
-                     extra_columns=("note",), seed=3, val_from="train")
+    items = pd.DataFrame(
+        {
+            "item_id": ["a.jpg", "b.jpg"],
+            "path": ["/x/a.jpg", "/x/b.jpg"],
+            "split": ["test", "test"],
+            "class_id": [1, 2],
+            "super_class_id": [7, 7],
+            "scratch": [1, 2],
+            "note": ["n", "m"],
+        }
+    )
+    req = LoadRequest(
+        name="sop",
+        folder=tmp_path,
+        variant="ebay",
+        seed=3,
+        info=get_dataset_info("sop"),
+        split_scheme="dml",
+        val_fraction=0.1,
+        test_fraction=0.2,
+    )
+    cat = req.finish(
+        items,
+        ("super_class_id", "class_id"),
+        LoadNotes(notes=["seen"]),
+        extra_columns=("note",),
+        seed=3,
+        val_from="train",
+    )
     assert cat.name == "sop" and cat.root == str(tmp_path)
-    assert list(cat.items.columns) == ["item_id", "path", "split", "super_class_id", "class_id",
-                                       "note"]
+    assert list(cat.items.columns) == [
+        "item_id",
+        "path",
+        "split",
+        "super_class_id",
+        "class_id",
+        "note",
+    ]
     assert cat.label_columns == ("super_class_id", "class_id")
     assert cat.default_label == get_dataset_info("sop").default_label
     assert list(cat.source.items()) == [
-        ("loader", "sop"), ("variant", "ebay"), ("split_scheme", "dml"), ("seed", 3),
-        ("val_from", "train"), ("notes", ["seen"]), ("problems", []), ("missing", []),
+        ("loader", "sop"),
+        ("variant", "ebay"),
+        ("split_scheme", "dml"),
+        ("seed", 3),
+        ("val_from", "train"),
+        ("notes", ["seen"]),
+        ("problems", []),
+        ("missing", []),
     ]
     with pytest.raises(ValueError, match="public datasets only"):
         LoadRequest(name="shop", folder=None, variant=None, seed=0).finish(
-            items, ("class_id",), LoadNotes())
+            items, ("class_id",), LoadNotes()
+        )
 
 
 def test_the_package_init_only_re_exports():

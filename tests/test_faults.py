@@ -83,12 +83,14 @@ def test_corrupt_consolidated_rebuilt_from_kept_shards(small_demo, emb):
 
 
 @pytest.mark.parametrize("fault", ["flip", "truncate"])
-def test_corrupt_shard_is_moved_aside_and_only_it_redone(small_demo, emb, monkeypatch, fault,
-                                                         caplog):
+def test_corrupt_shard_is_moved_aside_and_only_it_redone(
+    small_demo, emb, monkeypatch, fault, caplog
+):
     cache = embedding_cache(emb, small_demo, "test")
     real = cache.__class__.consolidate
-    monkeypatch.setattr(cache.__class__, "consolidate",
-                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(
+        cache.__class__, "consolidate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    )
     with pytest.raises(KeyboardInterrupt):  # killed after every shard, before consolidation
         embed_split(emb, small_demo, "test", **KW)
     monkeypatch.setattr(cache.__class__, "consolidate", real)
@@ -154,7 +156,10 @@ def test_two_identical_runs_at_once_embed_once(small_demo, emb):
     assert sum(seen) == n  # the second run waited and reused the first one's vectors
     cache = embedding_cache(emb, small_demo, "test")
     assert sorted(p.name for p in cache.path.iterdir()) == [
-        "failed.json", "ids.npy", "meta.json", "vectors.npy"
+        "failed.json",
+        "ids.npy",
+        "meta.json",
+        "vectors.npy",
     ]
 
 
@@ -184,8 +189,10 @@ def test_half_made_mlflow_store(tmp_path):
     con.close()
     ensure_sqlite_store(empty)  # repaired: moved aside and rebuilt
     assert list(tmp_path.glob("a.db.half-made-*"))
-    tables = {r[0] for r in sqlite3.connect(empty).execute(
-        "SELECT name FROM sqlite_master WHERE type='table'")}
+    tables = {
+        r[0]
+        for r in sqlite3.connect(empty).execute("SELECT name FROM sqlite_master WHERE type='table'")
+    }
     assert {"runs", "experiments", "alembic_version"} <= tables
     used = tmp_path / "b.db"
     con = sqlite3.connect(used)
@@ -213,14 +220,17 @@ def test_manifest_confinement(tmp_path):
     root = tmp_path / "shop"
     root.mkdir()
     manifest = root / "m.csv"
-    for path, pattern in (("../../../../etc/passwd", r"row 3 .*outside the manifest's folder"),
-                          ("/etc/hosts", "allow_outside_root=True"),
-                          ("file:///etc/passwd", "only local paths and http")):
+    for path, pattern in (
+        ("../../../../etc/passwd", r"row 3 .*outside the manifest's folder"),
+        ("/etc/hosts", "allow_outside_root=True"),
+        ("file:///etc/passwd", "only local paths and http"),
+    ):
         pd.DataFrame({"path": ["a.jpg", path], "label": ["x", "y"]}).to_csv(manifest, index=False)
         with pytest.raises(CatalogueError, match=pattern):
             from_manifest(manifest)
-    pd.DataFrame({"path": ["a.jpg", "/etc/hosts"], "label": ["x", "y"]}).to_csv(manifest,
-                                                                                  index=False)
+    pd.DataFrame({"path": ["a.jpg", "/etc/hosts"], "label": ["x", "y"]}).to_csv(
+        manifest, index=False
+    )
     cat = from_manifest(manifest, allow_outside_root=True)
     assert cat.items["path"].tolist() == [str(root / "a.jpg"), "/etc/hosts"]
 
@@ -228,8 +238,14 @@ def test_manifest_confinement(tmp_path):
 def test_fetch_refuses_private_hosts(tmp_path):
     from embbench.catalogue import Catalogue
 
-    items = pd.DataFrame({"item_id": ["a", "b"], "split": "test", "label": "x",
-                          "path": ["http://127.0.0.1:9/x.png", "http://169.254.169.254/latest"]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b"],
+            "split": "test",
+            "label": "x",
+            "path": ["http://127.0.0.1:9/x.png", "http://169.254.169.254/latest"],
+        }
+    )
     cat = Catalogue("shop", items, ("label",), "label")
     with pytest.raises(Exception, match="loopback address; pass allow_private=True") as err:
         fetch_urls(cat, tmp_path, progress=False, retries=0)

@@ -33,7 +33,7 @@ def _shop(demo, folder: Path, order) -> Path:
     Every shop made from the same demo has the same file names, labels and splits; only the
     pixels behind the names follow ``order``.
     """
-    rows = demo.split("test").reset_index(drop=True).iloc[:len(order)]
+    rows = demo.split("test").reset_index(drop=True).iloc[: len(order)]
     (folder / "images").mkdir(parents=True)
     lines = ["path,label,split"]
     for i, label in enumerate(rows["product"]):
@@ -45,14 +45,14 @@ def _shop(demo, folder: Path, order) -> Path:
 
 
 def _grid(csv: Path, **kw) -> EmbedConfig:
-    return EmbedConfig(models=["test_resnet"], datasets=["shop"], data_root={"shop": str(csv)},
-                       **BASE, **kw)
+    return EmbedConfig(
+        models=["test_resnet"], datasets=["shop"], data_root={"shop": str(csv)}, **BASE, **kw
+    )
 
 
 # ---- 1. a catalogue's images replaced under the same names --------------------------------
 @pytest.mark.slow
-def test_images_replaced_under_the_same_names_are_scored_afresh(small_demo, tmp_path,
-                                                                 monkeypatch):
+def test_images_replaced_under_the_same_names_are_scored_afresh(small_demo, tmp_path, monkeypatch):
     n = len(small_demo.split("test"))
     v1 = _shop(small_demo, tmp_path / "v1", list(range(n)))
     v2 = _shop(small_demo, tmp_path / "v2", list(np.random.default_rng(0).permutation(n)))
@@ -94,8 +94,7 @@ def test_content_change_with_size_and_mtime_kept_changes_the_fingerprint(small_d
     assert from_manifest(csv).fingerprint() != fp
 
 
-def test_warm_fingerprint_stats_the_images_without_reading_them(small_demo, tmp_path,
-                                                                 monkeypatch):
+def test_warm_fingerprint_stats_the_images_without_reading_them(small_demo, tmp_path, monkeypatch):
     csv = _shop(small_demo, tmp_path / "shop", list(range(12)))
     opened: list[str] = []
     real_open = builtins.open
@@ -116,8 +115,9 @@ def test_warm_fingerprint_stats_the_images_without_reading_them(small_demo, tmp_
     assert list(filehash.index_dir().glob("*.json"))  # remembered on disk
 
 
-def test_first_pass_over_a_large_catalogue_shows_progress(small_demo, tmp_path, monkeypatch,
-                                                          capsys):
+def test_first_pass_over_a_large_catalogue_shows_progress(
+    small_demo, tmp_path, monkeypatch, capsys
+):
     csv = _shop(small_demo, tmp_path / "shop", list(range(12)))
     monkeypatch.setattr(filehash, "PROGRESS_MIN", 10)  # 12 images count as large here
     from_manifest(csv).fingerprint()
@@ -155,8 +155,9 @@ def test_missing_image_and_unwritable_index_are_not_fatal(small_demo, tmp_path, 
 # ---- 3. manifest rows that would be mis-scored -------------------------------------------------
 def _manifest(tmp_path: Path, labels: list[str], splits: list[str]) -> Path:
     csv = tmp_path / "shop.csv"
-    rows = [f"img{i:02d}.jpg,{lab},{sp}" for i, (lab, sp) in enumerate(zip(labels, splits,
-                                                                            strict=True))]
+    rows = [
+        f"img{i:02d}.jpg,{lab},{sp}" for i, (lab, sp) in enumerate(zip(labels, splits, strict=True))
+    ]
     csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return csv
 
@@ -196,8 +197,9 @@ def test_manifest_options_come_from_data_options(tmp_path):
     csv = _manifest(tmp_path, [f"c{i % 4}" for i in range(16)], SPLITS16)
     with pytest.raises(CatalogueError, match=r"data_options: \{shop: \{split_case: lower\}\}"):
         load_catalogue("shop", {"shop": str(csv)})
-    cat = load_catalogue("shop", {"shop": str(csv)},
-                         options={"split_case": "lower", "empty_split": "test"})
+    cat = load_catalogue(
+        "shop", {"shop": str(csv)}, options={"split_case": "lower", "empty_split": "test"}
+    )
     assert len(cat.split("test")) == 16
 
 
@@ -206,9 +208,11 @@ def test_options_for_a_dataset_not_in_the_grid_are_refused_at_dry_run(tmp_path, 
     from embbench.cli import main
 
     params = tmp_path / "my.yaml"
-    params.write_text("models: [test_resnet]\ndatasets: [my_shop]\n"
-                      "data_root: {my_shop: /data/shop.csv}\n"
-                      "data_options: {my_sohp: {allow_private: true}}\n")
+    params.write_text(
+        "models: [test_resnet]\ndatasets: [my_shop]\n"
+        "data_root: {my_shop: /data/shop.csv}\n"
+        "data_options: {my_sohp: {allow_private: true}}\n"
+    )
     assert main(["--dry-run", "embed", "-f", str(params)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[0]
     assert "data_options.my_sohp" in err and "did you mean 'my_shop'" in err
@@ -220,16 +224,22 @@ def test_options_for_a_dataset_not_in_the_grid_are_refused_at_dry_run(tmp_path, 
 def test_crosstune_options_may_name_its_source_datasets():
     from embbench.stages import config_for
 
-    cfg = config_for("04_crosstune")(datasets=["demo_b"], toptuned_on=["demo"],
-                                     data_options={"demo": {}, "demo_b": {}})
+    cfg = config_for("04_crosstune")(
+        datasets=["demo_b"], toptuned_on=["demo"], data_options={"demo": {}, "demo_b": {}}
+    )
     assert cfg.grid_datasets() == ["demo_b", "demo"]
 
 
 def test_yaml_alias_bomb_is_refused_before_validation(tmp_path, capsys):
     from embbench.cli import main
 
-    lines = ["models: [test_resnet]", "datasets: [demo]", "data_options:", "  demo:",
-             '    l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines = [
+        "models: [test_resnet]",
+        "datasets: [demo]",
+        "data_options:",
+        "  demo:",
+        '    l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+    ]
     lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")  # 9**9 values once expanded
@@ -243,6 +253,8 @@ def test_yaml_alias_bomb_is_refused_before_validation(tmp_path, capsys):
     assert main(["--dry-run", "embed", "-f", str(recursive)]) == 2
     assert "recursive alias" in capsys.readouterr().err
     ok = tmp_path / "anchors.yaml"  # a few anchors are fine
-    ok.write_text("models: [test_resnet]\ndatasets: [demo]\n"
-                  "data_options: {demo: &d {products_per_category: 2}}\n")
+    ok.write_text(
+        "models: [test_resnet]\ndatasets: [demo]\n"
+        "data_options: {demo: &d {products_per_category: 2}}\n"
+    )
     assert main(["--dry-run", "embed", "-f", str(ok)]) == 0

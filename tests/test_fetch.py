@@ -42,8 +42,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
 
-    def _send(self, code: int, body: bytes, length: int | None = None,
-              ctype: str = "image/png") -> None:
+    def _send(
+        self, code: int, body: bytes, length: int | None = None, ctype: str = "image/png"
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -101,8 +102,14 @@ def _catalogue(base: str, paths: list[str], local: Path | None = None) -> Catalo
     return Catalogue(name="shop", items=items, label_columns=("label",), default_label="label")
 
 
-OPTS = {"retries": 2, "backoff": 0.01, "timeout": 0.3, "concurrency": 4, "progress": False,
-        "allow_private": True}  # the test server listens on 127.0.0.1
+OPTS = {
+    "retries": 2,
+    "backoff": 0.01,
+    "timeout": 0.3,
+    "concurrency": 4,
+    "progress": False,
+    "allow_private": True,
+}  # the test server listens on 127.0.0.1
 
 
 def test_fetch_report_and_rerun(server, tmp_path):
@@ -157,8 +164,7 @@ def test_fetch_report_and_rerun(server, tmp_path):
 def test_fetch_size_limit_and_all_failed(server, tmp_path):
     base, hits = server
     with pytest.raises(FetchError, match="none of its 2 URLs") as err:
-        fetch_urls(_catalogue(base, ["/big.png", "/nope.png"]), tmp_path, max_bytes=1000,
-                   **OPTS)
+        fetch_urls(_catalogue(base, ["/big.png", "/nope.png"]), tmp_path, max_bytes=1000, **OPTS)
     reasons = {f.url.removeprefix(base): f.reason for f in err.value.report.failed}
     assert reasons["/big.png"] == "too large: 4,096 bytes > max_bytes 1,000"
     assert hits["/big.png"] == 1
@@ -180,12 +186,17 @@ def test_a_manifest_of_urls_is_fetched_by_the_cell_engine(server, tmp_path):
     base, hits = server
     csv = tmp_path / "shop" / "catalogue.csv"
     csv.parent.mkdir()
-    csv.write_text("path,label,split\n" + "".join(
-        f"{base}{p},{lab},test\n" for p, lab in (("/img/1.png", "a"), ("/img/2.png", "b"))))
+    csv.write_text(
+        "path,label,split\n"
+        + "".join(
+            f"{base}{p},{lab},test\n" for p, lab in (("/img/1.png", "a"), ("/img/2.png", "b"))
+        )
+    )
     with pytest.raises(Exception, match="private|loopback"):
         load_catalogue("manifest", {"manifest": str(csv)}, progress=False)  # 127.0.0.1 refused
     assert not hits
-    cat = load_catalogue("manifest", {"manifest": str(csv)}, progress=False,
-                         options={"allow_private": True})
+    cat = load_catalogue(
+        "manifest", {"manifest": str(csv)}, progress=False, options={"allow_private": True}
+    )
     assert len(cat.items) == 2 and all(Path(p).is_file() for p in cat.items["path"])
     assert hits["/img/1.png"] == 1 and hits["/img/2.png"] == 1

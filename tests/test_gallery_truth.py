@@ -24,9 +24,15 @@ def demo_run():
     """A real stage-01 run (tiny random model, exact search) on a small generated demo."""
     from embbench.stages.embed import EmbedConfig, run_embed
 
-    cfg = EmbedConfig(models=["test_resnet"], weights="random", datasets=["demo"],
-                      data_options={"demo": SMALL}, batch_size=16, num_workers=0,
-                      backend="exact")
+    cfg = EmbedConfig(
+        models=["test_resnet"],
+        weights="random",
+        datasets=["demo"],
+        data_options={"demo": SMALL},
+        batch_size=16,
+        num_workers=0,
+        backend="exact",
+    )
     table = run_embed(cfg)
     (record,) = ResultStore().records("embed")
     return table, record
@@ -65,7 +71,8 @@ def test_gallery_shows_only_the_runs_catalogue_never_a_twin_with_its_ids(demo_ru
     assert all(Path(c.path) == run_files[c.item_id] for c in cells)
     # nothing generated while drawing: the data folder holds the run's demo and the twin only
     assert sorted(p.name for p in data_dir().glob("demo-*")) == sorted(
-        {run_root.name, Path(twin.root).name})
+        {run_root.name, Path(twin.root).name}
+    )
     # the HTML names each thumbnail's item and the digest of the file it was drawn from
     html = GalleryRenderer(thumb_px=32).render([gallery])
     marks = re.findall(r'data-item-id="([^"]+)" data-sha256="([0-9a-f]{16})"', html)
@@ -114,9 +121,17 @@ def test_a_manifest_named_by_a_relative_path_is_found_from_another_folder(tmp_pa
             rows.append(f"i{s}_{v}.jpg,S{s},test")
     (tmp_path / "shop" / "m.csv").write_text("\n".join(rows) + "\n")
     monkeypatch.chdir(tmp_path)
-    table = run_embed(EmbedConfig(models=["test_resnet"], weights="random", datasets=["shopx"],
-                                  data_root={"shopx": "shop/m.csv"}, label="sku",
-                                  backend="exact", num_workers=0))
+    table = run_embed(
+        EmbedConfig(
+            models=["test_resnet"],
+            weights="random",
+            datasets=["shopx"],
+            data_root={"shopx": "shop/m.csv"},
+            label="sku",
+            backend="exact",
+            num_workers=0,
+        )
+    )
     monkeypatch.chdir(tmp_path / "shop")  # e.g. a notebook's kernel, started elsewhere
     (gallery,) = an.gallery_for_runs(table["mlflow_run_id"], n_sample=2, n_extreme=1)
     assert gallery.rows and not gallery.notes

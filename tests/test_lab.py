@@ -24,9 +24,7 @@ PARAMS = sorted((ROOT / "params").rglob("*.yaml"))
 # ------------------------------------------------------------------ offline, in one line
 
 
-def test_offline_pretrained_fails_at_once_in_one_line_naming_the_demo_models(
-    tmp_path, monkeypatch
-):
+def test_offline_pretrained_fails_at_once_in_one_line_naming_the_demo_models(tmp_path, monkeypatch):
     """No HF_HUB_OFFLINE, no network: one probe, no download attempt, one line naming the fix."""
     from huggingface_hub import constants
 

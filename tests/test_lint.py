@@ -20,30 +20,30 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_clean():
-    proc = subprocess.run([_tool("ruff"), "check", "embbench", "tests", "benchmarks"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [_tool("ruff"), "check", "embbench", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _formatted() -> bool:
-    """The Makefile's ``FORMATTED`` switch: 1 once ``make format`` ran over the whole tree."""
-    for line in (ROOT / "Makefile").read_text().splitlines():
-        if line.replace(" ", "").startswith("FORMATTED?="):
-            return line.split("=", 1)[1].split("#")[0].strip() == "1"
-    return False
-
-
-@pytest.mark.skipif(not _formatted(), reason="FORMATTED = 0 in the Makefile: not formatted yet")
 def test_ruff_format_clean():
-    proc = subprocess.run([_tool("ruff"), "format", "--check", "embbench", "tests", "benchmarks"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [_tool("ruff"), "format", "--check", "embbench", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
     env = {"PATH": str(BIN), "PYTHONPATH": str(tree), "HOME": str(tree)}
-    return subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=tree, capture_output=True,
-                          text=True, env=env)
+    return subprocess.run(
+        [_tool("lint-imports"), "--no-cache"], cwd=tree, capture_output=True, text=True, env=env
+    )
 
 
 def test_layers_hold():
@@ -57,8 +57,9 @@ def _tree_with(tmp_path: Path, module: str, line: str) -> Path:
     tree = tmp_path / "tree"
     tree.mkdir()
     shutil.copy(ROOT / "pyproject.toml", tree)
-    shutil.copytree(ROOT / "embbench", tree / "embbench",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "embbench", tree / "embbench", ignore=shutil.ignore_patterns("__pycache__")
+    )
     path = tree / "embbench" / module
     path.write_text(path.read_text() + f"\n{line}  # noqa\n")
     return tree
@@ -72,10 +73,13 @@ def test_a_building_block_importing_a_stage_breaks_the_layers(tmp_path):
 
 # Arrows between two building blocks that the old single blocks layer allowed: a block may only
 # import the sub-layers below its own, and never a sibling of its sub-layer.
-@pytest.mark.parametrize(("module", "line", "arrow"), [
-    ("metrics.py", "from embbench.catalogue import Catalogue", "metrics -> embbench.catalogue"),
-    ("records.py", "from embbench.models import get_model_spec", "records -> embbench.models"),
-])
+@pytest.mark.parametrize(
+    ("module", "line", "arrow"),
+    [
+        ("metrics.py", "from embbench.catalogue import Catalogue", "metrics -> embbench.catalogue"),
+        ("records.py", "from embbench.models import get_model_spec", "records -> embbench.models"),
+    ],
+)
 def test_a_wrong_arrow_between_building_blocks_breaks_the_layers(tmp_path, module, line, arrow):
     proc = _lint_imports(_tree_with(tmp_path, module, line))
     assert proc.returncode != 0

@@ -20,7 +20,10 @@ LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 def test_notebooks_open_on_the_embbench_kernel_and_cite_only_the_repository(path):
     nb = json.loads(path.read_text())
     assert nb["metadata"]["kernelspec"] == {
-        "display_name": "Python (embbench)", "language": "python", "name": "embbench"}
+        "display_name": "Python (embbench)",
+        "language": "python",
+        "name": "embbench",
+    }
     text = "".join("".join(c["source"]) for c in nb["cells"])
     zoo = set(list_models())
     params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
@@ -81,8 +84,9 @@ def test_notebook_01_smoke_run_is_quiet_and_talks(capfd, caplog):
 
     caplog.set_level(logging.INFO)
     params = ROOT / "params"
-    out = run_notebook("01_embed", [params / "01_embed.yaml", params / "smoke" / "01_embed.yaml"],
-                       progress=False)
+    out = run_notebook(
+        "01_embed", [params / "01_embed.yaml", params / "smoke" / "01_embed.yaml"], progress=False
+    )
     terminal = capfd.readouterr().err
     log = terminal + "\n".join(r.getMessage() for r in caplog.records)
     problems = [line for line in log.splitlines() if LOG_PROBLEM.search(line)]
@@ -130,7 +134,8 @@ def test_a_users_catalogue_has_the_users_name(tmp_path, monkeypatch):
     assert ds.create_catalogue("manifest", csv).name == "manifest"
     # a name of the user's own: data_root {my_shop: catalogue.csv} registers it
     assert ds.register_user_catalogues({"my_shop": csv, "sop": tmp_path, "x": "nope"}) == [
-        "my_shop"]
+        "my_shop"
+    ]
     assert "my_shop" in ds.list_datasets() and "x" not in ds.list_datasets()
     cat = ds.create_catalogue("my_shop", csv)
     assert cat.name == "my_shop" and len(cat.items) == 2

@@ -68,8 +68,13 @@ def shop(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("shop_home")
     csv = _manifest(home / "shop")
-    own = {"datasets": ["my_shop"], "data_root": {"my_shop": str(csv)}, "label": "sku",
-           "max_images": 0, "backend": "exact"}
+    own = {
+        "datasets": ["my_shop"],
+        "data_root": {"my_shop": str(csv)},
+        "label": "sku",
+        "max_images": 0,
+        "backend": "exact",
+    }
     own_yaml = home / "my_shop.yaml"
     own_yaml.write_text(yaml.safe_dump(own))
     with pytest.MonkeyPatch.context() as mp:
@@ -78,26 +83,41 @@ def shop(tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setattr(ds._REGISTRY, "_entries", dict(ds._REGISTRY._entries))  # no leak
-        nb01 = run_notebook("01_embed", [PARAMS / "01_embed.yaml",
-                                         PARAMS / "smoke" / "01_embed.yaml", own_yaml],
-                            progress=False)
+        nb01 = run_notebook(
+            "01_embed",
+            [PARAMS / "01_embed.yaml", PARAMS / "smoke" / "01_embed.yaml", own_yaml],
+            progress=False,
+        )
         html01 = export_html(nb01, home / "01_embed.html", title="01")
-        run_toptune(TopTuneConfig.from_files(
-            PARAMS / "03_toptune.yaml", PARAMS / "smoke" / "03_toptune.yaml", **own))
+        run_toptune(
+            TopTuneConfig.from_files(
+                PARAMS / "03_toptune.yaml", PARAMS / "smoke" / "03_toptune.yaml", **own
+            )
+        )
         # notebook 01's gallery again, as in a process that never registered my_shop
         from embbench.analysis import gallery_for_runs
 
-        mp.setattr(ds._REGISTRY, "_entries", {k: v for k, v in ds._REGISTRY._entries.items()
-                                              if k != "my_shop"})
+        mp.setattr(
+            ds._REGISTRY,
+            "_entries",
+            {k: v for k, v in ds._REGISTRY._entries.items() if k != "my_shop"},
+        )
         run_ids = [r.mlflow_run_id for r in ResultStore().records("embed")]
         galleries = gallery_for_runs(run_ids, k=5)
-        html = render_report(params_files=[PARAMS / "05_analysis.yaml",
-                                           PARAMS / "smoke" / "05_analysis.yaml"])
+        html = render_report(
+            params_files=[PARAMS / "05_analysis.yaml", PARAMS / "smoke" / "05_analysis.yaml"]
+        )
         runs = sorted((home / "reports" / "notebooks" / "05_analysis").glob("2*.ipynb"))
         nb = nbformat.read(runs[-1], as_version=4)
         nb1 = nbformat.read(nb01, as_version=4)
-    return {"csv": csv, "galleries": galleries, "html": html, "notebook": nb,
-            "notebook01": nb1, "html01": html01}
+    return {
+        "csv": csv,
+        "galleries": galleries,
+        "html": html,
+        "notebook": nb,
+        "notebook01": nb1,
+        "html01": html01,
+    }
 
 
 @pytest.mark.slow
@@ -105,8 +125,13 @@ def shop(tmp_path_factory):
 def test_own_catalogue_flows_through_the_chain_and_the_report(shop):
     files = _files(shop["csv"])
     for nb in (shop["notebook01"], shop["notebook"]):
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                  if o.output_type == "error"]
+        errors = [
+            o
+            for c in nb.cells
+            if c.cell_type == "code"
+            for o in c.outputs
+            if o.output_type == "error"
+        ]
         assert not errors, [e.get("evalue") for e in errors]
     # notebook 01 drew its run's gallery: thumbnails of the manifest, no "not readable" line
     html01 = shop["html01"].read_text()
@@ -120,8 +145,12 @@ def test_own_catalogue_flows_through_the_chain_and_the_report(shop):
     assert all(_digest(Path(c.path)) == files[c.item_id] for c in shown)
     assert not gallery.notes
     html = shop["html"].read_text()
-    for heading in ("retrieval gallery", "Per category", "Where results disagree",
-                    "From benchmark to deployment"):
+    for heading in (
+        "retrieval gallery",
+        "Per category",
+        "Where results disagree",
+        "From benchmark to deployment",
+    ):
         assert heading in html, heading
     assert "my_shop" in html and "not readable" not in html and "UnknownNameError" not in html
     assert "No per-category data" not in html  # the per-category section ran on my_shop
@@ -153,11 +182,23 @@ def test_report_gallery_images_are_the_searched_catalogue_in_chromium(shop, tmp_
         html = path.read_text()
         page.write_text(html.replace("</body>", probe + "</body>"))
         proc = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-             "--dump-dom", page.as_uri()],
-            capture_output=True, text=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         block = re.search(r'<pre id="decoded-thumbs">([^<]*)</pre>', proc.stdout)

@@ -30,7 +30,8 @@ def parameters_cell(name: str) -> dict:
     values = {}
     for node in ast.parse(cells[0].source).body:
         assert isinstance(node, ast.AnnAssign | ast.Assign), (
-            f"{name}: the parameters cell may only hold assignments, found {ast.dump(node)[:60]}")
+            f"{name}: the parameters cell may only hold assignments, found {ast.dump(node)[:60]}"
+        )
         target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
         # literals only: ast.literal_eval raises on anything computed
         values[target.id] = ast.literal_eval(node.value)
@@ -44,7 +45,8 @@ def test_notebook_parameters_match_config_and_params_files(name):
     params = parameters_cell(name)
     assert set(params) == fields, (
         f"{name}: notebook-only {sorted(set(params) - fields)}, "
-        f"config-only {sorted(fields - set(params))}")
+        f"config-only {sorted(fields - set(params))}"
+    )
     cls.from_params(params)  # the notebook's defaults are valid values
     # papermill itself must parse every parameter (it skips lines with a second '=')
     import papermill as pm
@@ -55,7 +57,8 @@ def test_notebook_parameters_match_config_and_params_files(name):
     assert main.is_file(), f"missing {main}"
     keys = set(yaml.safe_load(main.read_text()) or {})
     assert keys == fields, (
-        f"{main}: missing {sorted(fields - keys)}, unknown {sorted(keys - fields)}")
+        f"{main}: missing {sorted(fields - keys)}, unknown {sorted(keys - fields)}"
+    )
     for overlay in ("demo", "smoke"):
         f = ROOT / "params" / overlay / f"{name}.yaml"
         assert f.is_file(), f"missing {f}"

@@ -33,8 +33,12 @@ BIN = Path(sys.executable).parent
 def full_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
     files = sorted(PARAMS.glob("0*.yaml"))
-    grid = compile_pipeline(group_params(files), out, image="registry.example/embbench:1",
-                            gpu_node_selector={"pool": "gpu"})
+    grid = compile_pipeline(
+        group_params(files),
+        out,
+        image="registry.example/embbench:1",
+        gpu_node_selector={"pool": "gpu"},
+    )
     spec, platform = list(yaml.safe_load_all(out.read_text()))
     return grid, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
@@ -49,11 +53,16 @@ def test_full_grid_task_count_matches_the_params(full_grid):
     n01, n02, n03 = (_grid_size(nb) for nb in ("01_embed", "02_finetune", "03_toptune"))
     c04 = yaml.safe_load((PARAMS / "04_crosstune.yaml").read_text())
     per_mode = len(c04["models"]) * sum(
-        1 for t in c04["datasets"] for s in c04["finetuned_on"] if s != t)
-    expected = {"pretrained": n01[0] * n01[1], "fine-tuned": n02[0] * n02[1],
-                "top-tuned": n03[0] * n03[1], "cross-tuned": per_mode,
-                "cross-top-tuned": len(c04["models"]) * sum(
-                    1 for t in c04["datasets"] for s in c04["toptuned_on"] if s != t)}
+        1 for t in c04["datasets"] for s in c04["finetuned_on"] if s != t
+    )
+    expected = {
+        "pretrained": n01[0] * n01[1],
+        "fine-tuned": n02[0] * n02[1],
+        "top-tuned": n03[0] * n03[1],
+        "cross-tuned": per_mode,
+        "cross-top-tuned": len(c04["models"])
+        * sum(1 for t in c04["datasets"] for s in c04["toptuned_on"] if s != t),
+    }
     assert Counter(c.cell.mode for c in grid.cells) == expected
     tasks = spec["root"]["dag"]["tasks"]
     assert len(tasks) == sum(expected.values()) + 1 == 517  # + the report
@@ -63,14 +72,19 @@ def test_full_grid_dependencies_follow_the_stage_order(full_grid):
     grid, spec, _ = full_grid
     tasks = spec["root"]["dag"]["tasks"]
     by_label = {t["taskInfo"]["name"]: name for name, t in tasks.items()}
-    deps = {t["taskInfo"]["name"]: {tasks[d]["taskInfo"]["name"]
-                                    for d in t.get("dependentTasks", [])}
-            for t in tasks.values()}
+    deps = {
+        t["taskInfo"]["name"]: {tasks[d]["taskInfo"]["name"] for d in t.get("dependentTasks", [])}
+        for t in tasks.values()
+    }
     assert deps["03 top-tuned resnet50 on sop"] == {"01 pretrained resnet50 on sop"}
     assert deps["04 cross-tuned resnet50 on sop (from cars196)"] == {
-        "02 fine-tuned resnet50 on cars196", "01 pretrained resnet50 on sop"}
+        "02 fine-tuned resnet50 on cars196",
+        "01 pretrained resnet50 on sop",
+    }
     assert deps["04 cross-top-tuned vit_b16 on fashion (from rp2k)"] == {
-        "03 top-tuned vit_b16 on rp2k", "01 pretrained vit_b16 on fashion"}
+        "03 top-tuned vit_b16 on rp2k",
+        "01 pretrained vit_b16 on fashion",
+    }
     assert deps["01 pretrained resnet50 on sop"] == set()
     assert deps["02 fine-tuned resnet50 on cars196"] == set()
     assert deps["05 report"] == set(by_label) - {"05 report"}
@@ -146,8 +160,10 @@ def test_cheap_task_check_keeps_kfps_check_and_restores_it():
 
 def test_group_params_names_notebooks():
     got = group_params(["params/01_embed.yaml", "params/smoke/01_embed.yaml", "05_analysis=x.yml"])
-    assert got == {"01_embed": [Path("params/01_embed.yaml"), Path("params/smoke/01_embed.yaml")],
-                   "05_analysis": [Path("x.yml")]}
+    assert got == {
+        "01_embed": [Path("params/01_embed.yaml"), Path("params/smoke/01_embed.yaml")],
+        "05_analysis": [Path("x.yml")],
+    }
     from embbench.config import ConfigError
 
     with pytest.raises(ConfigError, match="NOTEBOOK=path"):
@@ -195,12 +211,28 @@ def milvus_server(tmp_path):
     port = _free_port()
     log = (tmp_path / "milvus.log").open("w")
     proc = subprocess.Popen(
-        [str(BIN / "milvus-lite"), "server", "--data-dir", str(tmp_path / "milvus.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "milvus-lite"),
+            "server",
+            "--data-dir",
+            str(tmp_path / "milvus.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        _wait(lambda: proc.poll() is None and socket.create_connection(("127.0.0.1", port), 1)
-              .close() is None, "milvus-lite server")
+        _wait(
+            lambda: (
+                proc.poll() is None
+                and socket.create_connection(("127.0.0.1", port), 1).close() is None
+            ),
+            "milvus-lite server",
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
@@ -212,14 +244,30 @@ def mlflow_server(tmp_path):
     port = _free_port()
     log = (tmp_path / "mlflow.log").open("w")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "mlartifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
-              "mlflow server")
+        _wait(
+            lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+            "mlflow server",
+        )
         yield uri
     finally:
         _stop(proc)
@@ -252,20 +300,26 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, milvus_server, mlflow_
     params = _tiny_params()
     grid = pipeline_grid(params)
     cells = grid.cells
-    assert {c.cell.mode for c in cells} == {"pretrained", "fine-tuned", "top-tuned",
-                                            "cross-tuned", "cross-top-tuned"}
+    assert {c.cell.mode for c in cells} == {
+        "pretrained",
+        "fine-tuned",
+        "top-tuned",
+        "cross-tuned",
+        "cross-top-tuned",
+    }
 
     t0 = time.perf_counter()
-    run_local(params, milvus_uri=milvus_server, tracking_uri=mlflow_server,
-              pipeline_root=tmp_path / "kfp")
+    run_local(
+        params, milvus_uri=milvus_server, tracking_uri=mlflow_server, pipeline_root=tmp_path / "kfp"
+    )
     first_s = time.perf_counter() - t0
 
     store = ResultStore()
     records = store.records()
     cross = ("cross-tuned", "cross-top-tuned")  # a cell's source: where a cross cell came from
-    assert sorted((r.mode, r.model, r.dataset, r.tuned_on if r.mode in cross else None)
-                  for r in records) == sorted(
-        (c.cell.mode, c.cell.model, c.cell.dataset, c.cell.source) for c in cells)
+    assert sorted(
+        (r.mode, r.model, r.dataset, r.tuned_on if r.mode in cross else None) for r in records
+    ) == sorted((c.cell.mode, c.cell.model, c.cell.dataset, c.cell.source) for c in cells)
     assert all(r.backend in ("milvus", "exact") for r in records)
     assert any(r.backend == "milvus" for r in records)  # searched in the Milvus Lite server
     saved = {r.config_hash: r.saved for r in records}
@@ -284,13 +338,19 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, milvus_server, mlflow_
     # task runs, and the cell engine skips its finished cell)
     report.unlink()
     t0 = time.perf_counter()
-    run_local(params, milvus_uri=milvus_server, tracking_uri=mlflow_server,
-              pipeline_root=tmp_path / "kfp2")
+    run_local(
+        params,
+        milvus_uri=milvus_server,
+        tracking_uri=mlflow_server,
+        pipeline_root=tmp_path / "kfp2",
+    )
     second_s = time.perf_counter() - t0
     again = ResultStore().records()
     assert {r.config_hash: r.saved for r in again} == saved
     assert sorted(r.info.run_id for r in _cell_runs()) == run_ids
     assert report.is_file()
-    sys.stdout.write(f"\nlocal pipeline: {len(cells)} cells + report, first {first_s:.0f} s, "
-                     f"second {second_s:.0f} s\n")
+    sys.stdout.write(
+        f"\nlocal pipeline: {len(cells)} cells + report, first {first_s:.0f} s, "
+        f"second {second_s:.0f} s\n"
+    )
     shutil.rmtree(tmp_path / "kfp", ignore_errors=True)

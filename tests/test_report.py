@@ -67,8 +67,9 @@ def _executed_notebook(path, *, error: bool = False):
 
 
 def test_export_html_is_self_contained_and_hides_code(tmp_path):
-    out = rep.export_html(_executed_notebook(tmp_path / "x.ipynb"), tmp_path / "r.html",
-                          title="My report")
+    out = rep.export_html(
+        _executed_notebook(tmp_path / "x.ipynb"), tmp_path / "r.html", title="My report"
+    )
     html = out.read_text()
     assert "<title>My report</title>" in html
     assert "secret_code_marker" not in html  # code hidden
@@ -90,18 +91,38 @@ def test_export_html_refuses_a_failed_notebook(tmp_path):
 def _analysis(results: pd.DataFrame, **cfg) -> an.Analysis:
     empty = pd.DataFrame()
     return Analysis(
-        cfg=AnalysisConfig(**cfg), results=results, table3=empty, table2=empty, facts=empty,
-        correlation=empty, tuning=empty, cross=empty, paired=empty, ci=empty, guide=empty,
-        sentences=[], notes=["a note to the reader"],
+        cfg=AnalysisConfig(**cfg),
+        results=results,
+        table3=empty,
+        table2=empty,
+        facts=empty,
+        correlation=empty,
+        tuning=empty,
+        cross=empty,
+        paired=empty,
+        ci=empty,
+        guide=empty,
+        sentences=[],
+        notes=["a note to the reader"],
     )
 
 
 def _rows(kinds):
     rows = []
     for i, kind in enumerate(kinds):
-        rows.append({"model": f"m{i}", "dataset": "d", "mode": "pretrained", "entry": f"m{i}",
-                     "weights_kind": kind, "weights_fell_back": kind == "random",
-                     "mlflow_run_id": f"run{i:04d}", "git_sha": "abc123", "mMP@5": 0.5})
+        rows.append(
+            {
+                "model": f"m{i}",
+                "dataset": "d",
+                "mode": "pretrained",
+                "entry": f"m{i}",
+                "weights_kind": kind,
+                "weights_fell_back": kind == "random",
+                "mlflow_run_id": f"run{i:04d}",
+                "git_sha": "abc123",
+                "mMP@5": 0.5,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -124,15 +145,23 @@ def test_tables_show_missing_cells_as_a_dash_never_zero():
         [[0.4, np.nan, np.nan], [0.5, np.nan, np.nan], [0.1, np.nan, np.nan]],
         index=pd.MultiIndex.from_tuples(
             [("ssl", "pretrained"), ("ssl", "top-tuned"), ("ssl", "improvement")],
-            names=["type", "row"]),
+            names=["type", "row"],
+        ),
         columns=["alpha", "beta", "Mean"],
     )
     shown = rep.table3_display(t3)
     assert list(shown.index) == ["Pretrained SSL", "Top-tuned SSL", "Δ top-tuning SSL"]
     html3 = rep.style_table3(t3).to_html()
     assert html3.count(f">{rep.MISSING}<") == 6 and "#1a7f37" in html3  # improvement green
-    res = pd.DataFrame({"entry": ["a", "b"], "dataset": ["x", "y"], "mMP@5": [0.5, 0.6],
-                        "mMP@5 low": [0.4, np.nan], "mMP@5 high": [0.6, np.nan]})
+    res = pd.DataFrame(
+        {
+            "entry": ["a", "b"],
+            "dataset": ["x", "y"],
+            "mMP@5": [0.5, 0.6],
+            "mMP@5 low": [0.4, np.nan],
+            "mMP@5 high": [0.6, np.nan],
+        }
+    )
     ci = rep.ci_display(res, "mMP@5")
     assert ci.loc["a", "x"] == "0.500 [0.400, 0.600]" and ci.loc["b", "y"] == "0.600"
     assert ci.loc["a", "y"] == rep.MISSING
@@ -158,8 +187,15 @@ def _embed_demo(mp, demo_root, uri):
         demo_root, n_categories=4, products_per_category=3, views=(4, 2, 3), image_size=48
     )
     mp.setattr(stage, "load_catalogue", lambda *a, **k: cat)
-    cfg = EmbedConfig(models=["test_resnet", "test_clip"], weights="random", datasets=["demo"],
-                      batch_size=16, num_workers=0, backend="exact", tracking_uri=uri)
+    cfg = EmbedConfig(
+        models=["test_resnet", "test_clip"],
+        weights="random",
+        datasets=["demo"],
+        batch_size=16,
+        num_workers=0,
+        backend="exact",
+        tracking_uri=uri,
+    )
     return run_embed(cfg)
 
 
@@ -168,8 +204,12 @@ def rendered(tmp_path_factory, demo_root):
     """Notebook 05 run with the smoke params on synthetic MLflow runs, rendered to HTML."""
     home = tmp_path_factory.mktemp("report_home")
     with pytest.MonkeyPatch.context() as mp:
-        for var, sub in (("EMBBENCH_RUNS", "runs"), ("EMBBENCH_REPORTS", "reports"),
-                         ("EMBBENCH_CACHE", "cache"), ("EMBBENCH_DATA", "data")):
+        for var, sub in (
+            ("EMBBENCH_RUNS", "runs"),
+            ("EMBBENCH_REPORTS", "reports"),
+            ("EMBBENCH_CACHE", "cache"),
+            ("EMBBENCH_DATA", "data"),
+        ):
             mp.setenv(var, str(home / sub))
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -203,8 +243,9 @@ def test_report_renders_every_table_and_figure(rendered):
     assert html_path == rendered["home"] / "reports" / "report.html"
     html = html_path.read_text()
     nb = rendered["notebook"]
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     assert not errors
     assert _png_outputs(nb) == N_FIGURES
     imgs = re.findall(r'<img[^>]+src="data:image/png;base64,([^"]*)"', html)
@@ -214,10 +255,18 @@ def test_report_renders_every_table_and_figure(rendered):
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING)", html)
     # the report embeds the executed notebook it came from (the versioned run, not latest)
     assert "Notebooks this report came from" in html
-    assert re.search(r'download="05_analysis_\d{8}-\d{6}-[0-9a-f]{8}\.ipynb" '
-                     r'href="data:application/x-ipynb\+json;base64,', html)
-    stderr = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "stream" and o.get("name") == "stderr"]
+    assert re.search(
+        r'download="05_analysis_\d{8}-\d{6}-[0-9a-f]{8}\.ipynb" '
+        r'href="data:application/x-ipynb\+json;base64,',
+        html,
+    )
+    stderr = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream" and o.get("name") == "stderr"
+    ]
     assert not stderr, [o.text[:200] for o in stderr]
     figures = [t for t in re.findall(r"<img[^>]*>", html) if "data:image/png" in t]
     alts = [re.search(r'alt="([^"]*)"', t).group(1) for t in figures if 'alt="' in t]
@@ -237,9 +286,21 @@ def test_report_renders_every_table_and_figure(rendered):
     assert "RANDOM WEIGHTS" in top
     for rec in rendered["records"]:
         assert rec["mlflow_run_id"] in top
-    for heading in ("Table 3", "Table 2", "Figure 2", "Figure 3", "4a", "4b", "4c", "Figure 5",
-                    "Figure 6", "Figure 7", "Practical guide", "confidence intervals",
-                    "Paired bootstrap"):
+    for heading in (
+        "Table 3",
+        "Table 2",
+        "Figure 2",
+        "Figure 3",
+        "4a",
+        "4b",
+        "4c",
+        "Figure 5",
+        "Figure 6",
+        "Figure 7",
+        "Practical guide",
+        "confidence intervals",
+        "Paired bootstrap",
+    ):
         assert heading in html, heading
     assert "alpha, visual search: use" in html  # generated guide sentence
     assert "import embbench" not in html  # code hidden
@@ -266,12 +327,23 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     page.write_text(html.replace("</body>", probe + "</body>"))
     proc = subprocess.run(
         [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=5000", "--dump-dom", page.as_uri(),
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
         ],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     body = re.search(r"<body[^>]*>", proc.stdout)
@@ -288,11 +360,19 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     shot = tmp_path / "gallery.png"
     shot_proc = subprocess.run(
         [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1400,1200",
-            f"--screenshot={shot}", shot_page.as_uri(),
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--window-size=1400,1200",
+            f"--screenshot={shot}",
+            shot_page.as_uri(),
         ],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shot_proc.returncode == 0 and shot.is_file(), shot_proc.stderr[-2000:]
     from PIL import Image

@@ -37,8 +37,9 @@ def test_no_placeholder_sentence_when_there_is_nothing_to_say():
     assert shown[0].data == "- a\n- b"
 
 
-@pytest.mark.parametrize("path", sorted((project_root() / "notebooks").glob("*.ipynb")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((project_root() / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem
+)
 def test_no_heading_without_content(path):
     """A heading-only markdown cell must be followed by something before the next heading."""
     nb = nbformat.read(path, as_version=4)
@@ -58,18 +59,48 @@ def test_no_heading_without_content(path):
 def _analysis(results: pd.DataFrame) -> Analysis:
     empty = pd.DataFrame()
     return Analysis(
-        cfg=AnalysisConfig(title="T", n_boot=0), results=results, table3=empty, table2=empty,
-        facts=empty, correlation=empty, tuning=empty, cross=empty, paired=empty, ci=empty,
-        guide=empty, sentences=[], notes=[],
+        cfg=AnalysisConfig(title="T", n_boot=0),
+        results=results,
+        table3=empty,
+        table2=empty,
+        facts=empty,
+        correlation=empty,
+        tuning=empty,
+        cross=empty,
+        paired=empty,
+        ci=empty,
+        guide=empty,
+        sentences=[],
+        notes=[],
     )
 
 
 def test_header_and_footer_count_results_and_runs_the_same_way():
-    rows = [{"model": f"m{i}", "dataset": "d", "mode": "pretrained", "stage": "embed",
-             "entry": f"m{i}", "weights_kind": "pretrained", "weights_fell_back": False,
-             "mlflow_run_id": f"run{i:02d}", "git_sha": "abc", "mMP@5": 0.5} for i in range(14)]
-    rows += [{**rows[0], "model": f"b{i}", "entry": f"b{i}", "stage": "toptune-baseline",
-              "mlflow_run_id": None} for i in range(2)]
+    rows = [
+        {
+            "model": f"m{i}",
+            "dataset": "d",
+            "mode": "pretrained",
+            "stage": "embed",
+            "entry": f"m{i}",
+            "weights_kind": "pretrained",
+            "weights_fell_back": False,
+            "mlflow_run_id": f"run{i:02d}",
+            "git_sha": "abc",
+            "mMP@5": 0.5,
+        }
+        for i in range(14)
+    ]
+    rows += [
+        {
+            **rows[0],
+            "model": f"b{i}",
+            "entry": f"b{i}",
+            "stage": "toptune-baseline",
+            "mlflow_run_id": None,
+        }
+        for i in range(2)
+    ]
     a = _analysis(pd.DataFrame(rows))
     header = rep.header_html(a)
     footer = " ".join(rep.results_footer(a))
@@ -82,13 +113,29 @@ def _variant_rows() -> pd.DataFrame:
     base = {"dataset": "demo", "mode": "pretrained", "stage": "embed", "metric": 0.6}
     rows = [{**base, "model": "lite0", "variant": "", "embed_dim": 1280, "mMP@5": 0.65}]
     for name, dim in (("pca64", 64), ("pca128", 128), ("pca160", 160)):
-        rows.append({**base, "model": "lite0", "variant": name, "variant_kind": "compression",
-                     "embed_dim": dim, "bytes_per_vector": 4 * dim,
-                     "float32_bytes_per_vector": 5120, "mMP@5": 0.6,
-                     "pretrained_metrics.mMP@5": 0.65})
+        rows.append(
+            {
+                **base,
+                "model": "lite0",
+                "variant": name,
+                "variant_kind": "compression",
+                "embed_dim": dim,
+                "bytes_per_vector": 4 * dim,
+                "float32_bytes_per_vector": 5120,
+                "mMP@5": 0.6,
+                "pretrained_metrics.mMP@5": 0.65,
+            }
+        )
     # a record without float32_bytes_per_vector: the plain row's dimension is the reference
-    rows.append({**rows[1], "variant": "pca32", "embed_dim": 32, "bytes_per_vector": 128,
-                 "float32_bytes_per_vector": math.nan})
+    rows.append(
+        {
+            **rows[1],
+            "variant": "pca32",
+            "embed_dim": 32,
+            "bytes_per_vector": 128,
+            "float32_bytes_per_vector": math.nan,
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -105,7 +152,8 @@ def _overlaps(fig, ax) -> list[tuple[str, str]]:
     renderer = fig.canvas.get_renderer()
     lo, hi = ax.get_xlim()
     labels = [
-        t for tick in ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+        t
+        for tick in ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
         for t in (tick.label1,)
         if t.get_visible() and t.get_text() and lo <= tick.get_loc() <= hi
     ]
@@ -113,39 +161,80 @@ def _overlaps(fig, ax) -> list[tuple[str, str]]:
     return [(a, b) for (a, ba), (b, bb) in combinations(boxes, 2) if ba.overlaps(bb)]
 
 
-@pytest.mark.parametrize("sizes", [
-    (160, 256, 512, 640, 1280, 2560, 5120),  # binary, PCA, int8, float16, float32: the demo's
-    (300, 400, 600, 700),  # under a decade: matplotlib labelled the minor ticks 3x10^2 4x10^2
-    (0.04, 0.2, 3.0, 900.0),  # over four decades
-])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (160, 256, 512, 640, 1280, 2560, 5120),  # binary, PCA, int8, float16, float32: the demo's
+        (300, 400, 600, 700),  # under a decade: matplotlib labelled the minor ticks 3x10^2 4x10^2
+        (0.04, 0.2, 3.0, 900.0),  # over four decades
+    ],
+)
 def test_memory_figure_tick_labels_are_plain_and_do_not_overlap(sizes):
     import matplotlib
 
     matplotlib.use("Agg")
     from embbench.deploy.plots import VariantPoint, quality_memory_figure
 
-    points = [VariantPoint(f"v{i}", "compression", 0.6 + 0.01 * i, 1.0, float(b), float(b) / 5120,
-                           math.nan, math.nan, "", "exact") for i, b in enumerate(sizes)]
+    points = [
+        VariantPoint(
+            f"v{i}",
+            "compression",
+            0.6 + 0.01 * i,
+            1.0,
+            float(b),
+            float(b) / 5120,
+            math.nan,
+            math.nan,
+            "",
+            "exact",
+        )
+        for i, b in enumerate(sizes)
+    ]
     fig = quality_memory_figure(points, model="lite0", dataset="demo")
     ax = fig.axes[0]
     assert not _overlaps(fig, ax), _overlaps(fig, ax)
-    shown = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
-             if t.get_text()]
+    shown = [
+        t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()
+    ]
     assert len(shown) >= 2 and not any("times" in s or "^" in s for s in shown), shown
 
 
 def _guide(train_hours: float) -> pd.DataFrame:
-    common = {"dataset": "demo", "task": "visual search", "paper_name": None,
-              "score_name": "mMP@5", "low": math.nan, "high": math.nan,
-              "gpu_hours": math.nan, "gain_per_gpu_hour": math.nan, "weights_kind": "pretrained"}
-    return pd.DataFrame([
-        {**common, "strategy": "top-tuned", "model": "lite0", "score": 0.8, "gain": 0.179,
-         "train_hours": train_hours,
-         "gain_per_hour": 0.179 / train_hours if train_hours >= 0.01 else math.nan,
-         "recommended": True},
-        {**common, "strategy": "pretrained", "model": "lite0", "score": 0.621, "gain": 0.0,
-         "train_hours": 0.0, "gain_per_hour": math.nan, "recommended": False},
-    ]).reindex(columns=an.guide.GUIDE_COLUMNS)
+    common = {
+        "dataset": "demo",
+        "task": "visual search",
+        "paper_name": None,
+        "score_name": "mMP@5",
+        "low": math.nan,
+        "high": math.nan,
+        "gpu_hours": math.nan,
+        "gain_per_gpu_hour": math.nan,
+        "weights_kind": "pretrained",
+    }
+    return pd.DataFrame(
+        [
+            {
+                **common,
+                "strategy": "top-tuned",
+                "model": "lite0",
+                "score": 0.8,
+                "gain": 0.179,
+                "train_hours": train_hours,
+                "gain_per_hour": 0.179 / train_hours if train_hours >= 0.01 else math.nan,
+                "recommended": True,
+            },
+            {
+                **common,
+                "strategy": "pretrained",
+                "model": "lite0",
+                "score": 0.621,
+                "gain": 0.0,
+                "train_hours": 0.0,
+                "gain_per_hour": math.nan,
+                "recommended": False,
+            },
+        ]
+    ).reindex(columns=an.guide.GUIDE_COLUMNS)
 
 
 def test_guide_says_how_far_behind_in_words_and_quotes_no_rate_for_seconds_of_tuning():
@@ -153,12 +242,31 @@ def test_guide_says_how_far_behind_in_words_and_quotes_no_rate_for_seconds_of_tu
     assert "0.179 lower" in sentence and "behind" not in sentence
     assert "+0.179 per hour of tuning" in sentence and "(0.179 lower; no training)" in sentence
     # 17 s of tuning: no "+38.573 per hour", and not "0.00 h of training" either
-    costs = an.strategy_costs(pd.DataFrame([
-        {"model": "m", "dataset": "d", "mode": "pretrained", "base_model": None, "mMP@5": 0.6,
-         "train_hours": math.nan, "gpu_hours": math.nan},
-        {"model": "m", "dataset": "d", "mode": "top-tuned", "base_model": "m", "mMP@5": 0.78,
-         "train_hours": 17 / 3600, "gpu_hours": math.nan},
-    ]), "mMP@5")
+    costs = an.strategy_costs(
+        pd.DataFrame(
+            [
+                {
+                    "model": "m",
+                    "dataset": "d",
+                    "mode": "pretrained",
+                    "base_model": None,
+                    "mMP@5": 0.6,
+                    "train_hours": math.nan,
+                    "gpu_hours": math.nan,
+                },
+                {
+                    "model": "m",
+                    "dataset": "d",
+                    "mode": "top-tuned",
+                    "base_model": "m",
+                    "mMP@5": 0.78,
+                    "train_hours": 17 / 3600,
+                    "gpu_hours": math.nan,
+                },
+            ]
+        ),
+        "mMP@5",
+    )
     assert costs["gain_per_hour"].isna().all()
     (short,) = an.guide_sentences(_guide(17 / 3600))
     assert "per hour" not in short and "0.00 h" not in short and "17 s of training" in short
@@ -171,8 +279,14 @@ def test_figure_4a_labels_every_dot_and_marks_the_control():
     from embbench.analysis import plots
 
     rows = [
-        {"dataset": "demo", "model": m, "family": "supervised", "mode": "pretrained",
-         "mMP@5": v, "control": m.endswith("_random")}
+        {
+            "dataset": "demo",
+            "model": m,
+            "family": "supervised",
+            "mode": "pretrained",
+            "mMP@5": v,
+            "control": m.endswith("_random"),
+        }
         for m, v in (("lite0", 0.65), ("lite1", 0.66), ("lite2", 0.64), ("lite0_random", 0.2))
     ]
     fig = plots.all_models_figure(pd.DataFrame(rows), "mMP@5")
@@ -205,16 +319,25 @@ def test_report_embeds_the_versioned_notebooks_it_came_from(tmp_path):
     latest = folder / "latest.ipynb"
     latest.write_bytes(new.read_bytes())
     assert versioned_notebook(latest) == new
-    five = _executed(tmp_path / "notebooks" / "05_analysis" / "20260102-110000-cccccccc.ipynb",
-                     "analysis")
-    out = rep.export_html(five, tmp_path / "shared" / "report.html",
-                          sources=[versioned_notebook(latest), five])
+    five = _executed(
+        tmp_path / "notebooks" / "05_analysis" / "20260102-110000-cccccccc.ipynb", "analysis"
+    )
+    out = rep.export_html(
+        five, tmp_path / "shared" / "report.html", sources=[versioned_notebook(latest), five]
+    )
     html = out.read_text()
     assert "latest.ipynb" not in html
-    links = dict(re.findall(r'download="([^"]+)" href="data:application/x-ipynb\+json;base64,'
-                            r'([^"]+)"', html))
-    assert set(links) == {"01_embed_20260102-100000-bbbbbbbb.ipynb",
-                          "05_analysis_20260102-110000-cccccccc.ipynb"}
+    links = dict(
+        re.findall(
+            r'download="([^"]+)" href="data:application/x-ipynb\+json;base64,'
+            r'([^"]+)"',
+            html,
+        )
+    )
+    assert set(links) == {
+        "01_embed_20260102-100000-bbbbbbbb.ipynb",
+        "05_analysis_20260102-110000-cccccccc.ipynb",
+    }
     embedded = json.loads(base64.b64decode(links["01_embed_20260102-100000-bbbbbbbb.ipynb"]))
     assert "".join(embedded["cells"][0]["source"]) == "# new run"
     assert not re.search(r'href="(?!data:)[^"]*\.ipynb"', html)  # nothing relative to break

@@ -87,11 +87,21 @@ FINETUNE = textwrap.dedent("""
 def _run(script: str, arg: str, home: Path, *extra: str) -> tuple[int, dict | None, str]:
     """Run ``script`` in a fresh Python with the project folders under ``home``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    for var, sub in (("EMBBENCH_DATA", "data"), ("EMBBENCH_CACHE", "cache"),
-                     ("EMBBENCH_RUNS", "runs"), ("EMBBENCH_REPORTS", "reports")):
+    for var, sub in (
+        ("EMBBENCH_DATA", "data"),
+        ("EMBBENCH_CACHE", "cache"),
+        ("EMBBENCH_RUNS", "runs"),
+        ("EMBBENCH_REPORTS", "reports"),
+    ):
         env[var] = str(home / sub)
-    proc = subprocess.run([sys.executable, "-c", script, arg, *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, arg, *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return proc.returncode, (json.loads(lines[-1][7:]) if lines else None), proc.stderr
 
@@ -129,9 +139,13 @@ def test_bayesian_oracle_state_survives_a_reload(tmp_path):
         hp = keras_tuner.HyperParameters()
         hp.Float("lr", 1e-4, 1e-1, sampling="log")
         hp.Float("momentum", 0.0, 0.9)
-        o = ResumableBayesianOracle(objective=keras_tuner.Objective("score", "max"),
-                                    max_trials=6, num_initial_points=2, seed=7,
-                                    hyperparameters=hp)
+        o = ResumableBayesianOracle(
+            objective=keras_tuner.Objective("score", "max"),
+            max_trials=6,
+            num_initial_points=2,
+            seed=7,
+            hyperparameters=hp,
+        )
         o._set_project_dir(str(tmp_path), name)
         return o
 

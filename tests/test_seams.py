@@ -37,11 +37,22 @@ def test_one_vocabulary_everything_imports():
         if path.name == "vocab.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            targets = (node.targets if isinstance(node, ast.Assign)
-                       else [node.target] if isinstance(node, ast.AnnAssign) else [])
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             names = {t.id for t in targets if isinstance(t, ast.Name)}
-            assert not names & {"MODES", "Mode", "WEIGHT_MODES", "RANDOM_SEED", "TUNED_MODES",
-                                "CROSS_MODES"}, f"{path.relative_to(PKG)} spells {names}"
+            assert not names & {
+                "MODES",
+                "Mode",
+                "WEIGHT_MODES",
+                "RANDOM_SEED",
+                "TUNED_MODES",
+                "CROSS_MODES",
+            }, f"{path.relative_to(PKG)} spells {names}"
 
 
 def test_a_stage_imports_no_other_stage():
@@ -56,8 +67,9 @@ def test_a_stage_imports_no_other_stage():
                 names = [a.name for a in node.names]
                 public = [n for n in names if not n.startswith("_")]
                 own = ("_variants", path.stem)  # (finetune runs itself under torchrun)
-                assert not (mod.startswith("embbench.stages.") and mod.split(".")[2] not in own
-                            ), f"{path.name} imports {mod}"
+                assert not (mod.startswith("embbench.stages.") and mod.split(".")[2] not in own), (
+                    f"{path.name} imports {mod}"
+                )
                 assert not (mod == "embbench.stages" and public), f"{path.name} imports {names}"
     from embbench.stagekit import EmbedderPool, embed_options, lineage_of, weights_problem
 
@@ -82,16 +94,23 @@ def test_steps_base_class_has_a_no_op_expand_and_the_engine_calls_it():
     assert 'getattr(self.steps, "expand"' not in src
     from embbench.stages import crosstune, embed, finetune, toptune
 
-    for steps in (embed.EmbedSteps, finetune.FinetuneSteps, toptune.TopTuneSteps,
-                  crosstune.CrosstuneSteps):
+    for steps in (
+        embed.EmbedSteps,
+        finetune.FinetuneSteps,
+        toptune.TopTuneSteps,
+        crosstune.CrosstuneSteps,
+    ):
         assert issubclass(steps, StageSteps)
 
 
 def test_produced_is_typed():
     hints = typing.get_type_hints(Produced)
     assert hints["spec"] is models.ModelSpec
-    assert all(hints[f.name] is not typing.Any for f in dataclasses.fields(Produced)
-               if f.name not in ("details",)), hints
+    assert all(
+        hints[f.name] is not typing.Any
+        for f in dataclasses.fields(Produced)
+        if f.name not in ("details",)
+    ), hints
     assert "toptune_model_path" in hints and "searched_with" in hints
 
 
@@ -117,8 +136,9 @@ def test_toptune_model_path_is_a_typed_record_field_and_older_records_move_it():
     assert "toptune_model_path" not in moved["details"]
     assert "toptune_model_path" in older_v2["details"]  # the input is not changed
     assert ResultRecord.model_validate(moved).toptune_model_path == "/m/model.keras"
-    cross = parse_record(json.loads(
-        (OLD_RECORDS / "crosstune-cross-top-tuned-test_resnet.json").read_text()))
+    cross = parse_record(
+        json.loads((OLD_RECORDS / "crosstune-cross-top-tuned-test_resnet.json").read_text())
+    )
     assert cross.toptune_model_path and "toptune_model_path" not in cross.details
 
 
@@ -129,8 +149,12 @@ def test_crosstune_finds_the_toptuned_source_by_its_typed_field(tmp_path):
     raw = json.loads((OLD_RECORDS / "toptune-top-tuned-test_resnet.json").read_text())
     rec = parse_record(raw)
     store.save(rec, None)
-    cfg = CrosstuneConfig(models=["test_resnet"], datasets=[rec.dataset],
-                          toptuned_on=[rec.dataset, "elsewhere"], skip_missing=True)
+    cfg = CrosstuneConfig(
+        models=["test_resnet"],
+        datasets=[rec.dataset],
+        toptuned_on=[rec.dataset, "elsewhere"],
+        skip_missing=True,
+    )
     steps = CrosstuneSteps(cfg, store)
     src = steps._toptuned("test_resnet", rec.dataset)
     assert src is not None and src.toptune_model_path == rec.toptune_model_path

@@ -28,8 +28,14 @@ from embbench.services import ServiceUnreachableError
 from embbench.stages.embed import EmbedConfig, EmbedSteps, run_embed
 
 BIN = Path(sys.executable).parent
-BASE = dict(models=["test_resnet"], datasets=["demo"], weights="random", batch_size=8,
-            num_workers=0, backend="exact")
+BASE = dict(
+    models=["test_resnet"],
+    datasets=["demo"],
+    weights="random",
+    batch_size=8,
+    num_workers=0,
+    backend="exact",
+)
 
 
 def _free_port() -> int:
@@ -41,10 +47,24 @@ def _free_port() -> int:
 def _start_mlflow(home: Path, port: int) -> subprocess.Popen:
     log = (home / "mlflow.log").open("a")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", str(home / "mlartifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(home / "mlartifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -67,10 +87,15 @@ def _kill(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_mlflow_server_killed_mid_grid_fails_in_seconds_and_the_rerun_completes(
-        small_demo, monkeypatch, tmp_path):
+    small_demo, monkeypatch, tmp_path
+):
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"):
+    for var in (
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    ):
         monkeypatch.delenv(var, raising=False)  # embbench's defaults, not a user's
     home = tmp_path / "server"
     home.mkdir()
@@ -113,9 +138,20 @@ def test_mlflow_server_killed_mid_grid_fails_in_seconds_and_the_rerun_completes(
 def _start_milvus(home: Path, port: int) -> subprocess.Popen:
     log = (home / "milvus.log").open("a")
     proc = subprocess.Popen(
-        [str(BIN / "milvus-lite"), "server", "--data-dir", str(home / "milvus.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "milvus-lite"),
+            "server",
+            "--data-dir",
+            str(home / "milvus.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -146,15 +182,17 @@ def _wait_for_milvus(uri: str, timeout: float = 60.0) -> None:
 
 @pytest.mark.slow
 def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
-        small_demo, monkeypatch, tmp_path):
+    small_demo, monkeypatch, tmp_path
+):
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     monkeypatch.delenv("EMBBENCH_MILVUS_TIMEOUT", raising=False)
     home = tmp_path / "milvus"
     home.mkdir()
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    cfg = EmbedConfig(**{**BASE, "models": ["test_resnet", "test_clip"], "backend": "milvus",
-                         "milvus_uri": uri})
+    cfg = EmbedConfig(
+        **{**BASE, "models": ["test_resnet", "test_clip"], "backend": "milvus", "milvus_uri": uri}
+    )
     server = _start_milvus(home, port)
     produce = EmbedSteps.produce
     calls = []
@@ -187,7 +225,8 @@ def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
 
 @pytest.mark.slow
 def test_corrupted_milvus_lite_collection_is_rebuilt_with_equal_metrics(
-        small_demo, monkeypatch, caplog, capfd):
+    small_demo, monkeypatch, caplog, capfd
+):
     from embbench.paths import runs_dir
 
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
@@ -203,8 +242,11 @@ def test_corrupted_milvus_lite_collection_is_rebuilt_with_equal_metrics(
     assert metrics and again[metrics].equals(first[metrics])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert "cannot be read" in warnings[0] and "rebuilding it from the embedding cache" in \
-        warnings[0] and str(runs_dir() / "milvus.db") in warnings[0]
+    assert (
+        "cannot be read" in warnings[0]
+        and "rebuilding it from the embedding cache" in warnings[0]
+        and str(runs_dir() / "milvus.db") in warnings[0]
+    )
     assert "Traceback" not in capfd.readouterr().err  # pymilvus' own handler stayed quiet
 
 
@@ -216,8 +258,11 @@ def mounts():
 
     def mount(target: Path, options: str) -> Path:
         target.mkdir(parents=True, exist_ok=True)
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {res.stderr}")
         done.append(target)
@@ -237,8 +282,10 @@ def _cli_embed(tmp_path: Path, capsys) -> tuple[int, list[str]]:
     from embbench.cli import main
 
     params = tmp_path / "tiny.yaml"
-    params.write_text("models: [test_resnet]\ndatasets: [demo]\nweights: random\nbatch_size: 8\n"
-                      "num_workers: 0\nbackend: exact\n")
+    params.write_text(
+        "models: [test_resnet]\ndatasets: [demo]\nweights: random\nbatch_size: 8\n"
+        "num_workers: 0\nbackend: exact\n"
+    )
     capsys.readouterr()
     status = main(["embed", "-f", str(params)])
     return status, capsys.readouterr().err.splitlines()
@@ -251,8 +298,9 @@ def _one_error_line(lines: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_read_only_cache_folder_is_one_line_before_any_work(small_demo, monkeypatch, tmp_path,
-                                                            capsys, mounts):
+def test_read_only_cache_folder_is_one_line_before_any_work(
+    small_demo, monkeypatch, tmp_path, capsys, mounts
+):
     from embbench.paths import cache_dir
 
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
@@ -272,8 +320,9 @@ def test_read_only_cache_folder_is_one_line_before_any_work(small_demo, monkeypa
 
 
 @pytest.mark.slow
-def test_full_runs_folder_is_one_line_before_any_work(small_demo, monkeypatch, tmp_path, capsys,
-                                                      mounts):
+def test_full_runs_folder_is_one_line_before_any_work(
+    small_demo, monkeypatch, tmp_path, capsys, mounts
+):
     from embbench.paths import runs_dir
 
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
@@ -290,7 +339,8 @@ def test_full_runs_folder_is_one_line_before_any_work(small_demo, monkeypatch, t
 
 @pytest.mark.slow
 def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
-        small_demo, monkeypatch, tmp_path, capsys, mounts):
+    small_demo, monkeypatch, tmp_path, capsys, mounts
+):
     from embbench.paths import runs_dir
 
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
@@ -299,8 +349,12 @@ def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
     status, lines = _cli_embed(tmp_path, capsys)
     line = _one_error_line(lines)
     assert status == 2
-    assert line.startswith(f"embbench embed: error: MLflow store: disk full while writing "
-                           f"{runs / 'mlflow.db'} ") and "EMBBENCH_RUNS" in line
+    assert (
+        line.startswith(
+            f"embbench embed: error: MLflow store: disk full while writing {runs / 'mlflow.db'} "
+        )
+        and "EMBBENCH_RUNS" in line
+    )
     assert not (runs / "mlflow.db").exists() and not list(runs.glob(".mlflow.db.*"))  # no half
     assert ResultStore().records() == []
     subprocess.run(["umount", "-l", str(runs)], check=True)  # space again: the rerun completes
@@ -309,9 +363,14 @@ def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
     assert len(ResultStore().records()) == 1
 
 
-@pytest.mark.parametrize(("code", "words"), [(30, "is on a read-only file system"),
-                                             (28, "disk full while writing"),
-                                             (13, "is not writable by this user")])
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (30, "is on a read-only file system"),
+        (28, "disk full while writing"),
+        (13, "is not writable by this user"),
+    ],
+)
 def test_write_probe_names_the_folder_and_the_fix(tmp_path, monkeypatch, code, words):
     """The probe behind the engine's check, where no file system can be mounted (no root)."""
     import errno

@@ -47,8 +47,14 @@ def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
     import embbench.cells as stage
 
     monkeypatch.setattr(stage, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = EmbedConfig(models=["test_resnet", "test_clip"], weights="random", datasets=["demo"],
-                      batch_size=8, num_workers=0, backend="milvus")
+    cfg = EmbedConfig(
+        models=["test_resnet", "test_clip"],
+        weights="random",
+        datasets=["demo"],
+        batch_size=8,
+        num_workers=0,
+        backend="milvus",
+    )
     table = run_embed(cfg)
     assert list(table["model"]) == ["test_resnet", "test_clip"]
     for metric in ("mMP@5", "mR@1", "MAP@5", "MRR@5", "NDCG@5"):
@@ -71,8 +77,9 @@ def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
     # the exact backend gives the same numbers (ranking agreement on real embeddings); changing
     # only the backend scores again (from the cached vectors) and the record names the backend
     again = run_embed(cfg.model_copy(update={"backend": "exact"}))
-    assert np.allclose(again["mMP@5"], table["mMP@5"]) and np.allclose(again["NDCG@5"],
-                                                                          table["NDCG@5"])
+    assert np.allclose(again["mMP@5"], table["mMP@5"]) and np.allclose(
+        again["NDCG@5"], table["NDCG@5"]
+    )
     assert {r.backend for r in ResultStore().records("embed")} == {"milvus", "exact"}
     cfg = cfg.model_copy(update={"backend": "exact"})
     # reruns skip finished cells
@@ -86,8 +93,9 @@ def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
 def test_notebook_01_runs_with_smoke_params():
     from embbench.notebooks import run_notebook
 
-    out = run_notebook("01_embed", [PARAMS / "01_embed.yaml", PARAMS / "smoke" / "01_embed.yaml"],
-                       progress=False)
+    out = run_notebook(
+        "01_embed", [PARAMS / "01_embed.yaml", PARAMS / "smoke" / "01_embed.yaml"], progress=False
+    )
     import nbformat
 
     nb = nbformat.read(out, as_version=4)
@@ -99,11 +107,13 @@ def test_notebook_01_runs_with_smoke_params():
 
     client = mlflow.MlflowClient(default_tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("embbench").experiment_id])
-    assert {(r.data.tags["mlflow.source.type"], r.data.tags["mlflow.source.name"])
-            for r in runs} == {("NOTEBOOK", str(project_root() / "notebooks/01_embed.ipynb"))}
+    assert {
+        (r.data.tags["mlflow.source.type"], r.data.tags["mlflow.source.name"]) for r in runs
+    } == {("NOTEBOOK", str(project_root() / "notebooks/01_embed.ipynb"))}
     # the gallery of its own run: framed thumbnails embedded in the output
-    html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells
-                   for o in c.get("outputs", []))
+    html = "".join(
+        o.get("data", {}).get("text/html", "") for c in nb.cells for o in c.get("outputs", [])
+    )
     assert html.count("embbench-thumb") >= 2 * (1 + 2 * 5) and "#1a7f37" in html
 
 

@@ -77,8 +77,9 @@ def test_image_only_tasks_keep_only_the_image_tower():
     x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
     import torch
 
-    np.testing.assert_array_equal(emb(torch.from_numpy(x)).numpy(),
-                                  both(torch.from_numpy(x)).numpy())
+    np.testing.assert_array_equal(
+        emb(torch.from_numpy(x)).numpy(), both(torch.from_numpy(x)).numpy()
+    )
 
 
 def test_text_task_on_image_only_model_is_one_line():
@@ -135,11 +136,13 @@ def test_text_cache_hit_is_identical_and_keys_miss_on_changes(tower, monkeypatch
     assert short.context_length == 8
     assert text_cache(short, TEXTS, templates=("a photo of {}.",)).key != base
     # class prompts: same templates hit, another template set misses
-    a = embed_class_prompts(tower, ["mug", "lamp"], ["a photo of {}.", "{} for sale."],
-                            progress=False)
+    a = embed_class_prompts(
+        tower, ["mug", "lamp"], ["a photo of {}.", "{} for sale."], progress=False
+    )
     n = len(calls)
-    b = embed_class_prompts(tower, ["mug", "lamp"], ["a photo of {}.", "{} for sale."],
-                            progress=False)
+    b = embed_class_prompts(
+        tower, ["mug", "lamp"], ["a photo of {}.", "{} for sale."], progress=False
+    )
     assert len(calls) == n
     np.testing.assert_array_equal(a, b)
     embed_class_prompts(tower, ["mug", "lamp"], ["a photo of {}."], progress=False)
@@ -155,15 +158,17 @@ def test_template_averaging_equals_hand_computation(tower):
     got = embed_class_prompts(tower, classes, templates, progress=False)
     want = []
     for c in classes:  # each prompt embedded alone, averaged by hand, re-normalised
-        vecs = [encode_texts(tower, [t.format(c)], device="cpu", progress=False)[0]
-                for t in templates]
+        vecs = [
+            encode_texts(tower, [t.format(c)], device="cpu", progress=False)[0] for t in templates
+        ]
         mean = np.sum(np.asarray(vecs, dtype=np.float64), axis=0) / len(templates)
-        want.append(mean / np.sqrt((mean ** 2).sum()))
+        want.append(mean / np.sqrt((mean**2).sum()))
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-6)
     # the pure function on known numbers: classes of 2 templates
     v = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], dtype=np.float32)
-    np.testing.assert_allclose(average_class_embeddings(v, 2),
-                               [[2 ** -0.5, 2 ** -0.5], [1, 0]], atol=1e-7)
+    np.testing.assert_allclose(
+        average_class_embeddings(v, 2), [[2**-0.5, 2**-0.5], [1, 0]], atol=1e-7
+    )
     assert class_prompts(["a", "b"], ["x {}", "{} y"]) == ["x a", "a y", "x b", "b y"]
 
 
@@ -216,10 +221,15 @@ def test_text_to_image_equals_image_metric_code_on_same_relevance():
 
 
 def test_item_texts_column_errors_and_empties():
-    items = pd.DataFrame({
-        "item_id": ["a", "b", "c", "d"], "path": ["p"] * 4, "split": ["test"] * 3 + ["train"],
-        "class_id": [1, 1, 2, 2], "title": ["red mug", "", None, "lamp"],
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "d"],
+            "path": ["p"] * 4,
+            "split": ["test"] * 3 + ["train"],
+            "class_id": [1, 1, 2, 2],
+            "title": ["red mug", "", None, "lamp"],
+        }
+    )
     got = item_texts(items, "title", "class_id", split="test", where="catalogue 'shop'")
     assert got.texts == ["red mug"] and got.ids.tolist() == ["a"] and got.n_empty == 2
     assert got.labels.tolist() == [1]
@@ -252,8 +262,9 @@ def test_zero_shot_equals_hand_computation_and_sklearn():
         top5.append(list(classes[order[:5]]))
     assert res.predictions.tolist() == pred
     assert res.summary["top1"] == pytest.approx(np.mean(np.array(pred) == y))
-    assert res.summary["top5"] == pytest.approx(np.mean([t in s for t, s in zip(y, top5,
-                                                                                 strict=True)]))
+    assert res.summary["top5"] == pytest.approx(
+        np.mean([t in s for t, s in zip(y, top5, strict=True)])
+    )
     assert res.summary["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert 0 < res.summary["top1"] < res.summary["top5"] < 1
     assert res.n_images == 60 and res.n_classes == 7 and res.k_used == 5
@@ -275,8 +286,9 @@ def test_zero_shot_with_the_tiny_clip_end_to_end(tower):
     res = zero_shot_classify(img, y, cls, np.array(["mug", "lamp", "sofa"]))
     with torch.no_grad():  # open_clip's own logits (logit scale does not change the ranking)
         ref = emb.text.model.encode_image(x, normalize=True) @ torch.from_numpy(cls).T
-    np.testing.assert_array_equal(res.predictions,
-                                  np.array(["mug", "lamp", "sofa"])[ref.argmax(1).numpy()])
+    np.testing.assert_array_equal(
+        res.predictions, np.array(["mug", "lamp", "sofa"])[ref.argmax(1).numpy()]
+    )
 
 
 # --------------------------------------------------------------- one call per task family
@@ -290,27 +302,59 @@ def test_class_prompt_and_item_text_tasks_on_the_demo_catalogue(small_demo):
     images = embed_split(emb, small_demo, "test", num_workers=0, device="cpu", progress=False)
     labels = images.labels(small_demo.items, "category")
     vecs = np.asarray(images.vectors)
-    out = class_prompt_tasks(emb.text, vecs, labels, templates=["a photo of a {}."],
-                             dataset=small_demo.name, progress=False, device="cpu")
+    out = class_prompt_tasks(
+        emb.text,
+        vecs,
+        labels,
+        templates=["a photo of a {}."],
+        dataset=small_demo.name,
+        progress=False,
+        device="cpu",
+    )
     classes = sorted(set(labels.tolist()))
     assert out.class_labels.tolist() == classes and out.text_image.n_queries == len(classes)
-    ref_cls = _unit(encode_texts(emb.text, [f"a photo of a {c}." for c in classes],
-                                 progress=False, device="cpu"))
+    ref_cls = _unit(
+        encode_texts(
+            emb.text, [f"a photo of a {c}." for c in classes], progress=False, device="cpu"
+        )
+    )
     np.testing.assert_allclose(out.class_vectors, ref_cls, atol=1e-6)
-    ref = evaluate_rankings(_brute_force(ref_cls, vecs, 5), out.class_labels, labels, 5,
-                            exclude_self=False)
+    ref = evaluate_rankings(
+        _brute_force(ref_cls, vecs, 5), out.class_labels, labels, 5, exclude_self=False
+    )
     assert out.text_image.summary == pytest.approx(ref.summary, abs=1e-9)
     assert out.zero_shot.n_images == len(vecs) and set(out.zero_shot.summary) == {
-        "top1", "top5", "balanced_accuracy"}
+        "top1",
+        "top5",
+        "balanced_accuracy",
+    }
 
     items = small_demo.items.assign(title=lambda d: "a " + d["category"] + " " + d["product"])
-    res = item_text_tasks(emb.text, vecs, labels, items, text_column="title", label="category",
-                          split="test", where="demo", dataset=small_demo.name, progress=False,
-                          device="cpu")
+    res = item_text_tasks(
+        emb.text,
+        vecs,
+        labels,
+        items,
+        text_column="title",
+        label="category",
+        split="test",
+        where="demo",
+        dataset=small_demo.name,
+        progress=False,
+        device="cpu",
+    )
     assert res.text_image.n_queries == len(res.texts.texts) == len(vecs)
     assert res.image_text.n_queries == len(vecs)
     with pytest.raises(TextColumnError):  # the demo has titles, but no descriptions
-        item_text_tasks(emb.text, vecs, labels, small_demo.items, text_column="description",
-                        label="category", split="test", where="demo")
+        item_text_tasks(
+            emb.text,
+            vecs,
+            labels,
+            small_demo.items,
+            text_column="description",
+            label="category",
+            split="test",
+            where="demo",
+        )
     with pytest.raises(TemplateError):
         class_prompt_tasks(emb.text, vecs, labels, templates=[])

@@ -46,19 +46,26 @@ def _manifest(folder: Path, header: str, rows: list[str], name: str = "shop.csv"
 
 
 def test_manifest_title_column_is_auto_detected_and_logged(tmp_path, caplog):
-    csv = _manifest(tmp_path, "path,label,split,title",
-                    ["img/0.jpg,a,test,Red mug", "img/1.jpg,a,test,", "img/2.jpg,b,test,Blue cup"])
+    csv = _manifest(
+        tmp_path,
+        "path,label,split,title",
+        ["img/0.jpg,a,test,Red mug", "img/1.jpg,a,test,", "img/2.jpg,b,test,Blue cup"],
+    )
     with caplog.at_level(logging.INFO, logger="embbench.datasets"):
         cat = create_catalogue("manifest", csv)
     assert cat.text_columns == ("title",)
     assert cat.texts().tolist() == ["Red mug", "", "Blue cup"]  # the empty row is kept
-    assert any("'title'" in r.getMessage() and "auto-detected" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "'title'" in r.getMessage() and "auto-detected" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_manifest_text_column_named_in_options(tmp_path):
-    csv = _manifest(tmp_path, "path,label,split,name,text",
-                    ["img/0.jpg,a,test,Red mug,x", "img/1.jpg,b,test,Blue cup,y"])
+    csv = _manifest(
+        tmp_path,
+        "path,label,split,name,text",
+        ["img/0.jpg,a,test,Red mug,x", "img/1.jpg,b,test,Blue cup,y"],
+    )
     assert create_catalogue("manifest", csv).text_columns == ("text",)  # auto: 'text'
     cat = create_catalogue("manifest", csv, text_column="name")
     assert cat.texts().tolist() == ["Red mug", "Blue cup"]
@@ -92,9 +99,16 @@ def test_text_column_empty_in_every_row_is_refused_naming_column_and_file(tmp_pa
 
 
 def test_check_texts_names_the_rows_with_an_empty_text(tmp_path):
-    csv = _manifest(tmp_path, "path,label,split,title",
-                    ["img/0.jpg,a,train,", "img/1.jpg,a,test,Red mug", "img/2.jpg,b,test,",
-                     "img/3.jpg,b,test,Blue cup"])
+    csv = _manifest(
+        tmp_path,
+        "path,label,split,title",
+        [
+            "img/0.jpg,a,train,",
+            "img/1.jpg,a,test,Red mug",
+            "img/2.jpg,b,test,",
+            "img/3.jpg,b,test,Blue cup",
+        ],
+    )
     cat = create_catalogue("manifest", csv)
     with pytest.raises(CatalogueError) as err:
         check_texts(cat, "title")
@@ -114,10 +128,13 @@ def test_texts_change_texts_fingerprint_not_the_image_fingerprint(tmp_path):
     rows = ["img/0.jpg,a,test,Red mug", "img/1.jpg,b,test,Blue cup"]
     # the same manifest file rewritten: same images, ids, splits and labels; other texts
     with_texts = create_catalogue("manifest", _manifest(tmp_path, "path,label,split,title", rows))
-    edited = create_catalogue("manifest", _manifest(
-        tmp_path, "path,label,split,title", [rows[0], "img/1.jpg,b,test,Green cup"]))
-    plain = create_catalogue("manifest", _manifest(
-        tmp_path, "path,label,split", [r.rsplit(",", 1)[0] for r in rows]))
+    edited = create_catalogue(
+        "manifest",
+        _manifest(tmp_path, "path,label,split,title", [rows[0], "img/1.jpg,b,test,Green cup"]),
+    )
+    plain = create_catalogue(
+        "manifest", _manifest(tmp_path, "path,label,split", [r.rsplit(",", 1)[0] for r in rows])
+    )
     assert plain.text_columns == () and with_texts.root == plain.root
     assert with_texts.fingerprint() == edited.fingerprint() == plain.fingerprint()
     assert with_texts.texts_fingerprint() != edited.texts_fingerprint()
@@ -130,18 +147,34 @@ def test_texts_change_texts_fingerprint_not_the_image_fingerprint(tmp_path):
 
 
 def test_class_names_fall_back_to_the_label_value_in_words():
-    items = pd.DataFrame({"item_id": ["a", "b", "c"], "path": ["a", "b", "c"],
-                          "split": ["test"] * 3, "label": ["coffee_maker", "t-shirt", "mug"]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c"],
+            "path": ["a", "b", "c"],
+            "split": ["test"] * 3,
+            "label": ["coffee_maker", "t-shirt", "mug"],
+        }
+    )
     cat = Catalogue(name="x", items=items, label_columns=("label",), default_label="label")
     assert cat.class_names() == {"coffee_maker": "coffee maker", "mug": "mug", "t-shirt": "t shirt"}
-    named = Catalogue(name="x", items=items, label_columns=("label",), default_label="label",
-                      name_maps={"label": {"t-shirt": "T-Shirt"}})
+    named = Catalogue(
+        name="x",
+        items=items,
+        label_columns=("label",),
+        default_label="label",
+        name_maps={"label": {"t-shirt": "T-Shirt"}},
+    )
     assert named.class_names()["t-shirt"] == "T-Shirt"  # a given name is used verbatim
     assert named.subset(max_per_split=2).name_maps == named.name_maps
     assert readable_name("  coffee__maker-2 ") == "coffee maker 2"
     with pytest.raises(CatalogueError, match="non-label"):
-        Catalogue(name="x", items=items, label_columns=("label",), default_label="label",
-                  name_maps={"colour": {}})
+        Catalogue(
+            name="x",
+            items=items,
+            label_columns=("label",),
+            default_label="label",
+            name_maps={"colour": {}},
+        )
 
 
 @pytest.mark.parametrize("make", [make_cars_devkit_tree, make_cars_metric_tree])
@@ -163,13 +196,19 @@ def test_food2k_class_names_from_the_names_file_else_the_ids(tmp_path):
 
 def test_sop_rp2k_products10k_class_names(tmp_path):
     sop = create_catalogue("sop", make_sop_tree(tmp_path))
-    assert sop.class_names("super_class_id") == {1: "bicycle", 2: "cabinet", 3: "chair",
-                                                 12: "toaster"}
+    assert sop.class_names("super_class_id") == {
+        1: "bicycle",
+        2: "cabinet",
+        3: "chair",
+        12: "toaster",
+    }
     rp2k = create_catalogue("rp2k", make_rp2k_tree(tmp_path))
     assert set(rp2k.class_names().values()) == set(RP2K_TEST)  # folder names verbatim ('_', '·')
     by_id = rp2k.class_names("category_id")
-    assert all(by_id[i] == c for i, c in zip(rp2k.items["category_id"], rp2k.items["category"],
-                                              strict=True))
+    assert all(
+        by_id[i] == c
+        for i, c in zip(rp2k.items["category_id"], rp2k.items["category"], strict=True)
+    )
     p10k = create_catalogue("products10k", make_products10k_tree(tmp_path))
     assert p10k.class_names("group") == {0: "0", 1: "1", 2: "2"}  # the layout has ids only
 
@@ -224,8 +263,9 @@ def test_demo_titles_describe_the_products_and_images_are_unchanged(tmp_path):
         words = row["title"].split()
         assert words[0] == _nearest_palette_name(spec["color"])
         assert words[-1] == row["category"] == spec["category"] in CATEGORIES
-        assert words[1:-1] == ([PATTERN_WORDS[spec["pattern"]]] if spec["pattern"] != "solid"
-                               else [])
+        assert words[1:-1] == (
+            [PATTERN_WORDS[spec["pattern"]]] if spec["pattern"] != "solid" else []
+        )
     # every class a prompt name: the product's title, the category's shape
     first = cat.items.drop_duplicates("product")
     assert cat.class_names("product") == dict(zip(first["product"], first["title"], strict=True))

@@ -283,8 +283,12 @@ def test_search_runs_resumes_and_extends(tmp_path):
     def search(max_trials, hypermodel_cls=keras_model.MLPHyperModel):
         hm = hypermodel_cls(space, data.dim, len(data.classes))
         tuner = toptune_search.make_tuner(
-            hm, directory=tmp_path, project_name="s", max_trials=max_trials,
-            executions_per_trial=1, seed=0,
+            hm,
+            directory=tmp_path,
+            project_name="s",
+            max_trials=max_trials,
+            executions_per_trial=1,
+            seed=0,
         )
         return tuner, hm, toptune_search.run_search(tuner, *args, epochs=2, batch_size=32, seed=0)
 
@@ -326,8 +330,13 @@ def test_toptune_cell_end_to_end(tmp_path):
     acc = record.classification["accuracy"]
     assert acc > 5 * (1 / 6), record.classification
     assert set(record.classification) >= {
-        "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
-        "recall_weighted", "f1_weighted",
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
     }
     cm = np.load(d["confusion_matrix_path"])
     assert cm["matrix"].shape == (6, 6) and cm["matrix"].sum() == 30
@@ -347,8 +356,7 @@ def test_toptune_cell_end_to_end(tmp_path):
         assert tt.shape == (len(sets[split].vectors), last_units)
     # the saved model reproduces the cached top-tuned embeddings (cross-top-tuning entry point)
     head = load_toptuned(Path(record.toptune_model_path).parent)
-    assert (head.source_model, head.source_dataset, head.label) == ("test_resnet", "demo",
-                                                                     "label")
+    assert (head.source_model, head.source_dataset, head.label) == ("test_resnet", "demo", "label")
     tt_test = np.load(Path(d["toptuned_caches"]["test"]) / "vectors.npy")
     np.testing.assert_allclose(head.embed(np.asarray(sets["test"].vectors)), tt_test, atol=1e-5)
     assert head.embed_dim == last_units
@@ -357,7 +365,8 @@ def test_toptune_cell_end_to_end(tmp_path):
     # MLflow: the cell's one run holds the search, with one child run per trial
     parent = record.mlflow_run_id
     children = mlflow.search_runs(
-        filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+        output_format="list",
         search_all_experiments=True,
     )
     assert sorted(r.data.tags["run_kind"] for r in children) == ["trial"] * d["n_trials"]
@@ -402,8 +411,13 @@ def test_tensorflow_backend_works(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": ""}
     env.pop("KERAS_BACKEND")
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
-        timeout=600, check=False,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -419,8 +433,12 @@ def test_run_toptune_on_demo(small_demo, monkeypatch):
 
     monkeypatch.setattr(stage, "load_catalogue", lambda *a, **k: small_demo)
     cfg = tiny_cfg(
-        models=["test_resnet"], weights="random", datasets=["demo"], label="category",
-        num_workers=0, batch_size=16,
+        models=["test_resnet"],
+        weights="random",
+        datasets=["demo"],
+        label="category",
+        num_workers=0,
+        batch_size=16,
     )
     results = run_toptune(cfg)
     assert len(results) == 1
@@ -437,7 +455,8 @@ def test_notebook_runs_with_smoke_params():
     from embbench.notebooks import run_notebook
 
     out = run_notebook(
-        "03_toptune", [ROOT / "params/03_toptune.yaml", ROOT / "params/smoke/03_toptune.yaml"],
+        "03_toptune",
+        [ROOT / "params/03_toptune.yaml", ROOT / "params/smoke/03_toptune.yaml"],
         progress=False,
     )
     assert out.is_file()

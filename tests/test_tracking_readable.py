@@ -43,15 +43,20 @@ def test_metric_names_map_both_ways_because_mlflow_refuses_at(tmp_path):
 # ---- source -------------------------------------------------------------------------------------
 def test_source_is_the_notebook_or_the_cli():
     nb = {"EMBBENCH_NOTEBOOK": "/p/notebooks/01_embed.ipynb"}
-    assert source_tags([], nb) == {"mlflow.source.type": "NOTEBOOK",
-                                   "mlflow.source.name": "/p/notebooks/01_embed.ipynb"}
-    lab = source_tags(["/v/lib/ipykernel_launcher.py", "-f", "k.json"],
-                      {"JPY_SESSION_NAME": "/p/notebooks/05_analysis.ipynb"})
+    assert source_tags([], nb) == {
+        "mlflow.source.type": "NOTEBOOK",
+        "mlflow.source.name": "/p/notebooks/01_embed.ipynb",
+    }
+    lab = source_tags(
+        ["/v/lib/ipykernel_launcher.py", "-f", "k.json"],
+        {"JPY_SESSION_NAME": "/p/notebooks/05_analysis.ipynb"},
+    )
     assert lab["mlflow.source.name"].endswith("05_analysis.ipynb")
     cli = source_tags(["/v/bin/embbench", "--debug", "run-cell", "x"], {})
     assert cli == {"mlflow.source.type": "LOCAL", "mlflow.source.name": "embbench run-cell"}
     assert source_tags(["/v/lib/embbench/__main__.py", "nb"], {})["mlflow.source.name"] == (
-        "embbench nb")
+        "embbench nb"
+    )
     assert source_tags(["/v/bin/pytest"], {}) == {}  # MLflow's own guess stays
 
 
@@ -64,22 +69,36 @@ def test_stage01_runs_read_well_in_mlflow(small_demo, monkeypatch):
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     notebook = str(ROOT / "notebooks" / "01_embed.ipynb")
     monkeypatch.setenv("EMBBENCH_NOTEBOOK", notebook)
-    cfg = EmbedConfig(models=["test_resnet", "test_vit"], weights="random", datasets=["demo"],
-                      batch_size=16, num_workers=0, backend="exact", compressions=["int8"],
-                      variant_models=["test_resnet"])
+    cfg = EmbedConfig(
+        models=["test_resnet", "test_vit"],
+        weights="random",
+        datasets=["demo"],
+        batch_size=16,
+        num_workers=0,
+        backend="exact",
+        compressions=["int8"],
+        variant_models=["test_resnet"],
+    )
     run_embed(cfg)
     runs = {r.info.run_name: r for r in _runs()}
     # one readable name per cell: stage/model/dataset[/variant]
-    assert sorted(runs) == ["embed/test_resnet/demo", "embed/test_resnet/demo/int8",
-                            "embed/test_vit/demo"]
+    assert sorted(runs) == [
+        "embed/test_resnet/demo",
+        "embed/test_resnet/demo/int8",
+        "embed/test_vit/demo",
+    ]
     plain, variant = runs["embed/test_resnet/demo"], runs["embed/test_resnet/demo/int8"]
     # the variant is nested under its plain cell's run
     assert variant.data.tags["mlflow.parentRunId"] == plain.info.run_id
     assert "mlflow.parentRunId" not in plain.data.tags
     # only the cell's own parameters: its model, dataset, mode, variant, hyper-parameters
     p = plain.data.params
-    assert (p["model"], p["dataset"], p["mode"], p["stage"]) == ("test_resnet", "demo",
-                                                                 "pretrained", "embed")
+    assert (p["model"], p["dataset"], p["mode"], p["stage"]) == (
+        "test_resnet",
+        "demo",
+        "pretrained",
+        "embed",
+    )
     assert variant.data.params["variant"] == "int8" and "variant" not in p
     assert not [k for k in p if k.startswith("config.") or k in ("models", "datasets")]
     assert not [v for v in p.values() if "test_vit" in v]  # no other cell's model
@@ -119,8 +138,7 @@ def test_toptune_trials_are_named_and_nested_under_their_cell(tmp_path):
     assert cell.data.params["units"] == "[16, 32]"  # the cell's hyper-parameter space
     trials = [r for r in _runs() if r.data.tags.get("run_kind") == "trial"]
     assert trials and all(r.data.tags["mlflow.parentRunId"] == cell.info.run_id for r in trials)
-    assert all(re.fullmatch(r"toptune/test_resnet/demo/trial-\w+", r.info.run_name)
-               for r in trials)
+    assert all(re.fullmatch(r"toptune/test_resnet/demo/trial-\w+", r.info.run_name) for r in trials)
     (inp,) = cell.inputs.dataset_inputs
     assert inp.dataset.digest == cat.fingerprint()
 
@@ -135,8 +153,11 @@ def test_finetune_training_run_logs_its_cells_parameters_not_the_grid(small_demo
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     cfg = FinetuneConfig(**{**TINY, "models": ["test_resnet", "test_vit"]})
     params = make_trainer(cfg, finetune_job(cfg, "test_resnet", "demo")).run_params
-    assert (params["model"], params["dataset"], params["stage"]) == ("test_resnet", "demo",
-                                                                     "finetune")
+    assert (params["model"], params["dataset"], params["stage"]) == (
+        "test_resnet",
+        "demo",
+        "finetune",
+    )
     assert "config" not in params and "models" not in params and params["epochs"] == 1
 
 
@@ -149,10 +170,23 @@ def _free_port() -> int:
 
 def _page_text(chromium: str, url: str, profile: Path) -> str:
     proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=180,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", proc.stdout, flags=re.S)
@@ -171,10 +205,20 @@ def test_printed_ui_link_opens_the_runs_in_the_ml_view(tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", uri,
-         "--default-artifact-root", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            uri,
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     try:
@@ -221,12 +265,20 @@ def test_held_milvus_lite_file_is_reported_before_any_work(small_demo, tmp_path,
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     db = tmp_path / "held" / "milvus.db"
     db.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(db)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(db)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
-        cfg = EmbedConfig(models=["test_resnet"], weights="random", datasets=["demo"],
-                          batch_size=16, num_workers=0, backend="milvus", milvus_uri=str(db))
+        cfg = EmbedConfig(
+            models=["test_resnet"],
+            weights="random",
+            datasets=["demo"],
+            batch_size=16,
+            num_workers=0,
+            backend="milvus",
+            milvus_uri=str(db),
+        )
         with pytest.raises(GridError) as err:
             run_embed(cfg)
         lines = [ln for ln in str(err.value).splitlines() if "Milvus Lite" in ln]

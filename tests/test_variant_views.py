@@ -19,12 +19,20 @@ VARIANTS = {"int8": 0.64, "IVF_SQ8 nprobe=1": 0.21, "HNSW": 0.62}
 
 
 def _results() -> pd.DataFrame:
-    rows = [{"model": "lite0", "dataset": "demo", "variant": "", "weights": "pretrained",
-             "mMP@5": 0.646},
-            {"model": "lite1", "dataset": "demo", "variant": "", "weights": "pretrained",
-             "mMP@5": 0.5}]
-    rows += [{"model": "lite0", "dataset": "demo", "variant": v, "weights": "pretrained",
-              "mMP@5": s} for v, s in VARIANTS.items()]
+    rows = [
+        {
+            "model": "lite0",
+            "dataset": "demo",
+            "variant": "",
+            "weights": "pretrained",
+            "mMP@5": 0.646,
+        },
+        {"model": "lite1", "dataset": "demo", "variant": "", "weights": "pretrained", "mMP@5": 0.5},
+    ]
+    rows += [
+        {"model": "lite0", "dataset": "demo", "variant": v, "weights": "pretrained", "mMP@5": s}
+        for v, s in VARIANTS.items()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -55,9 +63,16 @@ def test_bars_show_each_plain_score_and_variants_stand_apart_by_name():
 def test_a_variants_entry_names_the_model_and_the_variant():
     def rec(variant: str) -> ResultRecord:
         lineage = Lineage(base_model="lite0", variant={"name": variant} if variant else {})
-        return ResultRecord(stage="embed", mode="pretrained", model="lite0", dataset="demo",
-                            lineage=lineage, metrics={"mMP@5": 0.5}, k=5,
-                            config_hash=variant or "plain")
+        return ResultRecord(
+            stage="embed",
+            mode="pretrained",
+            model="lite0",
+            dataset="demo",
+            lineage=lineage,
+            metrics={"mMP@5": 0.5},
+            k=5,
+            config_hash=variant or "plain",
+        )
 
     frame = records_frame([rec(""), rec("IVF_SQ8 nprobe=1"), rec("int8")], 5)
     assert sorted(frame["entry"]) == ["lite0", "lite0 · IVF_SQ8 nprobe=1", "lite0 · int8"]
@@ -69,14 +84,20 @@ def test_gallery_merges_identical_columns_and_leaves_out_unknown_variant_ranking
     every = np.flatnonzero(plain.n_relevant > 0)
     ranked = an.rank(plain, every, K)
     stored = {**pq, "topk_ids": ranked.ids, "topk_scores": ranked.scores, "query_index": every}
-    same = load_source({**row, "entry": "lite0 · int8", "variant": "int8"},
-                       lambda r: stored, {"demo": small_demo})
-    unknown = [load_source({**row, "entry": f"lite0 · {v}", "variant": v}, lambda r: pq,
-                           {"demo": small_demo}) for v in ("HNSW", "float16")]
+    same = load_source(
+        {**row, "entry": "lite0 · int8", "variant": "int8"}, lambda r: stored, {"demo": small_demo}
+    )
+    unknown = [
+        load_source(
+            {**row, "entry": f"lite0 · {v}", "variant": v}, lambda r: pq, {"demo": small_demo}
+        )
+        for v in ("HNSW", "float16")
+    ]
     other_row, other_pq = _source_row(small_demo, "lite1", 2)
     other = load_source(other_row, lambda r: other_pq, {"demo": small_demo})
-    g = an.build_gallery([same, plain, *unknown, other], k=K, n_sample=4, n_extreme=2, seed=0,
-                         metric=f"mMP@{K}")
+    g = an.build_gallery(
+        [same, plain, *unknown, other], k=K, n_sample=4, n_extreme=2, seed=0, metric=f"mMP@{K}"
+    )
     assert g.entries == ["lite0", "lite1"]  # the plain model kept, its identical twin merged
     assert g.same_as == {"lite0": ["lite0 · int8"]}
     assert g.notes == [g.notes[0]]  # one line for every variant left out
@@ -89,9 +110,18 @@ def test_a_real_runs_variants_are_shown_by_their_own_ranking_or_merged():
     from embbench.stages.embed import EmbedConfig, run_embed
 
     demo = {"n_categories": 4, "products_per_category": 3, "views": [3, 1, 3], "image_size": 32}
-    table = run_embed(EmbedConfig(models=["test_resnet"], weights="random", datasets=["demo"],
-                                  data_options={"demo": demo}, backend="exact", num_workers=0,
-                                  compressions=["float16", "binary"], indexes=["FLAT"]))
+    table = run_embed(
+        EmbedConfig(
+            models=["test_resnet"],
+            weights="random",
+            datasets=["demo"],
+            data_options={"demo": demo},
+            backend="exact",
+            num_workers=0,
+            compressions=["float16", "binary"],
+            indexes=["FLAT"],
+        )
+    )
     store = ResultStore()
     for rec in store.records("embed"):  # every cell stores the ranking it scored
         pq = store.per_query(rec)
@@ -104,8 +134,10 @@ def test_a_real_runs_variants_are_shown_by_their_own_ranking_or_merged():
     # each column's top-1 is right exactly when its own run's per-query R@1 says so
     from embbench.analysis.sources import load_embedding_set
 
-    recs = {" · ".join(["test_resnet", *([r.lineage.variant["name"]] if r.lineage.variant
-                                          else [])]): r for r in store.records("embed")}
+    recs = {
+        " · ".join(["test_resnet", *([r.lineage.variant["name"]] if r.lineage.variant else [])]): r
+        for r in store.records("embed")
+    }
     for entry in g.entries:
         rec = recs[entry]
         pq = store.per_query(rec)

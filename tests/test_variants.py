@@ -11,15 +11,23 @@ from embbench.records import ResultStore
 from embbench.retrieval import search_and_evaluate
 from embbench.stages.embed import EmbedConfig, run_embed
 
-BASE = dict(models=["test_resnet"], datasets=["demo"], weights="random", batch_size=8,
-            num_workers=0, backend="exact", deploy_timings=False)
+BASE = dict(
+    models=["test_resnet"],
+    datasets=["demo"],
+    weights="random",
+    batch_size=8,
+    num_workers=0,
+    backend="exact",
+    deploy_timings=False,
+)
 
 
 @pytest.mark.slow
 def test_compression_and_index_variants_are_cells(small_demo, monkeypatch):
     monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = EmbedConfig(**BASE, compressions=["int8", "pca_half", "binary"],
-                      indexes=["FLAT", "IVF_SQ8"])
+    cfg = EmbedConfig(
+        **BASE, compressions=["int8", "pca_half", "binary"], indexes=["FLAT", "IVF_SQ8"]
+    )
     table = run_embed(cfg)
     records = {r.lineage.variant.get("name", ""): r for r in ResultStore().records("embed")}
     exact = records[""]
@@ -63,8 +71,9 @@ def test_compression_and_index_variants_are_cells(small_demo, monkeypatch):
     assert set(a.deploy["variant"]) == set(records) - {""}
     int8 = a.deploy.set_index("variant").loc["int8"]
     assert int8["memory_ratio"] == pytest.approx(0.25)
-    assert int8["quality_ratio"] == pytest.approx(records["int8"].metrics["mMP@5"]
-                                                  / exact.metrics["mMP@5"])
+    assert int8["quality_ratio"] == pytest.approx(
+        records["int8"].metrics["mMP@5"] / exact.metrics["mMP@5"]
+    )
     assert any(s.startswith("For model test_resnet on dataset demo") for s in a.sentences)
     (points,) = deployment_points(a.deploy).values()
     assert deploy_plots.quality_memory_figure(points).axes

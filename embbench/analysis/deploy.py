@@ -41,10 +41,14 @@ def deployment_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     plain = results[results["variant"].fillna("") == ""]
-    full_dim = {
-        (r["model"], r["dataset"]): _f(r.get("embed_dim"))
-        for r in plain[plain["mode"] == "pretrained"].to_dict("records")
-    } if "mode" in plain else {}
+    full_dim = (
+        {
+            (r["model"], r["dataset"]): _f(r.get("embed_dim"))
+            for r in plain[plain["mode"] == "pretrained"].to_dict("records")
+        }
+        if "mode" in plain
+        else {}
+    )
     for r in results[results["variant"].fillna("") != ""].to_dict("records"):
         exact = _f(r.get(f"pretrained_metrics.{metric}"))
         quality = _f(r.get(metric))
@@ -69,8 +73,11 @@ def _float32_bytes(row: Mapping, plain_dim: float) -> float:
     would make every PCA variant cost 100% of the memory. The variant's own
     ``float32_bytes_per_vector`` comes first, then the plain pretrained row's dimension.
     """
-    for value in (_f(row.get("float32_bytes_per_vector")), 4.0 * plain_dim,
-                  4.0 * _f(row.get("embed_dim"))):
+    for value in (
+        _f(row.get("float32_bytes_per_vector")),
+        4.0 * plain_dim,
+        4.0 * _f(row.get("embed_dim")),
+    ):
         if math.isfinite(value) and value > 0:
             return value
     return math.nan
@@ -95,15 +102,16 @@ def deployment_points(table: pd.DataFrame) -> dict[tuple[str, str], list[Variant
     return out
 
 
-def deployment_sentences(
-    table: pd.DataFrame, metric: str, keep: float = 0.99
-) -> list[str]:
+def deployment_sentences(table: pd.DataFrame, metric: str, keep: float = 0.99) -> list[str]:
     """One deployment sentence per (model, dataset) with variants (see the deploy package)."""
     points: Mapping[tuple[str, str], list[VariantPoint]] = deployment_points(table)
     sentences = []
     for (model, dataset), pts in points.items():
         sizes = table[(table["model"] == model) & (table["dataset"] == dataset)]["n_index"]
         n = int(np.nanmax(sizes)) if len(sizes) and np.isfinite(sizes).any() else 0
-        sentences.append(deployment_sentence(pts, model=model, dataset=dataset, n_items=n,
-                                             metric=metric, keep=keep))
+        sentences.append(
+            deployment_sentence(
+                pts, model=model, dataset=dataset, n_items=n, metric=metric, keep=keep
+            )
+        )
     return sentences

@@ -227,10 +227,14 @@ def build_gallery(
     if not sources:
         raise GalleryError("no result to show")
     unknown = [s.entry for s in sources if _variant(s) and "topk_ids" not in s.per_query]
-    notes = [
-        f"{', '.join(unknown)}: not shown, the variants' own rankings are not stored (their "
-        "cached vectors are the plain model's); their scores are in the variants' table"
-    ] if unknown else []
+    notes = (
+        [
+            f"{', '.join(unknown)}: not shown, the variants' own rankings are not stored (their "
+            "cached vectors are the plain model's); their scores are in the variants' table"
+        ]
+        if unknown
+        else []
+    )
     sources = [s for s in sources if s.entry not in unknown]
     if not sources:
         raise GalleryError("; ".join(notes))
@@ -324,8 +328,9 @@ def gallery_for_runs(
     out = []
     for dataset in sorted(frame["dataset"].astype(str).unique()):
         group = [s for s in sources if s.dataset == dataset]
-        lines = list(dict.fromkeys(n.split(": ", 1)[1] for n in notes
-                                   if n.startswith(f"{dataset}: ")))
+        lines = list(
+            dict.fromkeys(n.split(": ", 1)[1] for n in notes if n.startswith(f"{dataset}: "))
+        )
         if not group:  # nothing can be shown: the reasons, one line each, never a picture
             out.append(Gallery(dataset, "", "", [], k, [], notes=lines))
             continue

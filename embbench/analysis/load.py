@@ -128,8 +128,17 @@ def _latest_first(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_ts=ts).sort_values("_ts", ascending=False, na_position="last")
 
 
-CELL_KEY = ("stage", "mode", "model", "dataset", "label", "protocol", "source_dataset", "tuned_on",
-            "variant")
+CELL_KEY = (
+    "stage",
+    "mode",
+    "model",
+    "dataset",
+    "label",
+    "protocol",
+    "source_dataset",
+    "tuned_on",
+    "variant",
+)
 
 
 def latest_only(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -219,8 +228,17 @@ def baseline_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
         key = (r["model"], r["dataset"], r.get("label"), r.get("protocol"))
         if key in have or all(math.isnan(v) for v in values.values()):
             continue
-        row = {c: r.get(c) for c in (*_ID_COLUMNS, "timestamp", "weights_fell_back", "weights_kind",
-                                      "control", "git_sha")}
+        row = {
+            c: r.get(c)
+            for c in (
+                *_ID_COLUMNS,
+                "timestamp",
+                "weights_fell_back",
+                "weights_kind",
+                "control",
+                "git_sha",
+            )
+        }
         row.update(values)
         row.update(
             stage=BASELINE_STAGE,
@@ -279,7 +297,6 @@ def mlflow_records(tracking_uri: str = "", experiment: str = "embbench") -> list
     from mlflow.artifacts import load_dict
     from mlflow.exceptions import MlflowException
 
-
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///") :]
@@ -319,9 +336,7 @@ def mlflow_records(tracking_uri: str = "", experiment: str = "embbench") -> list
             record = None
         metrics = run.data.metrics
         retrieval = {
-            metric_name(key): value
-            for key, value in metrics.items()
-            if _RETRIEVAL_KEY.match(key)
+            metric_name(key): value for key, value in metrics.items() if _RETRIEVAL_KEY.match(key)
         }
         others = {key: v for key, v in metrics.items() if not _RETRIEVAL_KEY.match(key)}
         if not isinstance(record, dict):
@@ -379,11 +394,13 @@ _RETRIEVAL_KEY = re.compile(r"^(?:(?:mMP|MAP|MRR|NDCG)_at_\d+|mR_at_1)$")
 def _with_run(record: Mapping[str, Any], run: Any, others: Mapping[str, float]) -> ResultRecord:
     """The typed record of an MLflow run, with the run's id, start time and other metrics."""
     rec = parse_record(record, f"MLflow run {run.info.run_id}")
-    return rec.model_copy(update={
-        "mlflow_run_id": run.info.run_id,
-        "started": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC").isoformat(),
-        "details": {**rec.details, "run_metrics": dict(others)},
-    })
+    return rec.model_copy(
+        update={
+            "mlflow_run_id": run.info.run_id,
+            "started": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC").isoformat(),
+            "details": {**rec.details, "run_metrics": dict(others)},
+        }
+    )
 
 
 def load_results(cfg: ResultsQuery, store: ResultStore | None = None) -> pd.DataFrame:
@@ -440,8 +457,16 @@ def runs_summary(df: pd.DataFrame) -> pd.DataFrame:
     df = df.rename(columns={"lineage": "provenance"})
     cols = [
         c
-        for c in ("dataset", "model", "mode", "entry", "provenance", "weights_kind",
-                  "mlflow_run_id", "git_sha")
+        for c in (
+            "dataset",
+            "model",
+            "mode",
+            "entry",
+            "provenance",
+            "weights_kind",
+            "mlflow_run_id",
+            "git_sha",
+        )
         if c in df
     ]
     return df[cols].sort_values(["dataset", "model", "mode"]).reset_index(drop=True)

@@ -61,9 +61,18 @@ def _family_legend(ax, families, *, control: bool = False) -> None:
         for f in families
     ]
     if control:
-        handles.append(Line2D([], [], marker="X", linestyle="", markersize=8,
-                              markerfacecolor=CONTROL_COLOUR, markeredgecolor="black",
-                              label="random-init control"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="X",
+                linestyle="",
+                markersize=8,
+                markerfacecolor=CONTROL_COLOUR,
+                markeredgecolor="black",
+                label="random-init control",
+            )
+        )
     ax.legend(handles=handles, title="type", loc="best", fontsize="small")
 
 
@@ -196,12 +205,19 @@ def all_models_figure(long: pd.DataFrame, metric: str):
                 control = _is_control(r.get("control"))
                 y = float(r[metric])
                 if control:
-                    ax.scatter(i, y, marker="X", s=70, color=CONTROL_COLOUR, edgecolor="black",
-                               linewidth=0.6, zorder=3)
+                    ax.scatter(
+                        i,
+                        y,
+                        marker="X",
+                        s=70,
+                        color=CONTROL_COLOUR,
+                        edgecolor="black",
+                        linewidth=0.6,
+                        zorder=3,
+                    )
                 else:
                     colour = FAMILY_PALETTE.get(r.get("family"), FAMILY_PALETTE["unknown"])
-                    ax.scatter(i, y, s=45, color=colour, edgecolor="white", linewidth=0.5,
-                               zorder=3)
+                    ax.scatter(i, y, s=45, color=colour, edgecolor="white", linewidth=0.5, zorder=3)
                 label = str(r["model"])
                 variant = r.get("variant")
                 if isinstance(variant, str) and variant:
@@ -209,11 +225,17 @@ def all_models_figure(long: pd.DataFrame, metric: str):
                 if control:
                     label += " (control)"
                 ax.annotate(
-                    label, (i, y), xytext=(i + 0.08, y_text), textcoords="data", fontsize=7,
-                    va="center", color=CONTROL_COLOUR if control else "#24292f",
+                    label,
+                    (i, y),
+                    xytext=(i + 0.08, y_text),
+                    textcoords="data",
+                    fontsize=7,
+                    va="center",
+                    color=CONTROL_COLOUR if control else "#24292f",
                     style="italic" if control else "normal",
                     arrowprops={"arrowstyle": "-", "color": "#b0b0b0", "lw": 0.5}
-                    if abs(y_text - y) > gap / 4 else None,
+                    if abs(y_text - y) > gap / 4
+                    else None,
                 )
         ax.set_xticks(range(len(order)), order, rotation=30)
         ax.set_xlim(-0.4, len(order) - 0.1)

@@ -261,15 +261,25 @@ def _ref(row: Mapping[str, Any], dataset: str) -> CatalogueRef:
 def _reload(ref: CatalogueRef) -> Catalogue | str:
     """The catalogue ``ref`` names, read from its recorded root; else why not, in one line."""
     if not ref.root:
-        return (f"catalogue {ref.name!r}: the run recorded no folder or manifest it was read "
-                "from, so its images cannot be found; rerun its cell to draw its gallery")
+        return (
+            f"catalogue {ref.name!r}: the run recorded no folder or manifest it was read "
+            "from, so its images cannot be found; rerun its cell to draw its gallery"
+        )
     if not Path(ref.root).exists():
-        return (f"catalogue {ref.name!r}: {ref.root} (where the run read it) is not on this "
-                "machine; copy it there to see the gallery")
+        return (
+            f"catalogue {ref.name!r}: {ref.root} (where the run read it) is not on this "
+            "machine; copy it there to see the gallery"
+        )
     try:
-        return load_catalogue(ref.name, {ref.name: ref.root}, label=ref.label,
-                              max_images=ref.max_images, seed=ref.seed, options=ref.options,
-                              progress=False)
+        return load_catalogue(
+            ref.name,
+            {ref.name: ref.root},
+            label=ref.label,
+            max_images=ref.max_images,
+            seed=ref.seed,
+            options=ref.options,
+            progress=False,
+        )
     except (CatalogueError, UnknownNameError, OSError, ValueError, TypeError) as exc:
         return f"catalogue {ref.name!r} at {ref.root} not readable ({exc})"
 

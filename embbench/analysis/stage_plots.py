@@ -72,8 +72,10 @@ def variants_table(results: pd.DataFrame, metric: str) -> pd.DataFrame | None:
     pairs = var[["model", "dataset"]].drop_duplicates()
     base = results[~is_var].merge(pairs, on=["model", "dataset"]).assign(variant=PLAIN)
     table = pd.concat([base, var])[["model", "dataset", "variant", metric]].copy()
-    ref = [plain.get((m, d), float("nan")) for m, d in zip(table["model"], table["dataset"],
-                                                           strict=True)]
+    ref = [
+        plain.get((m, d), float("nan"))
+        for m, d in zip(table["model"], table["dataset"], strict=True)
+    ]
     table[f"delta {metric} vs plain"] = table[metric] - ref
     return table.sort_values(["dataset", "model"], kind="stable").reset_index(drop=True)
 
@@ -83,8 +85,18 @@ def variants_figure(results: pd.DataFrame, metric: str) -> Any:
     table = variants_table(results, metric)
     if table is None:
         return None
-    grid = _sns().catplot(data=table, kind="bar", y="variant", x=metric, col="model",
-                          row="dataset", errorbar=None, sharey=False, height=3, aspect=1.6)
+    grid = _sns().catplot(
+        data=table,
+        kind="bar",
+        y="variant",
+        x=metric,
+        col="model",
+        row="dataset",
+        errorbar=None,
+        sharey=False,
+        height=3,
+        aspect=1.6,
+    )
     grid.set(xlim=(0, 1))
     grid.set_titles("{col_name} on {row_name}")
     return grid
@@ -92,8 +104,20 @@ def variants_figure(results: pd.DataFrame, metric: str) -> Any:
 
 def finetune_table(results: pd.DataFrame, k: int) -> pd.DataFrame:
     """Stage 02's table 2: retrieval, accuracy and cost per fine-tuned cell, best first."""
-    cols = ["model", "dataset", "recipe", "mR@1", f"mMP@{k}", "val_accuracy", "test_accuracy",
-            "test_f1_macro", "train_s", "gpu_hours", "global_batch", "lr_scaled"]
+    cols = [
+        "model",
+        "dataset",
+        "recipe",
+        "mR@1",
+        f"mMP@{k}",
+        "val_accuracy",
+        "test_accuracy",
+        "test_f1_macro",
+        "train_s",
+        "gpu_hours",
+        "global_batch",
+        "lr_scaled",
+    ]
     table = results[[c for c in cols if c in results]].copy()
     if "train_s" in table:
         table["training_hours"] = table.pop("train_s") / 3600
@@ -105,18 +129,29 @@ def training_curves_figure(history: pd.DataFrame) -> Any:
     quantities = [c for c in ("train_loss", "lr", "val_accuracy") if c in history]
     if history.empty or not quantities:
         return None
-    curves = history.melt(id_vars=["model", "dataset", "epoch"], value_vars=quantities,
-                          var_name="quantity").dropna()
-    return _sns().relplot(data=curves, x="epoch", y="value", hue="model", style="dataset",
-                          col="quantity", kind="line", marker="o", facet_kws={"sharey": False})
+    curves = history.melt(
+        id_vars=["model", "dataset", "epoch"], value_vars=quantities, var_name="quantity"
+    ).dropna()
+    return _sns().relplot(
+        data=curves,
+        x="epoch",
+        y="value",
+        hue="model",
+        style="dataset",
+        col="quantity",
+        kind="line",
+        marker="o",
+        facet_kws={"sharey": False},
+    )
 
 
 def val_accuracy_vs_retrieval_figure(results: pd.DataFrame, metric: str, recipe: str) -> Any:
     """Validation accuracy against the retrieval metric, one point per fine-tuned cell."""
     if results.empty:
         return None
-    ax = _sns().scatterplot(data=results, x="val_accuracy", y=metric, hue="model",
-                            style="dataset", s=80)
+    ax = _sns().scatterplot(
+        data=results, x="val_accuracy", y=metric, hue="model", style="dataset", s=80
+    )
     ax.set_title(f"Fine-tuned ({recipe}): validation accuracy vs {metric}")
     ax.set_ylim(0, 1)
     return ax.figure
@@ -126,8 +161,9 @@ def trials_figure(trials: pd.DataFrame) -> Any:
     """Each search trial's validation accuracy, with the best so far as a line (stage 03)."""
     if trials.empty:
         return None
-    grid = _sns().relplot(data=trials, x="trial", y="val_accuracy", hue="model", col="dataset",
-                          kind="scatter")
+    grid = _sns().relplot(
+        data=trials, x="trial", y="val_accuracy", hue="model", col="dataset", kind="scatter"
+    )
     for ax, (_, part) in zip(grid.axes.flat, trials.groupby("dataset", sort=False), strict=False):
         _sns().lineplot(data=part, x="trial", y="best_so_far", hue="model", ax=ax, legend=False)
     grid.set(ylim=(0, 1))
@@ -138,8 +174,9 @@ def toptune_comparison_figure(comparison: pd.DataFrame, metric: str) -> Any:
     """Pretrained against top-tuned ``metric`` per model and dataset (stage 03)."""
     if comparison.empty:
         return None
-    grid = _sns().catplot(data=comparison, x="model", y=metric, hue="mode", col="dataset",
-                          kind="bar")
+    grid = _sns().catplot(
+        data=comparison, x="model", y=metric, hue="mode", col="dataset", kind="bar"
+    )
     grid.set(ylim=(0, 1))
     return grid
 
@@ -149,8 +186,9 @@ def cross_delta_figure(done: pd.DataFrame, metric: str) -> Any:
     col = f"delta_{metric}"
     if done.empty or col not in done:
         return None
-    grid = _sns().catplot(data=done, kind="bar", x="dataset", y=col, hue="source", col="mode",
-                          errorbar=None)
+    grid = _sns().catplot(
+        data=done, kind="bar", x="dataset", y=col, hue="source", col="mode", errorbar=None
+    )
     grid.refline(y=0, color="grey")
     grid.set_axis_labels("target dataset", f"delta {metric} vs pretrained")
     return grid
@@ -158,5 +196,8 @@ def cross_delta_figure(done: pd.DataFrame, metric: str) -> Any:
 
 def delta_matrix_style(matrix: pd.DataFrame, mode: str, metric: str) -> Any:
     """A source x target delta matrix, coloured from -0.5 (red) to +0.5 (blue)."""
-    return (matrix.style.background_gradient(cmap="RdBu", vmin=-0.5, vmax=0.5)
-            .format("{:+.3f}").set_caption(f"{mode}: delta {metric} (rows: source)"))
+    return (
+        matrix.style.background_gradient(cmap="RdBu", vmin=-0.5, vmax=0.5)
+        .format("{:+.3f}")
+        .set_caption(f"{mode}: delta {metric} (rows: source)")
+    )

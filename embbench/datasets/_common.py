@@ -49,8 +49,11 @@ class LoadNotes:
 
     def as_dict(self) -> dict:
         """A JSON-friendly dict for ``Catalogue.source``."""
-        return {"notes": list(self.notes), "problems": list(self.problems),
-                "missing": list(self.missing)}
+        return {
+            "notes": list(self.notes),
+            "problems": list(self.problems),
+            "missing": list(self.missing),
+        }
 
 
 @dataclass(frozen=True)
@@ -105,18 +108,28 @@ class LoadRequest:
                 ``split_scheme``.
         """
         if self.info is None or self.folder is None:
-            raise ValueError(f"LoadRequest.finish({self.name!r}) needs the dataset's info and "
-                             "folder (public datasets only)")
-        columns = list(dict.fromkeys(["item_id", "path", "split", *label_columns,
-                                      *extra_columns, *text_columns]))
+            raise ValueError(
+                f"LoadRequest.finish({self.name!r}) needs the dataset's info and "
+                "folder (public datasets only)"
+            )
+        columns = list(
+            dict.fromkeys(
+                ["item_id", "path", "split", *label_columns, *extra_columns, *text_columns]
+            )
+        )
         return Catalogue(
             name=self.name,
             items=items[columns],
             label_columns=tuple(label_columns),
             default_label=self.info.default_label,
             root=str(self.folder),
-            source={"loader": self.name, "variant": self.variant,
-                    "split_scheme": self.split_scheme, **source, **notes.as_dict()},
+            source={
+                "loader": self.name,
+                "variant": self.variant,
+                "split_scheme": self.split_scheme,
+                **source,
+                **notes.as_dict(),
+            },
             text_columns=tuple(text_columns),
             name_maps=dict(name_maps or {}),
         )
@@ -219,8 +232,11 @@ def find_root(
     if not root.is_dir():
         raise DatasetLayoutError(
             f"{layout.title}: root {root} is a file, not a folder"
-            + (" (an archive: extract it first and pass the extracted folder)"
-               if root.name.lower().endswith(_ARCHIVE_SUFFIXES) else "")
+            + (
+                " (an archive: extract it first and pass the extracted folder)"
+                if root.name.lower().endswith(_ARCHIVE_SUFFIXES)
+                else ""
+            )
             + f". Expected layout:\n{layout.tree}",
             root=root,
         )
@@ -229,8 +245,9 @@ def find_root(
         for name, markers in wanted.items():
             if all((folder / m).exists() for m in markers):
                 if folder != root:
-                    logger.info("%s: using %s (below the given root %s)", layout.title,
-                                folder, root)
+                    logger.info(
+                        "%s: using %s (below the given root %s)", layout.title, folder, root
+                    )
                 return folder, name
     # Nothing matched: say what was expected, what is there, and what to do.
     looked = [str(c) for c in candidates if c.is_dir()]
@@ -332,10 +349,7 @@ def list_images(folder: Path) -> list[str]:
     """Names of the image files directly in ``folder`` (sorted); ``[]`` if it does not exist."""
     try:
         with os.scandir(folder) as it:
-            names = [
-                e.name for e in it
-                if e.is_file() and suffix(e.name) in IMAGE_SUFFIXES
-            ]
+            names = [e.name for e in it if e.is_file() and suffix(e.name) in IMAGE_SUFFIXES]
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(names)
@@ -480,9 +494,7 @@ def carve_val(
     return items
 
 
-def assign_test(
-    items: pd.DataFrame, *, stratify: str, fraction: float, seed: int
-) -> pd.DataFrame:
+def assign_test(items: pd.DataFrame, *, stratify: str, fraction: float, seed: int) -> pd.DataFrame:
     """Put every row in ``train`` except a stratified ``fraction`` in ``test`` (seeded)."""
     items = items.copy()
     items["split"] = "train"

@@ -56,8 +56,7 @@ def resolve_root(
         base = data_dir()
         options = [base / name, *(base / s for s in entry.layout.subdirs)]
         root = next((p for p in options if p.is_dir()), options[0])
-    return find_root(entry.layout, Path(root).expanduser(), variant=variant,
-                     default_root=default)
+    return find_root(entry.layout, Path(root).expanduser(), variant=variant, default_root=default)
 
 
 def with_label(catalogue: Catalogue, label: str) -> Catalogue:
@@ -74,8 +73,12 @@ def with_label(catalogue: Catalogue, label: str) -> Catalogue:
     absent = items[label].isna()
     source = dict(catalogue.source)
     if absent.any():
-        logger.warning("%s: %d rows have no %r value and are left out", catalogue.name,
-                       int(absent.sum()), label)
+        logger.warning(
+            "%s: %d rows have no %r value and are left out",
+            catalogue.name,
+            int(absent.sum()),
+            label,
+        )
         items = items[~absent].reset_index(drop=True)
         source["dropped_without_label"] = {label: int(absent.sum())}
     return dataclasses.replace(catalogue, items=items, default_label=label, source=source)
@@ -87,8 +90,13 @@ def drop_missing_files(catalogue: Catalogue) -> Catalogue:
     if present.all():
         return catalogue
     n = int((~present).sum())
-    logger.warning("%s: %d of %d images are missing and are left out (first: %s)",
-                   catalogue.name, n, len(present), catalogue.items["path"][~present].iloc[0])
+    logger.warning(
+        "%s: %d of %d images are missing and are left out (first: %s)",
+        catalogue.name,
+        n,
+        len(present),
+        catalogue.items["path"][~present].iloc[0],
+    )
     source = {**catalogue.source, "dropped_missing_files": n}
     return dataclasses.replace(
         catalogue, items=catalogue.items[present].reset_index(drop=True), source=source
@@ -102,7 +110,10 @@ def _loader_options(entry: DatasetEntry) -> list[str]:
 
 
 def _public_request(
-    entry: DatasetEntry, root: str | Path | None, variant: str | None, seed: int,
+    entry: DatasetEntry,
+    root: str | Path | None,
+    variant: str | None,
+    seed: int,
     options: dict[str, Any],
 ) -> tuple[LoadRequest, dict[str, Any]]:
     """The request and the loader options for a public dataset (``options`` is consumed)."""
@@ -115,9 +126,9 @@ def _public_request(
             f"{list(info.split_schemes)}"
         )
     val_fraction = check_fraction("val_fraction", options.pop("val_fraction", info.val_fraction))
-    test_fraction = check_fraction("test_fraction",
-                                   options.pop("test_fraction", info.test_fraction),
-                                   allow_zero=False)
+    test_fraction = check_fraction(
+        "test_fraction", options.pop("test_fraction", info.test_fraction), allow_zero=False
+    )
     allowed = _loader_options(entry)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -129,9 +140,16 @@ def _public_request(
     extra = {k: v for k, v in info.options.items() if k in allowed}
     extra.update(options)
     folder, found = resolve_root(name, root, variant=variant)
-    request = LoadRequest(name=name, folder=folder, variant=found, seed=seed, info=info,
-                          split_scheme=scheme, val_fraction=val_fraction,
-                          test_fraction=test_fraction)
+    request = LoadRequest(
+        name=name,
+        folder=folder,
+        variant=found,
+        seed=seed,
+        info=info,
+        split_scheme=scheme,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
     return request, extra
 
 
@@ -186,6 +204,11 @@ def create_catalogue(
         catalogue = drop_missing_files(catalogue)
     if label is not None:
         catalogue = with_label(catalogue, label)
-    logger.info("%s: %d images, splits %s, label %r", catalogue.name, len(catalogue.items),
-                catalogue.items["split"].value_counts().to_dict(), catalogue.default_label)
+    logger.info(
+        "%s: %d images, splits %s, label %r",
+        catalogue.name,
+        len(catalogue.items),
+        catalogue.items["split"].value_counts().to_dict(),
+        catalogue.default_label,
+    )
     return catalogue

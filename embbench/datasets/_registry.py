@@ -129,8 +129,9 @@ def register_catalogue(
     # The loader of the built-in entry of that kind; it names the catalogue as it is loaded.
     loader = _REGISTRY.get(kind).loader
     # A user's catalogue may be registered again (another run, another root): it replaces.
-    return register_dataset(DatasetEntry(name=name, loader=loader, public=False, kind=kind),
-                            overwrite=True)
+    return register_dataset(
+        DatasetEntry(name=name, loader=loader, public=False, kind=kind), overwrite=True
+    )
 
 
 def register_user_catalogues(data_root: Mapping[str, str | Path]) -> list[str]:

@@ -31,13 +31,19 @@ def detect_text_column(path: Path, name: str) -> str | None:
         return None  # from_manifest reports an unreadable file with its own message
     found = next((c for c in AUTO_TEXT_COLUMNS if c in header), None)
     if found:
-        logger.info("manifest %s: item texts from its %r column (auto-detected; name another with"
-                    " data_options: {%s: {text_column: <column>}})", path, found, name)
+        logger.info(
+            "manifest %s: item texts from its %r column (auto-detected; name another with"
+            " data_options: {%s: {text_column: <column>}})",
+            path,
+            found,
+            name,
+        )
     return found
 
 
-def check_texts(catalogue: Catalogue, column: str | None = None,
-                splits: tuple[str, ...] | None = None) -> None:
+def check_texts(
+    catalogue: Catalogue, column: str | None = None, splits: tuple[str, ...] | None = None
+) -> None:
     """Refuse a text task on ``catalogue`` before any work unless every item has a text.
 
     Args:

@@ -91,11 +91,14 @@ class VerifyReport:
                     f"{(f'{pub:,}' if pub is not None else '-'):>12}"
                 )
             if "classes" in self.expected:
-                lines.append(f"  classes: {self.classes.get('all', 0):,} "
-                             f"(published {self.expected['classes']:,})")
+                lines.append(
+                    f"  classes: {self.classes.get('all', 0):,} "
+                    f"(published {self.expected['classes']:,})"
+                )
         if self.checked_images:
-            lines.append(f"  decoded {self.checked_images:,} images: "
-                         f"{len(self.unreadable):,} unreadable")
+            lines.append(
+                f"  decoded {self.checked_images:,} images: {len(self.unreadable):,} unreadable"
+            )
         if self.problems:
             lines.append(f"Problems ({len(self.problems)}):")
             lines.extend(f"  - {p}" for p in self.problems)
@@ -111,19 +114,24 @@ def _missing_problem(cat: Catalogue, missing: list[str]) -> str:
         by_parent[str(Path(p).parent)] += 1
     gone = sorted(d for d in by_parent if not Path(d).is_dir())
     total = len(cat.items)
-    msg = (f"{len(missing):,} of {total:,} images listed in the annotations are missing under "
-           f"{cat.root}, e.g. {missing[0]}")
+    msg = (
+        f"{len(missing):,} of {total:,} images listed in the annotations are missing under "
+        f"{cat.root}, e.g. {missing[0]}"
+    )
     if gone:
         shown = ", ".join(gone[:5]) + (f", ... ({len(gone)} folders)" if len(gone) > 5 else "")
-        msg += (f". Whole folders are absent: {shown}. The archive looks partly extracted: "
-                "extract it again completely")
+        msg += (
+            f". Whole folders are absent: {shown}. The archive looks partly extracted: "
+            "extract it again completely"
+        )
     else:
         msg += ". Re-extract or re-download the missing files"
     return msg + " (or pass drop_missing=True to use only the images you have)."
 
 
-def _count_notes(report: VerifyReport, cat: Catalogue, info_published: dict,
-                 published_splits: dict[str, int]) -> None:
+def _count_notes(
+    report: VerifyReport, cat: Catalogue, info_published: dict, published_splits: dict[str, int]
+) -> None:
     counts = report.counts
     val_from = cat.source.get("val_from")
     found = {"images": sum(counts.values()), "classes": report.classes.get("all", 0)}
@@ -157,8 +165,14 @@ def _check_decodes(paths: list[str], workers: int) -> list[tuple[str, str]]:
     bad = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda p: (p, check_image(p, max_pixels=DEFAULT_MAX_PIXELS)), paths)
-        for path, reason in tqdm(results, total=len(paths), desc="decoding images",
-                                 unit="img", leave=False, disable=len(paths) < 500):
+        for path, reason in tqdm(
+            results,
+            total=len(paths),
+            desc="decoding images",
+            unit="img",
+            leave=False,
+            disable=len(paths) < 500,
+        ):
             if reason is not None:
                 bad.append((path, reason))
     return bad
@@ -237,8 +251,10 @@ def verify(
         )
     urls = items["path"].astype(str).str.startswith(("http://", "https://"))
     if urls.any():
-        report.notes.append(f"{int(urls.sum()):,} rows are URLs: fetch them first with "
-                            "embbench.datasets.fetch_urls (not checked here)")
+        report.notes.append(
+            f"{int(urls.sum()):,} rows are URLs: fetch them first with "
+            "embbench.datasets.fetch_urls (not checked here)"
+        )
     present = existing_mask(items["path"])
     absent = items["path"][~present & ~urls.to_numpy()].astype(str).tolist()
     if absent:
@@ -266,8 +282,9 @@ def verify(
                 "images decode with gray rows instead of failing"
             )
     if len(report.missing) > _SHOW:
-        logger.info("%s: %d missing files (report.missing lists them all)", name,
-                    len(report.missing))
+        logger.info(
+            "%s: %d missing files (report.missing lists them all)", name, len(report.missing)
+        )
     report.ok = not report.problems
     return report
 
@@ -277,21 +294,37 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(
         prog="embbench verify",
         description="Check a local copy of a dataset: layout, counts, missing and unreadable "
-                    "files, and what to fix.",
+        "files, and what to fix.",
     )
     parser.add_argument("name", help=f"dataset name ({', '.join(list_datasets())})")
-    parser.add_argument("--root", default=None,
-                        help="dataset folder (default: data_dir()/<name>); manifest: CSV path")
-    parser.add_argument("--variant", default=None, help="force a layout variant (cars196: "
-                        "devkit or metric)")
-    parser.add_argument("--split-scheme", default=None, choices=["classification", "dml"],
-                        help="split scheme to check (default from params/datasets.yaml)")
-    parser.add_argument("--no-images", action="store_true",
-                        help="do not decode images (faster: layout, counts, missing files only)")
-    parser.add_argument("--max-images", type=int, default=0,
-                        help="decode at most this many images, a seeded sample (0 = all)")
-    parser.add_argument("--list-missing", action="store_true",
-                        help="print every missing and unreadable file")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="dataset folder (default: data_dir()/<name>); manifest: CSV path",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="force a layout variant (cars196: devkit or metric)"
+    )
+    parser.add_argument(
+        "--split-scheme",
+        default=None,
+        choices=["classification", "dml"],
+        help="split scheme to check (default from params/datasets.yaml)",
+    )
+    parser.add_argument(
+        "--no-images",
+        action="store_true",
+        help="do not decode images (faster: layout, counts, missing files only)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="decode at most this many images, a seeded sample (0 = all)",
+    )
+    parser.add_argument(
+        "--list-missing", action="store_true", help="print every missing and unreadable file"
+    )
     return parser
 
 
@@ -311,9 +344,14 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     """Run :func:`verify` for parsed arguments and print the report (shared with the CLI)."""
     try:
-        report = verify(args.name, args.root, check_images=not args.no_images,
-                        max_images=args.max_images, variant=args.variant,
-                        split_scheme=args.split_scheme)
+        report = verify(
+            args.name,
+            args.root,
+            check_images=not args.no_images,
+            max_images=args.max_images,
+            variant=args.variant,
+            split_scheme=args.split_scheme,
+        )
     except UnknownNameError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

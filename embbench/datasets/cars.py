@@ -56,8 +56,14 @@ LAYOUT = Layout(
         "metric": ("cars_annos.mat",),
     },
     subdirs=("stanford_cars", "Stanford_Cars", "cars196", "CARS196", "car_devkit"),
-    archives=("car_ims.tgz", "cars_train.tgz", "cars_test.tgz", "car_devkit.tgz",
-              "stanford_cars.zip", "stanford-cars-dataset.zip"),
+    archives=(
+        "car_ims.tgz",
+        "cars_train.tgz",
+        "cars_test.tgz",
+        "car_devkit.tgz",
+        "stanford_cars.zip",
+        "stanford-cars-dataset.zip",
+    ),
     tree=(
         "  devkit layout:  <root>/cars_train/00001.jpg, <root>/cars_test/00001.jpg,\n"
         "                  <root>/cars_test_annos_withlabels.mat,\n"
@@ -141,8 +147,14 @@ def _read_devkit(folder: Path) -> pd.DataFrame:
     devkit = folder / "devkit"
     names = _class_names(devkit / "cars_meta.mat")
     test_annos = next(
-        (p for p in (folder / "cars_test_annos_withlabels.mat",
-                     devkit / "cars_test_annos_withlabels.mat") if p.is_file()),
+        (
+            p
+            for p in (
+                folder / "cars_test_annos_withlabels.mat",
+                devkit / "cars_test_annos_withlabels.mat",
+            )
+            if p.is_file()
+        ),
         None,
     )
     if test_annos is None:
@@ -154,8 +166,11 @@ def _read_devkit(folder: Path) -> pd.DataFrame:
         )
     frames = []
     for split, ann_path, img_dir in (
-        ("train", require_file(devkit / "cars_train_annos.mat", TITLE, "annotation file"),
-         folder / "cars_train"),
+        (
+            "train",
+            require_file(devkit / "cars_train_annos.mat", TITLE, "annotation file"),
+            folder / "cars_train",
+        ),
         ("test", test_annos, folder / "cars_test"),
     ):
         ann = _annotations(ann_path, ("fname", "class"))
@@ -163,12 +178,16 @@ def _read_devkit(folder: Path) -> pd.DataFrame:
         _check_classes(classes, names, ann_path)
         fnames = _strs(ann["fname"])
         img_dir = nested_image_dir(img_dir)
-        frames.append(pd.DataFrame({
-            "item_id": [f"{folder_name(img_dir, folder)}/{f}" for f in fnames],
-            "path": join_paths(img_dir, fnames),
-            "published_split": split,
-            "class": classes,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "item_id": [f"{folder_name(img_dir, folder)}/{f}" for f in fnames],
+                    "path": join_paths(img_dir, fnames),
+                    "published_split": split,
+                    "class": classes,
+                }
+            )
+        )
     items = pd.concat(frames, ignore_index=True)
     items["class_name"] = [names[c - 1] for c in items["class"]]
     return items
@@ -187,12 +206,14 @@ def _read_metric(folder: Path) -> pd.DataFrame:
     _check_classes(classes, names, path)
     rel = _strs(ann["relative_im_path"])
     test = _ints(ann["test"])
-    items = pd.DataFrame({
-        "item_id": rel,
-        "path": join_paths(folder, rel),
-        "published_split": np.where(test == 1, "test", "train"),
-        "class": classes,
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": rel,
+            "path": join_paths(folder, rel),
+            "published_split": np.where(test == 1, "test", "train"),
+            "class": classes,
+        }
+    )
     items["class_name"] = [names[c - 1] for c in items["class"]]
     return items
 
@@ -217,19 +238,34 @@ def load(req: LoadRequest) -> Catalogue:
     else:
         items["split"] = items["published_split"]
     items = items.drop(columns="published_split")
-    items = carve_val(items, stratify="class", fraction=req.val_fraction, seed=req.seed,
-                      by_class=req.split_scheme == "dml")
+    items = carve_val(
+        items,
+        stratify="class",
+        fraction=req.val_fraction,
+        seed=req.seed,
+        by_class=req.split_scheme == "dml",
+    )
     notes = LoadNotes()
     notes.notes.append(
         f"{req.variant} layout; split scheme {req.split_scheme} "
-        + ("(classes 1-98 train, 99-196 test)" if req.split_scheme == "dml"
-           else "(published train/test)")
+        + (
+            "(classes 1-98 train, 99-196 test)"
+            if req.split_scheme == "dml"
+            else "(published train/test)"
+        )
     )
     # Class prompts use the devkit's class_names verbatim (a slash and hyphens are kept).
     names = names_by_value(items, "class", "class_name")
     name_maps = {"class": names, "class_name": {n: n for n in names.values()}}
-    return req.finish(items, ("class", "class_name"), notes, seed=req.seed,
-                      val_fraction=req.val_fraction, val_from="train", name_maps=name_maps)
+    return req.finish(
+        items,
+        ("class", "class_name"),
+        notes,
+        seed=req.seed,
+        val_fraction=req.val_fraction,
+        val_from="train",
+        name_maps=name_maps,
+    )
 
 
 register_dataset(DatasetEntry(name="cars196", loader=load, layout=LAYOUT))

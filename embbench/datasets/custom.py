@@ -61,6 +61,10 @@ def load_demo_b(req: LoadRequest, **options: Any) -> Catalogue:
     return dataclasses.replace(cat, name="demo_b", source={**cat.source, "variant_of": "demo"})
 
 
-for _name, _loader in (("manifest", load_manifest), ("folder", load_folder),
-                       ("demo", load_demo), ("demo_b", load_demo_b)):
+for _name, _loader in (
+    ("manifest", load_manifest),
+    ("folder", load_folder),
+    ("demo", load_demo),
+    ("demo_b", load_demo_b),
+):
     register_dataset(DatasetEntry(name=_name, loader=_loader, public=False))

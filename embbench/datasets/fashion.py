@@ -46,20 +46,37 @@ from embbench.datasets._registry import DatasetEntry, register_dataset
 logger = logging.getLogger(__name__)
 
 TITLE = "Fashion Product Images"
-COLUMNS = ["id", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
-           "season", "year", "usage", "productDisplayName"]
-LABELS = ("masterCategory", "subCategory", "articleType", "gender", "baseColour", "season",
-          "usage")
+COLUMNS = [
+    "id",
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
+]
+LABELS = ("masterCategory", "subCategory", "articleType", "gender", "baseColour", "season", "usage")
 
 LAYOUT = Layout(
     title=TITLE,
     variants={"kaggle": ("styles.csv", "images")},
-    subdirs=("fashion-dataset", "myntradataset", "fashion-product-images-dataset",
-             "fashion-product-images-small", "fashion-dataset/fashion-dataset"),
-    archives=("fashion-product-images-dataset.zip", "fashion-product-images-small.zip",
-              "archive.zip"),
+    subdirs=(
+        "fashion-dataset",
+        "myntradataset",
+        "fashion-product-images-dataset",
+        "fashion-product-images-small",
+        "fashion-dataset/fashion-dataset",
+    ),
+    archives=(
+        "fashion-product-images-dataset.zip",
+        "fashion-product-images-small.zip",
+        "archive.zip",
+    ),
     tree="  <root>/styles.csv, <root>/images/<id>.jpg (the archive's fashion-dataset/ folder, "
-         "or myntradataset/ of the small variant)",
+    "or myntradataset/ of the small variant)",
 )
 
 
@@ -192,23 +209,33 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
             "extract images/ completely",
             root=req.folder,
         )
-    items = pd.DataFrame({
-        "item_id": ["images/" + f for f in table["file"]],
-        "path": join_paths(req.folder / "images", table["file"]),
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": ["images/" + f for f in table["file"]],
+            "path": join_paths(req.folder / "images", table["file"]),
+        }
+    )
     for col in (*LABELS, "year", "productDisplayName"):
         items[col] = table[col].to_numpy()
     # Stratified by masterCategory whatever the label, so the split does not depend on it.
     items = assign_test(items, stratify="masterCategory", fraction=req.test_fraction, seed=req.seed)
     rest = items.index[items["split"] == "train"]
-    val = stratified_pick(items, rest, "masterCategory",
-                          req.val_fraction / (1 - req.test_fraction), req.seed + 1)
+    val = stratified_pick(
+        items, rest, "masterCategory", req.val_fraction / (1 - req.test_fraction), req.seed + 1
+    )
     items.loc[val, "split"] = "val"
-    return req.finish(items, LABELS, notes, extra_columns=("year", "productDisplayName"),
-                      text_columns=("productDisplayName",),
-                      seed=req.seed, val_fraction=req.val_fraction,
-                      test_fraction=req.test_fraction, val_from="ours",
-                      skip_malformed=skip_malformed)
+    return req.finish(
+        items,
+        LABELS,
+        notes,
+        extra_columns=("year", "productDisplayName"),
+        text_columns=("productDisplayName",),
+        seed=req.seed,
+        val_fraction=req.val_fraction,
+        test_fraction=req.test_fraction,
+        val_from="ours",
+        skip_malformed=skip_malformed,
+    )
 
 
 register_dataset(DatasetEntry(name="fashion", loader=load, layout=LAYOUT))

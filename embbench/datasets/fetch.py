@@ -46,8 +46,15 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 USER_AGENT = "embbench/0.1 (+https://github.com; python-urllib)"
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
-        "MPO": "jpg"}
+_EXT = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "MPO": "jpg",
+}
 _CHUNK = 1 << 16
 
 
@@ -139,8 +146,12 @@ def _read_index(index_path: Path) -> dict[str, dict]:
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        logger.warning("fetch index %s is unreadable (%s); starting a new one (the images "
-                       "already cached are kept and re-found by content)", index_path, err)
+        logger.warning(
+            "fetch index %s is unreadable (%s); starting a new one (the images "
+            "already cached are kept and re-found by content)",
+            index_path,
+            err,
+        )
         return {}
     return data.get("urls", {}) if isinstance(data, dict) else {}
 
@@ -167,9 +178,21 @@ def check_public_url(url: str, *, allow_private: bool = False) -> None:
     for info in infos:
         addr = ipaddress.ip_address(info[4][0].split("%")[0])
         if not addr.is_global or addr.is_multicast:
-            kind = next((k for k in ("loopback", "link_local", "private", "multicast",
-                                     "reserved", "unspecified")
-                         if getattr(addr, f"is_{k}")), "non-public")
+            kind = next(
+                (
+                    k
+                    for k in (
+                        "loopback",
+                        "link_local",
+                        "private",
+                        "multicast",
+                        "reserved",
+                        "unspecified",
+                    )
+                    if getattr(addr, f"is_{k}")
+                ),
+                "non-public",
+            )
             raise _Fatal(
                 f"refused: host {parts.hostname} resolves to {addr}, a {kind.replace('_', '-')} "
                 "address; pass allow_private=True to fetch from private networks"
@@ -252,16 +275,23 @@ def _store(data: bytes, images_dir: Path) -> tuple[str, str]:
     return sha, final.relative_to(images_dir).as_posix()
 
 
-def _fetch_one(url: str, images_dir: Path, *, retries: int, backoff: float, timeout: float,
-               max_bytes: int, stop: threading.Event,
-               allow_private: bool = False) -> tuple[str, str, int, int]:
+def _fetch_one(
+    url: str,
+    images_dir: Path,
+    *,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    max_bytes: int,
+    stop: threading.Event,
+    allow_private: bool = False,
+) -> tuple[str, str, int, int]:
     """Download, check and store one URL; return ``(sha, rel_path, bytes, attempts)``."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            data = _download(url, timeout=timeout, max_bytes=max_bytes,
-                             allow_private=allow_private)
+            data = _download(url, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private)
             sha, rel = _store(data, images_dir)
             return sha, rel, len(data), attempt
         except _Retryable as err:
@@ -322,8 +352,9 @@ def fetch_urls(
         report.seconds = time.perf_counter() - start
         return catalogue, report
     ids_by_url: dict[str, list[str]] = {}
-    for url, item_id in zip(items.loc[url_mask, "path"], items.loc[url_mask, "item_id"],
-                            strict=True):
+    for url, item_id in zip(
+        items.loc[url_mask, "path"], items.loc[url_mask, "item_id"], strict=True
+    ):
         ids_by_url.setdefault(url, []).append(str(item_id))
     report.n_urls = len(ids_by_url)
     index = _read_index(index_path)
@@ -340,16 +371,26 @@ def fetch_urls(
     stop = threading.Event()
     if todo:
         images_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("fetching %d URLs (%d already cached) into %s", len(todo), len(local),
-                    images_dir)
-        bar = progress_bar(total=len(todo), desc="fetching images", unit="img",
-                           disable=not progress)
+        logger.info(
+            "fetching %d URLs (%d already cached) into %s", len(todo), len(local), images_dir
+        )
+        bar = progress_bar(
+            total=len(todo), desc="fetching images", unit="img", disable=not progress
+        )
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
         try:
             futures = {
-                pool.submit(_fetch_one, url, images_dir, retries=retries, backoff=backoff,
-                            timeout=timeout, max_bytes=max_bytes, stop=stop,
-                            allow_private=allow_private): url
+                pool.submit(
+                    _fetch_one,
+                    url,
+                    images_dir,
+                    retries=retries,
+                    backoff=backoff,
+                    timeout=timeout,
+                    max_bytes=max_bytes,
+                    stop=stop,
+                    allow_private=allow_private,
+                ): url
                 for url in todo
             }
             since_flush = 0
@@ -391,7 +432,9 @@ def fetch_urls(
             f"first failure: {report.failed[0].url}: {report.failed[0].reason}",
             report,
         )
-    source = {**catalogue.source, "fetched": {"cache": str(images_dir),
-                                              "failed": len(report.failed)}}
+    source = {
+        **catalogue.source,
+        "fetched": {"cache": str(images_dir), "failed": len(report.failed)},
+    }
     fetched = dataclasses.replace(catalogue, items=new_items, source=source)
     return fetched, report

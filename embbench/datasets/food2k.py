@@ -34,8 +34,11 @@ from embbench.datasets._registry import DatasetEntry, register_dataset
 logger = logging.getLogger(__name__)
 
 TITLE = "Food2K"
-SPLIT_FILES = {"train": "train_finetune.txt", "val": "val_finetune.txt",
-               "test": "test_finetune.txt"}
+SPLIT_FILES = {
+    "train": "train_finetune.txt",
+    "val": "val_finetune.txt",
+    "test": "test_finetune.txt",
+}
 NAMES_FILE = "food2k_label2name_en.txt"
 IMAGE_DIR = "Food2k_complete"
 
@@ -146,8 +149,18 @@ def load(req: LoadRequest) -> Catalogue:
             f"differs from their folder (e.g. {ex[0]} labelled {ex[1]}); the label in the file "
             "is used: check that the split files match Food2k_complete"
         )
-    names_path = next((p for p in (req.folder / NAMES_FILE, label_dir / NAMES_FILE,
-                                   req.folder / "Food2k_label" / NAMES_FILE) if p.is_file()), None)
+    names_path = next(
+        (
+            p
+            for p in (
+                req.folder / NAMES_FILE,
+                label_dir / NAMES_FILE,
+                req.folder / "Food2k_label" / NAMES_FILE,
+            )
+            if p.is_file()
+        ),
+        None,
+    )
     if names_path is None:
         notes.notes.append(
             f"{NAMES_FILE} not found in {req.folder} or {label_dir}: food_name is empty (labels "
@@ -174,8 +187,9 @@ def load(req: LoadRequest) -> Catalogue:
     # Class prompts use the English names file; without it, class_names() falls back to ids.
     names = names_by_value(items, "food_id", "food_name")
     name_maps = {"food_id": names, "food_name": {n: n for n in names.values()}}
-    return req.finish(items, ("food_id", "food_name"), notes, val_from="publisher",
-                      name_maps=name_maps)
+    return req.finish(
+        items, ("food_id", "food_name"), notes, val_from="publisher", name_maps=name_maps
+    )
 
 
 register_dataset(DatasetEntry(name="food2k", loader=load, layout=LAYOUT))

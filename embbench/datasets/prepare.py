@@ -91,8 +91,9 @@ def load_catalogue(
     if cat.items["path"].astype(str).str.match(r"^https?://").any():
         cat, report = fetch_urls(cat, progress=progress, allow_private=allow_private)
         if report.failed:
-            logger.warning("%s: %d URL(s) could not be fetched:\n%s", name,
-                           len(report.failed), report.format())
+            logger.warning(
+                "%s: %d URL(s) could not be fetched:\n%s", name, len(report.failed), report.format()
+            )
     return cat
 
 

@@ -42,8 +42,14 @@ TEST_FILES = ("test_kaggletest.csv", "test.csv")
 LAYOUT = Layout(
     title=TITLE,
     variants={"csv": ("train.csv", "train")},
-    subdirs=("products10k", "Products10K", "products-10k", "Products-10K", "product_10k",
-             "Product10K"),
+    subdirs=(
+        "products10k",
+        "Products10K",
+        "products-10k",
+        "Products-10K",
+        "product_10k",
+        "Product10K",
+    ),
     archives=("train.zip", "test.zip", "products10k.zip", "products-10k.zip"),
     tree=(
         "  <root>/train.csv (name,class,group), <root>/test_kaggletest.csv (name,class,Usage)\n"
@@ -100,8 +106,9 @@ def load(req: LoadRequest) -> Catalogue:
         The catalogue with labels ``class`` and ``group``.
     """
     notes = LoadNotes()
-    train = _read_csv(require_file(req.folder / "train.csv", TITLE, "annotation file"),
-                      ("name", "class", "group"))
+    train = _read_csv(
+        require_file(req.folder / "train.csv", TITLE, "annotation file"), ("name", "class", "group")
+    )
     test_csv = next((req.folder / n for n in TEST_FILES if (req.folder / n).is_file()), None)
     if test_csv is None:
         raise DatasetLayoutError(
@@ -132,13 +139,17 @@ def load(req: LoadRequest) -> Catalogue:
     for split, df in (("train", train), ("test", test)):
         img_dir = nested_image_dir(req.folder / split)
         files = [_file_name(n) for n in df["name"]]
-        frames.append(pd.DataFrame({
-            "item_id": [f"{split}/{f}" for f in files],
-            "path": join_paths(img_dir, files),
-            "split": split,
-            "class": df["class"].to_numpy(),
-            "group": df["group"].to_numpy(),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "item_id": [f"{split}/{f}" for f in files],
+                    "path": join_paths(img_dir, files),
+                    "split": split,
+                    "class": df["class"].to_numpy(),
+                    "group": df["group"].to_numpy(),
+                }
+            )
+        )
     items = pd.concat(frames, ignore_index=True)
     dup = items["item_id"].duplicated()
     if dup.any():
@@ -148,8 +159,15 @@ def load(req: LoadRequest) -> Catalogue:
         )
         items = items[~dup].reset_index(drop=True)
     items = carve_val(items, stratify="class", fraction=req.val_fraction, seed=req.seed)
-    return req.finish(items, ("class", "group"), notes, seed=req.seed,
-                      val_fraction=req.val_fraction, val_from="train", test_file=test_csv.name)
+    return req.finish(
+        items,
+        ("class", "group"),
+        notes,
+        seed=req.seed,
+        val_fraction=req.val_fraction,
+        val_from="train",
+        test_file=test_csv.name,
+    )
 
 
 register_dataset(DatasetEntry(name="products10k", loader=load, layout=LAYOUT))

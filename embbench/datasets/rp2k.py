@@ -45,7 +45,7 @@ LAYOUT = Layout(
     subdirs=("all", "rp2k_dataset/all", "rp2k_dataset", "RP2K/all", "rp2k/all"),
     archives=("rp2k_dataset.zip",),
     tree="  <root>/train/<category>/<image>.jpg, <root>/test/<category>/<image>.jpg "
-         "(the archive's all/ folder)",
+    "(the archive's all/ folder)",
 )
 
 
@@ -113,8 +113,10 @@ def load(req: LoadRequest) -> Catalogue:
     index = {name: i for i, name in enumerate(labels)}
     items["category_id"] = items["category"].map(index).astype("int64")
     if stray:
-        notes.notes.append(f"{stray} files directly in {req.folder}/train or /test were ignored "
-                           "(images must be in a category folder)")
+        notes.notes.append(
+            f"{stray} files directly in {req.folder}/train or /test were ignored "
+            "(images must be in a category folder)"
+        )
     if garbled:
         notes.problems.append(
             f"{len(garbled)} folder or file names under {req.folder} are not UTF-8 (e.g. "
@@ -130,11 +132,20 @@ def load(req: LoadRequest) -> Catalogue:
         )
     items = carve_val(items, stratify="category", fraction=req.val_fraction, seed=req.seed)
     # Class names: the folder names verbatim (product names, '_' and '·' as the publisher wrote).
-    name_maps = {"category": {c: c for c in labels},
-                 "category_id": {i: c for c, i in index.items()}}
-    return req.finish(items, ("category", "category_id"), notes, seed=req.seed,
-                      val_fraction=req.val_fraction, val_from="train", n_categories=len(labels),
-                      name_maps=name_maps)
+    name_maps = {
+        "category": {c: c for c in labels},
+        "category_id": {i: c for c, i in index.items()},
+    }
+    return req.finish(
+        items,
+        ("category", "category_id"),
+        notes,
+        seed=req.seed,
+        val_fraction=req.val_fraction,
+        val_from="train",
+        n_categories=len(labels),
+        name_maps=name_maps,
+    )
 
 
 register_dataset(DatasetEntry(name="rp2k", loader=load, layout=LAYOUT))

@@ -114,22 +114,34 @@ def load(req: LoadRequest) -> Catalogue:
             root=req.folder,
         )
     items["path"] = join_paths(req.folder, items["item_id"])
-    items["super_class_name"] = [p.split("/", 1)[0].removesuffix("_final")
-                                 for p in items["item_id"]]
+    items["super_class_name"] = [
+        p.split("/", 1)[0].removesuffix("_final") for p in items["item_id"]
+    ]
     notes = LoadNotes()
     if req.split_scheme == "classification":
         items = assign_test(items, stratify="class_id", fraction=req.test_fraction, seed=req.seed)
         notes.notes.append(
             f"closed-set split (ours): {req.test_fraction:.0%} of each product's images in test"
         )
-    items = carve_val(items, stratify="class_id", fraction=req.val_fraction, seed=req.seed,
-                      by_class=req.split_scheme == "dml")
+    items = carve_val(
+        items,
+        stratify="class_id",
+        fraction=req.val_fraction,
+        seed=req.seed,
+        by_class=req.split_scheme == "dml",
+    )
     # Class names: the folder's category ("coffee_maker" -> "coffee maker"); products have none.
     cats = names_by_value(items, "super_class_id", "super_class_name")
     name_maps = {"super_class_id": {k: readable_name(v) for k, v in cats.items()}}
-    return req.finish(items, ("class_id", "super_class_id", "super_class_name"), notes,
-                      seed=req.seed, val_fraction=req.val_fraction, val_from="train",
-                      name_maps=name_maps)
+    return req.finish(
+        items,
+        ("class_id", "super_class_id", "super_class_name"),
+        notes,
+        seed=req.seed,
+        val_fraction=req.val_fraction,
+        val_from="train",
+        name_maps=name_maps,
+    )
 
 
 register_dataset(DatasetEntry(name="sop", loader=load, layout=LAYOUT))

@@ -303,8 +303,13 @@ def evaluate_indexes(
                 try:
                     with quiet_milvus():
                         build_s = mil.build(
-                            name, x, np.arange(len(x), dtype=np.int64), spec.index_type, "IP",
-                            spec.build_params, drop_on_failure=True,
+                            name,
+                            x,
+                            np.arange(len(x), dtype=np.int64),
+                            spec.index_type,
+                            "IP",
+                            spec.build_params,
+                            drop_on_failure=True,
                         )
                         built[key] = (engine_name, name, build_s, "")
                 except Exception as err:  # noqa: BLE001 - reported per variant, others go on

@@ -152,7 +152,9 @@ def go_offline_if_unreachable(timeout: float = 2.0) -> bool:
         os.environ["HF_HUB_OFFLINE"] = "1"
         logger.info(
             "the model hub %s is unreachable: HF_HUB_OFFLINE=1 (weights load from the local "
-            "caches only; offline models: %s)", HUB_ADDRESS[0], ", ".join(offline_models())
+            "caches only; offline models: %s)",
+            HUB_ADDRESS[0],
+            ", ".join(offline_models()),
         )
     with contextlib.suppress(ImportError):  # read at import; make the library see it now
         from huggingface_hub import constants

@@ -34,7 +34,6 @@ from embbench.vocab import RANDOM_SEED, WEIGHT_MODES
 logger = logging.getLogger(__name__)
 
 
-
 def create_embedder(
     name: str,
     *,
@@ -235,7 +234,8 @@ def create_text_embedder(
         WeightsUnavailableError: The weights or the tokenizer cannot be fetched.
     """
     check_text_capable(get_model_spec(name), "text")
-    emb = create_embedder(name, weights=weights, device=device, with_text=True,
-                          context_length=context_length)
+    emb = create_embedder(
+        name, weights=weights, device=device, with_text=True, context_length=context_length
+    )
     assert emb.text is not None  # with_text on a text-capable spec always builds it
     return emb.text

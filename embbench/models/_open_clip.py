@@ -48,6 +48,7 @@ def _quiet_open_clip() -> Iterator[None]:
     finally:
         root.removeFilter(f)
 
+
 def open_clip_module() -> Any:
     """Import open_clip once, with embbench's tiny configs registered."""
     global _OPEN_CLIP_READY

@@ -65,8 +65,12 @@ DEFAULT_RESOURCES: dict[str, TaskResources] = {
     "report": TaskResources("2", "8G", 0),
 }
 
-SECRET_ENV = ("MILVUS_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-              "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV = (
+    "MILVUS_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,14 @@ class PipelineOptions:
         if not self.pvc or self.local:
             return {}
         root = self.mount_path.rstrip("/")
-        return {"EMBBENCH_DATA": f"{root}/data", "EMBBENCH_CACHE": f"{root}/cache",
-                "EMBBENCH_RUNS": f"{root}/runs", "EMBBENCH_REPORTS": f"{root}/reports",
-                "HF_HOME": f"{root}/hf", "TORCH_HOME": f"{root}/torch"}
+        return {
+            "EMBBENCH_DATA": f"{root}/data",
+            "EMBBENCH_CACHE": f"{root}/cache",
+            "EMBBENCH_RUNS": f"{root}/runs",
+            "EMBBENCH_REPORTS": f"{root}/reports",
+            "HF_HOME": f"{root}/hf",
+            "TORCH_HOME": f"{root}/torch",
+        }
 
 
 @contextlib.contextmanager
@@ -169,13 +178,17 @@ def _build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
 
     from embbench.pipeline import components
 
-    run_cell = dsl.component(components.run_cell, base_image=options.image,
-                             install_kfp_package=False)
-    render_report = dsl.component(components.render_report, base_image=options.image,
-                                  install_kfp_package=False)
+    run_cell = dsl.component(
+        components.run_cell, base_image=options.image, install_kfp_package=False
+    )
+    render_report = dsl.component(
+        components.render_report, base_image=options.image, install_kfp_package=False
+    )
 
-    @dsl.pipeline(name=options.name,
-                  description="embbench: every cell of the grid is one task (embbench run-cell)")
+    @dsl.pipeline(
+        name=options.name,
+        description="embbench: every cell of the grid is one task (embbench run-cell)",
+    )
     def grid_pipeline(
         params: str = json.dumps(grid.params, sort_keys=True),
         milvus_uri: str = options.milvus_uri,
@@ -187,9 +200,15 @@ def _build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
             res = options.resources_for(pc.cell.mode)
             gpus = 0 if options.local else res.gpus
             task = run_cell(
-                params=params, notebook=pc.notebook, model=pc.cell.model,
-                dataset=pc.cell.dataset, mode=pc.cell.mode, source=pc.cell.source or "",
-                cell_key=pc.key, milvus_uri=milvus_uri, tracking_uri=tracking_uri,
+                params=params,
+                notebook=pc.notebook,
+                model=pc.cell.model,
+                dataset=pc.cell.dataset,
+                mode=pc.cell.mode,
+                source=pc.cell.source or "",
+                cell_key=pc.key,
+                milvus_uri=milvus_uri,
+                tracking_uri=tracking_uri,
                 nproc=max(gpus, 1),
             )
             task.set_display_name(pc.label)
@@ -197,26 +216,34 @@ def _build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
             task.after(*[tasks[k] for k in pc.after])
             tasks[pc.key] = task
         if grid.report_yaml is not None:
-            report = render_report(params=params, grid_key=grid.grid_key,
-                                   tracking_uri=tracking_uri)
+            report = render_report(params=params, grid_key=grid.grid_key, tracking_uri=tracking_uri)
             report.set_display_name("05 report")
-            _configure(report, options.resources_for("report"), 0, accelerator_type, options,
-                       grid.grid_key)
+            _configure(
+                report, options.resources_for("report"), 0, accelerator_type, options, grid.grid_key
+            )
             report.after(*tasks.values())
 
     return grid_pipeline
 
 
-def _configure(task: Any, res: TaskResources, gpus: int, accelerator_type: Any,
-               options: PipelineOptions, key: str) -> None:
+def _configure(
+    task: Any,
+    res: TaskResources,
+    gpus: int,
+    accelerator_type: Any,
+    options: PipelineOptions,
+    key: str,
+) -> None:
     """Resources, retries, caching, secrets, volume and environment of one task."""
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
     task.set_memory_request(res.memory).set_memory_limit(res.memory)
-    task.set_retry(num_retries=options.retries, backoff_duration=options.backoff,
-                   backoff_factor=2.0)
+    task.set_retry(
+        num_retries=options.retries, backoff_duration=options.backoff, backoff_factor=2.0
+    )
     # The image is the code version: a new image computes again, like a new cell key.
-    task.set_caching_options(enable_caching=options.caching,
-                             cache_key=stable_hash([key, options.image]))
+    task.set_caching_options(
+        enable_caching=options.caching, cache_key=stable_hash([key, options.image])
+    )
     task.set_env_variable("MLFLOW_DISABLE_TELEMETRY", "true")
     if options.local:
         return
@@ -227,11 +254,16 @@ def _configure(task: Any, res: TaskResources, gpus: int, accelerator_type: Any,
         for label, value in options.gpu_node_selector.items():
             kubernetes.add_node_selector(task, label_key=label, label_value=value)
         if options.gpu_toleration:
-            kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists",
-                                      effect="NoSchedule")
+            kubernetes.add_toleration(
+                task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"
+            )
     if options.secret:
-        kubernetes.use_secret_as_env(task, secret_name=options.secret,
-                                     secret_key_to_env={k: k for k in SECRET_ENV}, optional=True)
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=options.secret,
+            secret_key_to_env={k: k for k in SECRET_ENV},
+            optional=True,
+        )
     if options.pvc:
         kubernetes.mount_pvc(task, pvc_name=options.pvc, mount_path=options.mount_path)
     for name, value in options.volume_env().items():
@@ -264,8 +296,12 @@ def compile_pipeline(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipe, str(output))
-    logger.info("compiled %d cell tasks%s into %s", len(grid.cells),
-                " + the report" if grid.report_yaml else "", output)
+    logger.info(
+        "compiled %d cell tasks%s into %s",
+        len(grid.cells),
+        " + the report" if grid.report_yaml else "",
+        output,
+    )
     return grid
 
 
@@ -273,10 +309,14 @@ def _warn_lite(grid: PipelineGrid, options: Mapping[str, Any]) -> None:
     """Warn when tasks would share a Milvus Lite file (one process per file)."""
     if options.get("milvus_uri"):
         return
-    if any("backend: milvus" in pc.params_yaml and "milvus_uri: ''" in pc.params_yaml
-           for pc in grid.cells):
-        logger.warning("some cells search Milvus Lite files (milvus_uri is empty): on a cluster "
-                       "give a Milvus server with the milvus_uri pipeline parameter")
+    if any(
+        "backend: milvus" in pc.params_yaml and "milvus_uri: ''" in pc.params_yaml
+        for pc in grid.cells
+    ):
+        logger.warning(
+            "some cells search Milvus Lite files (milvus_uri is empty): on a cluster "
+            "give a Milvus server with the milvus_uri pipeline parameter"
+        )
 
 
 def run_local(
@@ -311,8 +351,11 @@ def run_local(
     from embbench.paths import runs_dir
 
     root = Path(pipeline_root) if pipeline_root else runs_dir() / "kfp-local"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               enable_caching=enable_caching)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        enable_caching=enable_caching,
+    )
     grid = pipeline_grid(params)
     opts = replace(options or PipelineOptions(), local=True, caching=enable_caching)
     pipe = build_pipeline(grid, opts)

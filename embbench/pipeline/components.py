@@ -10,8 +10,18 @@ the bodies are one import and one call into the image's embbench. ``cell_key`` a
 from kfp.dsl import HTML, Output
 
 
-def run_cell(params: str, notebook: str, model: str, dataset: str, mode: str, source: str,
-             cell_key: str, milvus_uri: str, tracking_uri: str, nproc: int = 1):
+def run_cell(
+    params: str,
+    notebook: str,
+    model: str,
+    dataset: str,
+    mode: str,
+    source: str,
+    cell_key: str,
+    milvus_uri: str,
+    tracking_uri: str,
+    nproc: int = 1,
+):
     """Run one cell of the grid with ``embbench run-cell``."""
     from embbench.pipeline.task import run_cell_task
 

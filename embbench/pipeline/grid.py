@@ -70,8 +70,9 @@ class CellTask:
     def label(self) -> str:
         """A short display name: ``01 pretrained resnet50 on cars196 (from sop)``."""
         origin = f" (from {self.cell.source})" if self.cell.source else ""
-        return (f"{self.notebook[:2]} {self.cell.mode} {self.cell.model} on "
-                f"{self.cell.dataset}{origin}")
+        return (
+            f"{self.notebook[:2]} {self.cell.mode} {self.cell.model} on {self.cell.dataset}{origin}"
+        )
 
 
 @dataclass
@@ -150,11 +151,13 @@ def canonical_model(name: str) -> str:
 
 def cell_key(notebook: str, cfg: StageConfig, cell: Cell) -> str:
     """The cell key: the config's result-relevant hash and the cell (see the module doc)."""
-    return stable_hash({
-        "notebook": notebook,
-        "config": cfg.config_hash(),
-        "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source],
-    })
+    return stable_hash(
+        {
+            "notebook": notebook,
+            "config": cfg.config_hash(),
+            "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source],
+        }
+    )
 
 
 def pipeline_grid(params: Mapping[str, Sequence[str | Path]]) -> PipelineGrid:
@@ -184,8 +187,11 @@ def pipeline_grid(params: Mapping[str, Sequence[str | Path]]) -> PipelineGrid:
         texts.setdefault(notebook, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         found.setdefault((cell.mode, canonical_model(cell.model), cell.dataset), key)
         after = [found.get(need) for need in _needs(cell)]
-        grid.cells.append(CellTask(notebook, cell, key, texts[notebook],
-                                      tuple(k for k in after if k and k != key)))
+        grid.cells.append(
+            CellTask(
+                notebook, cell, key, texts[notebook], tuple(k for k in after if k and k != key)
+            )
+        )
     keys = [c.key for c in grid.cells]
     if len(set(keys)) != len(keys):
         raise ConfigError("two cells of the pipeline have the same key; the grid repeats a cell")
@@ -239,8 +245,12 @@ def run_one_cell(
     steps = steps_for(cfg, store)
 
     def select(c: Cell) -> bool:
-        return (c.model == model and c.dataset == dataset and (not mode or c.mode == mode)
-                and (not source or c.source == source))
+        return (
+            c.model == model
+            and c.dataset == dataset
+            and (not mode or c.mode == mode)
+            and (not source or c.source == source)
+        )
 
     grid = steps.grid()
     matches = [c for c in grid if select(c)]

@@ -27,22 +27,48 @@ def _params_file(params_json: str, notebook: str) -> str:
     return f.name
 
 
-def run_cell_task(params_json: str, notebook: str, model: str, dataset: str, mode: str,
-                  source: str, milvus_uri: str, tracking_uri: str, nproc: int) -> None:
+def run_cell_task(
+    params_json: str,
+    notebook: str,
+    model: str,
+    dataset: str,
+    mode: str,
+    source: str,
+    milvus_uri: str,
+    tracking_uri: str,
+    nproc: int,
+) -> None:
     """Run one cell with ``embbench run-cell`` (under torchrun when ``nproc`` > 1).
 
     Raises:
         RuntimeError: ``embbench run-cell`` failed (its log is the task's log).
     """
-    args = ["run-cell", notebook, "-f", _params_file(params_json, notebook), "--model", model,
-            "--dataset", dataset, "--mode", mode]
+    args = [
+        "run-cell",
+        notebook,
+        "-f",
+        _params_file(params_json, notebook),
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--mode",
+        mode,
+    ]
     args += ["--source", source] if source else []
     args += ["--set", f"milvus_uri={milvus_uri}"] if milvus_uri else []
     args += ["--set", f"tracking_uri={tracking_uri}"] if tracking_uri else []
     cmd = [sys.executable, "-m", "embbench", *args]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "-m", "embbench", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "embbench",
+            *args,
+        ]
     sys.stdout.write(" ".join(cmd) + "\n")
     sys.stdout.flush()
     rc = subprocess.run(cmd, check=False).returncode
@@ -56,15 +82,22 @@ def render_report_task(params_json: str, tracking_uri: str, output: str) -> None
     Raises:
         RuntimeError: ``embbench report`` failed or did not say where it wrote.
     """
-    cmd = [sys.executable, "-m", "embbench", "report", "-f",
-           _params_file(params_json, "05_analysis")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embbench",
+        "report",
+        "-f",
+        _params_file(params_json, "05_analysis"),
+    ]
     cmd += ["--set", f"tracking_uri={tracking_uri}"] if tracking_uri else []
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     sys.stdout.write(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"embbench report exited with {done.returncode}")
-    written = [ln.split(":", 1)[1].strip() for ln in done.stdout.splitlines()
-               if ln.startswith("report:")]
+    written = [
+        ln.split(":", 1)[1].strip() for ln in done.stdout.splitlines() if ln.startswith("report:")
+    ]
     if not written:
         raise RuntimeError("embbench report did not say where it wrote the report")
     Path(output).parent.mkdir(parents=True, exist_ok=True)

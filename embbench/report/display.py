@@ -264,8 +264,10 @@ def runs_count(df: pd.DataFrame) -> str:
     for stage, count in sorted(stages.fillna("unknown").astype(str).value_counts().items()):
         noun, rest = _RUNLESS.get(stage, (f"{stage} result", ""))
         one = count == 1
-        why.append(f"{count} {noun}{'' if one else 's'}{rest} "
-                   f"{'has' if one else 'have'} no run of {'its' if one else 'their'} own")
+        why.append(
+            f"{count} {noun}{'' if one else 's'}{rest} "
+            f"{'has' if one else 'have'} no run of {'its' if one else 'their'} own"
+        )
     shared = int(has_run.sum()) - n_runs
     if shared:
         why.append(f"{shared} result{'s' if shared != 1 else ''} share a run with another result")

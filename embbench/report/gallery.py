@@ -134,8 +134,11 @@ class GalleryRenderer:
                 "<tr><th>query</th>"
                 + "".join(
                     f'<th></th><th colspan="{g.k}" style="text-align:center">{esc(e)}'
-                    + (f'<br><small>same top-{g.k}: {esc(", ".join(g.same_as[e]))}</small>'
-                       if g.same_as.get(e) else "")
+                    + (
+                        f"<br><small>same top-{g.k}: {esc(', '.join(g.same_as[e]))}</small>"
+                        if g.same_as.get(e)
+                        else ""
+                    )
                     + "</th>"
                     for e in g.entries
                 )

@@ -84,8 +84,9 @@ def _sources_cell(sources: Sequence[str | Path], budget_mb: float = EMBED_NOTEBO
             )
         else:
             why = "not found" if not data else f"over the {budget_mb:g} MB embedding budget"
-            items.append(f"<li>{html_mod.escape(name)} ({why}; in the reports folder of the "
-                         "run)</li>")
+            items.append(
+                f"<li>{html_mod.escape(name)} ({why}; in the reports folder of the run)</li>"
+            )
     return nbformat.v4.new_markdown_cell(
         "### Notebooks this report came from\n\n"
         "The executed notebooks of the runs this report read, embedded: a click downloads the "

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MilvusBackend"]
 
+
 @register_backend("milvus")
 class MilvusBackend(SearchBackend):
     """Search through Milvus: Milvus Lite (a local file, the default) or a server/cluster.

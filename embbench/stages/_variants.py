@@ -73,8 +73,13 @@ def compression_specs(
         if target >= dim:  # a "reduction" to >= d dims is no variant
             continue
         if n_train is not None and target > n_train:
-            logger.info("compression pca%d left out: it needs at least %d train vectors, the "
-                        "train split has %d", target, target, n_train)
+            logger.info(
+                "compression pca%d left out: it needs at least %d train vectors, the "
+                "train split has %d",
+                target,
+                target,
+                n_train,
+            )
             continue
         out.append(CompressionSpec("pca", dim=target, whiten=whiten))
     return list(dict.fromkeys(out))
@@ -96,8 +101,9 @@ def index_specs(types: list[str], n: int, dim: int, k: int) -> list[IndexSpec]:
 def _decoded(es: EmbeddingSet, vectors: np.ndarray, spec: CompressionSpec) -> EmbeddingSet:
     """An in-memory embedding set holding ``vectors`` for the items of ``es``."""
     meta = {**es.meta, "variant": spec.params()}
-    return EmbeddingSet(vectors=vectors, item_ids=es.item_ids, meta=meta, failed=list(es.failed),
-                        path=es.path)
+    return EmbeddingSet(
+        vectors=vectors, item_ids=es.item_ids, meta=meta, failed=list(es.failed), path=es.path
+    )
 
 
 def produce_compressed(
@@ -107,26 +113,37 @@ def produce_compressed(
     t0 = time.perf_counter()
     fitted = fit_compression(spec, np.asarray(sets["train"].vectors))
     plan = inputs.plan
-    decoded = {s: _decoded(sets[s], fitted.decode(fitted.encode(np.asarray(sets[s].vectors))),
-                           spec) for s in plan.splits}
+    decoded = {
+        s: _decoded(sets[s], fitted.decode(fitted.encode(np.asarray(sets[s].vectors))), spec)
+        for s in plan.splits
+    }
     d = int(sets["train"].vectors.shape[1])
     return Produced(
         query=decoded[plan.query_split],
         index=decoded[plan.index_split],
-        lineage=base.lineage.model_copy(update={"variant": {"name": spec.name,
-                                                            **spec.params()}}),
+        lineage=base.lineage.model_copy(update={"variant": {"name": spec.name, **spec.params()}}),
         spec=base.spec,
         timings={**base.timings, "train_s": round(time.perf_counter() - t0, 3)},
-        details={"variant_kind": "compression", "variant": spec.name,
-                 "bytes_per_vector": spec.bytes_per_vector(d), "float32_bytes_per_vector": 4 * d,
-                 "search": "hamming (as +-1 inner product)" if spec.kind == "binary" else "exact"},
+        details={
+            "variant_kind": "compression",
+            "variant": spec.name,
+            "bytes_per_vector": spec.bytes_per_vector(d),
+            "float32_bytes_per_vector": 4 * d,
+            "search": "hamming (as +-1 inner product)" if spec.kind == "binary" else "exact",
+        },
         baseline=(base.query, base.index),
     )
 
 
 def produce_index(
-    spec: IndexSpec, inputs: CellInputs, base: Produced, *, milvus_uri: str, token: str,
-    timings: bool, k: int,
+    spec: IndexSpec,
+    inputs: CellInputs,
+    base: Produced,
+    *,
+    milvus_uri: str,
+    token: str,
+    timings: bool,
+    k: int,
 ) -> Produced:
     """The index variant of a pretrained cell: build, search, score the index's own ranking."""
     plan = inputs.plan
@@ -173,11 +190,17 @@ def _index_details(res: Any) -> dict[str, Any]:
     out = res.to_dict()
     out.pop("metrics", None)
     out.pop("delta", None)
-    timing = next((t for s in ("milvus-server", "faiss", "milvus-lite") if (t := res.timing(s))),
-                  None)
+    timing = next(
+        (t for s in ("milvus-server", "faiss", "milvus-lite") if (t := res.timing(s))), None
+    )
     if timing is not None:
-        out.update(p50_ms=timing.p50_ms, p99_ms=timing.p99_ms, qps_batch=timing.qps_batch,
-                   timing_source=timing.source, build_s=timing.build_s)
+        out.update(
+            p50_ms=timing.p50_ms,
+            p99_ms=timing.p99_ms,
+            qps_batch=timing.qps_batch,
+            timing_source=timing.source,
+            build_s=timing.build_s,
+        )
     return out
 
 

@@ -212,7 +212,8 @@ def run_analysis(
     models = results if control is None else results[~control]
     if control is not None and control.any():
         notes.append(
-            "The random-init control(s) " + ", ".join(sorted(set(results.loc[control, "model"])))
+            "The random-init control(s) "
+            + ", ".join(sorted(set(results.loc[control, "model"])))
             + " are shown beside the models but left out of table 3's per-type means and the "
             "practical guide: they measure what pretraining adds."
         )
@@ -240,8 +241,10 @@ def run_analysis(
         paired=paired,
         ci=ci_table(results, cfg.k),
         guide=guide,
-        sentences=[*guide_sentences(guide, table=t3, paired=paired, alpha=cfg.alpha),
-                   *deployment_sentences(deploy, cfg.metric)],
+        sentences=[
+            *guide_sentences(guide, table=t3, paired=paired, alpha=cfg.alpha),
+            *deployment_sentences(deploy, cfg.metric),
+        ],
         notes=notes,
         deploy=deploy,
     )

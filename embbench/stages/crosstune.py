@@ -55,7 +55,10 @@ class CrosstuneConfig(GridConfig):
     skip_missing: bool = False  # skip cells whose source model is missing instead of failing
 
     hash_exclude = GridConfig.hash_exclude | {
-        "finetuned_on", "toptuned_on", "include_diagonal", "skip_missing"
+        "finetuned_on",
+        "toptuned_on",
+        "include_diagonal",
+        "skip_missing",
     }
 
     def grid_datasets(self) -> list[str]:
@@ -77,8 +80,10 @@ def grid(cfg: CrosstuneConfig) -> list[Cell]:
     cells = []
     for target in cfg.datasets:
         for model in cfg.models:
-            for mode, sources in ((CROSS_TUNED, cfg.finetuned_on),
-                                  (CROSS_TOP_TUNED, cfg.toptuned_on)):
+            for mode, sources in (
+                (CROSS_TUNED, cfg.finetuned_on),
+                (CROSS_TOP_TUNED, cfg.toptuned_on),
+            ):
                 for source in sources:
                     if source != target or cfg.include_diagonal:
                         cells.append(Cell(STAGE, mode, model, target, source))
@@ -125,8 +130,11 @@ class CrosstuneSteps(StageSteps):
 
         name = get_model_spec(model).name
         hits = [
-            r for r in self.store.records("toptune")
-            if r.model in (model, name) and r.dataset == dataset and r.mode == "top-tuned"
+            r
+            for r in self.store.records("toptune")
+            if r.model in (model, name)
+            and r.dataset == dataset
+            and r.mode == "top-tuned"
             and r.toptune_model_path
         ]
         return max(hits, key=lambda r: r.saved or "") if hits else None
@@ -143,7 +151,9 @@ class CrosstuneSteps(StageSteps):
         problems = [weights_problem(self.cfg.weights)]
         problems += [
             f"missing source model: {missing_text(self.cfg, c)}. Run that stage first, or set "
-            "skip_missing: true" for c in cells if c in self.missing
+            "skip_missing: true"
+            for c in cells
+            if c in self.missing
         ]
         return [p for p in problems if p]
 
@@ -157,15 +167,24 @@ class CrosstuneSteps(StageSteps):
         """The source model's identity and the cache keys of the vectors scored."""
         src = self.source(cell)
         splits = inputs.plan.splits
-        base = {"version": CROSSTUNE_VERSION,
-                "pretrained": self.pretrained.cache_keys(cell.model, inputs, splits)}
+        base = {
+            "version": CROSSTUNE_VERSION,
+            "pretrained": self.pretrained.cache_keys(cell.model, inputs, splits),
+        }
         if cell.mode == CROSS_TUNED:
             emb = self._finetuned_embedder(cell)
             keys = {s: embedding_cache(emb, inputs.catalogue, s).key for s in splits}
-            return {**base, "train_hash": src.get("train_hash"), "sha256": src.get("sha256"),
-                    "caches": keys}
-        return {**base, "toptune_hash": src.config_hash,
-                "toptune_model_path": src.toptune_model_path}
+            return {
+                **base,
+                "train_hash": src.get("train_hash"),
+                "sha256": src.get("sha256"),
+                "caches": keys,
+            }
+        return {
+            **base,
+            "toptune_hash": src.config_hash,
+            "toptune_model_path": src.toptune_model_path,
+        }
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Embed the target with the tuned model; the pretrained embeddings are the baseline."""
@@ -176,31 +195,46 @@ class CrosstuneSteps(StageSteps):
         src = self.source(cell)
         if cell.mode == CROSS_TUNED:
             emb = self._finetuned_embedder(cell)
-            sets = embed_splits(emb, inputs.catalogue, splits,
-                                overwrite=self.cfg.overwrite == "always",
-                                **embed_options(self.cfg, cell.model))
+            sets = embed_splits(
+                emb,
+                inputs.catalogue,
+                splits,
+                overwrite=self.cfg.overwrite == "always",
+                **embed_options(self.cfg, cell.model),
+            )
             used = dict(emb.weights_used)
             start = (src.get("start_weights") or {}).get("kind")
             lineage = Lineage(
-                base_model=cell.model, weights=used, weights_kind=str(used.get("kind")),
-                finetuned_on=cell.source, finetune_recipe=src.get("recipe"),
+                base_model=cell.model,
+                weights=used,
+                weights_kind=str(used.get("kind")),
+                finetuned_on=cell.source,
+                finetune_recipe=src.get("recipe"),
                 finetune_start=start or "unknown",
             )
             toptune_model_path = None
-            details = {"finetuned_model": src["spec"]["name"], "train_hash": src.get("train_hash"),
-                       "checkpoint": src["spec"].get("checkpoint_path"),
-                       "checkpoint_sha256": src.get("sha256")}
+            details = {
+                "finetuned_model": src["spec"]["name"],
+                "train_hash": src.get("train_hash"),
+                "checkpoint": src["spec"].get("checkpoint_path"),
+                "checkpoint_sha256": src.get("sha256"),
+            }
             spec = emb.spec
         else:
             sets = self._apply_toptuned(cell, src, pre)
             lineage = base_lineage.model_copy(update={"toptuned_on": cell.source})
             toptune_model_path = src.toptune_model_path
-            details = {"toptune_record_hash": src.config_hash,
-                       "source_caches": {s: str(es.path) for s, es in pre.items()}}
+            details = {
+                "toptune_record_hash": src.config_hash,
+                "source_caches": {s: str(es.path) for s, es in pre.items()},
+            }
             spec = self.pretrained(cell.model).spec
         q, i = inputs.plan.query_split, inputs.plan.index_split
         return Produced(
-            query=sets[q], index=sets[i], lineage=lineage, spec=spec,
+            query=sets[q],
+            index=sets[i],
+            lineage=lineage,
+            spec=spec,
             timings={"embed_s": round(time.perf_counter() - t0, 3)},
             toptune_model_path=toptune_model_path,
             details={**details, "crosstune_version": CROSSTUNE_VERSION},
@@ -213,23 +247,38 @@ class CrosstuneSteps(StageSteps):
         src_kind = record.lineage.weights_kind
         tgt_kind = self.pretrained(cell.model).weights_used.get("kind")
         if src_kind != tgt_kind:
-            logger.warning("%s: the MLP top-tuned on %s took %s embeddings, the target's are %s; "
-                           "set weights as in 03_toptune", cell.model, cell.source, src_kind,
-                           tgt_kind)
+            logger.warning(
+                "%s: the MLP top-tuned on %s took %s embeddings, the target's are %s; "
+                "set weights as in 03_toptune",
+                cell.model,
+                cell.source,
+                src_kind,
+                tgt_kind,
+            )
         mlp = load_toptuned(str(record.toptune_model_path))
         out = {}
         for split, es in pre.items():
-            identity = {"source_cache": es.meta.get("key"), "toptune_hash": record.config_hash,
-                        "mode": CROSS_TOP_TUNED, "tuned_on": cell.source, "normalized": False,
-                        "crosstune_version": CROSSTUNE_VERSION}
+            identity = {
+                "source_cache": es.meta.get("key"),
+                "toptune_hash": record.config_hash,
+                "mode": CROSS_TOP_TUNED,
+                "tuned_on": cell.source,
+                "normalized": False,
+                "crosstune_version": CROSSTUNE_VERSION,
+            }
             cache = EmbeddingCache(cell.dataset, cell.model, split, identity)
             if cache.is_complete() and self.cfg.overwrite == "never":
                 out[split] = cache.load()
                 continue
-            vectors = (mlp.embed(np.asarray(es.vectors)) if len(es.vectors)
-                       else np.zeros((0, mlp.embed_dim), np.float32))
+            vectors = (
+                mlp.embed(np.asarray(es.vectors))
+                if len(es.vectors)
+                else np.zeros((0, mlp.embed_dim), np.float32)
+            )
             out[split] = cache.save_complete(
-                vectors, es.item_ids, failed=list(es.failed),
+                vectors,
+                es.item_ids,
+                failed=list(es.failed),
                 provenance={"toptune_model_path": str(mlp.path), "tuned_on": cell.source},
             )
         return out
@@ -253,8 +302,13 @@ def run_crosstune(cfg: CrosstuneConfig, store: ResultStore | None = None) -> pd.
     records = run_grid(cfg, steps, store=store)
     rows = [{**record_row(r), "source": r.tuned_on, "status": "done"} for r in records]
     rows += [
-        {"mode": c.mode, "model": c.model, "source": c.source, "dataset": c.dataset,
-         "status": "missing: " + missing_text(cfg, c)}
+        {
+            "mode": c.mode,
+            "model": c.model,
+            "source": c.source,
+            "dataset": c.dataset,
+            "status": "missing: " + missing_text(cfg, c),
+        }
         for c in steps.missing
     ]
     columns = None if rows else ["mode", "model", "source", "dataset", "status"]

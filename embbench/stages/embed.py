@@ -45,8 +45,12 @@ class EmbedConfig(GridConfig):
     deploy_timings: bool = True  # measure index latency/memory (faiss, or the Milvus server)
     variant_models: list[str] = Field(default_factory=list)  # models with variants; [] = all
 
-    hash_exclude = GridConfig.hash_exclude | {"compressions", "indexes", "deploy_timings",
-                                              "variant_models"}
+    hash_exclude = GridConfig.hash_exclude | {
+        "compressions",
+        "indexes",
+        "deploy_timings",
+        "variant_models",
+    }
 
 
 class EmbedSteps(StageSteps):
@@ -72,12 +76,15 @@ class EmbedSteps(StageSteps):
         if self.cfg.compressions:
             problems += [
                 f"dataset {name!r}: compression variants are fitted on a 'train' split, the "
-                f"catalogue has {inp.catalogue.splits}" for name, inp in inputs.items()
+                f"catalogue has {inp.catalogue.splits}"
+                for name, inp in inputs.items()
                 if "train" not in inp.catalogue.splits
             ]
         if "DISKANN" in self.cfg.indexes and not self.cfg.milvus_uri.startswith("http"):
-            problems.append("index DISKANN needs a Milvus server: set milvus_uri: "
-                            "http://host:19530 (Milvus Lite and faiss have no DiskANN)")
+            problems.append(
+                "index DISKANN needs a Milvus server: set milvus_uri: "
+                "http://host:19530 (Milvus Lite and faiss have no DiskANN)"
+            )
         return [p for p in problems if p]
 
     def expand(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[Cell]:
@@ -93,9 +100,12 @@ class EmbedSteps(StageSteps):
             dim = int(self.embedders(cell.model).embed_dim)
             n = len(inp.catalogue.split(inp.plan.index_split))
             n_train = len(inp.catalogue.split("train")) if "train" in inp.catalogue.splits else 0
-            specs = [*_variants.compression_specs(self.cfg.compressions, dim, self.cfg.pca_whiten,
-                                          n_train),
-                     *_variants.index_specs(self.cfg.indexes, n, dim, self.cfg.k)]
+            specs = [
+                *_variants.compression_specs(
+                    self.cfg.compressions, dim, self.cfg.pca_whiten, n_train
+                ),
+                *_variants.index_specs(self.cfg.indexes, n, dim, self.cfg.k),
+            ]
             for spec in specs:
                 self.variants[(cell.model, cell.dataset, spec.name)] = spec
                 out.append(Cell(STAGE, MODE, cell.model, cell.dataset, variant=spec.name))
@@ -130,9 +140,15 @@ class EmbedSteps(StageSteps):
             return base
         if hasattr(spec, "kind"):
             return _variants.produce_compressed(spec, sets, inputs, base)
-        return _variants.produce_index(spec, inputs, base, milvus_uri=self.cfg.milvus_uri,
-                               token=os.environ.get("MILVUS_TOKEN", ""),
-                               timings=self.cfg.deploy_timings, k=self.cfg.k)
+        return _variants.produce_index(
+            spec,
+            inputs,
+            base,
+            milvus_uri=self.cfg.milvus_uri,
+            token=os.environ.get("MILVUS_TOKEN", ""),
+            timings=self.cfg.deploy_timings,
+            k=self.cfg.k,
+        )
 
 
 def run_embed(cfg: EmbedConfig, store: ResultStore | None = None) -> pd.DataFrame:

@@ -103,15 +103,30 @@ class FinetuneConfig(GridConfig):
     register_mlflow: bool = True  # log the headless model to MLflow's model registry
 
     hash_exclude = GridConfig.hash_exclude | {
-        "eval_every", "checkpoint_every", "resume", "register_mlflow"
+        "eval_every",
+        "checkpoint_every",
+        "resume",
+        "register_mlflow",
     }
 
 
 # Fields that change the trained weights (the training hash); k, protocol and backend change
 # only the retrieval evaluation and so only the record's hash.
 TRAIN_FIELDS = (
-    "weights", "label", "max_images", "recipe", "epochs", "lr", "lr_reference_batch",
-    "lr_scaling", "train_size", "test_size", "batch_size", "grad_accum", "precision", "seed",
+    "weights",
+    "label",
+    "max_images",
+    "recipe",
+    "epochs",
+    "lr",
+    "lr_reference_batch",
+    "lr_scaling",
+    "train_size",
+    "test_size",
+    "batch_size",
+    "grad_accum",
+    "precision",
+    "seed",
 )
 
 
@@ -178,9 +193,18 @@ def finetune_job(
         }
     )
     run_dir = runs_dir() / "finetune" / safe_name(model) / safe_name(dataset) / train_hash
-    return FinetuneJob(model=model, dataset=dataset, cat=cat, label=plan["label"], classes=classes,
-                    hp=hp, train_hash=train_hash, run_dir=run_dir, world_size=world_size,
-                    plan=plan)
+    return FinetuneJob(
+        model=model,
+        dataset=dataset,
+        cat=cat,
+        label=plan["label"],
+        classes=classes,
+        hp=hp,
+        train_hash=train_hash,
+        run_dir=run_dir,
+        world_size=world_size,
+        plan=plan,
+    )
 
 
 def train_settings(cfg: FinetuneConfig) -> TrainSettings:
@@ -218,16 +242,22 @@ def register_trained(cell: FinetuneJob, summary: Mapping[str, Any], registry: di
         cell.model,
         cell.model_path.resolve(),
         paper_name=f"{base.paper_name} (fine-tuned on {cell.dataset}, {recipe})",
-        notes=(f"fine-tuned from {base.name} on {cell.dataset} with recipe {recipe} "
-               f"(training {cell.train_hash}, MLflow run {summary.get('mlflow_run_id')})"),
+        notes=(
+            f"fine-tuned from {base.name} on {cell.dataset} with recipe {recipe} "
+            f"(training {cell.train_hash}, MLflow run {summary.get('mlflow_run_id')})"
+        ),
         data_config=dc,
         extra_model_kwargs=summary.get("extra_model_kwargs", {}),
         index_entry={
-            "dataset": cell.dataset, "recipe": recipe, "label": summary["label"],
-            "train_hash": cell.train_hash, "sha256": summary.get("model_sha256"),
+            "dataset": cell.dataset,
+            "recipe": recipe,
+            "label": summary["label"],
+            "train_hash": cell.train_hash,
+            "sha256": summary.get("model_sha256"),
             "val_accuracy": summary["val_accuracy"],
             "start_weights": summary.get("embedder_weights") or {},
-            "mlflow_run_id": summary.get("mlflow_run_id"), "mlflow_registry": registry,
+            "mlflow_run_id": summary.get("mlflow_run_id"),
+            "mlflow_registry": registry,
         },
         overwrite=True,
     )
@@ -237,7 +267,6 @@ def _register_in_mlflow(spec_name: str) -> dict | None:
     """Log the headless model into the cell's run and register it (stores with a registry)."""
     import mlflow
     import torch
-
 
     if mlflow.active_run() is None:
         return None
@@ -249,22 +278,37 @@ def _register_in_mlflow(spec_name: str) -> dict | None:
             # The safe graph format (torch.export), not a pickle that runs code when loaded.
             example = np.zeros((1, *embedder.input_size), np.float32)
             info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pt2", input_example=example,
-                pip_requirements=requirements, registered_model_name=spec_name,
+                model,
+                name="model",
+                serialization_format="pt2",
+                input_example=example,
+                pip_requirements=requirements,
+                registered_model_name=spec_name,
             )
         except Exception as exc:  # an architecture torch.export cannot trace
-            logger.info("%s: torch.export failed (%s: %s); logging the model as a pickle",
-                        spec_name, type(exc).__name__, exc)
+            logger.info(
+                "%s: torch.export failed (%s: %s); logging the model as a pickle",
+                spec_name,
+                type(exc).__name__,
+                exc,
+            )
             info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pickle",
-                pip_requirements=requirements, registered_model_name=spec_name,
+                model,
+                name="model",
+                serialization_format="pickle",
+                pip_requirements=requirements,
+                registered_model_name=spec_name,
             )
         version = getattr(info, "registered_model_version", None)
         return {"name": spec_name, "version": version, "model_uri": info.model_uri}
     except Exception as exc:  # file stores have no registry; a server may refuse
-        logger.warning("could not register %s in MLflow's model registry (%s: %s); the state "
-                       "dict is still logged with the training run", spec_name,
-                       type(exc).__name__, exc)
+        logger.warning(
+            "could not register %s in MLflow's model registry (%s: %s); the state "
+            "dict is still logged with the training run",
+            spec_name,
+            type(exc).__name__,
+            exc,
+        )
         return None
 
 
@@ -288,8 +332,10 @@ class FinetuneSteps(StageSteps):
         for c in cells:
             source = get_model_spec(c.model).source
             if source not in FINETUNABLE_SOURCES:
-                problems.append(f"model {c.model!r} ({source}) cannot be fine-tuned here; "
-                                f"fine-tunable sources: {list(FINETUNABLE_SOURCES)}")
+                problems.append(
+                    f"model {c.model!r} ({source}) cannot be fine-tuned here; "
+                    f"fine-tunable sources: {list(FINETUNABLE_SOURCES)}"
+                )
             try:
                 self.job(c, inputs[c.dataset])
             except FinetuneError as exc:
@@ -336,9 +382,13 @@ class FinetuneSteps(StageSteps):
         emb = create_embedder(name)
         splits = inputs.plan.splits
 
-        sets = embed_splits(emb, inputs.catalogue, splits,
-                            overwrite=self.cfg.overwrite == "always",
-                            **embed_options(self.cfg, cell.model))
+        sets = embed_splits(
+            emb,
+            inputs.catalogue,
+            splits,
+            overwrite=self.cfg.overwrite == "always",
+            **embed_options(self.cfg, cell.model),
+        )
         pre = self.pretrained.embed(cell.model, inputs, splits)
         used = dict(emb.weights_used)
         start = summary.get("embedder_weights") or {}
@@ -347,30 +397,43 @@ class FinetuneSteps(StageSteps):
             query=sets[q],
             index=sets[i],
             lineage=Lineage(
-                base_model=cell.model, weights=used, weights_kind=str(used.get("kind")),
-                control=bool(start.get("control", False)), finetuned_on=cell.dataset,
+                base_model=cell.model,
+                weights=used,
+                weights_kind=str(used.get("kind")),
+                control=bool(start.get("control", False)),
+                finetuned_on=cell.dataset,
                 finetune_recipe=summary["recipe"],
                 finetune_start=str(start.get("kind") or "unknown"),
             ),
             spec=emb.spec,
             classification={k: float(v) for k, v in summary["classification"].items()},
             val_accuracy=summary["val_accuracy"],
-            timings={"embed_s": round(time.perf_counter() - t0, 3),
-                     "train_s": summary["train_wall_s"], "gpu_hours": summary["gpu_hours"]},
+            timings={
+                "embed_s": round(time.perf_counter() - t0, 3),
+                "train_s": summary["train_wall_s"],
+                "gpu_hours": summary["gpu_hours"],
+            },
             details={
-                "recipe": summary["recipe"], "train_hash": job.train_hash,
-                "finetuned_model": name, "checkpoint": str(job.model_path),
+                "recipe": summary["recipe"],
+                "train_hash": job.train_hash,
+                "finetuned_model": name,
+                "checkpoint": str(job.model_path),
                 "checkpoint_sha256": summary.get("model_sha256"),
-                "start_weights": start, "val_split": summary["val_split"],
+                "start_weights": start,
+                "val_split": summary["val_split"],
                 "classification_split": summary["classification_split"],
                 "gpu_hours_note": summary["gpu_hours_note"],
-                "device_name": summary["device_name"], "world_size": summary["world_size"],
-                "global_batch": summary["global_batch"], "lr_base": summary["lr_base"],
-                "lr_scaled": summary["lr_scaled"], "lr_scaling": summary["lr_scaling"],
+                "device_name": summary["device_name"],
+                "world_size": summary["world_size"],
+                "global_batch": summary["global_batch"],
+                "lr_base": summary["lr_base"],
+                "lr_scaled": summary["lr_scaled"],
+                "lr_scaling": summary["lr_scaling"],
                 "epochs": summary["epochs"],
                 "n_failed_train_images": len(summary["failed_images"]),
                 "train_mlflow_run_id": summary.get("mlflow_run_id"),
-                "mlflow_registry": registry, "run_dir": str(job.run_dir),
+                "mlflow_registry": registry,
+                "run_dir": str(job.run_dir),
             },
             tags={"recipe": summary["recipe"]},
             baseline=(pre[q], pre[i]),
@@ -443,9 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import yaml
 
-
-    parser = argparse.ArgumentParser(prog="python -m embbench.stages.finetune",
-                                     description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m embbench.stages.finetune", description=__doc__)
     parser.add_argument("-f", "--params", action="append", default=[], help="params YAML")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override (YAML value)"

@@ -240,8 +240,14 @@ class TopTuneSteps(StageSteps):
         )
 
 
-def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str, EmbeddingSet],
-          keys: Mapping[str, str], tune_key: str) -> dict[str, Any]:
+def _tune(
+    cfg: TopTuneConfig,
+    cell: Cell,
+    inputs: CellInputs,
+    sets: Mapping[str, EmbeddingSet],
+    keys: Mapping[str, str],
+    tune_key: str,
+) -> dict[str, Any]:
     """The search, the final training, the test classification and the top-tuned caches."""
     model, dataset, label = cell.model, cell.dataset, inputs.plan.label
     data = prepare_data(sets, inputs.catalogue, label, dataset=dataset, model=model)
@@ -252,32 +258,61 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
     out_dir = base / f"final-{tune_key}"
     if cfg.overwrite == "always" and out_dir.exists():
         shutil.rmtree(out_dir)
-    hypermodel = keras_model.MLPHyperModel(SearchSpace(**cfg.search_space()), data.dim,
-                                           len(data.classes))
+    hypermodel = keras_model.MLPHyperModel(
+        SearchSpace(**cfg.search_space()), data.dim, len(data.classes)
+    )
     tuner = search.make_tuner(
-        hypermodel, directory=base, project_name=f"search-{search_key(cfg, label, keys)}",
-        max_trials=cfg.max_trials, executions_per_trial=cfg.executions_per_trial,
-        seed=cfg.seed, overwrite=cfg.overwrite == "always",
+        hypermodel,
+        directory=base,
+        project_name=f"search-{search_key(cfg, label, keys)}",
+        max_trials=cfg.max_trials,
+        executions_per_trial=cfg.executions_per_trial,
+        seed=cfg.seed,
+        overwrite=cfg.overwrite == "always",
     )
     x_val, y_val = data.x[VAL][data.seen(VAL)], data.y[VAL][data.seen(VAL)]
     x_tr, y_tr = data.x[TRAIN], data.y[TRAIN]
     logger.info(
         "top-tuning %s on %s: %d trial(s) x %d execution(s) x %d epoch(s), %d classes, %d train "
         "/ %d val embeddings of dim %d, Keras backend %s; %d trial(s) already done (%s)",
-        model, dataset, cfg.max_trials, cfg.executions_per_trial, cfg.search_epochs,
-        len(data.classes), len(y_tr), len(y_val), data.dim,
+        model,
+        dataset,
+        cfg.max_trials,
+        cfg.executions_per_trial,
+        cfg.search_epochs,
+        len(data.classes),
+        len(y_tr),
+        len(y_val),
+        data.dim,
         keras_model.keras_facts()["keras_backend"],
-        search.completed_trials(tuner), tuner.project_dir,
+        search.completed_trials(tuner),
+        tuner.project_dir,
     )
     t0 = time.perf_counter()
-    n_new = search.run_search(tuner, x_tr, y_tr, x_val, y_val, epochs=cfg.search_epochs,
-                         batch_size=cfg.train_batch_size, seed=cfg.seed)
+    n_new = search.run_search(
+        tuner,
+        x_tr,
+        y_tr,
+        x_val,
+        y_val,
+        epochs=cfg.search_epochs,
+        batch_size=cfg.train_batch_size,
+        seed=cfg.seed,
+    )
     tuner_wall = time.perf_counter() - t0
     trials = search.trial_summaries(tuner)
     t0 = time.perf_counter()
-    final_model, final = search.train_final(tuner, x_tr, y_tr, x_val, y_val,
-                                            epochs=cfg.final_epochs, patience=cfg.patience,
-                                            batch_size=cfg.train_batch_size, seed=cfg.seed)
+    final_model, final = search.train_final(
+        tuner,
+        x_tr,
+        y_tr,
+        x_val,
+        y_val,
+        epochs=cfg.final_epochs,
+        patience=cfg.patience,
+        batch_size=cfg.train_batch_size,
+        seed=cfg.seed,
+    )
     final_wall = time.perf_counter() - t0
     best = next(t for t in trials if t["trial_id"] == final["best_trial"])
     hidden = keras_model.hidden_layer_names(final_model)
@@ -289,23 +324,40 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
     embed_model = keras_model.embedding_model(final_model)
     model_path = keras_model.save_model(final_model, out_dir / "model.keras")
     facts = keras_model.keras_facts()
-    atomic_write_json(out_dir / "toptune.json", {
-        "source_model": model, "source_dataset": dataset, "label": label,
-        "classes": data.classes.tolist(), "input_dim": data.dim,
-        "embed_dim": int(embed_model.outputs[0].shape[-1]), "hidden_layers": hidden,
-        "hyperparameters": best["hyperparameters"], "input_normalization": "l2",
-        "cell_hash": tune_key, "search_dir": str(tuner.project_dir), "source_caches": keys,
-        **facts,
-    })
+    atomic_write_json(
+        out_dir / "toptune.json",
+        {
+            "source_model": model,
+            "source_dataset": dataset,
+            "label": label,
+            "classes": data.classes.tolist(),
+            "input_dim": data.dim,
+            "embed_dim": int(embed_model.outputs[0].shape[-1]),
+            "hidden_layers": hidden,
+            "hyperparameters": best["hyperparameters"],
+            "input_normalization": "l2",
+            "cell_hash": tune_key,
+            "search_dir": str(tuner.project_dir),
+            "source_caches": keys,
+            **facts,
+        },
+    )
     tt_sets: dict[str, EmbeddingSet] = {}
     n_zero: dict[str, int] = {}
     for split, es in sets.items():
         vectors = keras_model.predict(embed_model, data.x[split])
         n_zero[split] = fill_zero_rows(vectors, f"{model} on {dataset}/{split}")
-        identity = {"source_cache": keys[split], "toptune": tune_key, "mode": MODE,
-                    "normalized": False, "toptune_version": TOPTUNE_VERSION}
+        identity = {
+            "source_cache": keys[split],
+            "toptune": tune_key,
+            "mode": MODE,
+            "normalized": False,
+            "toptune_version": TOPTUNE_VERSION,
+        }
         tt_sets[split] = EmbeddingCache(dataset, model, split, identity).save_complete(
-            vectors, es.item_ids, provenance={"toptune_model_path": str(model_path), **facts},
+            vectors,
+            es.item_ids,
+            provenance={"toptune_model_path": str(model_path), **facts},
             failed=list(es.failed),
         )
     _log_search(trials, best, final, classification, out_dir, model_path, cm_path)
@@ -316,52 +368,72 @@ def _tune(cfg: TopTuneConfig, cell: Cell, inputs: CellInputs, sets: Mapping[str,
         "train_s": round(tuner_wall + final_wall, 3),
         "toptune_model_path": str(model_path),
         "details": {
-            "n_classes": len(data.classes), "n_unseen": data.n_unseen,
+            "n_classes": len(data.classes),
+            "n_unseen": data.n_unseen,
             "n_zero_embeddings": n_zero,
-            "toptune_dir": str(out_dir), "search_dir": str(tuner.project_dir),
-            "confusion_matrix_path": str(cm_path), "keras_backend": facts["keras_backend"],
+            "toptune_dir": str(out_dir),
+            "search_dir": str(tuner.project_dir),
+            "confusion_matrix_path": str(cm_path),
+            "keras_backend": facts["keras_backend"],
             "keras_versions": {"keras": facts["keras"], "keras_tuner": facts["keras_tuner"]},
-            "hidden_layers": len(hidden), "best_trial": final["best_trial"],
+            "hidden_layers": len(hidden),
+            "best_trial": final["best_trial"],
             "best_hyperparameters": best["hyperparameters"],
             "trials": [{k: v for k, v in t.items() if k != "history"} for t in trials],
-            "n_trials": len(trials), "n_new_trials": n_new,
+            "n_trials": len(trials),
+            "n_new_trials": n_new,
             "final_training": {k: v for k, v in final.items() if k != "history"},
-            "tuner_s": round(tuner_wall, 3), "final_fit_s": round(final_wall, 3),
+            "tuner_s": round(tuner_wall, 3),
+            "final_fit_s": round(final_wall, 3),
             "source_caches": {s: str(es.path) for s, es in sets.items()},
             "toptuned_caches": {s: str(es.path) for s, es in tt_sets.items()},
         },
     }
 
 
-def _log_search(trials: list[dict], best: dict, final: dict, classification: dict,
-                out_dir: Path, model_path: Path, cm_path: Path) -> None:
+def _log_search(
+    trials: list[dict],
+    best: dict,
+    final: dict,
+    classification: dict,
+    out_dir: Path,
+    model_path: Path,
+    cm_path: Path,
+) -> None:
     """The search, into the cell's active MLflow run, with one nested child run per trial."""
     import mlflow
-
 
     parent = mlflow.active_run()
     if parent is None:
         return
     log_params({"best": best["hyperparameters"], "best_trial": best["trial_id"]})
-    grouping = {k: v for k, v in parent.data.tags.items()
-                if k in ("stage", "model", "dataset", "family", "backbone", "weights")}
+    grouping = {
+        k: v
+        for k, v in parent.data.tags.items()
+        if k in ("stage", "model", "dataset", "family", "backbone", "weights")
+    }
     for t in trials:
-        tags = {**grouping, "run_kind": "trial", "trial_id": t["trial_id"],
-                "status": t["status"]}
-        with mlflow_run(f"{parent.info.run_name}/trial-{t['trial_id']}", tags=tags,
-                        params=t["hyperparameters"], nested=True) as child:
+        tags = {**grouping, "run_kind": "trial", "trial_id": t["trial_id"], "status": t["status"]}
+        with mlflow_run(
+            f"{parent.info.run_name}/trial-{t['trial_id']}",
+            tags=tags,
+            params=t["hyperparameters"],
+            nested=True,
+        ) as child:
             if t["score"] is not None:
                 mlflow.log_metric("objective_val_accuracy", t["score"])
             mlflow.log_metrics({f"best_{k}": v for k, v in t["metrics"].items()})
             _log_series(child.info.run_id, t["history"])
     _log_series(parent.info.run_id, final["history"], prefix="final_")
-    mlflow.log_metrics({"final_val_loss": final["val_loss"],
-                        "final_epochs_run": final["epochs_run"]})
+    mlflow.log_metrics(
+        {"final_val_loss": final["val_loss"], "final_epochs_run": final["epochs_run"]}
+    )
     mlflow.log_artifact(str(model_path), artifact_path="model")
     mlflow.log_artifact(str(out_dir / "toptune.json"), artifact_path="model")
     mlflow.log_artifact(str(cm_path))
-    log_json_artifact([{k: v for k, v in t.items() if k != "history"} for t in trials],
-                      "trials.json")
+    log_json_artifact(
+        [{k: v for k, v in t.items() if k != "history"} for t in trials], "trials.json"
+    )
 
 
 def _log_series(run_id: str, series: Mapping[str, list[float]], prefix: str = "") -> None:
@@ -432,12 +504,18 @@ def trials_table(results: pd.DataFrame, store: ResultStore | None = None) -> pd.
             score = t.get("score")
             if score is not None:
                 best_so_far = max(best_so_far, score)
-            rows.append({
-                "model": r["model"], "dataset": r["dataset"], "trial": i,
-                "trial_id": t["trial_id"], "status": t["status"], "val_accuracy": score,
-                "best_so_far": best_so_far if np.isfinite(best_so_far) else None,
-                **t["hyperparameters"],
-            })
+            rows.append(
+                {
+                    "model": r["model"],
+                    "dataset": r["dataset"],
+                    "trial": i,
+                    "trial_id": t["trial_id"],
+                    "status": t["status"],
+                    "val_accuracy": score,
+                    "best_so_far": best_so_far if np.isfinite(best_so_far) else None,
+                    **t["hyperparameters"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -446,8 +524,12 @@ def pretrained_vs_toptuned(results: pd.DataFrame, metric: str = "mMP@5") -> pd.D
     names = {f"pretrained_{metric}": "pretrained", metric: "top-tuned"}
     cols = [c for c in names if c in results]
     wide = results[["model", "dataset", *cols]].rename(columns=names)
-    return wide.melt(id_vars=["model", "dataset"], value_vars=[names[c] for c in cols],
-                     var_name="mode", value_name=metric)
+    return wide.melt(
+        id_vars=["model", "dataset"],
+        value_vars=[names[c] for c in cols],
+        var_name="mode",
+        value_name=metric,
+    )
 
 
 __all__ = [

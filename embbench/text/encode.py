@@ -110,8 +110,9 @@ def encode_texts(
     tower.device = str(dev)
     autocast = torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else nullcontext()
     out = []
-    bar = progress_bar(total=len(texts), disable=not progress, unit="text",
-                       desc=f"embed texts {tower.spec.name}")
+    bar = progress_bar(
+        total=len(texts), disable=not progress, unit="text", desc=f"embed texts {tower.spec.name}"
+    )
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
@@ -196,8 +197,9 @@ def embed_texts(
         raise ValueError(f"embed_texts: {len(ids)} ids for {len(texts)} texts")
     if not texts:
         raise ValueError("embed_texts: no texts to embed")
-    cache = text_cache(tower, texts, dataset=dataset, purpose=purpose, templates=templates,
-                       root=cache_root)
+    cache = text_cache(
+        tower, texts, dataset=dataset, purpose=purpose, templates=templates, root=cache_root
+    )
     if not overwrite:
         try:
             if cache.is_complete():
@@ -211,10 +213,15 @@ def embed_texts(
             cache.quarantine_consolidated(f"failed verification: {err}")
         except CacheError as err:
             logger.warning("%s; recomputing", err)
-    vectors = encode_texts(tower, texts, batch_size=batch_size, device=device,
-                           precision=precision, progress=progress)
-    provenance = {"weights_used": tower.weights_used, "device": tower.device,
-                  "precision": precision, "purpose": purpose}
+    vectors = encode_texts(
+        tower, texts, batch_size=batch_size, device=device, precision=precision, progress=progress
+    )
+    provenance = {
+        "weights_used": tower.weights_used,
+        "device": tower.device,
+        "precision": precision,
+        "purpose": purpose,
+    }
     es = cache.save_complete(vectors, ids, provenance)
     return TextEmbeddings(es.vectors, es.item_ids, es.meta, es.path)
 
@@ -246,6 +253,5 @@ def embed_class_prompts(
     """
     tpl = validate_templates(templates, where)
     prompts = class_prompts(classnames, tpl)
-    emb = embed_texts(tower, prompts, dataset=dataset, purpose="classes", templates=tpl,
-                      **kwargs)
+    emb = embed_texts(tower, prompts, dataset=dataset, purpose="classes", templates=tpl, **kwargs)
     return average_class_embeddings(np.asarray(emb.vectors), len(tpl))

@@ -106,8 +106,9 @@ def class_prompt_tasks(
     tpl = validate_templates(templates, where)
     labels = np.asarray(image_labels)
     # the images' dtype (e.g. pandas' object strings), so the metric code compares them as equal
-    classes = np.array(sorted(set(labels.tolist()), key=lambda v: (str(type(v)), v)),
-                       dtype=labels.dtype)
+    classes = np.array(
+        sorted(set(labels.tolist()), key=lambda v: (str(type(v)), v)), dtype=labels.dtype
+    )
     if class_names is None:
         names = [str(c) for c in classes.tolist()]
     else:
@@ -168,13 +169,21 @@ def item_text_tasks(
         TextColumnError: The column is missing or empty (before any embedding).
     """
     texts = item_texts(items, text_column, label, split=split, where=where)
-    emb = embed_texts(tower, texts.texts, ids=texts.ids, dataset=dataset,
-                      purpose=f"{text_column}-{split}", **embed_kwargs)
+    emb = embed_texts(
+        tower,
+        texts.texts,
+        ids=texts.ids,
+        dataset=dataset,
+        purpose=f"{text_column}-{split}",
+        **embed_kwargs,
+    )
     vecs = np.asarray(emb.vectors)
     return ItemTextResults(
-        text_image=text_to_image(vecs, texts.labels, image_vectors, image_labels, k=k,
-                                 backend=backend),
-        image_text=image_to_text(image_vectors, image_labels, vecs, texts.labels, k=k,
-                                 backend=backend),
+        text_image=text_to_image(
+            vecs, texts.labels, image_vectors, image_labels, k=k, backend=backend
+        ),
+        image_text=image_to_text(
+            image_vectors, image_labels, vecs, texts.labels, k=k, backend=backend
+        ),
         texts=texts,
     )

@@ -84,7 +84,11 @@ class ItemTexts:
 
 
 def item_texts(
-    items: pd.DataFrame, text_column: str, label: str, *, split: str | None = None,
+    items: pd.DataFrame,
+    text_column: str,
+    label: str,
+    *,
+    split: str | None = None,
     where: str = "catalogue",
 ) -> ItemTexts:
     """Read a per-item text column (e.g. ``title``) of a catalogue's items table.
@@ -123,8 +127,13 @@ def item_texts(
         )
     n_empty = int((~keep).sum())
     if n_empty:
-        logger.warning("%s: %d of %d item(s) have an empty %r and are left out of text queries",
-                       where, n_empty, len(rows), text_column)
+        logger.warning(
+            "%s: %d of %d item(s) have an empty %r and are left out of text queries",
+            where,
+            n_empty,
+            len(rows),
+            text_column,
+        )
     kept = rows[keep.to_numpy()]
     return ItemTexts(
         ids=kept["item_id"].astype(str).to_numpy(),
@@ -157,8 +166,15 @@ def text_to_image(
         The five metrics over the non-lone queries, per-query values, ``n_lone`` and the
         top-k image positions (``topk_ids``, for galleries of text queries).
     """
-    return search_and_evaluate(text_vectors, text_labels, image_vectors, image_labels,
-                               k=k, protocol="cross", backend=backend)
+    return search_and_evaluate(
+        text_vectors,
+        text_labels,
+        image_vectors,
+        image_labels,
+        k=k,
+        protocol="cross",
+        backend=backend,
+    )
 
 
 def image_to_text(
@@ -183,8 +199,15 @@ def image_to_text(
     Returns:
         As :func:`text_to_image`, with the queries being images.
     """
-    return search_and_evaluate(image_vectors, image_labels, text_vectors, text_labels,
-                               k=k, protocol="cross", backend=backend)
+    return search_and_evaluate(
+        image_vectors,
+        image_labels,
+        text_vectors,
+        text_labels,
+        k=k,
+        protocol="cross",
+        backend=backend,
+    )
 
 
 def retrieval_cis(
@@ -229,9 +252,13 @@ class ZeroShotResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view of the summary and counts."""
-        return {"summary": {m: float(v) for m, v in self.summary.items()},
-                "n_images": self.n_images, "n_classes": self.n_classes, "k": self.k,
-                "k_used": self.k_used}
+        return {
+            "summary": {m: float(v) for m, v in self.summary.items()},
+            "n_images": self.n_images,
+            "n_classes": self.n_classes,
+            "k": self.k,
+            "k_used": self.k_used,
+        }
 
 
 def zero_shot_classify(
@@ -265,8 +292,10 @@ def zero_shot_classify(
     y = np.asarray(image_labels)
     cl = np.asarray(class_labels)
     if img.shape[1] != cls.shape[1]:
-        raise ValueError(f"zero_shot_classify: image dim {img.shape[1]} != text dim "
-                         f"{cls.shape[1]}; the vectors come from different models")
+        raise ValueError(
+            f"zero_shot_classify: image dim {img.shape[1]} != text dim "
+            f"{cls.shape[1]}; the vectors come from different models"
+        )
     if y.shape != (img.shape[0],) or cl.shape != (cls.shape[0],):
         raise ValueError("zero_shot_classify: one label per image and one per class row needed")
     if len(np.unique(cl)) != len(cl):
@@ -286,10 +315,18 @@ def zero_shot_classify(
     topk = (order == true[:, None]).any(axis=1)
     present = np.unique(true)
     recall = [float(top1[true == c].mean()) for c in present]
-    summary = {"top1": float(top1.mean()), f"top{k}": float(topk.mean()),
-               "balanced_accuracy": float(np.mean(recall))}
+    summary = {
+        "top1": float(top1.mean()),
+        f"top{k}": float(topk.mean()),
+        "balanced_accuracy": float(np.mean(recall)),
+    }
     return ZeroShotResult(
-        summary=summary, predictions=cl[order[:, 0]], topk=cl[order],
+        summary=summary,
+        predictions=cl[order[:, 0]],
+        topk=cl[order],
         correct={"top1": top1.astype(np.float64), f"top{k}": topk.astype(np.float64)},
-        n_images=int(len(y)), n_classes=int(len(cl)), k=int(k), k_used=kk,
+        n_images=int(len(y)),
+        n_classes=int(len(cl)),
+        k=int(k),
+        k_used=kk,
     )

@@ -86,8 +86,13 @@ class ResumableBayesianOracle(keras_tuner.oracles.BayesianOptimizationOracle):
         """keras-tuner's state plus the optimiser's ``RandomState``."""
         state = super().get_state()
         kind, keys, pos, has_gauss, cached = self._random_state.get_state()
-        state["embbench_random_state"] = [kind, keys.tolist(), int(pos), int(has_gauss),
-                                          float(cached)]
+        state["embbench_random_state"] = [
+            kind,
+            keys.tolist(),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ]
         return state
 
     def set_state(self, state: dict) -> None:
@@ -110,9 +115,7 @@ class ResumableBayesianOracle(keras_tuner.oracles.BayesianOptimizationOracle):
         """
         super().reload()
         self.trials = dict(sorted(self.trials.items(), key=lambda kv: int(kv[0])))
-        self._retry_queue = [
-            t for t in self._retry_queue if self.trials[t].status != "COMPLETED"
-        ]
+        self._retry_queue = [t for t in self._retry_queue if self.trials[t].status != "COMPLETED"]
 
 
 class SeededTuner(keras_tuner.Tuner):

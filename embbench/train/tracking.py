@@ -92,8 +92,12 @@ def finish_run(run_id: str, summary: dict, test: dict, *, model_path: Path, run_
     }
     client = mlflow.MlflowClient()
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, run_id=run_id)
-    mlflow.log_metric("val_accuracy", float(summary["val_accuracy"]),
-                      step=max(summary["epochs"] - 1, 0), run_id=run_id)
+    mlflow.log_metric(
+        "val_accuracy",
+        float(summary["val_accuracy"]),
+        step=max(summary["epochs"] - 1, 0),
+        run_id=run_id,
+    )
     log_json_artifact(summary, "summary.json", run_id=run_id)
     client.log_artifact(run_id, str(model_path), artifact_path="headless")
     if test["y_true"]:
