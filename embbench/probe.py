@@ -315,7 +315,8 @@ def linear_probe(
     train_x, train_y = _check_xy(train_x, train_y, "probe train split")
     val_x, val_y = _check_xy(val_x, val_y, "probe val split")
     test_x = np.asarray(test_x)
-    if test_x.ndim != 2 or test_x.shape[1] != train_x.shape[1] or val_x.shape[1] != train_x.shape[1]:
+    dim = train_x.shape[1]
+    if test_x.ndim != 2 or test_x.shape[1] != dim or val_x.shape[1] != dim:
         raise ProbeError(
             f"probe: train, val and test embeddings must share one dimension, got "
             f"{train_x.shape[1]}, {val_x.shape[1]} and {test_x.shape[-1]}"
@@ -469,7 +470,9 @@ def knn_classify(
     block_bytes: int = 256 * 2**20,
     device: str = "auto",
 ) -> np.ndarray:
-    """kNN predictions: the class with the largest summed vote (ties: first in label order).
+    """Predictions of the kNN classifier: the class with the largest summed vote.
+
+    Ties between classes go to the first in sorted label order.
 
     Args are those of :func:`knn_votes`.
 
