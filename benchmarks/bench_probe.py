@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=10_000, help="test rows")
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--noise", type=float, default=1.2, help="noise norm relative to centroids")
+    ap.add_argument("--noise", type=float, default=6.0, help="noise norm (centroids have norm 1)")
     ap.add_argument("--c", type=float, default=1.0, help="inverse L2 strength (sklearn's C)")
     ap.add_argument("--max-iter", type=int, default=100, help="both solvers (sklearn default)")
     ap.add_argument("--threads", type=int, default=None, help="default: usable cores")

@@ -184,3 +184,26 @@ def test_bad_input_is_one_clear_line():
         knn_classify(xtr, ytr, xte, temperature=0)
     with pytest.raises(ProbeError, match="one per row"):
         knn_classify(xtr, ytr[:-1], xte)
+
+
+@pytest.mark.slow
+def test_probe_and_knn_beat_chance_on_real_embeddings(small_demo):
+    """Packaged pretrained EfficientNet-Lite0 on the small demo (12 products, 108 images)."""
+    from embbench.embed import embed_split
+    from embbench.models import create_embedder
+
+    emb = create_embedder("efficientnet_lite0")
+    xs, ys = {}, {}
+    for split in ("train", "val", "test"):
+        es = embed_split(emb, small_demo, split, batch_size=32, num_workers=0, device="cpu",
+                         progress=False)  # fmt: skip
+        xs[split], ys[split] = np.asarray(es.vectors), es.labels(small_demo.items, "product")
+    chance = 1 / len(np.unique(ys["train"]))
+    res = linear_probe(xs["train"], ys["train"], xs["val"], ys["val"], xs["test"], ys["test"],
+                       device="cpu", progress=False)  # fmt: skip
+    probe, _ = score_predictions(ys["test"], res.predictions, res.classes)
+    knn = knn_classify(xs["train"], ys["train"], xs["test"], device="cpu")
+    knn_m, _ = score_predictions(ys["test"], knn, res.classes)
+    assert probe["n_test"] == len(ys["test"]) and probe["n_test_unseen_class"] == 0
+    assert probe["accuracy"] >= 3 * chance, probe
+    assert knn_m["accuracy"] >= 3 * chance, knn_m
