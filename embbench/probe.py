@@ -445,17 +445,18 @@ def knn_votes(
         vals, idx = torch.topk(sims, min(k + 1, n), dim=1)
         vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
         tie = (vals[:, k - 1] == vals[:, k]) if n > k else np.zeros(len(vals), dtype=bool)
-        sims_np = sims.cpu().numpy() if tie.any() else None
-        for r in range(len(vals)):
-            if tie[r]:
-                order = np.lexsort((np.arange(n), -sims_np[r]))[:k]
-                s_r, i_r = sims_np[r, order], order
-            else:
-                # the top-k set is unique; sort it canonically (by -sim, then index)
-                o = np.lexsort((idx[r, :k], -vals[r, :k]))
-                s_r, i_r = vals[r, :k][o], idx[r, :k][o]
-            w = np.exp(s_r.astype(np.float64) / temperature)
-            np.add.at(votes[lo + r], ytr[i_r], w)
+        vals, idx = vals[:, :k], idx[:, :k]
+        if tie.any():  # the k nearest by (-sim, train index) from the full rows
+            sims_np = sims[torch.as_tensor(np.flatnonzero(tie), device=dev)].cpu().numpy()
+            for r, row in zip(np.flatnonzero(tie), sims_np, strict=True):
+                idx[r] = np.lexsort((np.arange(n), -row))[:k]
+                vals[r] = row[idx[r]]
+        # canonical order (by -sim, then train index) so the float sums are reproducible
+        o = np.lexsort((idx, -vals), axis=-1)
+        vals, idx = np.take_along_axis(vals, o, 1), np.take_along_axis(idx, o, 1)
+        w = np.exp(vals.astype(np.float64) / temperature)
+        block = votes[lo : lo + len(vals)]
+        np.add.at(block, (np.repeat(np.arange(len(vals)), k), ytr[idx].ravel()), w.ravel())
     return votes, classes
 
 
