@@ -12,13 +12,14 @@ model at the same C twice, in one process, on the same data and thread count:
   (default 100, scikit-learn's default) or at the tolerance, whichever comes first; the output
   says how many each ran and whether it converged.
 
-It prints both times, the ratio, both test accuracies, the agreement of their predictions, the
-thread counts and BLAS kernels (threadpoolctl), the load average before and after (the machine
-may be shared), and the **physical floor**: the time of the bare float32 forward and backward
-products of one loss+gradient evaluation (``X @ W`` and ``X.T @ G``, best of 3) times the
-number of evaluations the fit ran, i.e. what the fit would cost if L-BFGS itself, the softmax and
-the line search were free. ``--grid`` also times the whole :func:`embbench.probe.linear_probe`
-(CLIP_benchmark's C search on a val split + refit), which scikit-learn has no single call for.
+It prints both times, the ratio, both test accuracies, both final objectives (float64), the
+agreement of their predictions, the thread counts and BLAS kernels (threadpoolctl), the load
+average before and after (the machine may be shared), and the **physical floor**: the time of
+the bare float32 forward and backward products of one loss+gradient evaluation (``X @ W`` and
+``X.T @ G``, best of 3) times the number of evaluations the fit ran, i.e. what the fit would
+cost if L-BFGS itself, the softmax and the line search were free. ``--grid`` also times the
+whole :func:`embbench.probe.linear_probe` (CLIP_benchmark's C search on a val split + refit),
+which scikit-learn has no single call for.
 
 Usage::
 
@@ -78,6 +79,20 @@ def bare_products(x: np.ndarray, classes: int, device: str, repeats: int = 3) ->
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, c: float) -> float:
+    """scikit-learn's scaled objective ``mean CE + ||W||^2 / (2 C n)`` in float64 (blocks)."""
+    import torch
+
+    wt = torch.from_numpy(np.asarray(w, np.float64))
+    bt = torch.from_numpy(np.asarray(b, np.float64))
+    ce = 0.0
+    for lo in range(0, len(x), 8192):
+        logits = torch.from_numpy(x[lo : lo + 8192].astype(np.float64)) @ wt + bt
+        tgt = torch.from_numpy(np.asarray(y[lo : lo + 8192], np.int64))
+        ce += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+    return ce / len(x) + float((wt * wt).sum()) / (2 * c * len(x))
 
 
 def blas_lines() -> list[str]:
@@ -158,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         floor = pair * fit.n_eval
         print(f"embbench fit_logistic: {t_ours:.1f} s, {fit.n_iter} iterations, {fit.n_eval} "
               f"evaluations, converged={fit.converged}, test accuracy {acc_ours:.4f}")
+        f_ours = objective(x, y, fit.weight, fit.bias, args.c)
+        print(f"  objective (float64) {f_ours:.6f}")
         print(f"  physical floor (bare products x {fit.n_eval} evaluations): {floor:.1f} s; "
               f"fit / floor = {t_ours / floor:.2f}")
 
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"scikit-learn LogisticRegression (lbfgs, max_iter={args.max_iter}): "
                   f"{t_sk:.1f} s, {it} iterations, converged={it < args.max_iter}, coef dtype "
                   f"{sk.coef_.dtype}, test accuracy {acc_sk:.4f}")
+            f_sk = objective(x, y, sk.coef_.T, sk.intercept_, args.c)
+            print(f"  objective (float64) {f_sk:.6f} (embbench - sklearn: {f_ours - f_sk:+.2e})")
             print(f"  floor at its iterations (>= 1 evaluation each): {pair * it:.1f} s")
             print(f"RATIO sklearn / embbench = {t_sk / t_ours:.1f}x; accuracy embbench "
                   f"{acc_ours:.4f} vs sklearn {acc_sk:.4f}; predictions agree on "

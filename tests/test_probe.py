@@ -49,6 +49,17 @@ def test_fit_logistic_equals_sklearn_at_the_same_c(c):
     np.testing.assert_allclose(ours.bias, ref.intercept_, rtol=0.03, atol=0.05)
 
 
+def test_probe_is_deterministic():
+    (xtr, ytr), (xva, yva), (xte, yte) = _blobs(7)
+    runs = [linear_probe(xtr, ytr, xva, yva, xte, yte, grid=[0.1, 10.0], search="full",
+                         device="cpu", progress=False) for _ in range(2)]  # fmt: skip
+    np.testing.assert_array_equal(runs[0].predictions, runs[1].predictions)
+    assert runs[0].val_accuracy == runs[1].val_accuracy and runs[0].n_iter == runs[1].n_iter
+    a = fit_logistic(l2_normalize_rows(xtr), ytr, 6, 3.0, device="cpu")
+    b = fit_logistic(l2_normalize_rows(xtr), ytr, 6, 3.0, device="cpu")
+    np.testing.assert_array_equal(a.weight, b.weight)
+
+
 def test_full_search_chooses_the_best_c_on_val_and_agrees_with_sklearn():
     from sklearn.linear_model import LogisticRegression
 
