@@ -1,42 +1,38 @@
 """Classification baselines on frozen embeddings: a linear probe and a kNN classifier.
 
-Both take arrays (embeddings and labels of the train / val / test splits) and return plain
-results; :func:`score_predictions` scores them with exactly the code top-tuning uses
-(:func:`embbench.metrics.classification_metrics` and :func:`embbench.metrics.confusion_matrix`
-on the test items whose class exists in train, as :func:`embbench.toptune.test_classification`),
-so the probe, kNN and top-tuned rows of a report are comparable number for number.
+Pure functions on arrays; :func:`score_predictions` scores their predictions with exactly the
+code and keys of top-tuning (:func:`embbench.toptune.test_classification`), so the probe, kNN
+and top-tuned rows of a report compare number for number.
 
 **Linear probe** (:func:`linear_probe`): multinomial logistic regression on L2-normalised
-embeddings, the protocol of CLIP (Radford et al. 2021, appendix A.3) as LAION CLIP_benchmark
-implements it (``clip_benchmark/metrics/linear_probe.py``: ``find_peak`` and ``evaluate``):
+embeddings, CLIP's protocol (Radford et al. 2021, appendix A.3) as LAION CLIP_benchmark runs it
+(``clip_benchmark/metrics/linear_probe.py``, ``find_peak`` and ``evaluate``):
 
-1. The L2 strength is searched on a log grid: :data:`DEFAULT_C_GRID` is ``C = 1/lambda`` from
+1. The L2 strength is searched on a log grid, :data:`DEFAULT_C_GRID`: ``C = 1/lambda`` from
    1e-6 to 1e6, 8 steps per decade (97 values; CLIP's range and resolution). ``search="peak"``
-   (default) is CLIP_benchmark's coarse-to-fine search: fit at every 16th grid value (1e-6,
-   1e-4, ..., 1e6), then around the best one at +-8, +-4, +-2, +-1 grid steps, each time moving
-   to the best of (left, peak, right). ``search="full"`` fits every grid value.
-2. Each fit is scored by accuracy on the validation split; the best wins. Ties go to the larger
-   C (weaker regularisation), as CLIP_benchmark's ``find_peak`` keeps the first-evaluated best
-   while sweeping from the weakest weight decay.
+   (default) is CLIP_benchmark's coarse-to-fine search: every 16th grid value (1e-6, 1e-4, ...,
+   1e6), then around the best at +-8, +-4, +-2, +-1 steps, each time moving to the best of
+   (left, peak, right). ``search="full"`` fits every grid value.
+2. Each fit is scored by validation accuracy. Ties go to the larger C (weaker regularisation),
+   as ``find_peak`` keeps the first-evaluated best while sweeping from the weakest weight decay.
 3. The model is refitted on train + val at the chosen C and predicts the test split.
 
-What differs from CLIP_benchmark: it trains a ``torch.nn.Linear`` with AdamW (its weight decay
-is the grid) for a fixed number of epochs, on a GPU only. Here each fit solves scikit-learn's
-``LogisticRegression`` objective exactly (CLIP's own choice, scikit-learn's L-BFGS):
-``mean_i CE(W x_i + b, y_i) + ||W||^2 / (2 C n)`` (the intercept is not penalised), with
-full-batch L-BFGS in float32 torch (``torch.optim.LBFGS``, strong-Wolfe line search, history
-10 as scipy's default), stopping when the largest absolute gradient entry falls below
-``tol`` (1e-4, scikit-learn's default and criterion) or after ``max_iter`` iterations (100,
-scikit-learn's default). Weights start at zero (as scikit-learn) for the first C and are
-warm-started from the nearest already-fitted C (in log C) for the others. On CUDA when present.
+Unlike CLIP_benchmark (a ``torch.nn.Linear`` trained with AdamW for fixed epochs, its weight
+decay being the grid, GPU only), each fit here solves scikit-learn's ``LogisticRegression``
+objective (CLIP's own choice): ``mean_i CE(W x_i + b, y_i) + ||W||^2 / (2 C n)``, intercept
+unpenalised, by full-batch L-BFGS in float32 torch (``torch.optim.LBFGS``, strong-Wolfe line
+search, history 10 as scipy), stopping when the largest absolute gradient entry is <= ``tol``
+(1e-4, scikit-learn's default and criterion) or after ``max_iter`` iterations (100, ditto).
+Weights start at zero (as scikit-learn) for the first C and are warm-started from the nearest
+already-fitted C for the others. CUDA when present; on a CPU it uses torch's intra-op threads,
+which the cell engine's thread budget (:mod:`embbench._threads`) has already set.
 
 **kNN** (:func:`knn_classify`), as DINO's ``eval_knn.py`` (``knn_classifier``): cosine
 similarity to every train embedding, the ``k`` (20) most similar vote for their class with
-weight ``exp(sim / temperature)`` (T = 0.07), votes summed per class, the class with the largest
-sum wins. Ties, documented because they decide exact results: among train items of equal
-similarity the lower train index is nearer; among classes of equal vote the first in sorted
-label order wins. The similarities are computed in blocks of test rows (bounded memory: about
-``block_bytes`` per block), top-k per block.
+weight ``exp(sim / temperature)`` (T = 0.07), votes summed per class, the largest sum wins.
+Ties decide exact results, so: among train items of equal similarity the lower train index is
+nearer; among classes of equal vote the first in sorted label order wins. Similarities are
+computed in blocks of test rows (about ``block_bytes`` each), top-k per block.
 """
 
 from __future__ import annotations
@@ -57,20 +53,10 @@ from embbench.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_C_GRID",
-    "KNN_K",
-    "KNN_TEMPERATURE",
-    "TASK_KNN",
-    "TASK_PROBE",
-    "LogisticFit",
-    "ProbeResult",
-    "fit_logistic",
-    "knn_classify",
-    "knn_votes",
-    "linear_probe",
-    "peak_search_order",
-    "score_predictions",
-]
+    "DEFAULT_C_GRID", "KNN_K", "KNN_TEMPERATURE", "TASK_KNN", "TASK_PROBE", "LogisticFit",
+    "ProbeError", "ProbeResult", "fit_logistic", "knn_classify", "knn_votes", "linear_probe",
+    "peak_search", "score_predictions",
+]  # fmt: skip
 
 TASK_PROBE = "probe"  # task names of the records (phase 2 points them at embbench.vocab)
 TASK_KNN = "knn"
@@ -83,7 +69,7 @@ MAX_ITER = 100  # scikit-learn LogisticRegression(max_iter=100)
 
 
 class ProbeError(ValueError):
-    """Unusable probe input (shapes, too few classes, an empty grid)."""
+    """Unusable probe input (shapes, too few classes, an empty grid): one line naming it."""
 
 
 @dataclass
@@ -91,8 +77,7 @@ class LogisticFit:
     """One multinomial logistic-regression fit.
 
     Attributes:
-        weight: ``(dim, n_classes)`` float32.
-        bias: ``(n_classes,)`` float32.
+        weight: ``(dim, n_classes)`` float32; bias: ``(n_classes,)`` float32.
         c: The inverse L2 strength it was fitted at.
         n_iter: L-BFGS iterations run.
         n_eval: Loss+gradient evaluations (each one forward and one backward product).
@@ -137,8 +122,7 @@ class ProbeResult:
 
 
 def _device(device: str) -> Any:
-    from embbench._torch_utils import resolve_device
-
+    from embbench._torch_utils import resolve_device  # imports torch: only when used
     return resolve_device(device)
 
 
@@ -232,7 +216,7 @@ def fit_logistic(
     )
 
 
-def peak_search_order(n_grid: int, val_score: Any, first_step: int = PEAK_FIRST_STEP) -> int:
+def peak_search(n_grid: int, val_score: Any, first_step: int = PEAK_FIRST_STEP) -> int:
     """CLIP_benchmark's coarse-to-fine search over grid indices; returns the chosen index.
 
     ``val_score(i)`` fits and scores grid index ``i`` of a grid sorted by ascending C (the
@@ -243,13 +227,9 @@ def peak_search_order(n_grid: int, val_score: Any, first_step: int = PEAK_FIRST_
         n_grid: Grid length.
         val_score: Callable index -> validation accuracy.
         first_step: Spacing of the coarse sweep; refinement halves it down to 1.
-
-    Returns:
-        The index of the best C found.
     """
 
     def best_of(idxs: Sequence[int]) -> int:
-        # Evaluate from the largest C down; strict improvement keeps the first (largest C).
         best_i, best_s = -1, -np.inf
         for i in sorted(set(idxs), reverse=True):
             s = val_score(i)
@@ -365,7 +345,7 @@ def linear_probe(
                 val_score(i)
             best = max(scores, key=lambda i: (scores[i], i))  # ties: the larger C
         else:
-            best = peak_search_order(len(grid_arr), val_score)
+            best = peak_search(len(grid_arr), val_score)
     finally:
         bar.close()
     chosen = float(grid_arr[best])
@@ -473,9 +453,7 @@ def knn_classify(
 ) -> np.ndarray:
     """Predictions of the kNN classifier: the class with the largest summed vote.
 
-    Ties between classes go to the first in sorted label order.
-
-    Args are those of :func:`knn_votes`.
+    Ties between classes go to the first in sorted label order. Args: see :func:`knn_votes`.
 
     Returns:
         ``(n_test,)`` predicted label values.

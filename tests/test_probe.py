@@ -14,7 +14,7 @@ from embbench.probe import (
     knn_classify,
     knn_votes,
     linear_probe,
-    peak_search_order,
+    peak_search,
     score_predictions,
 )
 
@@ -91,13 +91,13 @@ def test_peak_search_follows_clip_benchmark():
         seen.append(i)
         return -abs(i - target)  # unimodal, peak at 37
 
-    assert peak_search_order(97, score) == target
+    assert peak_search(97, score) == target
     assert seen[:7] == [96, 80, 64, 48, 32, 16, 0]  # from the largest C down
     # coarse peak 32; +-8 -> 40; +-4 -> 36; +-2: 34/36/38, 36 and 38 tie -> 38 (larger C);
     # +-1 -> 37
     assert set(seen) == {0, 16, 32, 48, 64, 80, 96, 24, 40, 36, 44, 34, 38, 37, 39}
     # ties go to the larger C (higher index), as CLIP_benchmark keeps the first of equal scores
-    assert peak_search_order(97, lambda i: 1.0) == 96
+    assert peak_search(97, lambda i: 1.0) == 96
     assert len(DEFAULT_C_GRID) == 97 and DEFAULT_C_GRID[0] == pytest.approx(1e-6)
 
 
