@@ -212,14 +212,8 @@ def fit_logistic(
     n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
     closure()  # the gradient at the final point (the last line-search trial may differ)
     grad_max = max(float(w.grad.abs().max()), float(b.grad.abs().max()))
-    return LogisticFit(
-        weight=w.cpu().numpy(),
-        bias=b.cpu().numpy(),
-        c=float(c),
-        n_iter=n_iter,
-        n_eval=n_eval,
-        converged=grad_max <= tol,
-    )
+    return LogisticFit(w.cpu().numpy(), b.cpu().numpy(), float(c), n_iter, n_eval,
+                       converged=grad_max <= tol)
 
 
 def peak_search(n_grid: int, val_score: Any, first_step: int = PEAK_FIRST_STEP) -> int:
@@ -279,8 +273,7 @@ def linear_probe(
         val_x: Validation embeddings.
         val_y: Validation labels; items whose class is not in train are left out (logged).
         test_x: Test embeddings.
-        test_y: Test labels; unused by the fit (accepted so callers pass the splits in one
-            shape; score with :func:`score_predictions`).
+        test_y: Unused (the splits pass in one shape; score with :func:`score_predictions`).
         grid: Candidate C values (inverse L2 strengths); sorted ascending here.
         search: ``"peak"`` (CLIP_benchmark's coarse-to-fine) or ``"full"`` (every value).
         tol: L-BFGS gradient tolerance (max absolute entry).
@@ -294,7 +287,7 @@ def linear_probe(
         A :class:`ProbeResult`.
 
     Raises:
-        ProbeError: Bad shapes, fewer than two train classes, no usable val item, empty grid.
+        ProbeError: Bad shapes, fewer than 2 train classes, no usable val item, bad grid.
     """
     del test_y  # scored by score_predictions
     start = time.perf_counter()
@@ -367,16 +360,8 @@ def linear_probe(
     wall = time.perf_counter() - start
     logger.info("linear probe: C=%.3g chosen (val accuracy %.4f) from %d fits in %.1f s",
                 chosen, scores[best], len(fits), wall)
-    return ProbeResult(
-        predictions=pred,
-        classes=classes,
-        chosen_c=chosen,
-        val_accuracy={float(grid_arr[i]): s for i, s in sorted(scores.items())},
-        n_iter=n_iter,
-        wall_s=wall,
-        search=search,
-        n_not_converged=not_conv,
-    )
+    val_acc = {float(grid_arr[i]): s for i, s in sorted(scores.items())}
+    return ProbeResult(pred, classes, chosen, val_acc, n_iter, wall, search, not_conv)
 
 
 def knn_votes(
