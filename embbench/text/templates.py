@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from embbench.vectors import l2_normalize
+
 __all__ = [
     "DEFAULT_TEMPLATES",
     "TemplateError",
@@ -119,5 +121,4 @@ def average_class_embeddings(vectors: np.ndarray, n_templates: int) -> np.ndarra
             f"{n_templates} templates"
         )
     mean = v.reshape(-1, n_templates, v.shape[1]).mean(axis=1)
-    norms = np.linalg.norm(mean, axis=1, keepdims=True)
-    return (mean / np.maximum(norms, 1e-12)).astype(np.float32)
+    return l2_normalize(mean, "class prompt means")
