@@ -20,10 +20,19 @@ CROSS_MODES: tuple[str, ...] = ("cross-tuned", "cross-top-tuned")  # tuned on A,
 WeightMode = Literal["pretrained", "random", "auto"]
 WEIGHT_MODES: tuple[str, ...] = get_args(WeightMode)
 
-# What a cell measures. Today: image->image retrieval (every cell) and classification (the
-# cells that train a classifier: top- and fine-tuning). Text->image retrieval will be next.
-Task = Literal["image-image", "classification"]
+# What a cell measures (a record's ``task``). Retrieval tasks score rankings with the five
+# retrieval metrics: image->image (every cell of the paper's grid), text->image (class-name
+# prompts or item texts as queries, the split's images as the gallery) and image->text (images
+# as queries, the items' texts as the gallery). Classification tasks score predicted labels:
+# zero-shot (class-name prompts of a text-image model), and the two baselines on frozen
+# embeddings, a linear probe and a kNN classifier. Top- and fine-tuned records are image->image
+# records that also carry their classifier's test metrics.
+Task = Literal["image-image", "text-image", "image-text", "zero-shot", "probe", "knn"]
 TASKS: tuple[str, ...] = get_args(Task)
+RETRIEVAL_TASKS: tuple[str, ...] = ("image-image", "text-image", "image-text")
+CLASSIFICATION_TASKS: tuple[str, ...] = ("zero-shot", "probe", "knn")
+TEXT_TASKS: tuple[str, ...] = ("text-image", "image-text", "zero-shot")  # need a text tower
+BASELINE_TASKS: tuple[str, ...] = ("probe", "knn")  # any model, on frozen embeddings
 
 RANDOM_SEED = 0  # seed of every random initialisation (so random-weight vectors are repeatable)
 
@@ -31,7 +40,11 @@ __all__ = [
     "CROSS_MODES",
     "MODES",
     "RANDOM_SEED",
+    "BASELINE_TASKS",
+    "CLASSIFICATION_TASKS",
+    "RETRIEVAL_TASKS",
     "TASKS",
+    "TEXT_TASKS",
     "TUNED_MODES",
     "WEIGHT_MODES",
     "Mode",

@@ -29,6 +29,7 @@ import pandas as pd
 
 from embbench.metrics import RetrievalResult, bootstrap_ci, metric_names
 from embbench.retrieval import SearchBackend, l2_normalize, search_and_evaluate
+from embbench.vocab import TASKS, TEXT_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,7 @@ __all__ = [
 ]
 
 # Task names (the lead points them at embbench.vocab when wiring).
-IMAGE_IMAGE = "image-image"
-TEXT_IMAGE = "text-image"
-IMAGE_TEXT = "image-text"
-ZERO_SHOT = "zero-shot"
-PROBE = "probe"
-KNN = "knn"
-TASKS = (IMAGE_IMAGE, TEXT_IMAGE, IMAGE_TEXT, ZERO_SHOT, PROBE, KNN)
-TEXT_TASKS = (TEXT_IMAGE, IMAGE_TEXT, ZERO_SHOT)  # the tasks that need a text tower
+IMAGE_IMAGE, TEXT_IMAGE, IMAGE_TEXT, ZERO_SHOT, PROBE, KNN = TASKS  # names of embbench.vocab
 
 
 class TextColumnError(ValueError):
