@@ -15,6 +15,7 @@ a grid of (model, dataset) cells are declared once, in :class:`GridConfig`.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -32,6 +33,8 @@ from pydantic import (
 from embbench._errors import UserError
 from embbench._registry import Registry
 from embbench._utils import stable_hash
+
+logger = logging.getLogger(__name__)
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -164,7 +167,39 @@ def read_params_files(files: Iterable[str | Path]) -> tuple[dict[str, Any], dict
         for key, value in data.items():
             merged[str(key)] = value
             origin[str(key)] = str(path)
+        if "datasets" in data:
+            _drop_overridden_entries(merged, origin, str(path))
     return merged, origin
+
+
+def _drop_overridden_entries(merged: dict[str, Any], origin: dict[str, str], path: str) -> None:
+    """Forget earlier files' ``data_root`` / ``data_options`` entries of datasets ``path`` removed.
+
+    Layering ``-f params/demo/01_embed.yaml -f my.yaml`` where ``my.yaml`` sets ``datasets:
+    [my_shop]`` leaves the demo overlay's ``data_options: {demo: ...}`` behind: that entry
+    belonged to the grid the later file replaced, so it is dropped with an INFO line. Entries
+    written in the same file as ``datasets`` (or later) are the user's own and stay, so a typo
+    there (``my_sohp``) is still refused by :class:`GridConfig`.
+    """
+    datasets = merged.get("datasets")
+    if not isinstance(datasets, list):
+        return
+    grid = {str(d) for d in datasets}
+    for key in ("data_root", "data_options"):
+        entries = merged.get(key)
+        if not isinstance(entries, dict) or origin.get(key) == path:
+            continue
+        stale = [name for name in entries if str(name) not in grid]
+        if stale:
+            logger.info(
+                "%s.%s (from %s) left out: %s replaced the grid's datasets with %s",
+                key,
+                ", ".join(map(str, stale)),
+                origin.get(key, "?"),
+                path,
+                sorted(grid),
+            )
+            merged[key] = {k: v for k, v in entries.items() if k not in stale}
 
 
 class StageConfig(BaseModel):

@@ -18,6 +18,7 @@ import xxhash
 
 from embbench import filehash
 from embbench.catalogue import CatalogueError, from_manifest
+from embbench.config import ConfigError
 from embbench.datasets import fetch_urls
 from embbench.datasets.prepare import load_catalogue
 from embbench.records import ResultStore
@@ -219,6 +220,27 @@ def test_options_for_a_dataset_not_in_the_grid_are_refused_at_dry_run(tmp_path, 
     assert str(params) in err
     with pytest.raises(ValueError, match=r"data_root\.sop: no dataset of the grid"):
         EmbedConfig(datasets=["demo"], data_root={"sop": "/data/sop"})
+
+
+def test_a_later_file_that_replaces_the_grid_drops_the_earlier_files_entries(tmp_path, caplog):
+    """README's layering (the demo overlay, then an own catalogue) is not a stray key."""
+    from embbench.config import read_params_files
+
+    demo = tmp_path / "demo.yaml"
+    demo.write_text("datasets: [demo]\ndata_options: {demo: {products_per_category: 6}}\n")
+    mine = tmp_path / "my.yaml"
+    mine.write_text("datasets: [my_shop]\ndata_root: {my_shop: /data/shop.csv}\nlabel: sku\n")
+    with caplog.at_level("INFO", logger="embbench.config"):
+        params, _ = read_params_files([demo, mine])
+    assert params["data_options"] == {}
+    assert "data_options.demo" in caplog.text and str(demo) in caplog.text
+    cfg = EmbedConfig.from_files(demo, mine, models=["test_resnet"])
+    assert cfg.datasets == ["my_shop"] and cfg.data_options == {}
+    # the same entry written beside the grid (same file) is the user's own: still refused
+    both = tmp_path / "both.yaml"
+    both.write_text("datasets: [my_shop]\ndata_options: {demo: {}}\n")
+    with pytest.raises(ConfigError, match="data_options.demo"):
+        EmbedConfig.from_files(demo, both, models=["test_resnet"])
 
 
 def test_crosstune_options_may_name_its_source_datasets():
