@@ -25,7 +25,7 @@ def test_one_vocabulary_everything_imports():
 
     assert typing.get_args(vocab.Mode) == vocab.MODES
     assert typing.get_args(vocab.WeightMode) == vocab.WEIGHT_MODES
-    assert vocab.TASKS == typing.get_args(vocab.Task)
+    assert typing.get_args(vocab.Task) == vocab.TASKS
     assert set(vocab.RETRIEVAL_TASKS) | set(vocab.CLASSIFICATION_TASKS) == set(vocab.TASKS)
     assert set(vocab.TEXT_TASKS) | set(vocab.BASELINE_TASKS) | {"image-image"} == set(vocab.TASKS)
     # the same objects, not copies that can drift apart
