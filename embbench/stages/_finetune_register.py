@@ -5,6 +5,7 @@ Called by :mod:`embbench.stages.finetune` (which re-exports :func:`register_trai
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -67,17 +68,17 @@ def register_in_mlflow(spec_name: str) -> dict | None:
         embedder = create_embedder(spec_name, device="cpu")
         model = embedder.model.eval()
         requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm"]
+        log_model = functools.partial(
+            mlflow.pytorch.log_model,
+            model,
+            name="model",
+            pip_requirements=requirements,
+            registered_model_name=spec_name,
+        )
         try:
             # The safe graph format (torch.export), not a pickle that runs code when loaded.
             example = np.zeros((1, *embedder.input_size), np.float32)
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pt2",
-                input_example=example,
-                pip_requirements=requirements,
-                registered_model_name=spec_name,
-            )
+            info = log_model(serialization_format="pt2", input_example=example)
         except Exception as exc:  # an architecture torch.export cannot trace
             logger.info(
                 "%s: torch.export failed (%s: %s); logging the model as a pickle",
@@ -85,13 +86,7 @@ def register_in_mlflow(spec_name: str) -> dict | None:
                 type(exc).__name__,
                 exc,
             )
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",
-                pip_requirements=requirements,
-                registered_model_name=spec_name,
-            )
+            info = log_model(serialization_format="pickle")
         version = getattr(info, "registered_model_version", None)
         return {"name": spec_name, "version": version, "model_uri": info.model_uri}
     except Exception as exc:  # file stores have no registry; a server may refuse
