@@ -92,6 +92,10 @@ class LoadRequest:
     val_fraction: float = 0.0
     test_fraction: float = 0.0
 
+    def carved_val_source(self) -> dict[str, Any]:
+        """The provenance of a val split carved from train with this request's seed and fraction."""
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "val_from": "train"}
+
     def finish(
         self,
         items: pd.DataFrame,
