@@ -116,31 +116,16 @@ def knn_votes(
 
 
 def knn_classify(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    *,
-    k: int = KNN_K,
-    temperature: float = KNN_TEMPERATURE,
-    normalize: bool = True,
-    block_bytes: int = 256 * 2**20,
-    device: str = "auto",
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, **options: Any
 ) -> np.ndarray:
     """Predictions of the kNN classifier: the class with the largest summed vote.
 
-    Ties between classes go to the first in sorted label order. Args: see :func:`knn_votes`.
+    Ties between classes go to the first in sorted label order. Args: see :func:`knn_votes`
+    (``options`` are its keyword arguments: ``k``, ``temperature``, ``normalize``,
+    ``block_bytes``, ``device``).
 
     Returns:
         ``(n_test,)`` predicted label values.
     """
-    votes, classes = knn_votes(
-        train_x,
-        train_y,
-        test_x,
-        k=k,
-        temperature=temperature,
-        normalize=normalize,
-        block_bytes=block_bytes,
-        device=device,
-    )
+    votes, classes = knn_votes(train_x, train_y, test_x, **options)
     return classes[votes.argmax(axis=1)]

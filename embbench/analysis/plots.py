@@ -358,24 +358,15 @@ def cross_figure(cross: pd.DataFrame, metric: str):
     sources = sorted(data["source"].dropna().unique())
     for ax, mode in zip(axes[0], modes, strict=True):
         d = data[data["mode"] == mode]
+        shared = dict(data=d, x="target", y="delta", hue="source", order=order, hue_order=sources)
         sns.barplot(
-            data=d,
-            x="target",
-            y="delta",
-            hue="source",
-            order=order,
-            hue_order=sources,
+            **shared,
             errorbar=None,
             alpha=0.8,
             ax=ax,
         )
         sns.stripplot(
-            data=d,
-            x="target",
-            y="delta",
-            hue="source",
-            order=order,
-            hue_order=sources,
+            **shared,
             dodge=True,
             palette="dark:black",
             size=3,
