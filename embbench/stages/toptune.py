@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from embbench._threads import apply_thread_budget, resolve_thread_budget
 from embbench._utils import atomic_write_json, stable_hash
@@ -127,20 +127,16 @@ class TopTuneConfig(GridConfig):
             raise ValueError("must be [min, max] with 0 <= min <= max < 1")
         return v
 
-    @field_validator("activations")
+    @field_validator("activations", "optimizers")
     @classmethod
-    def _activations(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ACTIVATIONS]
+    def _known_choices(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        allowed, what = {
+            "activations": (ACTIVATIONS, "activation"),
+            "optimizers": (OPTIMIZERS, "optimizer"),
+        }[info.field_name]
+        bad = [x for x in v if x not in allowed]
         if bad:
-            raise ValueError(f"unknown activation(s) {bad}; choose from {list(ACTIVATIONS)}")
-        return v
-
-    @field_validator("optimizers")
-    @classmethod
-    def _optimizers(cls, v: list[str]) -> list[str]:
-        bad = [o for o in v if o not in OPTIMIZERS]
-        if bad:
-            raise ValueError(f"unknown optimizer(s) {bad}; choose from {list(OPTIMIZERS)}")
+            raise ValueError(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
         return v
 
     @field_validator("clipvalue")
