@@ -210,3 +210,10 @@ def test_function_local_package_imports_only_where_an_import_must_wait():
         text = (PKG / path).read_text().splitlines()
         near = text[int(line) - 2] + text[int(line) - 1]
         assert "#" in near, f"{where}: say in a comment why this import waits"
+
+
+def test_no_module_over_500_lines():
+    lengths = {
+        p.relative_to(PKG).as_posix(): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")
+    }
+    assert not {name: n for name, n in lengths.items() if n > 500}
