@@ -323,7 +323,9 @@ class CellEngine:
             t0 = time.perf_counter()
             with self._cell_run(cell, chash, inputs) as run:
                 produced = self.steps.produce(cell, inputs)
-                record, per_query = self._score(cell, inputs, chash, produced, started)
+                record, per_query = score_cell(
+                    cfg, lambda: self.backend, cell, inputs, chash, produced, started
+                )
                 record.timings.wall_s = round(time.perf_counter() - t0, 3)
                 record.mlflow_run_id = run.info.run_id
                 log_record(
@@ -375,56 +377,65 @@ class CellEngine:
         )
         return done.mlflow_run_id if done is not None else None
 
-    def _score(
-        self, cell: Cell, inputs: CellInputs, chash: str, produced: Produced, started: str
-    ) -> tuple[ResultRecord, dict[str, np.ndarray]]:
-        """Score the produced vectors (and the baseline) and build the cell's record."""
-        cfg, cat = self.cfg, inputs.catalogue
-        t0 = time.perf_counter()
-        result = produced.result or evaluate_pair(
-            produced.query, produced.index, inputs, k=cfg.k, backend=self.backend
+
+def score_cell(
+    cfg: GridConfig,
+    backend: Callable[[], SearchBackend],
+    cell: Cell,
+    inputs: CellInputs,
+    chash: str,
+    produced: Produced,
+    started: str,
+) -> tuple[ResultRecord, dict[str, np.ndarray]]:
+    """Score the produced vectors (and the baseline) and build the cell's record.
+
+    ``backend`` gives the engine's retrieval backend, created only when a search needs it.
+    """
+    cat = inputs.catalogue
+    t0 = time.perf_counter()
+    result = produced.result or evaluate_pair(
+        produced.query, produced.index, inputs, k=cfg.k, backend=backend()
+    )
+    search_s = round(time.perf_counter() - t0, 3)
+    pretrained = dict(produced.pretrained_metrics)
+    if produced.baseline is not None:
+        pretrained = dict(
+            evaluate_pair(*produced.baseline, inputs, k=cfg.k, backend=backend()).summary
         )
-        search_s = round(time.perf_counter() - t0, 3)
-        pretrained = dict(produced.pretrained_metrics)
-        if produced.baseline is not None:
-            pretrained = dict(
-                evaluate_pair(*produced.baseline, inputs, k=cfg.k, backend=self.backend).summary
-            )
-        record = ResultRecord.scored(
-            cell=cell_identity(cell, "", ""),
-            config_hash=chash,
-            spec=produced.spec,
-            lineage=produced.lineage,
-            backend=(produced.searched_with if produced.result is not None else None)
-            or cfg.backend,
-            k=cfg.k,
-            plan=inputs.plan.as_dict(),
-            result=result,
-            vectors={"query": produced.query, "index": produced.index},
-            catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
-                name=cell.dataset,
-                root=str(Path(cat.root).resolve()) if cat.root else None,
-                options=dict(cfg.data_options.get(cell.dataset) or {}),
-                label=cfg.label,
-                max_images=cfg.max_images,
-                seed=cfg.seed,
-            ),
-            fingerprint=cat.fingerprint(),
-            dataset_root=str(cat.root) if cat.root else None,
-            config=cfg.model_dump(mode="json"),
-            timings={**produced.timings, "search_s": search_s},
-            classification=produced.classification,
-            val_accuracy=produced.val_accuracy,
-            pretrained_metrics=pretrained,
-            toptune_model_path=produced.toptune_model_path,
-            details=produced.details,
-            provenance=provenance(),
-            started=started,
-        )
-        per_query = {**result.per_query, "query_index": result.query_index}
-        if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
-            per_query["topk_ids"] = result.topk_ids
-        return record, per_query
+    record = ResultRecord.scored(
+        cell=cell_identity(cell, "", ""),
+        config_hash=chash,
+        spec=produced.spec,
+        lineage=produced.lineage,
+        backend=(produced.searched_with if produced.result is not None else None) or cfg.backend,
+        k=cfg.k,
+        plan=inputs.plan.as_dict(),
+        result=result,
+        vectors={"query": produced.query, "index": produced.index},
+        catalogue=CatalogueRef(  # what a gallery reloads (and checks by the fingerprint)
+            name=cell.dataset,
+            root=str(Path(cat.root).resolve()) if cat.root else None,
+            options=dict(cfg.data_options.get(cell.dataset) or {}),
+            label=cfg.label,
+            max_images=cfg.max_images,
+            seed=cfg.seed,
+        ),
+        fingerprint=cat.fingerprint(),
+        dataset_root=str(cat.root) if cat.root else None,
+        config=cfg.model_dump(mode="json"),
+        timings={**produced.timings, "search_s": search_s},
+        classification=produced.classification,
+        val_accuracy=produced.val_accuracy,
+        pretrained_metrics=pretrained,
+        toptune_model_path=produced.toptune_model_path,
+        details=produced.details,
+        provenance=provenance(),
+        started=started,
+    )
+    per_query = {**result.per_query, "query_index": result.query_index}
+    if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
+        per_query["topk_ids"] = result.topk_ids
+    return record, per_query
 
 
 def cell_identity(cell: Cell, source: str = "source_dataset", variant: str = "variant") -> dict:
@@ -482,17 +493,7 @@ def run_grid(
 
 
 __all__ = [
-    "Cell",
-    "CellEngine",
-    "CellInputs",
-    "GridError",
-    "Produced",
-    "RetrievalPlan",
-    "StageSteps",
-    "load_catalogue",
-    "cell_identity",
-    "evaluate_pair",
-    "load_cell_inputs",
-    "retrieval_plan",
-    "run_grid",
-]
+    "Cell", "CellEngine", "CellInputs", "GridError", "Produced", "RetrievalPlan", "StageSteps",
+    "load_catalogue", "cell_identity", "evaluate_pair", "load_cell_inputs", "retrieval_plan",
+    "run_grid", "score_cell",
+]  # fmt: skip

@@ -312,27 +312,23 @@ def mlflow_run(
 
 
 @lru_cache(maxsize=1)
+def _git(*args: str) -> str:
+    """The stripped output of ``git args`` in the project root (raises when git fails)."""
+    return subprocess.run(
+        ["git", *args],
+        cwd=project_root(),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
+
+
 def git_info() -> dict[str, Any]:
     """The checkout's commit and whether it has uncommitted changes (``unknown`` outside git)."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=project_root(),
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=project_root(),
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
+        sha = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
         return {"git_sha": sha, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": "unknown", "git_dirty": None}

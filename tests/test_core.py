@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from embbench.cache import CacheError, EmbeddingCache
-from embbench.catalogue import Catalogue, CatalogueError, from_image_folder, from_manifest
+from embbench.catalogue import Catalogue, CatalogueError
 from embbench.config import ConfigError
 from embbench.demo import make_demo_catalogue
+from embbench.manifest import from_image_folder, from_manifest
 from embbench.records import Lineage, ResultRecord, ResultStore, results_table
 from embbench.stages.embed import EmbedConfig
 

@@ -21,9 +21,10 @@ import torch
 
 from embbench import _utils
 from embbench.cache import CacheBusyError, CacheError, CorruptCacheError
-from embbench.catalogue import CatalogueError, from_manifest
+from embbench.catalogue import CatalogueError
 from embbench.datasets import fetch_urls
 from embbench.embed import embed_split, embedding_cache
+from embbench.manifest import from_manifest
 from embbench.services import ServiceUnreachableError, check_milvus, check_tracking
 from embbench.tracking import TrackingStoreError, ensure_sqlite_store
 from tests.test_embed import TinyEmbedder

@@ -17,10 +17,11 @@ import pytest
 import xxhash
 
 from embbench import filehash
-from embbench.catalogue import CatalogueError, from_manifest
+from embbench.catalogue import CatalogueError
 from embbench.config import ConfigError
 from embbench.datasets import fetch_urls
 from embbench.datasets.prepare import load_catalogue
+from embbench.manifest import from_manifest
 from embbench.records import ResultStore
 from embbench.stages.embed import EmbedConfig, run_embed
 from tests.test_fetch import IMAGES, OPTS, _catalogue, server  # noqa: F401 (fixture)

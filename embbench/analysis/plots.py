@@ -16,64 +16,21 @@ import numpy as np
 import pandas as pd
 
 from embbench.analysis._common import FAMILY_LABELS, MODE_LABELS
+from embbench.analysis._plotkit import (
+    CONTROL_COLOUR,
+    FAMILY_PALETTE,
+    MISSING_COLOUR,
+    _done,
+    _family_legend,
+    _is_control,
+    _palette,
+    _plt,
+    _sns,
+    _spread,
+)
 from embbench.vocab import MODES
 
 logger = logging.getLogger(__name__)
-
-FAMILY_PALETTE = {
-    "supervised": "#4C72B0",
-    "ssl": "#DD8452",
-    "text-image": "#55A868",
-    "unknown": "#8C8C8C",
-}
-MISSING_COLOUR = "#E6E6E6"
-
-
-def _plt():
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _sns():
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    return sns
-
-
-def _done(fig):
-    """Detach ``fig`` from pyplot (no automatic second display) and return it."""
-    _plt().close(fig)
-    return fig
-
-
-def _palette(families) -> dict[str, str]:
-    return {f: FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]) for f in families}
-
-
-def _family_legend(ax, families, *, control: bool = False) -> None:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    handles = [
-        Patch(color=FAMILY_PALETTE.get(f, FAMILY_PALETTE["unknown"]), label=FAMILY_LABELS.get(f, f))
-        for f in families
-    ]
-    if control:
-        handles.append(
-            Line2D(
-                [],
-                [],
-                marker="X",
-                linestyle="",
-                markersize=8,
-                markerfacecolor=CONTROL_COLOUR,
-                markeredgecolor="black",
-                label="random-init control",
-            )
-        )
-    ax.legend(handles=handles, title="type", loc="best", fontsize="small")
 
 
 def model_facts_figure(facts: pd.DataFrame):
@@ -156,21 +113,6 @@ def correlation_figure(corr: pd.DataFrame):
     )
     ax.set_title("Correlation between metrics over all results")
     return _done(fig)
-
-
-CONTROL_COLOUR = "#6e7781"
-
-
-def _is_control(value: object) -> bool:
-    return value is True or (isinstance(value, (bool, np.bool_)) and bool(value))
-
-
-def _spread(values: list[float], gap: float) -> list[float]:
-    """Label heights near ``values`` (sorted ascending) at least ``gap`` apart."""
-    out: list[float] = []
-    for v in values:
-        out.append(max(v, out[-1] + gap) if out else v)
-    return out
 
 
 def all_models_figure(long: pd.DataFrame, metric: str):
@@ -416,24 +358,15 @@ def cross_figure(cross: pd.DataFrame, metric: str):
     sources = sorted(data["source"].dropna().unique())
     for ax, mode in zip(axes[0], modes, strict=True):
         d = data[data["mode"] == mode]
+        shared = dict(data=d, x="target", y="delta", hue="source", order=order, hue_order=sources)
         sns.barplot(
-            data=d,
-            x="target",
-            y="delta",
-            hue="source",
-            order=order,
-            hue_order=sources,
+            **shared,
             errorbar=None,
             alpha=0.8,
             ax=ax,
         )
         sns.stripplot(
-            data=d,
-            x="target",
-            y="delta",
-            hue="source",
-            order=order,
-            hue_order=sources,
+            **shared,
             dodge=True,
             palette="dark:black",
             size=3,

@@ -139,6 +139,7 @@ def model_facts_table(
     base = base[base["mode"] == "pretrained"] if (base["mode"] == "pretrained").any() else base
     rows = []
     if compute and facts_fn is None:
+        # the model registry (timm) only when facts are computed: importing analysis stays light
         from embbench.models import model_facts as facts_fn
     for model, group in base.groupby("model", sort=True):
         first = group.iloc[0]

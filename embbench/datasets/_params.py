@@ -99,6 +99,13 @@ class _CustomParams(_Protocol):
     labels: list[str] = Field(default_factory=list)  # default: [label]
 
 
+# The plain fields a dataset's params and its DatasetInfo name alike (copied as they are).
+_SAME_NAMED = {
+    "title", "homepage", "licence", "split_scheme", "protocol", "query_split", "index_split",
+    "k", "val_fraction", "test_fraction",
+}  # fmt: skip
+
+
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -197,21 +204,12 @@ def _load(path_str: str, mtime: float) -> tuple[dict[str, DatasetInfo], dict[str
     for name, p in parsed.datasets.items():
         infos[name] = DatasetInfo(
             name=name,
-            title=p.title,
+            **p.model_dump(include=_SAME_NAMED),
             default_label=p.label,
             label_columns=tuple(p.labels),
-            split_scheme=p.split_scheme,
             split_schemes=tuple(p.split_schemes),
-            protocol=p.protocol,
-            query_split=p.query_split,
-            index_split=p.index_split,
-            k=p.k,
-            val_fraction=p.val_fraction,
-            test_fraction=p.test_fraction,
             published=p.published.model_dump(),
             paper_table=dict(p.paper_table),
-            licence=p.licence,
-            homepage=p.homepage,
             follows=dict(p.follows),
             exclude={k: tuple(v) for k, v in p.exclude.items()},
             known_missing=tuple(p.known_missing),

@@ -261,9 +261,7 @@ def load(req: LoadRequest) -> Catalogue:
         items,
         ("class", "class_name"),
         notes,
-        seed=req.seed,
-        val_fraction=req.val_fraction,
-        val_from="train",
+        **req.carved_val_source(),
         name_maps=name_maps,
     )
 

@@ -1,8 +1,8 @@
 """The built-in catalogues that are not public datasets: a manifest, an image folder, the demo.
 
 ``manifest`` reads a CSV (``root`` = its path; the options of
-:func:`~embbench.catalogue.from_manifest`), ``folder`` reads ``<split>/<label>/<image>`` or
-``<label>/<image>`` (the options of :func:`~embbench.catalogue.from_image_folder`), ``demo``
+:func:`~embbench.manifest.from_manifest`), ``folder`` reads ``<split>/<label>/<image>`` or
+``<label>/<image>`` (the options of :func:`~embbench.manifest.from_image_folder`), ``demo``
 generates the synthetic demo (:mod:`embbench.demo`) and ``demo_b`` its twin. A user's catalogue
 registered under its own name takes the ``manifest`` or ``folder`` loader.
 """
@@ -13,11 +13,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from embbench.catalogue import Catalogue, CatalogueError, from_image_folder, from_manifest
+from embbench.catalogue import Catalogue, CatalogueError
 from embbench.datasets._common import LoadRequest
 from embbench.datasets._registry import DatasetEntry, register_dataset
 from embbench.datasets._texts import detect_text_column
 from embbench.demo import make_demo_catalogue
+from embbench.manifest import from_image_folder, from_manifest
 
 __all__ = ["load_demo", "load_demo_b", "load_folder", "load_manifest"]
 

@@ -163,9 +163,7 @@ def load(req: LoadRequest) -> Catalogue:
         items,
         ("class", "group"),
         notes,
-        seed=req.seed,
-        val_fraction=req.val_fraction,
-        val_from="train",
+        **req.carved_val_source(),
         test_file=test_csv.name,
     )
 

@@ -140,9 +140,7 @@ def load(req: LoadRequest) -> Catalogue:
         items,
         ("category", "category_id"),
         notes,
-        seed=req.seed,
-        val_fraction=req.val_fraction,
-        val_from="train",
+        **req.carved_val_source(),
         n_categories=len(labels),
         name_maps=name_maps,
     )

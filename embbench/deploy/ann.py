@@ -45,6 +45,7 @@ from embbench.deploy.indexes import (
     time_faiss,
 )
 from embbench.metrics import RetrievalResult, evaluate_rankings
+from embbench.paths import runs_dir
 from embbench.retrieval import ExactBackend, l2_normalize
 from embbench.retrieval.milvus_collection import (
     MAX_NQ,
@@ -281,8 +282,6 @@ def evaluate_indexes(
     batch = min(batch, MAX_NQ)
 
     if uri is None:
-        from embbench.paths import runs_dir
-
         uri = str(runs_dir() / "milvus_deploy.db")
     mil = MilvusCollection(uri, token, owner="evaluate_indexes")
     mil.connect()  # a Milvus that cannot be opened fails the study, not each variant

@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from embbench.models._zoo import ModelSpec, WeightsUnavailableError
+from embbench.models._zoo import ModelSpec, WeightsUnavailableError, get_model_spec, list_models
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,6 @@ def unavailable(spec: ModelSpec, err: BaseException | str) -> WeightsUnavailable
 
 def offline_models() -> list[str]:
     """The registered models whose pretrained weights ship in an installed package (no hub)."""
-    from embbench.models._zoo import get_model_spec, list_models
-
     out = []
     with contextlib.suppress(Exception):
         for name in list_models():

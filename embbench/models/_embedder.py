@@ -16,6 +16,23 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+def spec_identity(spec: ModelSpec, weights_used: dict[str, Any]) -> dict[str, Any]:
+    """The model and weights part of a cache identity (an image embedder's or a text tower's).
+
+    The weights' volatile notes (why they fell back, the local path) are left out.
+    """
+    volatile = {"reason", "fell_back", "path"}
+    return {
+        "model": spec.name,
+        "source": spec.source,
+        "identifier": spec.identifier,
+        "pretrained": spec.pretrained,
+        "arch": spec.arch,
+        "model_kwargs": jsonable(spec.model_kwargs),
+        "weights": {k: v for k, v in weights_used.items() if k not in volatile},
+    }
+
+
 @dataclass
 class Embedder:
     """A model that maps images to embeddings, with its own preprocessing.
@@ -82,15 +99,8 @@ class Embedder:
 
     def cache_identity(self) -> dict[str, Any]:
         """Everything that changes the vectors; embedding caches key on it."""
-        volatile = {"reason", "fell_back", "path"}
         return {
-            "model": self.spec.name,
-            "source": self.spec.source,
-            "identifier": self.spec.identifier,
-            "pretrained": self.spec.pretrained,
-            "arch": self.spec.arch,
-            "model_kwargs": jsonable(self.spec.model_kwargs),
-            "weights": {k: v for k, v in self.weights_used.items() if k not in volatile},
+            **spec_identity(self.spec, self.weights_used),
             "preprocessing": self.preprocessing_fingerprint(),
             "embed_dim": self.embed_dim,
             "input_size": list(self.input_size),

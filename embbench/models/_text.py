@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from embbench._utils import jsonable
 from embbench.models._builder import _cache_locations
+from embbench.models._embedder import spec_identity
 from embbench.models._zoo import ModelError, ModelSpec, WeightsUnavailableError, get_model_spec
 
 # This module imports no builder (like _zoo): the open_clip builder loads the tokenizer
@@ -135,15 +135,8 @@ class TextTower:
 
     def cache_identity(self) -> dict[str, Any]:
         """Everything about the tower that changes text vectors; text caches key on it."""
-        volatile = {"reason", "fell_back", "path"}
         return {
-            "model": self.spec.name,
-            "source": self.spec.source,
-            "identifier": self.spec.identifier,
-            "pretrained": self.spec.pretrained,
-            "arch": self.spec.arch,
-            "model_kwargs": jsonable(self.spec.model_kwargs),
-            "weights": {k: v for k, v in self.weights_used.items() if k not in volatile},
+            **spec_identity(self.spec, self.weights_used),
             "tokenizer": self.tokenizer_id,
             "tokenizer_fingerprint": self.tokenizer_fingerprint(),
             "context_length": self.context_length,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from embbench._utils import stable_hash
+from embbench.paths import runs_dir
 from embbench.pipeline.grid import PipelineGrid, pipeline_grid
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
 def _build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
     from kfp import dsl  # optional dependency (the `pipeline` extra)
 
+    # components imports kfp (the optional `pipeline` extra): only when a pipeline is built
     from embbench.pipeline import components
 
     run_cell = dsl.component(
@@ -347,8 +349,6 @@ def run_local(
         RuntimeError: A task failed (kfp's message names it).
     """
     from kfp import local  # optional dependency (the `pipeline` extra)
-
-    from embbench.paths import runs_dir
 
     root = Path(pipeline_root) if pipeline_root else runs_dir() / "kfp-local"
     local.init(

@@ -23,6 +23,7 @@ def run_cell(
     nproc: int = 1,
 ):
     """Run one cell of the grid with ``embbench run-cell``."""
+    # kfp ships this body alone into the task container: its imports must be inside it
     from embbench.pipeline.task import run_cell_task
 
     run_cell_task(params, notebook, model, dataset, mode, source, milvus_uri, tracking_uri, nproc)
@@ -30,6 +31,7 @@ def run_cell(
 
 def render_report(params: str, grid_key: str, tracking_uri: str, report: Output[HTML]):
     """Render notebook 05 with ``embbench report`` into the task's HTML artifact."""
+    # kfp ships this body alone into the task container: its imports must be inside it
     from embbench.pipeline.task import render_report_task
 
     render_report_task(params, tracking_uri, report.path)

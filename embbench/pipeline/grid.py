@@ -34,9 +34,13 @@ from typing import Any
 
 import yaml
 
+from embbench._registry import UnknownNameError
 from embbench._utils import stable_hash
-from embbench.cells import Cell
+from embbench.cells import Cell, run_grid
 from embbench.config import ConfigError, GridConfig, StageConfig
+from embbench.models import get_model_spec
+from embbench.records import ResultStore
+from embbench.stages import config_for, steps_for
 
 logger = logging.getLogger(__name__)
 
@@ -126,23 +130,16 @@ def group_params(specs: Iterable[str | Path]) -> dict[str, list[Path]]:
 
 def load_config(notebook: str, files: Sequence[str | Path], **overrides: Any) -> StageConfig:
     """The validated config of ``notebook`` from layered ``files`` and ``overrides``."""
-    from embbench.stages import config_for
-
     return config_for(notebook).from_files(*files, **overrides)
 
 
 def stage_cells(notebook: str, cfg: GridConfig) -> list[Cell]:
     """The cells of a stage's grid (a stage-01 task also runs its deployment variants)."""
-    from embbench.stages import steps_for
-
     return list(steps_for(cfg).grid())
 
 
 def canonical_model(name: str) -> str:
     """The registry's name of ``name`` (aliases match across stages); ``name`` if unknown."""
-    from embbench._registry import UnknownNameError
-    from embbench.models import get_model_spec
-
     try:
         return get_model_spec(name).name
     except UnknownNameError:
@@ -230,10 +227,6 @@ def run_one_cell(
         CellSelectError: The stage has no cells, or the arguments match no cell or several.
         GridError: The cell cannot run (raised by the engine's up-front checks).
     """
-    from embbench.cells import run_grid
-    from embbench.records import ResultStore
-    from embbench.stages import config_for, steps_for
-
     cls = config_for(notebook)
     if not issubclass(cls, GridConfig):
         raise CellSelectError(f"{notebook} has no cells; run it with `embbench report`")

@@ -29,12 +29,11 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from embbench._threads import apply_thread_budget, resolve_thread_budget
 from embbench._utils import atomic_write_json, stable_hash
@@ -44,6 +43,7 @@ from embbench.config import GridConfig, register_stage
 from embbench.metrics import CLASSIFICATION_KEYS
 from embbench.records import ResultRecord, ResultStore, record_row
 from embbench.stagekit import EmbedderPool, lineage_of, weights_problem
+from embbench.stages._toptune_mlflow import log_search
 from embbench.toptune import (
     ACTIVATIONS,
     OPTIMIZERS,
@@ -59,7 +59,6 @@ from embbench.toptune import (
     toptune_dir,
     use_keras_backend,
 )
-from embbench.tracking import log_json_artifact, log_params, mlflow_run
 
 logger = logging.getLogger(__name__)
 
@@ -128,20 +127,16 @@ class TopTuneConfig(GridConfig):
             raise ValueError("must be [min, max] with 0 <= min <= max < 1")
         return v
 
-    @field_validator("activations")
+    @field_validator("activations", "optimizers")
     @classmethod
-    def _activations(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ACTIVATIONS]
+    def _known_choices(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        allowed, what = {
+            "activations": (ACTIVATIONS, "activation"),
+            "optimizers": (OPTIMIZERS, "optimizer"),
+        }[info.field_name]
+        bad = [x for x in v if x not in allowed]
         if bad:
-            raise ValueError(f"unknown activation(s) {bad}; choose from {list(ACTIVATIONS)}")
-        return v
-
-    @field_validator("optimizers")
-    @classmethod
-    def _optimizers(cls, v: list[str]) -> list[str]:
-        bad = [o for o in v if o not in OPTIMIZERS]
-        if bad:
-            raise ValueError(f"unknown optimizer(s) {bad}; choose from {list(OPTIMIZERS)}")
+            raise ValueError(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
         return v
 
     @field_validator("clipvalue")
@@ -360,7 +355,7 @@ def _tune(
             provenance={"toptune_model_path": str(model_path), **facts},
             failed=list(es.failed),
         )
-    _log_search(trials, best, final, classification, out_dir, model_path, cm_path)
+    log_search(trials, best, final, classification, out_dir, model_path, cm_path)
     return {
         "sets": tt_sets,
         "classification": {k: float(v) for k, v in classification.items()},
@@ -389,68 +384,6 @@ def _tune(
             "toptuned_caches": {s: str(es.path) for s, es in tt_sets.items()},
         },
     }
-
-
-def _log_search(
-    trials: list[dict],
-    best: dict,
-    final: dict,
-    classification: dict,
-    out_dir: Path,
-    model_path: Path,
-    cm_path: Path,
-) -> None:
-    """The search, into the cell's active MLflow run, with one nested child run per trial."""
-    import mlflow
-
-    parent = mlflow.active_run()
-    if parent is None:
-        return
-    log_params({"best": best["hyperparameters"], "best_trial": best["trial_id"]})
-    grouping = {
-        k: v
-        for k, v in parent.data.tags.items()
-        if k in ("stage", "model", "dataset", "family", "backbone", "weights")
-    }
-    for t in trials:
-        tags = {**grouping, "run_kind": "trial", "trial_id": t["trial_id"], "status": t["status"]}
-        with mlflow_run(
-            f"{parent.info.run_name}/trial-{t['trial_id']}",
-            tags=tags,
-            params=t["hyperparameters"],
-            nested=True,
-        ) as child:
-            if t["score"] is not None:
-                mlflow.log_metric("objective_val_accuracy", t["score"])
-            mlflow.log_metrics({f"best_{k}": v for k, v in t["metrics"].items()})
-            _log_series(child.info.run_id, t["history"])
-    _log_series(parent.info.run_id, final["history"], prefix="final_")
-    mlflow.log_metrics(
-        {"final_val_loss": final["val_loss"], "final_epochs_run": final["epochs_run"]}
-    )
-    mlflow.log_artifact(str(model_path), artifact_path="model")
-    mlflow.log_artifact(str(out_dir / "toptune.json"), artifact_path="model")
-    mlflow.log_artifact(str(cm_path))
-    log_json_artifact(
-        [{k: v for k, v in t.items() if k != "history"} for t in trials], "trials.json"
-    )
-
-
-def _log_series(run_id: str, series: Mapping[str, list[float]], prefix: str = "") -> None:
-    """Log per-epoch values as metric steps in few batched calls (not one call per value)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(f"{prefix}{name}", float(v), now, step)
-        for name, values in series.items()
-        for step, v in enumerate(values)
-        if np.isfinite(v)
-    ]
-    client = MlflowClient()
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 # ---- reading results --------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def encode_texts(
     """
     import torch
 
+    # _torch_utils imports torch: only when texts are encoded
     from embbench._torch_utils import resolve_device, resolve_precision
 
     if batch_size < 1:

@@ -69,15 +69,17 @@ class TopTunedModel:
         Returns:
             (n, embed_dim) float32.
         """
-        from embbench.toptune import keras_model as K  # keras: the backend is chosen already
+        # keras: imported only here, after the backend is chosen (use_keras_backend)
+        from embbench.toptune.keras_model import predict
 
-        return K.predict(self._embed, self._check(vectors))
+        return predict(self._embed, self._check(vectors))
 
     def predict_labels(self, vectors: np.ndarray) -> np.ndarray:
         """The classifier's predicted label for each of ``vectors``."""
-        from embbench.toptune import keras_model as K  # keras: the backend is chosen already
+        # keras: imported only here, after the backend is chosen (use_keras_backend)
+        from embbench.toptune.keras_model import predict
 
-        probs = K.predict(self._model, self._check(vectors))
+        probs = predict(self._model, self._check(vectors))
         return np.asarray(self.classes, dtype=object)[np.argmax(probs, axis=1)]
 
 
@@ -121,9 +123,10 @@ def load_toptuned(record_or_path: Mapping[str, Any] | str | Path) -> TopTunedMod
         )
     meta = json.loads(meta_path.read_text())
     use_keras_backend("auto")
-    from embbench.toptune import keras_model as K  # keras: only after the backend is chosen
+    # keras: imported only here, after the backend is chosen (use_keras_backend)
+    from embbench.toptune.keras_model import embedding_model, load_model
 
-    keras_model = K.load_model(path)
+    keras_model = load_model(path)
     return TopTunedModel(
         path=path,
         source_model=meta["source_model"],
@@ -134,5 +137,5 @@ def load_toptuned(record_or_path: Mapping[str, Any] | str | Path) -> TopTunedMod
         embed_dim=int(meta["embed_dim"]),
         meta=meta,
         _model=keras_model,
-        _embed=K.embedding_model(keras_model),
+        _embed=embedding_model(keras_model),
     )
