@@ -417,8 +417,7 @@ def load_results(
         cfg: Where to read (``source``, ``tracking_uri``, ``experiment``), which ``k``, and
             optional ``models`` / ``datasets`` filters.
         store: Result records on disk (``source="records"``; default ``runs/results``).
-        all_tasks: Keep every task (:mod:`.tasks` reads them); by default image->image only, so
-            text queries, zero-shot and the baselines never mix into the image-image tables.
+        all_tasks: Keep every task; by default image->image only (no text or baseline rows).
 
     Returns:
         One row per result, with the ``stage``, ``mode``, ``model``, ``dataset``, ``family``...
