@@ -133,6 +133,20 @@ def test_zero_shot_table_and_the_ladder(store):
     assert np.isnan(wide.set_index(["dataset", "model"]).loc[("alpha", "test_vit"), "kNN"])
 
 
+def test_notebook_03_ladder_reads_the_stage_cells_from_the_store(store):
+    _save(store, _cls_record("test_vit", "alpha", "knn", 0.52, [0.46, 0.58]))
+    _save(store, _cls_record("test_vit", "alpha", "probe", 0.58, [0.52, 0.63]))
+    _save(store, _cls_record("test_resnet", "beta", "probe", 0.5, [0.45, 0.55]))
+    cells = pd.DataFrame({"model": ["test_vit"], "dataset": ["alpha"]})
+    ladder = tasks.ladder_for_cells(cells, store=store, k=5)
+    assert set(ladder["model"]) == {"test_vit"} and set(ladder["dataset"]) == {"alpha"}
+    assert list(ladder["step"]) == ["kNN", "probe", "top-tuned", "fine-tuned"]
+    from embbench.report.tasks import ladder_display
+
+    (row,) = ladder_display(ladder).to_dict("records")
+    assert row["kNN"] == "0.520 [0.46, 0.58]" and row["zero-shot"] == "—"
+
+
 # ------------------------------------------------------------------------------ figures
 
 
@@ -262,6 +276,14 @@ def test_text_query_gallery_shows_the_runs_catalogue_framed_by_relevance(demo_ru
     marks = re.findall(r'data-item-id="([^"]+)" data-sha256="([0-9a-f]{16})"', html)
     paths = items.set_index("item_id")["path"]
     assert len(marks) == 15 and all(d == _sha(paths[i]) for i, d in marks)
+    # notebook 01: the runs' text galleries, and the image gallery left to the image result
+    from embbench.analysis.text_gallery import text_gallery_for_runs
+
+    (again,) = text_gallery_for_runs([demo_run.mlflow_run_id], k=5, n_queries=3)
+    assert [r.query.label for r in again.rows] == [r.query.label for r in gallery.rows]
+    (images,) = an.gallery_for_runs([demo_run.mlflow_run_id], n_sample=2, n_extreme=1)
+    assert images.entries == ["test_resnet"] and not images.notes
+    assert all(r.query.path for r in images.rows)  # image queries only
 
 
 def _items(record) -> pd.DataFrame:

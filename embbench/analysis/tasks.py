@@ -20,8 +20,10 @@ from typing import Any
 import pandas as pd
 
 from embbench.analysis._common import num as _num
+from embbench.analysis.load import latest_only, records_frame
 from embbench.analysis.task_rows import IMAGE_TASK
 from embbench.metrics import metric_names
+from embbench.records import ResultStore
 
 TASK_LABELS = {
     "image-image": "image->image",
@@ -199,3 +201,25 @@ def fmt_ci(value: float, low: float, high: float, digits: int = 3) -> str:
     if not (math.isnan(_num(low)) or math.isnan(_num(high))):
         text += f" [{low:.{digits - 1}f}, {high:.{digits - 1}f}]"
     return text
+
+
+def ladder_for_cells(
+    cells: pd.DataFrame, *, store: ResultStore | None = None, k: int = 5
+) -> pd.DataFrame:
+    """:func:`classification_ladder` of the (model, dataset) pairs of a stage's results.
+
+    Notebook 03 shows the kNN and probe rows beside top-tuning: every stored result of those
+    models on those datasets (the latest run of each cell, any task) is read from the store.
+
+    Args:
+        cells: A stage's results table (``model`` and ``dataset`` columns).
+        store: The result records (default ``runs/results``).
+        k: The metric cut-off the records were scored at.
+    """
+    if cells.empty:
+        return classification_ladder(pd.DataFrame())
+    pairs = set(zip(cells["model"].astype(str), cells["dataset"].astype(str), strict=True))
+    store = store or ResultStore()
+    records = [r for r in store.records() if (r.model, r.dataset) in pairs]
+    frame, _ = latest_only(records_frame(records, k))
+    return classification_ladder(frame)

@@ -12,20 +12,23 @@ run searched. Relevance is the metrics' rule: the image's label equals the query
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from embbench.analysis.gallery import Gallery, GalleryCell, GalleryRow
+from embbench.analysis.load import records_frame
 from embbench.analysis.sources import (
     GalleryError,
     PerQueryLoader,
     _catalogue,
     load_embedding_set,
 )
+from embbench.analysis.stats import PerQuery
 from embbench.catalogue import Catalogue
+from embbench.records import ResultStore
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +165,24 @@ def _rows(entries: list[dict], *, n_queries: int, k: int, seed: int) -> list[Gal
         query = GalleryCell(item_id="", path="", label=t, rank=0, score=float("nan"), relevant=None)
         rows.append(GalleryRow(section=TEXT_SECTION, query=query, group=qlabel, results=results))
     return rows
+
+
+def text_gallery_for_runs(
+    run_ids: Iterable[str],
+    *,
+    store: ResultStore | None = None,
+    k: int = 5,
+    n_queries: int = 6,
+    seed: int = 0,
+    catalogues: Mapping[str, Catalogue] | None = None,
+) -> list[Gallery]:
+    """Galleries of text queries (one per dataset) of the runs ``run_ids`` (notebook 01).
+
+    Only the text->image results among the runs are shown; none gives an empty list.
+    """
+    store = store or ResultStore()
+    wanted = {r for r in run_ids if isinstance(r, str)}
+    frame = records_frame([r for r in store.records() if r.mlflow_run_id in wanted], k)
+    return text_query_gallery(
+        frame, PerQuery(store), catalogues, n_queries=n_queries, k=k, seed=seed
+    )
