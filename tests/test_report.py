@@ -26,8 +26,9 @@ from embbench.records import ResultStore
 from embbench.stages.analysis import Analysis, AnalysisConfig
 
 # figures 2, 3, 4a, 4b, 4c, 5, 6 and 7 (the synthetic runs feed all of them), the per-category
-# scores and the wrong top-1 confusion (the demo runs feed those)
-N_FIGURES = 10
+# scores and the wrong top-1 confusion (the demo runs feed those), and the zero-shot -> fine-tuned
+# ladder of alpha and beta (their top- and fine-tuned records' test accuracy)
+N_FIGURES = 12
 
 
 def _png() -> str:
@@ -303,6 +304,9 @@ def test_report_renders_every_table_and_figure(rendered):
     ):
         assert heading in html, heading
     assert "alpha, visual search: use" in html  # generated guide sentence
+    # the tasks' sections: the ladder drawn, the text sections honest about having no runs
+    assert "From zero-shot to fine-tuning" in html
+    assert "no text-&gt;image results: run stage 01 with tasks: [text-image]" in html
     assert "import embbench" not in html  # code hidden
 
 

@@ -322,6 +322,8 @@ def gallery_for_runs(
     wanted = {r for r in run_ids if isinstance(r, str)}
     records = [r for r in store.records() if r.mlflow_run_id in wanted]
     frame = records_frame(records, k)
+    if not frame.empty:  # image queries only (text queries: text_gallery.text_gallery_for_runs)
+        frame = frame[frame["task"] == "image-image"]
     if frame.empty:
         return []
     sources, notes = load_sources(frame, PerQuery(store), catalogues)

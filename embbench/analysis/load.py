@@ -27,6 +27,7 @@ from embbench._errors import UserError
 from embbench._utils import metric_name
 from embbench.analysis._common import num as _num
 from embbench.analysis._common import text as _text
+from embbench.analysis.task_rows import IMAGE_TASK, task_columns
 from embbench.metrics import metric_names
 from embbench.records import ResultRecord, ResultStore, parse_record
 from embbench.tracking import default_tracking_uri, flatten
@@ -86,6 +87,7 @@ def normalise_record(record: ResultRecord | Mapping[str, Any], k: int) -> dict[s
         key: value for key, value in _flatten(rec.details).items() if key != "run_metrics"
     }
     row.update({col: getattr(rec, col) for col in _ID_COLUMNS})
+    row.update(task_columns(rec))  # the task, its templates, classification metrics
     # unknown here, maybe known from the model's other runs (records_frame fills them in)
     for col in ("family", "backbone", "paper_name", "label"):
         row[col] = None if row[col] in ("", "unknown") else row[col]
@@ -129,6 +131,7 @@ def _latest_first(df: pd.DataFrame) -> pd.DataFrame:
 
 
 CELL_KEY = (
+    "task",
     "stage",
     "mode",
     "model",
@@ -142,7 +145,7 @@ CELL_KEY = (
 
 
 def latest_only(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the most recent run of each cell (stage, mode, model, dataset, label, protocol, source).
+    """Keep the most recent run of each cell (task, stage, mode, model, dataset, label, source...).
 
     Returns:
         The de-duplicated table and how many older runs were dropped.
@@ -210,6 +213,7 @@ def baseline_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     ``toptune-baseline``; no per-query arrays, so no CI): tuned results always have their
     like-for-like reference.
     """
+    rows = [r for r in rows if r.get("task", IMAGE_TASK) == IMAGE_TASK]
     have = {
         (r["model"], r["dataset"], r.get("label"), r.get("protocol"))
         for r in rows
@@ -243,6 +247,7 @@ def baseline_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
         row.update(
             stage=BASELINE_STAGE,
             mode="pretrained",
+            task=IMAGE_TASK,
             config_hash=None,
             per_query_file=None,
             embed_dim=dims.get(r["model"]),
@@ -403,13 +408,16 @@ def _with_run(record: Mapping[str, Any], run: Any, others: Mapping[str, float]) 
     )
 
 
-def load_results(cfg: ResultsQuery, store: ResultStore | None = None) -> pd.DataFrame:
+def load_results(
+    cfg: ResultsQuery, store: ResultStore | None = None, *, all_tasks: bool = False
+) -> pd.DataFrame:
     """One table of every tracked result (the latest run of each cell), metrics as columns.
 
     Args:
         cfg: Where to read (``source``, ``tracking_uri``, ``experiment``), which ``k``, and
             optional ``models`` / ``datasets`` filters.
         store: Result records on disk (``source="records"``; default ``runs/results``).
+        all_tasks: Keep every task; by default image->image only (no text or baseline rows).
 
     Returns:
         One row per result, with the ``stage``, ``mode``, ``model``, ``dataset``, ``family``...
@@ -428,6 +436,8 @@ def load_results(cfg: ResultsQuery, store: ResultStore | None = None) -> pd.Data
         records = store.records()
         where = f"result records under {store.root}"
     df = records_frame(records, cfg.k)
+    if not df.empty and not all_tasks:
+        df = df[df["task"] == IMAGE_TASK]
     if not df.empty and cfg.models:
         df = df[df["model"].isin(cfg.models)]
     if not df.empty and cfg.datasets:

@@ -94,10 +94,15 @@ class GalleryRenderer:
         esc = html.escape
         q = row.query
         group = "" if row.group is None else f"{esc(str(row.group))}<br>"
-        parts = [
-            "<tr>",
-            self._cell(q, f"{group}<b>{esc(str(q.label))}</b>", QUERY, f"query: {q.label}"),
-        ]
+        if q.path:
+            head = self._cell(q, f"{group}<b>{esc(str(q.label))}</b>", QUERY, f"query: {q.label}")
+        else:  # a text query: its text is the row header
+            head = (
+                '<th class="embbench-text-query" style="text-align:left;vertical-align:top;'
+                f'max-width:180px;font-size:12px;padding:2px 6px">{esc(str(q.label))}'
+                f'<div style="font-size:10px;color:#555;font-weight:normal">{group}</div></th>'
+            )
+        parts = ["<tr>", head]
         for entry in gallery.entries:
             cells = row.results.get(entry, [])
             parts.append('<td style="width:8px"></td>')

@@ -30,7 +30,7 @@ from embbench.analysis.categories import (
 from embbench.analysis.deploy import deployment_sentences, deployment_table
 from embbench.analysis.gallery import Gallery, build_gallery, gallery_rows
 from embbench.analysis.guide import guide_sentences, practical_guide
-from embbench.analysis.load import BASELINE_STAGE, load_results
+from embbench.analysis.load import BASELINE_STAGE, AnalysisError, load_results
 from embbench.analysis.sources import GallerySource, load_sources
 from embbench.analysis.stats import (
     BootstrapCache,
@@ -48,6 +48,13 @@ from embbench.analysis.tables import (
     table3,
     tuning_effect,
 )
+from embbench.analysis.task_guide import task_guide, task_guide_sentences
+from embbench.analysis.tasks import (
+    classification_ladder,
+    retrieval_task_table,
+    zero_shot_table,
+)
+from embbench.analysis.text_gallery import text_query_gallery
 from embbench.catalogue import Catalogue
 from embbench.config import StageConfig, register_stage
 from embbench.metrics import metric_names
@@ -364,4 +371,80 @@ def run_views(
         disagreements=disagreement_table(pairs, analysis.paired),
         disagreement_galleries=dis_galleries,
         notes=notes,
+    )
+
+
+@dataclass
+class TaskAnalysis:
+    """The tasks beyond image->image (issue 25): text queries, zero-shot and the baselines.
+
+    Attributes:
+        results: Every task's rows (image->image included), with the retrieval CIs.
+        text_image: :func:`~embbench.analysis.tasks.retrieval_task_table` of text->image.
+        image_text: The same for image->text.
+        zero_shot: :func:`~embbench.analysis.tasks.zero_shot_table`.
+        ladder: :func:`~embbench.analysis.tasks.classification_ladder` (zero-shot -> kNN ->
+            probe -> top-tuned -> fine-tuned per model and dataset).
+        guide: :func:`~embbench.analysis.task_guide.task_guide`'s three questions.
+        sentences: The guide in words.
+        text_galleries: One gallery of text queries per dataset with text->image results.
+    """
+
+    results: pd.DataFrame
+    text_image: pd.DataFrame
+    image_text: pd.DataFrame
+    zero_shot: pd.DataFrame
+    ladder: pd.DataFrame
+    guide: pd.DataFrame
+    sentences: list[str]
+    text_galleries: list[Gallery] = field(default_factory=list)
+
+
+def run_task_analysis(
+    cfg: AnalysisConfig,
+    store: ResultStore | None = None,
+    *,
+    catalogues: Mapping[str, Catalogue] | None = None,
+) -> TaskAnalysis:
+    """Every task's table, the ladder, the three-question guide and the text galleries.
+
+    Reads the same runs as :func:`run_analysis` (every task this time; deployment variants
+    left out) and adds the retrieval CIs from the per-query arrays (same bootstrap settings and
+    cache). Text galleries are drawn when ``cfg.gallery`` is on, from the runs' own catalogues.
+    """
+    store = store or ResultStore()
+    loader = PerQuery(store)
+    try:
+        every = load_results(cfg, store, all_tasks=True)
+    except AnalysisError:
+        every = pd.DataFrame(columns=["task", "dataset", "model", "mode", "variant"])
+    every = every[every["variant"].fillna("") == ""].reset_index(drop=True)
+    cache = BootstrapCache()
+    every = add_confidence_intervals(
+        every, loader, k=cfg.k, n_boot=cfg.n_boot, seed=cfg.seed,
+        confidence=cfg.confidence, cache=cache,
+    )  # fmt: skip
+    cache.save()
+    guide = task_guide(every, cfg.metric)
+    galleries = (
+        text_query_gallery(
+            every,
+            loader,
+            catalogues,
+            n_queries=max(cfg.gallery_queries, 1),
+            k=cfg.k,
+            seed=cfg.seed,
+        )  # fmt: skip
+        if cfg.gallery
+        else []
+    )
+    return TaskAnalysis(
+        results=every,
+        text_image=retrieval_task_table(every, "text-image", cfg.k),
+        image_text=retrieval_task_table(every, "image-text", cfg.k),
+        zero_shot=zero_shot_table(every),
+        ladder=classification_ladder(every),
+        guide=guide,
+        sentences=task_guide_sentences(guide),
+        text_galleries=galleries,
     )
