@@ -66,7 +66,7 @@ KNN_K = 20  # DINO eval_knn defaults
 KNN_TEMPERATURE = 0.07
 TOL = 1e-4  # scikit-learn LogisticRegression(tol=1e-4): max |gradient| at convergence
 MAX_ITER = 100  # scikit-learn LogisticRegression(max_iter=100)
-CHUNK_BYTES = 8 * 2**20  # logits of one chunk of rows in fit_logistic on a CPU
+CHUNK_BYTES = 32 * 2**20  # logits of one chunk of rows in fit_logistic on a CPU
 
 
 class ProbeError(ValueError):
@@ -191,7 +191,7 @@ def fit_logistic(
         history_size=10,
         line_search_fn="strong_wolfe",
     )
-    # Rows in chunks whose (chunk, K) logits stay in cache (~8 MB) on a CPU; one chunk on CUDA.
+    # ~32 MB of logits per chunk of rows on a CPU (8 MB: 1.3x slower at 60k x 1000); CUDA: one
     chunk = n if dev.type == "cuda" else min(n, max(64, CHUNK_BYTES // (4 * n_classes)))
     buf = torch.empty(chunk, n_classes, device=dev)
     rows = torch.arange(chunk, device=dev)
