@@ -23,8 +23,8 @@ which scikit-learn has no single call for.
 
 Usage::
 
-    python benchmarks/bench_probe.py                          # 60k x 768, 1000 classes
-    python benchmarks/bench_probe.py --n 20000 --classes 300  # ~5 min on 2 busy cores
+    python benchmarks/bench_probe.py                          # 60k x 768, 1000 classes, ~2-8 min
+    python benchmarks/bench_probe.py --n 20000 --classes 300  # ~10 s to 1 min on 2 cores
     python benchmarks/bench_probe.py --quick                  # seconds: smoke test
 """
 

@@ -69,6 +69,7 @@ DEFAULT_C_GRID: np.ndarray = np.logspace(-6, 6, 97)  # C = 1/lambda, 8 steps per
 PEAK_FIRST_STEP = 16  # coarse sweep: every 16th grid value (one per 2 decades)
 TOL = 1e-4  # scikit-learn LogisticRegression(tol=1e-4): max |gradient| at convergence
 MAX_ITER = 100  # scikit-learn LogisticRegression(max_iter=100)
+CHUNK_BYTES = 32 * 2**20  # logits of one chunk of rows in fit_logistic on a CPU
 
 
 @dataclass
@@ -174,23 +175,32 @@ def fit_logistic(
         history_size=10,
         line_search_fn="strong_wolfe",
     )
-    rows = torch.arange(n, device=dev)
+    # ~32 MB of logits per chunk of rows on a CPU (8 MB: 1.3x slower at 60k x 1000); CUDA: one
+    chunk = n if dev.type == "cuda" else min(n, max(64, CHUNK_BYTES // (4 * n_classes)))
+    buf = torch.empty(chunk, n_classes, device=dev)
+    rows = torch.arange(chunk, device=dev)
+    f64 = torch.float64  # float32 sums cannot resolve the last loss changes (< 1e-7)
     n_eval = 0
 
     def closure() -> Any:
-        # by hand, in place on one (n, K) buffer: G = (softmax(XW + b) - onehot(y)) / n
+        # by hand, in place: G = (softmax(XW + b) - onehot(y)) / n, one chunk at a time
         nonlocal n_eval
         n_eval += 1
-        logits = torch.addmm(b, xt, w)
-        lse = torch.logsumexp(logits, dim=1)
-        f64 = torch.float64  # float32 sums cannot resolve the last loss changes (< 1e-7)
-        loss = (lse.sum(dtype=f64) - logits[rows, yt].sum(dtype=f64)) / n
-        loss += 0.5 * l2 * (w * w).sum(dtype=f64)
-        probs = logits.sub_(lse[:, None]).exp_()
-        probs[rows, yt] -= 1.0
-        torch.addmm(w, xt.T, probs, beta=l2, alpha=1.0 / n, out=w.grad)
-        torch.sum(probs, dim=0, out=b.grad).div_(n)
-        return loss
+        loss = torch.zeros((), dtype=f64, device=dev)
+        torch.mul(w, l2, out=w.grad)
+        b.grad.zero_()
+        for lo in range(0, n, chunk):
+            xc, yc = xt[lo : lo + chunk], yt[lo : lo + chunk]
+            rc = rows[: len(xc)]
+            z = torch.addmm(b, xc, w, out=buf[: len(xc)])
+            loss -= z[rc, yc].sum(dtype=f64)
+            m = z.amax(dim=1, keepdim=True)
+            s = z.sub_(m).exp_().sum(dim=1, keepdim=True)
+            loss += m.sum(dtype=f64) + s.double().log_().sum()
+            z.div_(s)[rc, yc] -= 1.0
+            w.grad.addmm_(xc.T, z, alpha=1.0 / n)
+            b.grad.add_(z.sum(dim=0), alpha=1.0 / n)
+        return loss / n + 0.5 * l2 * (w * w).sum(dtype=f64)
 
     opt.step(closure)
     n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))

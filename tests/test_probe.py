@@ -31,9 +31,13 @@ def _blobs(seed: int, n_classes: int = 6, dim: int = 24, noise: float = 1.3):
     return split(240), split(120), split(200)
 
 
-@pytest.mark.parametrize("c", [0.01, 1.0, 30.0])
-def test_fit_logistic_equals_sklearn_at_the_same_c(c):
+@pytest.mark.parametrize(("c", "chunked"), [(0.01, False), (1.0, False), (30.0, False),
+                                            (1.0, True), (30.0, True)])  # fmt: skip
+def test_fit_logistic_equals_sklearn_at_the_same_c(c, chunked, monkeypatch):
     from sklearn.linear_model import LogisticRegression
+
+    if chunked:  # 64-row chunks: 240 rows = 3 full chunks + 1 partial
+        monkeypatch.setattr("embbench.probe.CHUNK_BYTES", 4 * 6 * 64)
 
     (xtr, ytr), _, (xte, _) = _blobs(0)
     xtr, xte = l2_normalize(xtr, zero_rows="keep"), l2_normalize(xte, zero_rows="keep")
