@@ -57,15 +57,29 @@ def _dry(name: str, files: list[Path], overrides: dict | None = None) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo notebooks in order and say where everything went."""
+    from embbench.config import shared_params_files
+    from embbench.notebooks import resolve_params
+    from embbench.paths import project_root
+
+    names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
+    with shared_params_files(args.params):  # -f files serve every notebook (README)
+        # every notebook's params are checked before the first one runs
+        for name in names:
+            if args.dry_run:
+                _dry(name, _params_for(name, project_root(), args.params, demo=True))
+            else:
+                resolve_params(name, _params_for(name, project_root(), args.params, demo=True))
+        if args.dry_run:
+            return 0
+        return _run_demo(args, names)
+
+
+def _run_demo(args: argparse.Namespace, names: list[str]) -> int:
+    """Run the demo notebooks ``names`` in order (params checked) and say where things went."""
     from embbench.notebooks import run_notebook
     from embbench.paths import project_root, reports_dir, runs_dir
     from embbench.tracking import default_tracking_uri
 
-    if args.dry_run:
-        names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
-        for name in names:
-            _dry(name, _params_for(name, project_root(), args.params, demo=True))
-        return 0
     if not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
         # The documented fallback (README): one INFO line; records and the report say it loudly.
@@ -75,7 +89,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "weights: auto would fall back to random weights, and its records would say so"
         )
     root = project_root()
-    names = args.notebooks.split(",") if args.notebooks else list(DEMO_NOTEBOOKS)
     outputs = []
     report = None
     for i, name in enumerate(names, 1):

@@ -14,9 +14,11 @@ a grid of (model, dataset) cells are declared once, in :class:`GridConfig`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -202,6 +204,36 @@ def _drop_overridden_entries(merged: dict[str, Any], origin: dict[str, str], pat
             merged[key] = {k: v for k, v in entries.items() if k not in stale}
 
 
+_SHARED_FILES: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "embbench_shared_params_files", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def shared_params_files(files: Iterable[str | Path]) -> Iterator[None]:
+    """Within the block, ``files`` are shared by several notebooks (``embbench demo -f my.yaml``).
+
+    A key of a shared file that is not a parameter of the notebook being configured, but is
+    one of another stage's, is left out for that notebook (an INFO line) instead of refused:
+    ``data_root`` and ``label`` mean nothing to the analysis notebook. A key no stage knows is
+    still refused with a did-you-mean.
+    """
+    token = _SHARED_FILES.set(frozenset(str(Path(f)) for f in files))
+    try:
+        yield
+    finally:
+        _SHARED_FILES.reset(token)
+
+
+def _other_stages_fields(notebook: str) -> set[str]:
+    """The parameter names of every registered stage but ``notebook``."""
+    names: set[str] = set()
+    for other in registered_stage_names():
+        if other != notebook:
+            names |= set(registered_stage(other).model_fields)
+    return names
+
+
 class StageConfig(BaseModel):
     """Base of every stage's config: strict fields, layered loading, a stable hash.
 
@@ -227,6 +259,19 @@ class StageConfig(BaseModel):
         origin = origin or {}
         fields = list(cls.model_fields)
         unknown = [k for k in params if k not in cls.model_fields]
+        shared = _SHARED_FILES.get()
+        if unknown and shared:
+            elsewhere = _other_stages_fields(cls.notebook)
+            left = [k for k in unknown if origin.get(k) in shared and k in elsewhere]
+            if left:
+                logger.info(
+                    "%s: %s (from %s) left out: not parameters of this notebook",
+                    cls.notebook or cls.__name__,
+                    ", ".join(left),
+                    ", ".join(sorted({origin[k] for k in left})),
+                )
+                params = {k: v for k, v in params.items() if k not in left}
+                unknown = [k for k in unknown if k not in left]
         if unknown:
             lines = []
             for key in unknown:

@@ -281,3 +281,21 @@ def test_yaml_alias_bomb_is_refused_before_validation(tmp_path, capsys):
         "data_options: {demo: &d {products_per_category: 2}}\n"
     )
     assert main(["--dry-run", "embed", "-f", str(ok)]) == 0
+
+
+def test_a_file_shared_by_the_demo_notebooks_serves_each_with_its_own_keys(tmp_path, capsys):
+    """``embbench demo -f my.yaml``: data_root/label mean nothing to notebook 05; a typo does."""
+    from embbench.cli import main
+
+    mine = tmp_path / "my.yaml"
+    mine.write_text("datasets: [my_shop]\ndata_root: {my_shop: /data/shop.csv}\nlabel: sku\n")
+    names = "01_embed,03_toptune,05_analysis"
+    assert main(["--dry-run", "demo", "--notebooks", names, "-f", str(mine)]) == 0
+    assert capsys.readouterr().out.count("would run") == 3
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("datasets: [my_shop]\ndata_root: {my_shop: /data/shop.csv}\nlabl: sku\n")
+    assert main(["--dry-run", "demo", "--notebooks", names, "-f", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert "'labl'" in err and "did you mean 'label'" in err and str(typo) in err
+    # a run checks every notebook's params before the first one starts
+    assert main(["demo", "--notebooks", names, "-f", str(typo)]) == 2
