@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
+from fixtures_datasets import write_jpeg
 
 from embbench.cells import Cell
 from embbench.embed import embed_split
 from embbench.models import create_embedder
-from embbench.probe import knn_classify, linear_probe, score_predictions
 from embbench.records import ResultStore, parse_record
 from embbench.stages.embed import EmbedConfig, EmbedSteps, run_embed
 from embbench.text import class_prompt_tasks, item_text_tasks, zero_shot_classify
@@ -149,5 +152,93 @@ def names_of(rec):
     return f"pretrained-{rec.task}-{rec.config_hash}.json"
 
 
-def _unused():  # keep the imports of the baseline functions for the stage-03 test below
-    return knn_classify, linear_probe, score_predictions
+# ---- bad input: one line, exit 2, before any work ---------------------------------------------
+PARAMS = Path(__file__).resolve().parent.parent / "params"
+BASE = ["-f", str(PARAMS / "01_embed.yaml"), "-f", str(PARAMS / "smoke" / "01_embed.yaml")]
+
+
+def _shop(tmp_path, titles, **params):
+    """A user's manifest with a ``title`` column: 2 SKUs x 3 views, and a params file on it."""
+    rows = []
+    for s, (sku, title) in enumerate((("A-1", titles[0]), ("B-2", titles[1]))):
+        for v in range(3):
+            rel = f"img/{sku}_{v}.jpg"
+            write_jpeg(tmp_path / rel, cls=s, view=v, size=(24, 24))
+            rows.append({"path": rel, "sku": sku, "split": "test", "title": title})
+    csv = tmp_path / "shop.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    own = {"datasets": ["shop"], "data_root": {"shop": str(csv)}, "label": "sku", **params}
+    (tmp_path / "shop.yaml").write_text(yaml.safe_dump(own))
+    return ["-f", str(tmp_path / "shop.yaml")]
+
+
+def _run(argv, capsys):
+    from embbench.cli import main
+
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    # the engine lists its pre-work problems one per line under one header line
+    return code, [line for line in err if "--debug" not in line and "problem(s)" not in line]
+
+
+def _nothing_computed():
+    """No record and no embedding written (the images' content hashes of the check may be)."""
+    from embbench.paths import cache_dir
+
+    assert not ResultStore().records()
+    written = (
+        [p for p in Path(cache_dir()).rglob("*") if p.is_file()] if cache_dir().exists() else []
+    )
+    assert all("file_hashes" in p.parts for p in written), written
+
+
+def test_run_cell_text_task_on_an_image_only_model_is_one_line_exit_2(capsys):
+    argv = ["run-cell", "01_embed", *BASE, "--model", "test_resnet", "--dataset", "demo"]
+    code, err = _run([*argv, "--task", "text-image"], capsys)
+    assert code == 2 and len(err) == 1
+    assert "'test_resnet'" in err[0] and "text-image" in err[0] and "Fix:" in err[0]
+    _nothing_computed()
+
+
+@pytest.mark.parametrize(
+    ("titles", "params", "words"),
+    [
+        (("red mug", "blue lamp"), {"text_column": "colour"}, "colour"),
+        (("", " "), {"text_column": "title"}, "'title' is empty in every row"),
+        (("red mug", "blue lamp"), {"templates": []}, "templates"),
+        (("red mug", "blue lamp"), {"templates": ["a photo of a mug"]}, "{}"),
+        (("red mug", "blue lamp"), {"models": ["test_resnet"]}, "text tower"),
+    ],
+)
+def test_bad_text_inputs_are_one_line_exit_2_before_any_work(
+    tmp_path, capsys, titles, params, words
+):
+    own = _shop(tmp_path, titles, tasks=["image-image", "text-image", "image-text"], **params)
+    code, err = _run(["embed", *BASE, *own], capsys)
+    assert code == 2, err
+    assert len(err) == 1 and words in err[0], err
+    _nothing_computed()
+
+
+def test_a_users_title_column_gets_text_records_and_image_only_models_none(tmp_path, capsys):
+    own = _shop(
+        tmp_path,
+        ("red striped mug", "blue dotted lamp"),
+        backend="exact",
+        tasks=["image-image", "text-image", "image-text", "zero-shot"],
+    )
+    code, _ = _run(["embed", *BASE, *own], capsys)
+    assert code == 0
+    got = sorted(
+        (r.model, r.task, r.details.get("text_source", "")) for r in ResultStore().records()
+    )
+    assert got == [
+        ("test_clip", "image-image", ""),
+        ("test_clip", "image-text", "item-text:title"),
+        ("test_clip", "text-image", "class-prompts"),
+        ("test_clip", "text-image", "item-text:title"),
+        ("test_clip", "zero-shot", ""),
+        ("test_resnet", "image-image", ""),
+    ]
+    for rec in ResultStore().records():
+        assert rec.task == "image-image" or "ci" in rec.details
