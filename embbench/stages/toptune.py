@@ -494,6 +494,7 @@ def result_row(record: ResultRecord) -> dict:
         **record_row(record),
         "label": record.label,
         **{k: record.classification.get(k) for k in CLASSIFICATION_KEYS},
+        "balanced_accuracy": record.classification.get("balanced_accuracy"),
         "val_accuracy": record.val_accuracy,
         "n_classes": d.get("n_classes"),
         "hidden_layers": d.get("hidden_layers"),
@@ -556,6 +557,8 @@ def pretrained_vs_toptuned(results: pd.DataFrame, metric: str = "mMP@5") -> pd.D
     """Long table (model, dataset, mode, value) of ``metric`` pretrained vs top-tuned."""
     names = {f"pretrained_{metric}": "pretrained", metric: "top-tuned"}
     cols = [c for c in names if c in results]
+    if "task" in results:  # the probe and kNN rows have no retrieval metrics
+        results = results[results["task"] == "image-image"]
     wide = results[["model", "dataset", *cols]].rename(columns=names)
     return wide.melt(
         id_vars=["model", "dataset"],
