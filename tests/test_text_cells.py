@@ -205,7 +205,7 @@ def test_run_cell_text_task_on_an_image_only_model_is_one_line_exit_2(capsys):
     [
         (("red mug", "blue lamp"), {"text_column": "colour"}, "colour"),
         (("", " "), {"text_column": "title"}, "'title' is empty in every row"),
-        (("red mug", "blue lamp"), {"templates": []}, "templates"),
+        (("red mug", "blue lamp"), {"templates": []}, "templates is an empty list"),
         (("red mug", "blue lamp"), {"templates": ["a photo of a mug"]}, "{}"),
         (("red mug", "blue lamp"), {"models": ["test_resnet"]}, "text tower"),
     ],
