@@ -382,6 +382,7 @@ class CellEngine:
             plain.model,
             plain.mode,
             self.cell_hash(plain, self.inputs_for(cell.dataset)),
+            plain.task,
         )
         return done.mlflow_run_id if done is not None else None
 

@@ -242,3 +242,15 @@ def test_a_users_title_column_gets_text_records_and_image_only_models_none(tmp_p
     ]
     for rec in ResultStore().records():
         assert rec.task == "image-image" or "ci" in rec.details
+
+
+def test_item_text_cell_run_nests_under_its_text_image_cell_run(small_demo, monkeypatch):
+    import embbench.cells as engine
+
+    monkeypatch.setattr(engine, "load_catalogue", lambda *a, **k: small_demo)
+    run_embed(_cfg(models=["test_clip"], tasks=["text-image"]))
+    runs = mlflow.search_runs(experiment_names=["embbench"])
+    plain = runs[runs["tags.mlflow.runName"] == "embed/test_clip/demo/text-image"]
+    item = runs[runs["tags.mlflow.runName"] == "embed/test_clip/demo/item-text/text-image"]
+    assert len(plain) == len(item) == 1
+    assert item.iloc[0]["tags.mlflow.parentRunId"] == plain.iloc[0]["run_id"]
