@@ -72,6 +72,7 @@ class Cell:
         dataset: The dataset scored (for cross-tuning: the target).
         source: The dataset the model was tuned on, for cross-tuning cells.
         variant: A deployment variant of the cell (a compression or an index setting).
+        task: What the cell scores (:data:`embbench.vocab.TASKS`).
     """
 
     stage: str
@@ -80,11 +81,13 @@ class Cell:
     dataset: str
     source: str | None = None
     variant: str | None = None
+    task: str = "image-image"
 
     def __str__(self) -> str:
         origin = f" (tuned on {self.source})" if self.source else ""
         variant = f" [{self.variant}]" if self.variant else ""
-        return f"{self.stage} {self.mode} {self.model} on {self.dataset}{origin}{variant}"
+        task = "" if self.task == "image-image" else f" {self.task}"
+        return f"{self.stage} {self.mode}{task} {self.model} on {self.dataset}{origin}{variant}"
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Produced:
             instead of searching ``query``/``index`` with its backend.
         searched_with: What searched for ``result`` (the index variant's engine), recorded as
             the record's backend; ``None``: the engine's backend.
+        per_query: Extra per-query arrays saved with the record (e.g. ``query_text``).
+        record_fields: Record fields the stage sets itself (e.g. a text gallery's ``n_index``).
     """
 
     query: EmbeddingSet
@@ -153,6 +158,8 @@ class Produced:
     baseline: tuple[EmbeddingSet, EmbeddingSet] | None = None
     result: RetrievalResult | None = None
     searched_with: str | None = None
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)
+    record_fields: dict[str, Any] = field(default_factory=dict)
 
 
 class StageSteps:
@@ -289,6 +296,8 @@ class CellEngine:
                     cell.dataset,
                     cell.source,
                     cell.variant,
+                    # image-image cells keep the hash they had before tasks existed
+                    *([] if cell.task == "image-image" else [cell.task]),
                 ],
                 "plan": inputs.plan.as_dict(),
                 # the images' content, root, ids, splits and labels: other data, another cell
@@ -306,15 +315,16 @@ class CellEngine:
         """
         cfg, inputs = self.cfg, self.inputs_for(cell.dataset)
         chash = self.cell_hash(cell, inputs)
-        path = self.store.path(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+        where = (cell.stage, cell.dataset, cell.model, cell.mode, chash, cell.task)
+        path = self.store.path(*where)
         if not self.dist.is_main:
-            done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+            done = self.store.get(*where)
             if done is None or self.cfg.overwrite == "always":
                 self.steps.produce(cell, inputs)
             barrier(self.dist)
             return None
         with hold_lock(path.with_name(path.name + ".lock"), str(cell)):
-            done = self.store.get(cell.stage, cell.dataset, cell.model, cell.mode, chash)
+            done = self.store.get(*where)
             if done is not None and self.cfg.overwrite == "never":
                 logger.info("skipped %s: finished earlier (record %s)", cell, path)
                 close_stale_run(done.mlflow_run_id)
@@ -374,6 +384,7 @@ class CellEngine:
             plain.model,
             plain.mode,
             self.cell_hash(plain, self.inputs_for(cell.dataset)),
+            plain.task,
         )
         return done.mlflow_run_id if done is not None else None
 
@@ -432,14 +443,16 @@ def score_cell(
         provenance=provenance(),
         started=started,
     )
-    per_query = {**result.per_query, "query_index": result.query_index}
+    if produced.record_fields:
+        record = record.model_copy(update=produced.record_fields)
+    per_query = {**result.per_query, "query_index": result.query_index, **produced.per_query}
     if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
         per_query["topk_ids"] = result.topk_ids
     return record, per_query
 
 
 def cell_identity(cell: Cell, source: str = "source_dataset", variant: str = "variant") -> dict:
-    """``stage``, ``mode``, ``model``, ``dataset`` of ``cell``, with source and variant.
+    """``stage``, ``mode``, ``model``, ``dataset``, ``task`` of ``cell``, with source and variant.
 
     Args:
         cell: The cell.
@@ -451,6 +464,7 @@ def cell_identity(cell: Cell, source: str = "source_dataset", variant: str = "va
         "mode": cell.mode,
         "model": cell.model,
         "dataset": cell.dataset,
+        "task": cell.task,
     }
     out.update(
         {key: value for key, value in ((source, cell.source), (variant, cell.variant)) if key}

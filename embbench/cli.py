@@ -174,11 +174,17 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         mode=args.mode,
         source=args.source,
+        task=args.task,
     )
+    if record is None:  # e.g. image-text on a dataset without item texts: dropped, logged
+        sys.stdout.write(f"no {args.task} cell ran for {args.model} on {args.dataset}\n")
+        return 0
     if int(os.environ.get("RANK", 0)) == 0:
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
+        scores = record.metrics or {k: v for k, v in record.classification.items() if "acc" in k}
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
+        task = "" if record.task == "image-image" else f" {record.task}"
         sys.stdout.write(
-            f"{record.stage} {record.mode} {record.model} on {record.dataset}: "
+            f"{record.stage} {record.mode}{task} {record.model} on {record.dataset}: "
             f"{metrics} (saved {record.saved})\n"
         )
     return 0
@@ -303,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", required=True, help="the dataset scored (cross-tuning: target)")
     c.add_argument("--mode", default="", help="pretrained, fine-tuned, top-tuned, cross-tuned, ...")
     c.add_argument("--source", default="", help="the dataset a cross-tuned model was tuned on")
+    c.add_argument(
+        "--task",
+        default="image-image",
+        help="image-image, text-image, image-text, zero-shot (01); probe, knn (03)",
+    )
     c.set_defaults(func=cmd_run_cell)
 
     pl = sub.add_parser("pipeline", help="the grid as a Kubeflow pipeline (compile | run-local)")

@@ -33,7 +33,7 @@ from embbench._errors import UserError
 from embbench._utils import atomic_write_bytes, atomic_write_json, safe_name
 from embbench.paths import runs_dir
 from embbench.records_migrate import SCHEMA_VERSION, migrate_record
-from embbench.vocab import MODES, Mode
+from embbench.vocab import MODES, Mode, Task
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class ResultRecord(BaseModel):
     schema_version: int = SCHEMA_VERSION
     stage: str  # embed | finetune | toptune | crosstune | ...
     mode: Mode
+    task: Task = "image-image"  # image-image | text-image | image-text | zero-shot | probe | knn
     model: str  # the zoo model name (for fine-tuned models: the base model)
     dataset: str  # the dataset scored (for cross-tuning: the target)
     config_hash: str = ""  # hash of everything that changes the result ("" if rebuilt from tags)
@@ -308,21 +309,36 @@ class ResultStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else runs_dir() / "results"
 
-    def path(self, stage: str, dataset: str, model: str, mode: str, config_hash: str) -> Path:
-        """Where the record for this cell lives."""
+    def path(
+        self,
+        stage: str,
+        dataset: str,
+        model: str,
+        mode: str,
+        config_hash: str,
+        task: str = "image-image",
+    ) -> Path:
+        """Where the record for this cell lives (other tasks: ``<mode>-<task>-<hash>.json``)."""
+        what = safe_name(mode) if task == "image-image" else f"{safe_name(mode)}-{safe_name(task)}"
         return (
             self.root
             / safe_name(stage)
             / safe_name(dataset)
             / safe_name(model)
-            / f"{safe_name(mode)}-{config_hash}.json"
+            / f"{what}-{config_hash}.json"
         )
 
     def get(
-        self, stage: str, dataset: str, model: str, mode: str, config_hash: str
+        self,
+        stage: str,
+        dataset: str,
+        model: str,
+        mode: str,
+        config_hash: str,
+        task: str = "image-image",
     ) -> ResultRecord | None:
         """The stored record, or ``None``."""
-        p = self.path(stage, dataset, model, mode, config_hash)
+        p = self.path(stage, dataset, model, mode, config_hash, task)
         return self.read(p) if p.is_file() else None
 
     @staticmethod
@@ -351,7 +367,7 @@ class ResultStore:
         """
         if not isinstance(record, ResultRecord):
             record = parse_record(record)
-        p = self.path(*record.key())
+        p = self.path(*record.key(), task=record.task)
         record.saved = datetime.now(UTC).isoformat()
         if per_query:
             buf = io.BytesIO()
@@ -367,7 +383,7 @@ class ResultStore:
         rec = record if isinstance(record, ResultRecord) else parse_record(record)
         if not rec.per_query_file:
             return {}
-        p = self.path(*rec.key()).with_name(rec.per_query_file)
+        p = self.path(*rec.key(), task=rec.task).with_name(rec.per_query_file)
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
@@ -392,6 +408,7 @@ def record_row(record: ResultRecord) -> dict[str, Any]:
     return {
         "stage": record.stage,
         "mode": record.mode,
+        "task": record.task,
         "model": record.model,
         "dataset": record.dataset,
         "family": record.family,

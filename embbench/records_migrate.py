@@ -85,7 +85,11 @@ _PROMOTED = ("toptune_model_path",)  # read by other stages: typed fields since 
 
 
 def _promote(rec: dict[str, Any]) -> dict[str, Any]:
-    """Move the facts other stages read out of ``details`` into their typed fields."""
+    """Move the facts other stages read out of ``details`` into their typed fields.
+
+    Records written before tasks existed (no ``task``) were image->image retrieval.
+    """
+    rec.setdefault("task", "image-image")
     details = rec.get("details")
     if isinstance(details, Mapping) and any(k in details for k in _PROMOTED):
         details = dict(details)

@@ -81,17 +81,26 @@ def embed_options(cfg: GridConfig, model: str | None = None) -> dict[str, Any]:
 
 
 class EmbedderPool:
-    """One embedder per model for a run (created once, shared by identity and produce)."""
+    """One embedder per model for a run (created once, shared by identity and produce).
 
-    def __init__(self, cfg: GridConfig) -> None:
+    Args:
+        cfg: The stage config (weights, embedding settings).
+        text_models: Models built with their text tower too (those with text cells); the
+            others keep today's image-only memory.
+    """
+
+    def __init__(self, cfg: GridConfig, text_models: Sequence[str] = ()) -> None:
         self.cfg = cfg
+        self.text_models = set(text_models)
         self._embedders: dict[str, Embedder] = {}
         self._recomputed: set[str] = set()  # cache keys embedded again by this run
 
     def __call__(self, model: str) -> Embedder:
         """The embedder of ``model`` with the configured weights."""
         if model not in self._embedders:
-            self._embedders[model] = create_embedder(model, weights=self.cfg.weights)
+            self._embedders[model] = create_embedder(
+                model, weights=self.cfg.weights, with_text=model in self.text_models
+            )
         return self._embedders[model]
 
     def cache_keys(self, model: str, inputs: CellInputs, splits: Sequence[str]) -> dict:

@@ -32,6 +32,7 @@ def cell_run(
     tags: Mapping[str, str],
     source: str | None = None,
     variant: str | None = None,
+    task: str = "image-image",
     parent_run_id: Callable[[], str | None] = lambda: None,
     on_start: Callable[[], None] = lambda: None,
 ) -> Iterator[Any]:
@@ -46,6 +47,7 @@ def cell_run(
         tags: The tags a new run starts with.
         source: The dataset the model was tuned on (cross-tuning cells).
         variant: The cell's deployment variant.
+        task: The cell's task; other tasks than image-image end the run's name.
         parent_run_id: Called for a new run only: the run to nest it under, or ``None``.
         on_start: Called inside a new run only, before the cell's work (e.g. to log its input).
 
@@ -75,7 +77,7 @@ def cell_run(
         return
     top = "top-" if "top" in mode else ""
     origin = f"{top}from-{source}" if source else None
-    name = run_name(stage, model, dataset, origin, variant)
+    name = run_name(stage, model, dataset, origin, variant, None if task == "image-image" else task)
     with mlflow_run(name, tags=dict(tags), parent_run_id=parent_run_id()) as run:
         on_start()
         yield run

@@ -55,8 +55,22 @@ def test_full_grid_task_count_matches_the_params(full_grid):
     per_mode = len(c04["models"]) * sum(
         1 for t in c04["datasets"] for s in c04["finetuned_on"] if s != t
     )
+    from embbench.models import get_model_spec, text_capable
+
+    c01 = yaml.safe_load((PARAMS / "01_embed.yaml").read_text())
+    n_text = sum(text_capable(get_model_spec(m)) for m in c01["models"])
+    text_tasks = [t for t in c01["tasks"] if t != "image-image"]
+    baselines = yaml.safe_load((PARAMS / "03_toptune.yaml").read_text())["baselines"]
+    expected_tasks = {
+        "image-image": n01[0] * n01[1] + n03[0] * n03[1],  # 01 pretrained and 03 top-tuned
+        **{t: n_text * n01[1] for t in text_tasks},  # text-image models only
+        **{b: n03[0] * n03[1] for b in baselines},  # every model
+    }
+    assert n_text == 8 and len(text_tasks) == 3 and len(baselines) == 2
     expected = {
-        "pretrained": n01[0] * n01[1],
+        "pretrained": n01[0] * n01[1]
+        + n_text * n01[1] * len(text_tasks)
+        + n03[0] * n03[1] * len(baselines),
         "fine-tuned": n02[0] * n02[1],
         "top-tuned": n03[0] * n03[1],
         "cross-tuned": per_mode,
@@ -64,8 +78,11 @@ def test_full_grid_task_count_matches_the_params(full_grid):
         * sum(1 for t in c04["datasets"] for s in c04["toptuned_on"] if s != t),
     }
     assert Counter(c.cell.mode for c in grid.cells) == expected
+    got = Counter(c.cell.task for c in grid.cells if c.notebook in ("01_embed", "03_toptune"))
+    assert got == expected_tasks
     tasks = spec["root"]["dag"]["tasks"]
-    assert len(tasks) == sum(expected.values()) + 1 == 517  # + the report
+    # + the report; 517 before the text tasks (8 models x 6 datasets x 3) and the baselines
+    assert len(tasks) == sum(expected.values()) + 1 == 517 + 144 + 2 * 114
 
 
 def test_full_grid_dependencies_follow_the_stage_order(full_grid):
@@ -86,6 +103,9 @@ def test_full_grid_dependencies_follow_the_stage_order(full_grid):
         "01 pretrained vit_b16 on fashion",
     }
     assert deps["01 pretrained resnet50 on sop"] == set()
+    # text and baseline cells wait for the image cell whose cached vectors they reuse
+    assert deps["01 pretrained zero-shot siglip_b16 on sop"] == {"01 pretrained siglip_b16 on sop"}
+    assert deps["03 pretrained probe resnet50 on sop"] == {"01 pretrained resnet50 on sop"}
     assert deps["02 fine-tuned resnet50 on cars196"] == set()
     assert deps["05 report"] == set(by_label) - {"05 report"}
     # every cell task carries its cell key as its cache key; keys are unique
@@ -315,14 +335,27 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, milvus_server, mlflow_
     first_s = time.perf_counter() - t0
 
     store = ResultStore()
-    records = store.records()
+    # a text-image task also scores the catalogue's item texts (the demo's titles): a cell the
+    # engine adds once the data is loaded, nested under its task's run like a deployment variant
+    every = store.records()
+    records = [
+        r
+        for r in every
+        if not (r.task == "text-image" and "item-text" in r.details.get("text_source", ""))
+    ]
+    assert len(every) - len(records) == sum(c.cell.task == "text-image" for c in cells) > 0
     cross = ("cross-tuned", "cross-top-tuned")  # a cell's source: where a cross cell came from
     assert sorted(
-        (r.mode, r.model, r.dataset, r.tuned_on if r.mode in cross else None) for r in records
-    ) == sorted((c.cell.mode, c.cell.model, c.cell.dataset, c.cell.source) for c in cells)
-    assert all(r.backend in ("milvus", "exact") for r in records)
+        (r.mode, r.task, r.model, r.dataset, r.tuned_on if r.mode in cross else None)
+        for r in records
+    ) == sorted(
+        (c.cell.mode, c.cell.task, c.cell.model, c.cell.dataset, c.cell.source) for c in cells
+    )
+    # probe and kNN classify (no search); the text tasks search their small galleries exactly
+    assert all(r.backend == "none" for r in records if r.task in ("probe", "knn"))
+    assert all(r.backend in ("milvus", "exact") for r in records if r.task not in ("probe", "knn"))
     assert any(r.backend == "milvus" for r in records)  # searched in the Milvus Lite server
-    saved = {r.config_hash: r.saved for r in records}
+    saved = {r.config_hash: r.saved for r in every}
 
     mlflow.set_tracking_uri(mlflow_server)
     runs = _cell_runs()

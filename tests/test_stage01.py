@@ -101,7 +101,13 @@ def test_notebook_01_runs_with_smoke_params():
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    assert len(ResultStore().records("embed")) == 2
+    # the paper grid's tasks: image-image for both, the text tasks for the text-image test_clip
+    # (text->image by class prompts and by the demo's titles, image->text, zero-shot)
+    tasks = sorted((r.model, r.task) for r in ResultStore().records("embed"))
+    assert tasks == [
+        ("test_clip", t)
+        for t in ("image-image", "image-text", "text-image", "text-image", "zero-shot")
+    ] + [("test_resnet", "image-image")]
     # the kernel's runs name the notebook as their source (not ipykernel_launcher.py)
     from embbench.tracking import default_tracking_uri
 

@@ -107,7 +107,7 @@ def toptune_synthetic(cfg, cat, sets, store=None):
     try:
         steps = TopTuneSteps(cfg)
         steps.pretrained = SyntheticPretrained(sets)
-        (record,) = run_grid(cfg, steps, store=store)
+        (record,) = run_grid(cfg, steps, store=store, select=lambda c: c.task == "image-image")
     finally:
         cells.load_catalogue = load
     return record
@@ -385,6 +385,47 @@ def test_toptune_cell_end_to_end(tmp_path):
     assert sorted(long["mode"]) == ["pretrained", "top-tuned"]
 
 
+def test_probe_and_knn_cells_equal_the_probe_functions_on_the_frozen_embeddings():
+    import mlflow
+
+    from embbench.probe import knn_classify, linear_probe, score_predictions
+
+    cat, sets = synthetic()
+    cfg = tiny_cfg(knn_k=7, knn_temperature=0.1)
+    steps = TopTuneSteps(cfg)
+    assert [c.task for c in steps.grid()] == ["image-image", "probe", "knn"]
+    import embbench.cells as cells
+
+    load = cells.load_catalogue
+    cells.load_catalogue = lambda *a, **k: cat
+    try:
+        steps.pretrained = SyntheticPretrained(sets)
+        probe, knn = run_grid(cfg, steps, select=lambda c: c.task != "image-image")
+    finally:
+        cells.load_catalogue = load
+    x = {s: np.asarray(sets[s].vectors) for s in SPLITS}
+    y = {s: sets[s].labels(cat.items, "label") for s in SPLITS}
+    res = linear_probe(x["train"], y["train"], x["val"], y["val"], x["test"], progress=False)
+    want, _ = score_predictions(y["test"], res.predictions, res.classes)
+    assert (probe.task, probe.mode, probe.metrics) == ("probe", "pretrained", {})
+    assert {k: probe.classification[k] for k in want} == pytest.approx(want)
+    assert probe.details["chosen_c"] == res.chosen_c
+    assert probe.val_accuracy == pytest.approx(res.val_accuracy[res.chosen_c])
+    pred = knn_classify(x["train"], y["train"], x["test"], k=7, temperature=0.1)
+    want, _ = score_predictions(y["test"], pred, np.unique(y["train"]))
+    assert {k: knn.classification[k] for k in want} == pytest.approx(want)
+    assert (knn.details["k"], knn.details["temperature"]) == (7, 0.1)
+    for rec in (probe, knn):
+        lo, hi = rec.details["ci"]["accuracy"]
+        assert lo <= rec.classification["accuracy"] <= hi
+        assert 0 <= rec.classification["balanced_accuracy"] <= 1
+        run = mlflow.get_run(rec.mlflow_run_id)
+        assert run.info.run_name == f"toptune/test_resnet/demo/{rec.task}"
+        assert run.data.metrics["test_accuracy"] == pytest.approx(rec.classification["accuracy"])
+    # the baselines' settings change only their cells: the top-tuned cell keeps its hash
+    assert TopTuneConfig(knn_k=3).config_hash() == TopTuneConfig().config_hash()
+
+
 # ---- the TensorFlow backend (Keras picks its backend once per process) -------------------------
 @pytest.mark.slow
 def test_tensorflow_backend_works(tmp_path):
@@ -441,7 +482,13 @@ def test_run_toptune_on_demo(small_demo, monkeypatch):
         batch_size=16,
     )
     results = run_toptune(cfg)
-    assert len(results) == 1
+    # the top-tuned cell, then the probe and kNN baselines of the image-only model
+    assert list(zip(results["mode"], results["task"], strict=True)) == [
+        ("top-tuned", "image-image"),
+        ("pretrained", "probe"),
+        ("pretrained", "knn"),
+    ]
+    assert results["accuracy"].between(0, 1).all()
     row = results.iloc[0]
     assert row["mode"] == "top-tuned" and 2 <= row["hidden_layers"] <= 3
     assert 0.0 <= row["mMP@5"] <= 1.0 and 0.0 <= row["pretrained_mMP@5"] <= 1.0

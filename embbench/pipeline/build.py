@@ -208,6 +208,7 @@ def _build_pipeline(grid: PipelineGrid, options: PipelineOptions) -> Any:
                 dataset=pc.cell.dataset,
                 mode=pc.cell.mode,
                 source=pc.cell.source or "",
+                task=pc.cell.task,
                 cell_key=pc.key,
                 milvus_uri=milvus_uri,
                 tracking_uri=tracking_uri,

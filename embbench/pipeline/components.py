@@ -21,12 +21,15 @@ def run_cell(
     milvus_uri: str,
     tracking_uri: str,
     nproc: int = 1,
+    task: str = "image-image",
 ):
     """Run one cell of the grid with ``embbench run-cell``."""
     # kfp ships this body alone into the task container: its imports must be inside it
     from embbench.pipeline.task import run_cell_task
 
-    run_cell_task(params, notebook, model, dataset, mode, source, milvus_uri, tracking_uri, nproc)
+    run_cell_task(
+        params, notebook, model, dataset, mode, source, milvus_uri, tracking_uri, nproc, task
+    )
 
 
 def render_report(params: str, grid_key: str, tracking_uri: str, report: Output[HTML]):

@@ -38,9 +38,10 @@ from embbench._registry import UnknownNameError
 from embbench._utils import stable_hash
 from embbench.cells import Cell, run_grid
 from embbench.config import ConfigError, GridConfig, StageConfig
-from embbench.models import get_model_spec
+from embbench.models import check_text_capable, get_model_spec
 from embbench.records import ResultStore
 from embbench.stages import config_for, steps_for
+from embbench.vocab import TASKS, TEXT_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class CellTask:
     def label(self) -> str:
         """A short display name: ``01 pretrained resnet50 on cars196 (from sop)``."""
         origin = f" (from {self.cell.source})" if self.cell.source else ""
+        task = "" if self.cell.task == "image-image" else f" {self.cell.task}"
         return (
-            f"{self.notebook[:2]} {self.cell.mode} {self.cell.model} on {self.cell.dataset}{origin}"
+            f"{self.notebook[:2]} {self.cell.mode}{task} {self.cell.model} on "
+            f"{self.cell.dataset}{origin}"
         )
 
 
@@ -152,7 +155,8 @@ def cell_key(notebook: str, cfg: StageConfig, cell: Cell) -> str:
         {
             "notebook": notebook,
             "config": cfg.config_hash(),
-            "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source],
+            "cell": [cell.stage, cell.mode, cell.model, cell.dataset, cell.source]
+            + ([] if cell.task == "image-image" else [cell.task]),
         }
     )
 
@@ -182,7 +186,8 @@ def pipeline_grid(params: Mapping[str, Sequence[str | Path]]) -> PipelineGrid:
     for notebook, cfg, cell in pending:
         key = cell_key(notebook, cfg, cell)
         texts.setdefault(notebook, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        found.setdefault((cell.mode, canonical_model(cell.model), cell.dataset), key)
+        if cell.task == "image-image":  # what later stages wait for
+            found.setdefault((cell.mode, canonical_model(cell.model), cell.dataset), key)
         after = [found.get(need) for need in _needs(cell)]
         grid.cells.append(
             CellTask(
@@ -198,6 +203,8 @@ def pipeline_grid(params: Mapping[str, Sequence[str | Path]]) -> PipelineGrid:
 def _needs(cell: Cell) -> list[tuple[str, str, str]]:
     """The (mode, model, dataset) cells that must finish before ``cell`` (stage order)."""
     model = canonical_model(cell.model)
+    if cell.task != "image-image":  # text and baseline cells reuse its cached image vectors
+        return [("pretrained", model, cell.dataset)]
     if cell.mode == "top-tuned":
         return [("pretrained", model, cell.dataset)]
     if cell.mode == "cross-tuned":
@@ -216,6 +223,7 @@ def run_one_cell(
     dataset: str,
     mode: str = "",
     source: str = "",
+    task: str = "image-image",
 ) -> Any:
     """Run exactly one cell of ``notebook``'s grid through the cell engine; return its record.
 
@@ -226,7 +234,12 @@ def run_one_cell(
     Raises:
         CellSelectError: The stage has no cells, or the arguments match no cell or several.
         GridError: The cell cannot run (raised by the engine's up-front checks).
+        TextUnsupportedError: A text task asked for an image-only model (before any work).
     """
+    if task not in TASKS:
+        raise CellSelectError(f"--task {task!r} is not a task; choose one of {list(TASKS)}")
+    if task in TEXT_TASKS:
+        check_text_capable(model, task)
     cls = config_for(notebook)
     if not issubclass(cls, GridConfig):
         raise CellSelectError(f"{notebook} has no cells; run it with `embbench report`")
@@ -243,6 +256,7 @@ def run_one_cell(
             and c.dataset == dataset
             and (not mode or c.mode == mode)
             and (not source or c.source == source)
+            and c.task == task
         )
 
     grid = steps.grid()
@@ -252,12 +266,13 @@ def run_one_cell(
         what = "no cell" if not matches else f"{len(matches)} cells"
         raise CellSelectError(
             f"{notebook}: {what} of the grid match model={model!r} dataset={dataset!r}"
-            f"{f' mode={mode!r}' if mode else ''}{f' source={source!r}' if source else ''}. "
+            f"{f' mode={mode!r}' if mode else ''}{f' source={source!r}' if source else ''}"
+            f" task={task!r}. "
             f"Fix: name one cell of the params' grid (add --mode/--source to tell cells of "
             f"the same model and dataset apart). The grid:\n- {listed}"
         )
-    (record,) = run_grid(cfg, steps, store=store, select=select)
-    return record
+    records = run_grid(cfg, steps, store=store, select=select)
+    return records[0] if records else None
 
 
 __all__ = [

@@ -37,6 +37,7 @@ def run_cell_task(
     milvus_uri: str,
     tracking_uri: str,
     nproc: int,
+    task: str = "image-image",
 ) -> None:
     """Run one cell with ``embbench run-cell`` (under torchrun when ``nproc`` > 1).
 
@@ -56,6 +57,7 @@ def run_cell_task(
         mode,
     ]
     args += ["--source", source] if source else []
+    args += ["--task", task] if task != "image-image" else []
     args += ["--set", f"milvus_uri={milvus_uri}"] if milvus_uri else []
     args += ["--set", f"tracking_uri={tracking_uri}"] if tracking_uri else []
     cmd = [sys.executable, "-m", "embbench", *args]
@@ -73,7 +75,9 @@ def run_cell_task(
     sys.stdout.flush()
     rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
-        raise RuntimeError(f"embbench run-cell exited with {rc}: {mode} {model} on {dataset}")
+        raise RuntimeError(
+            f"embbench run-cell exited with {rc}: {mode} {task} {model} on {dataset}"
+        )
 
 
 def render_report_task(params_json: str, tracking_uri: str, output: str) -> None:

@@ -15,13 +15,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from embbench.cells import Cell, CellInputs, Produced, StageSteps, run_grid
 from embbench.config import GridConfig, register_stage
 from embbench.records import ResultStore, record_row
 from embbench.stagekit import EmbedderPool, lineage_of, weights_problem
-from embbench.stages import _variants
+from embbench.stages import _text_tasks, _variants
+from embbench.text import DEFAULT_TEMPLATES, validate_templates
+from embbench.vocab import Task
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +46,37 @@ class EmbedConfig(GridConfig):
     indexes: list[str] = Field(default_factory=list)
     deploy_timings: bool = True  # measure index latency/memory (faiss, or the Milvus server)
     variant_models: list[str] = Field(default_factory=list)  # models with variants; [] = all
+    # image-image | text-image | image-text | zero-shot (text tasks: text-image models only)
+    tasks: list[Task] = Field(default_factory=lambda: ["image-image"])
+    # class-prompt templates, each with one {} for the class name
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    text_column: str = ""  # item-text column; "" = the catalogue's own (title/text), if any
 
+    # tasks, templates and text column change only the text cells: in their identity instead
     hash_exclude = GridConfig.hash_exclude | {
         "compressions",
         "indexes",
         "deploy_timings",
         "variant_models",
+        "tasks",
+        "templates",
+        "text_column",
     }
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t in ("probe", "knn")]
+        if bad:
+            raise ValueError(f"{bad} run in stage 03 (params/03_toptune.yaml `baselines`)")
+        if not v:
+            raise ValueError("must name at least one task, e.g. [image-image]")
+        return list(dict.fromkeys(v))
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        return list(validate_templates(v, "templates"))
 
 
 class EmbedSteps(StageSteps):
@@ -58,16 +84,30 @@ class EmbedSteps(StageSteps):
 
     def __init__(self, cfg: EmbedConfig) -> None:
         self.cfg = cfg
-        self.embedders = EmbedderPool(cfg)
+        self.text_models = _text_tasks.text_models(cfg.models, cfg.tasks)
+        self.embedders = EmbedderPool(cfg, self.text_models)
         self.variants: dict[tuple[str, str, str], Any] = {}
 
     def grid(self) -> list[Cell]:
-        """Every (model, dataset) pair, dataset by dataset (variants follow in :meth:`expand`)."""
-        return [Cell(STAGE, MODE, m, d) for d in self.cfg.datasets for m in self.cfg.models]
+        """Every (model, dataset) pair, dataset by dataset, each with its text task cells.
+
+        Variants (and item-text queries) follow in :meth:`expand`.
+        """
+        _text_tasks.log_image_only(self.cfg.models, self.cfg.tasks, self.text_models)
+        out = []
+        for d in self.cfg.datasets:
+            for m in self.cfg.models:
+                cell = Cell(STAGE, MODE, m, d)
+                out += [cell] if "image-image" in self.cfg.tasks else []
+                out += _text_tasks.text_cells(cell, self.cfg.tasks, self.text_models)
+        return out
 
     def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
         """The weights setting must be usable; variants need known names and a train split."""
         problems = [weights_problem(self.cfg.weights)]
+        problems += _text_tasks.check_text_grid(
+            self.cfg.models, self.cfg.tasks, self.cfg.text_column, inputs
+        )
         try:
             _variants.compression_specs(self.cfg.compressions, 1024, self.cfg.pca_whiten)
             _variants.index_specs(self.cfg.indexes, 1000, 64, self.cfg.k)
@@ -88,11 +128,16 @@ class EmbedSteps(StageSteps):
         return [p for p in problems if p]
 
     def expand(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[Cell]:
-        """Each float32 cell followed by its compression and index variant cells."""
+        """Each float32 cell followed by its compression and index variant cells.
+
+        Text cells get their item-text queries (:func:`~embbench.stages._text_tasks.expand_text`).
+        """
         out: list[Cell] = []
-        for cell in cells:
+        for cell in _text_tasks.expand_text(cells, self.cfg.text_column, inputs):
             out.append(cell)
-            if cell.variant or not (self.cfg.compressions or self.cfg.indexes):
+            if cell.task != "image-image" or cell.variant:
+                continue
+            if not (self.cfg.compressions or self.cfg.indexes):
                 continue
             if self.cfg.variant_models and cell.model not in self.cfg.variant_models:
                 continue
@@ -119,13 +164,33 @@ class EmbedSteps(StageSteps):
 
     def identity(self, cell: Cell, inputs: CellInputs) -> dict[str, Any]:
         """The cache keys of the vectors this cell scores (and the variant's parameters)."""
+        if cell.task != "image-image":
+            return _text_tasks.text_identity(
+                self.embedders, cell, inputs, self.cfg.templates, self.cfg.text_column
+            )
         keys = self.embedders.cache_keys(cell.model, inputs, self._splits(cell, inputs))
         spec = self.variants.get((cell.model, cell.dataset, cell.variant or ""))
         return {"caches": keys, **({"variant": spec.params()} if spec is not None else {})}
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
-        """Embed the plan's splits with the pretrained model (then apply the cell's variant)."""
+        """Embed the plan's splits with the pretrained model (then apply the cell's variant).
+
+        A text cell scores its text task on the same cached image vectors.
+        """
         t0 = time.perf_counter()
+        if cell.task != "image-image":
+            produced = _text_tasks.produce_text(
+                self.embedders,
+                cell,
+                inputs,
+                templates=self.cfg.templates,
+                text_column=self.cfg.text_column,
+                k=self.cfg.k,
+                overwrite=self.cfg.overwrite == "always",
+                seed=self.cfg.seed,
+            )
+            produced.timings = {"embed_s": round(time.perf_counter() - t0, 3)}
+            return produced
         sets = self.embedders.embed(cell.model, inputs, self._splits(cell, inputs))
         emb = self.embedders(cell.model)
         base = Produced(

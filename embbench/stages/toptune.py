@@ -43,6 +43,7 @@ from embbench.config import GridConfig, register_stage
 from embbench.metrics import CLASSIFICATION_KEYS
 from embbench.records import ResultRecord, ResultStore, record_row
 from embbench.stagekit import EmbedderPool, lineage_of, weights_problem
+from embbench.stages import _baselines
 from embbench.stages._toptune_mlflow import log_search
 from embbench.toptune import (
     ACTIVATIONS,
@@ -89,8 +90,18 @@ class TopTuneConfig(GridConfig):
     clipvalue: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 5.0])  # 0 = none
     keras_backend: Literal["auto", "tensorflow", "torch", "jax"] = "auto"  # auto = fastest
     train_batch_size: int = Field(256, ge=1)  # embeddings per training step
+    # classification baselines on the frozen embeddings, for every model (image-only included)
+    baselines: list[Literal["probe", "knn"]] = Field(default_factory=lambda: ["probe", "knn"])
+    knn_k: int = Field(20, ge=1)  # kNN neighbours that vote (DINO: 20)
+    knn_temperature: float = Field(0.07, gt=0)  # kNN vote weight exp(sim / T) (DINO: 0.07)
 
-    hash_exclude = GridConfig.hash_exclude | {"keras_backend"}
+    # the baselines' fields change only their own cells: in those cells' identity instead
+    hash_exclude = GridConfig.hash_exclude | {
+        "keras_backend",
+        "baselines",
+        "knn_k",
+        "knn_temperature",
+    }
 
     @field_validator("units", "activations", "optimizers", "clipvalue")
     @classmethod
@@ -188,8 +199,10 @@ class TopTuneSteps(StageSteps):
         self.pretrained = EmbedderPool(cfg)
 
     def grid(self) -> list[Cell]:
-        """Every (model, dataset) pair, dataset by dataset."""
-        return [Cell(STAGE, MODE, m, d) for d in self.cfg.datasets for m in self.cfg.models]
+        """Every (model, dataset) pair, dataset by dataset; then the probe and kNN cells."""
+        cfg = self.cfg
+        tuned = [Cell(STAGE, MODE, m, d) for d in cfg.datasets for m in cfg.models]
+        return tuned + _baselines.baseline_cells(STAGE, cfg.models, cfg.datasets, cfg.baselines)
 
     def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
         """Every dataset needs train, val and test splits; the weights must be usable."""
@@ -206,12 +219,32 @@ class TopTuneSteps(StageSteps):
 
     def identity(self, cell: Cell, inputs: CellInputs) -> dict[str, Any]:
         """The cache keys of the pretrained embeddings the search learns from."""
+        if cell.task != "image-image":  # a probe or kNN baseline
+            return _baselines.baseline_identity(
+                self.pretrained,
+                cell,
+                inputs,
+                self._splits(inputs),
+                knn_k=self.cfg.knn_k,
+                knn_temperature=self.cfg.knn_temperature,
+            )
         keys = self.pretrained.cache_keys(cell.model, inputs, self._splits(inputs))
         return {"caches": keys, "version": TOPTUNE_VERSION}
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Search, train the best MLP further, classify test, embed every split with it."""
         cfg, plan = self.cfg, inputs.plan
+        if cell.task != "image-image":  # a probe or kNN baseline on the same embeddings
+            return _baselines.produce_baseline(
+                self.pretrained,
+                cell,
+                inputs,
+                self._splits(inputs),
+                knn_k=cfg.knn_k,
+                knn_temperature=cfg.knn_temperature,
+                device=cfg.device,
+                seed=cfg.seed,
+            )
         t0 = time.perf_counter()
         sets = self.pretrained.embed(cell.model, inputs, self._splits(inputs))
         embed_s = round(time.perf_counter() - t0, 3)
@@ -394,6 +427,7 @@ def result_row(record: ResultRecord) -> dict:
         **record_row(record),
         "label": record.label,
         **{k: record.classification.get(k) for k in CLASSIFICATION_KEYS},
+        "balanced_accuracy": record.classification.get("balanced_accuracy"),
         "val_accuracy": record.val_accuracy,
         "n_classes": d.get("n_classes"),
         "hidden_layers": d.get("hidden_layers"),
@@ -456,6 +490,8 @@ def pretrained_vs_toptuned(results: pd.DataFrame, metric: str = "mMP@5") -> pd.D
     """Long table (model, dataset, mode, value) of ``metric`` pretrained vs top-tuned."""
     names = {f"pretrained_{metric}": "pretrained", metric: "top-tuned"}
     cols = [c for c in names if c in results]
+    if "task" in results:  # the probe and kNN rows have no retrieval metrics
+        results = results[results["task"] == "image-image"]
     wide = results[["model", "dataset", *cols]].rename(columns=names)
     return wide.melt(
         id_vars=["model", "dataset"],
