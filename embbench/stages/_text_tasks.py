@@ -219,7 +219,7 @@ def produce_text(
             base.record_fields["n_index"] = len(texts)
         else:
             base.result = res.text_image
-            base.per_query = {"query_text": texts}
+            base.per_query = {"query_text": texts, "query_label": _saveable(res.texts.labels)}
         base.details["ci"] = _cis(base.result, seed)
         return base
     res = class_prompt_tasks(
@@ -234,7 +234,10 @@ def produce_text(
     base.details.update(templates=list(res.templates), n_classes=len(res.class_names))
     if cell.task == "text-image":
         base.result = res.text_image
-        base.per_query = {"query_text": np.asarray(res.class_names)}
+        base.per_query = {
+            "query_text": np.asarray(res.class_names),
+            "query_label": _saveable(res.class_labels),
+        }
         base.details.update(text_source="class-prompts", ci=_cis(base.result, seed))
         return base
     zs = res.zero_shot
@@ -267,3 +270,9 @@ __all__ = [
     "text_identity",
     "text_models",
 ]
+
+
+def _saveable(values: Any) -> np.ndarray:
+    """Labels as an array the per-query file stores without pickling (strings, not objects)."""
+    out = np.asarray(values)
+    return out.astype(str) if out.dtype == object else out
