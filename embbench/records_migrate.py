@@ -81,7 +81,8 @@ def migrate_record(raw: Mapping[str, Any]) -> dict[str, Any]:
     return _promote(new)
 
 
-_PROMOTED = ("toptune_model_path",)  # read by other stages: typed fields since issue 24
+# read by other stages: typed fields since issue 24 (a flat ``task`` lands in details first)
+_PROMOTED = ("toptune_model_path", "task")
 
 
 def _promote(rec: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +90,6 @@ def _promote(rec: dict[str, Any]) -> dict[str, Any]:
 
     Records written before tasks existed (no ``task``) were image->image retrieval.
     """
-    rec.setdefault("task", "image-image")
     details = rec.get("details")
     if isinstance(details, Mapping) and any(k in details for k in _PROMOTED):
         details = dict(details)
@@ -98,6 +98,7 @@ def _promote(rec: dict[str, Any]) -> dict[str, Any]:
                 value = details.pop(key)
                 rec.setdefault(key, value)
         rec["details"] = details
+    rec.setdefault("task", "image-image")
     return rec
 
 

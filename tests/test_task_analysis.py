@@ -257,8 +257,8 @@ def test_text_query_gallery_shows_the_runs_catalogue_framed_by_relevance(demo_ru
         "topk_ids": topk.astype(np.int64),
     }
     raw = demo_run.model_dump(mode="json")
-    raw.update(config_hash="text" + raw["config_hash"][4:], per_query_file=None)
-    raw["details"] = {**raw["details"], "task": "text-image", "text_source": "class-prompts"}
+    raw.update(config_hash="text" + raw["config_hash"][4:], per_query_file=None, task="text-image")
+    raw["details"] = {**raw["details"], "text_source": "class-prompts"}
     store.save(parse_record(raw), per_query=pq)
     df = an.load_results(_cfg(), store, all_tasks=True)
     (gallery,) = text_query_gallery(df, an.PerQuery(store), n_queries=3, k=5)
