@@ -39,7 +39,7 @@ import numpy as np
 from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
 from embbench._utils import hold_lock, stable_hash
 from embbench.cache import EmbeddingSet
-from embbench.cells_types import Cell, CellInputs, Produced, StageSteps, load_cell_inputs
+from embbench.cells_types import Cell, CellInputs, Produced, StageSteps
 from embbench.cells_validate import GridError, validate_grid
 from embbench.config import GridConfig
 from embbench.datasets.prepare import RetrievalPlan, load_catalogue, retrieval_plan
@@ -58,6 +58,24 @@ from embbench.tracking import (
 from embbench.tracking_runs import cell_run, log_record
 
 logger = logging.getLogger(__name__)
+
+
+# ---- loading a dataset for its cells -------------------------------------------------------
+def load_cell_inputs(cfg: GridConfig, dataset: str) -> CellInputs:
+    """Load ``dataset``'s catalogue as ``cfg`` asks, plan its retrieval, hash its images."""
+    cat = load_catalogue(
+        dataset,
+        cfg.data_root,
+        label=cfg.label,
+        max_images=cfg.max_images,
+        seed=cfg.seed,
+        options=cfg.data_options.get(dataset),
+    )
+    plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
+    # hash the images now, with the load (the first run reads each once; under torchrun rank 0
+    # does it before the barrier, so the other ranks only stat the files)
+    cat.fingerprint()
+    return CellInputs(dataset, cat, plan)
 
 
 # ---- the engine -------------------------------------------------------------------------------

@@ -17,13 +17,12 @@ import numpy as np
 
 from embbench.cache import EmbeddingSet
 from embbench.catalogue import Catalogue
-from embbench.config import GridConfig
-from embbench.datasets.prepare import RetrievalPlan, load_catalogue, retrieval_plan
+from embbench.datasets.prepare import RetrievalPlan
 from embbench.metrics import RetrievalResult
 from embbench.models import ModelSpec
 from embbench.records import Lineage
 
-__all__ = ["Cell", "CellInputs", "Produced", "StageSteps", "load_cell_inputs"]
+__all__ = ["Cell", "CellInputs", "Produced", "StageSteps"]
 
 
 @dataclass(frozen=True)
@@ -63,23 +62,6 @@ class CellInputs:
     dataset: str
     catalogue: Catalogue
     plan: RetrievalPlan
-
-
-def load_cell_inputs(cfg: GridConfig, dataset: str) -> CellInputs:
-    """Load ``dataset``'s catalogue as ``cfg`` asks, plan its retrieval, hash its images."""
-    cat = load_catalogue(
-        dataset,
-        cfg.data_root,
-        label=cfg.label,
-        max_images=cfg.max_images,
-        seed=cfg.seed,
-        options=cfg.data_options.get(dataset),
-    )
-    plan = retrieval_plan(dataset, cat, cfg.label, cfg.protocol)
-    # hash the images now, with the load (the first run reads each once; under torchrun rank 0
-    # does it before the barrier, so the other ranks only stat the files)
-    cat.fingerprint()
-    return CellInputs(dataset, cat, plan)
 
 
 @dataclass
