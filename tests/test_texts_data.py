@@ -296,3 +296,26 @@ def test_demo_twin_has_titles_too(tmp_path):
     twin = create_catalogue("demo_b", tmp_path, **SMALL)
     assert twin.name == "demo_b" and twin.text_columns == ("title",)
     assert set(twin.class_names("product").values()) == set(twin.items["title"])
+
+
+def test_a_title_column_is_never_taken_for_the_category():
+    """Titles have few distinct values (many products share "red mug"), but are not labels."""
+    import pandas as pd
+
+    from embbench.analysis.sources import GallerySource, category_column
+
+    items = pd.DataFrame(
+        {
+            "item_id": list("abcdef"),
+            "path": list("abcdef"),
+            "split": ["test"] * 6,
+            "sku": ["s1", "s2", "s3", "s4", "s5", "s6"],
+            "title": ["red mug", "red mug", "blue mug", "blue mug", "red mug", "blue mug"],
+        }
+    )
+    source = GallerySource(
+        "m", "shop", {}, None, None, None, None, True, items, "sku", {}, ("title",)
+    )
+    assert category_column(source) == "sku"
+    untyped = GallerySource("m", "shop", {}, None, None, None, None, True, items, "sku")
+    assert category_column(untyped) == "title"  # what the analysis did before

@@ -77,6 +77,7 @@ class GallerySource:
         items: The catalogue table indexed by ``item_id`` (``path`` and label columns).
         label: The relevance label column.
         per_query: The per-query arrays (empty when the run saved none).
+        text_columns: The catalogue's text columns (titles: never a category).
     """
 
     entry: str
@@ -90,6 +91,7 @@ class GallerySource:
     items: pd.DataFrame
     label: str
     per_query: dict[str, np.ndarray] = field(default_factory=dict)
+    text_columns: tuple[str, ...] = ()
 
     @cached_property
     def index_unit(self) -> np.ndarray:
@@ -197,8 +199,12 @@ def top1_correct(source: GallerySource) -> pd.Series:
 
 
 def category_column(source: GallerySource) -> str:
-    """The label column with the fewest distinct values (more than one): the category."""
-    cols = [c for c in source.items.columns if c not in ("item_id", "path", "split")]
+    """The label column with the fewest distinct values (more than one): the category.
+
+    Text columns (product titles) are not labels, however few their distinct values.
+    """
+    skip = {"item_id", "path", "split", *source.text_columns}
+    cols = [c for c in source.items.columns if c not in skip]
     counts = {c: source.items[c].nunique() for c in cols}
     many = {c: n for c, n in counts.items() if n > 1} or counts
     return min(many, key=lambda c: (many[c], c)) if many else source.label
@@ -326,6 +332,7 @@ def load_source(
         items=cat.items.set_index("item_id", drop=False),
         label=label,
         per_query=dict((loader(row) if loader else None) or {}),
+        text_columns=tuple(cat.text_columns),
     )
 
 
