@@ -111,6 +111,22 @@ def test_text_image_table_has_the_five_metrics_with_cis_and_names_its_texts(stor
     assert tasks.retrieval_task_table(df, "image-text", k=5).empty
 
 
+def test_class_prompt_and_item_text_cells_are_two_rows_whose_arrays_are_found(store):
+    """Both text->image cells of one model stay; rows read back from MLflow (no per_query_file)
+    still find the text cell's own per-query file, not the image cell's."""
+    rec, pq = _text_record("test_clip", "alpha", 0.7, 911)
+    _save(store, rec, {**pq, "query_text": np.array(["a red mug"] * len(pq["mMP@5"]))})
+    item, pq2 = _text_record("test_clip", "alpha", 0.6, 912)
+    _save(store, {**item, "text_source": "item-text:title", "config_hash": "item912"}, pq2)
+    df = an.load_results(_cfg(), store, all_tasks=True)
+    text = df[df["task"] == "text-image"]
+    assert sorted(text["text_source"]) == ["class-prompts", "item-text:title"]
+    row = text[text["text_source"] == "class-prompts"].iloc[0].to_dict()
+    row.pop("per_query_file", None)  # as a row built from an MLflow run
+    arrays = an.PerQuery(store)(row)
+    assert arrays is not None and list(arrays["query_text"][:1]) == ["a red mug"]
+
+
 def test_zero_shot_table_and_the_ladder(store):
     _save(store, _cls_record("test_clip", "alpha", "zero-shot", 0.41, [0.35, 0.47], n_classes=4))
     _save(store, _cls_record("test_clip", "alpha", "knn", 0.52, [0.46, 0.58]))
@@ -292,3 +308,14 @@ def _items(record) -> pd.DataFrame:
     cat = _reload(record.catalogue_ref())
     assert not isinstance(cat, str), cat
     return cat.items
+
+
+def test_the_search_box_answer_names_a_control_that_alone_has_text_results(store):
+    """Not "no text->image results" when the control has some: it says they are only a floor."""
+    ctrl, pq = _text_record("test_clip_random", "alpha", 0.2, 913)
+    _save(store, ctrl, pq, control=True)
+    df = an.load_results(_cfg(), store, all_tasks=True)
+    guide = task_guide(df, "mMP@5")
+    verdict = guide.loc[guide["question"] == "search box", "verdict"].iloc[0]
+    assert verdict.startswith("only the random-init control(s) test_clip_random have results")
+    assert "run stage 01 with tasks: [text-image]" in verdict

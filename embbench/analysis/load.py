@@ -141,6 +141,7 @@ CELL_KEY = (
     "source_dataset",
     "tuned_on",
     "variant",
+    "text_source",  # a text->image cell's queries: class prompts or one item-text column
 )
 
 

@@ -44,7 +44,8 @@ class PerQuery:
         model, mode, chash = row.get("model"), row.get("mode"), row.get("config_hash")
         if not all(isinstance(v, str) and v for v in (stage, dataset, model, mode, chash)):
             return None
-        json_path = self.store.path(stage, dataset, model, mode, chash)
+        task = _text(row.get("task")) or "image-image"  # other tasks: <mode>-<task>-<hash>
+        json_path = self.store.path(stage, dataset, model, mode, chash, task)
         # runs read from MLflow lack ``per_query_file``: the record was logged before the store
         # named the file, which is always <record stem>-per_query.npz
         name = _text(row.get("per_query_file")) or f"{json_path.stem}-per_query.npz"

@@ -53,6 +53,17 @@ def _candidates(df: pd.DataFrame, question: str, metric: str) -> tuple[pd.DataFr
     return df[probe | toptuned], "accuracy"
 
 
+def _controls_only(df: pd.DataFrame, question: str, metric: str) -> list[str]:
+    """The controls that have results for ``question`` (when no real model has any)."""
+    if df.empty or "control" not in df:
+        return []
+    controls = df[df["control"].fillna(False).astype(bool)]
+    cand, score = _candidates(controls.assign(control=False), question, metric)
+    if score not in cand:
+        return []
+    return sorted(set(cand.loc[cand[score].map(_num).notna(), "model"].astype(str)))
+
+
 def _bounds(row: dict[str, Any], score: str) -> tuple[float, float]:
     return _num(row.get(f"{score} low")), _num(row.get(f"{score} high"))
 
@@ -83,7 +94,15 @@ def task_guide(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         cand, score = _candidates(df, question, metric)
         cand = cand[cand[score].map(_num).notna()] if score in cand else cand.iloc[0:0]
         if cand.empty:
-            rows.append({"question": question, "dataset": "", "verdict": NO_RESULTS[question]})
+            controls = _controls_only(df, question, metric)
+            verdict = NO_RESULTS[question]
+            if controls:  # results exist, but only a random-init control's: a floor, no pick
+                how = verdict.split(": ", 1)[1]
+                verdict = (
+                    f"only the random-init control(s) {', '.join(controls)} have results (a "
+                    f"floor, never a pick): {how}"
+                )
+            rows.append({"question": question, "dataset": "", "verdict": verdict})
             continue
         for dataset, group in cand.groupby("dataset", sort=True):
             ranked = group.sort_values(score, ascending=False).to_dict("records")
