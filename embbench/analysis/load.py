@@ -130,19 +130,9 @@ def _latest_first(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_ts=ts).sort_values("_ts", ascending=False, na_position="last")
 
 
-CELL_KEY = (
-    "task",
-    "stage",
-    "mode",
-    "model",
-    "dataset",
-    "label",
-    "protocol",
-    "source_dataset",
-    "tuned_on",
-    "variant",
-    "text_source",  # a text->image cell's queries: class prompts or one item-text column
-)
+# what makes a result its own cell (text_source: a text->image cell's class prompts or item texts)
+CELL_KEY = ("task", "stage", "mode", "model", "dataset", "label", "protocol", "source_dataset",
+            "tuned_on", "variant", "text_source")  # fmt: skip
 
 
 def latest_only(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
