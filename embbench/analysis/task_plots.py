@@ -13,29 +13,11 @@ import math
 import numpy as np
 import pandas as pd
 
+from embbench.analysis._plotkit import _done, _plt, _sns
 from embbench.analysis.tasks import LADDER_STEPS, TASK_LABELS
 
 _TEXT_COLOUR = "#55A868"  # the text-image family's colour in the paper's figures
 CONTROL_COLOUR = "#6e7781"  # the random-init control's grey in the paper's figures
-
-
-def _plt():
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _sns():
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    return sns
-
-
-def _done(fig):
-    """Detach ``fig`` from pyplot (no automatic second display) and return it."""
-    _plt().close(fig)
-    return fig
 
 
 def _err(values: pd.Series, low: pd.Series, high: pd.Series) -> np.ndarray:

@@ -121,12 +121,16 @@ class TopTuneConfig(GridConfig):
             raise ValueError("must be [min, max] with 1 <= min <= max <= 8 (paper: [2, 3])")
         return v
 
-    @field_validator("units")
+    @field_validator("units", "clipvalue")
     @classmethod
-    def _units(cls, v: list[int]) -> list[int]:
-        if any(u < 1 for u in v):
-            raise ValueError("every choice must be a positive number of units")
-        return sorted(set(v))
+    def _distinct_sorted(cls, v: list, info: ValidationInfo) -> list:
+        low, cast, problem = {
+            "units": (1, int, "every choice must be a positive number of units"),
+            "clipvalue": (0, float, "clip values must be >= 0 (0 = no clipping)"),
+        }[info.field_name]
+        if any(x < low for x in v):
+            raise ValueError(problem)
+        return sorted({cast(x) for x in v})
 
     @field_validator("learning_rate")
     @classmethod
@@ -153,13 +157,6 @@ class TopTuneConfig(GridConfig):
         if bad:
             raise ValueError(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
         return v
-
-    @field_validator("clipvalue")
-    @classmethod
-    def _clip(cls, v: list[float]) -> list[float]:
-        if any(c < 0 for c in v):
-            raise ValueError("clip values must be >= 0 (0 = no clipping)")
-        return sorted({float(c) for c in v})
 
     def search_space(self) -> dict[str, tuple]:
         """The search space, as keyword arguments of :class:`embbench.toptune.SearchSpace`."""
@@ -304,6 +301,7 @@ def _tune(
     )
     x_val, y_val = data.x[VAL][data.seen(VAL)], data.y[VAL][data.seen(VAL)]
     x_tr, y_tr = data.x[TRAIN], data.y[TRAIN]
+    arrays = (x_tr, y_tr, x_val, y_val)  # what the search and the final fit both train on
     logger.info(
         "top-tuning %s on %s: %d trial(s) x %d execution(s) x %d epoch(s), %d classes, %d train "
         "/ %d val embeddings of dim %d, Keras backend %s; %d trial(s) already done (%s)",
@@ -323,10 +321,7 @@ def _tune(
     t0 = time.perf_counter()
     n_new = search.run_search(
         tuner,
-        x_tr,
-        y_tr,
-        x_val,
-        y_val,
+        *arrays,
         epochs=cfg.search_epochs,
         batch_size=cfg.train_batch_size,
         seed=cfg.seed,
@@ -336,10 +331,7 @@ def _tune(
     t0 = time.perf_counter()
     final_model, final = search.train_final(
         tuner,
-        x_tr,
-        y_tr,
-        x_val,
-        y_val,
+        *arrays,
         epochs=cfg.final_epochs,
         patience=cfg.patience,
         batch_size=cfg.train_batch_size,
