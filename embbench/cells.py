@@ -238,7 +238,7 @@ class CellEngine:
             "done %s in %.1f s: %s (record %s)",
             cell,
             record.timings.wall_s or 0.0,
-            ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()),
+            ", ".join(f"{k}={v:.4f}" for k, v in _headline(record).items()),
             path,
         )
         return record
@@ -337,6 +337,14 @@ def score_cell(
     if getattr(result, "topk_ids", None) is not None:  # the ranking scored, for galleries
         per_query["topk_ids"] = result.topk_ids
     return record, per_query
+
+
+def _headline(record: ResultRecord) -> dict[str, float]:
+    """What a cell's "done" line shows: its retrieval metrics, else its test accuracy."""
+    if record.metrics:
+        return record.metrics
+    keys = ("accuracy", "balanced_accuracy", "top5_accuracy")
+    return {k: record.classification[k] for k in keys if k in record.classification}
 
 
 def cell_identity(cell: Cell, source: str = "source_dataset", variant: str = "variant") -> dict:

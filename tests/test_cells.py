@@ -95,3 +95,14 @@ def test_records_of_the_first_landing_still_load(path):
     if rec.mode == "top-tuned":
         assert rec.lineage.toptuned_on == raw["dataset"]
         assert rec.test_accuracy == raw["classification"]["accuracy"]
+
+
+def test_the_done_line_of_a_classification_cell_shows_its_accuracy():
+    from types import SimpleNamespace
+
+    from embbench.cells import _headline
+
+    probe = SimpleNamespace(metrics={}, classification={"accuracy": 0.96, "f1_macro": 0.9})
+    assert _headline(probe) == {"accuracy": 0.96}
+    retrieval = SimpleNamespace(metrics={"mMP@5": 0.6}, classification={"accuracy": 0.9})
+    assert _headline(retrieval) == {"mMP@5": 0.6}
