@@ -282,7 +282,7 @@ def test_text_query_gallery_shows_the_runs_catalogue_framed_by_relevance(demo_ru
     items = _items(demo_run)
     for row in gallery.rows:
         q = list(pq["query_text"]).index(row.query.label)
-        cells = row.results["test_resnet"]
+        cells = row.results["test_resnet · class prompts"]
         assert [c.item_id for c in cells] == [str(index.item_ids[i]) for i in topk[q]]
         for c, i in zip(cells, topk[q], strict=True):
             assert Path(c.path) == Path(items.set_index("item_id").at[index.item_ids[i], "path"])

@@ -39,6 +39,11 @@ TEXT_SECTIONS = {TEXT_SECTION: "Text queries (a seeded sample) and the top image
 def _text_entry(row: Mapping[str, Any], loader: PerQueryLoader, memo: dict, catalogues) -> dict:
     """One text->image result's material: texts, labels, ranking, gallery images (verified)."""
     entry = str(row.get("model"))
+    source = str(row.get("text_source") or "")
+    if source:  # one model's class-prompt and item-text results are two columns: say which
+        entry += " · " + (
+            "class prompts" if source == "class-prompts" else source.replace("item-text:", "")
+        )
     pq = loader(row) or {}
     missing = [key for key in ("query_text", "topk_ids") if key not in pq]
     if missing:

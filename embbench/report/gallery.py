@@ -112,7 +112,7 @@ class GalleryRenderer:
                     f"{entry}: rank {c.rank}, similarity {c.score:.3f}, "
                     f"{'relevant' if ok else 'not relevant'} ({c.label})"
                 )
-                caption = f"#{c.rank} · {c.score:.3f}"
+                caption = f"#{c.rank}" if c.score != c.score else f"#{c.rank} · {c.score:.3f}"
                 parts.append(self._cell(c, caption, RELEVANT if ok else WRONG, alt))
             parts += ["<td></td>"] * (gallery.k - len(cells))
         parts.append("</tr>")
