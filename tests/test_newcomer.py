@@ -92,7 +92,7 @@ def test_notebook_01_smoke_run_is_quiet_and_talks(capfd, caplog):
     problems = [line for line in log.splitlines() if LOG_PROBLEM.search(line)]
     assert not problems, problems
     # the terminal got the engine's per-cell lines from inside the kernel
-    assert re.search(r"INFO embbench\.cells: .*\[1/2\]", terminal), terminal[-2000:]
+    assert re.search(r"INFO embbench\.cells: .*\[1/\d+\]", terminal), terminal[-2000:]
     assert "done" in terminal
     # the run is kept under its stage with a latest copy
     assert out.parent.name == "01_embed" and (out.parent / "latest.ipynb").is_file()

@@ -81,7 +81,8 @@ def test_toptuning_real_embeddings_lifts_retrieval_and_matches_a_linear_probe(ho
         train_batch_size=32, **GRID,
     )  # fmt: skip
     table = run_toptune(cfg)
-    (record,) = [r for r in ResultStore().records("toptune") if r.model == REAL]
+    mine = [r for r in ResultStore().records("toptune") if r.model == REAL]
+    (record,) = [r for r in mine if r.task == "image-image"]  # beside its probe and kNN cells
     assert record.mode == "top-tuned" and record.lineage.weights_kind == "pretrained"
     items = make_demo_catalogue(data_dir(), **DEMO).items
     caches = record.details["source_caches"]
