@@ -300,6 +300,18 @@ def test_text_query_gallery_shows_the_runs_catalogue_framed_by_relevance(demo_ru
     (images,) = an.gallery_for_runs([demo_run.mlflow_run_id], n_sample=2, n_extreme=1)
     assert images.entries == ["test_resnet"] and not images.notes
     assert all(r.query.path for r in images.rows)  # image queries only
+    # item texts are other queries than class prompts: their own gallery, never an empty one
+    titles = np.array([f"item title {i}" for i in range(len(classes))])
+    raw.update(config_hash="item" + raw["config_hash"][4:])
+    raw["details"] = {**raw["details"], "text_source": "item-text:title"}
+    store.save(parse_record(raw), per_query={**pq, "query_text": titles})
+    df = an.load_results(_cfg(), store, all_tasks=True)
+    both = text_query_gallery(df, an.PerQuery(store), n_queries=3, k=5)
+    assert sorted(g.entries[0] for g in both) == [
+        "test_resnet · class prompts",
+        "test_resnet · title",
+    ]
+    assert all(len(g.rows) == 3 and not g.notes for g in both)
 
 
 def _items(record) -> pd.DataFrame:

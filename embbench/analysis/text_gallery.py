@@ -104,7 +104,10 @@ def text_query_gallery(
     text_rows = results[results["task"] == "text-image"]
     out = []
     memo: dict = {}
-    for dataset, group in text_rows.groupby("dataset", sort=True):
+    # class prompts and item texts are different queries: one gallery per dataset and source
+    source = text_rows.get("text_source", pd.Series("", index=text_rows.index))
+    text_rows = text_rows.assign(_source=source.fillna("").astype(str))
+    for (dataset, _), group in text_rows.groupby(["dataset", "_source"], sort=True):
         notes, entries = [], []
         for row in group.to_dict("records"):
             try:
