@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from embbench._errors import UserError
 from embbench.vectors import l2_normalize
 
 KNN_K = 20  # DINO eval_knn defaults
 KNN_TEMPERATURE = 0.07
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError, ValueError):
     """Unusable probe input (shapes, too few classes, an empty grid): one line naming it."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embbench._errors import UserError
 from embbench.metrics import RetrievalResult, bootstrap_ci, metric_names
 from embbench.retrieval import SearchBackend, l2_normalize, search_and_evaluate
 from embbench.vocab import TASKS, TEXT_TASKS
@@ -56,7 +57,7 @@ __all__ = [
 IMAGE_IMAGE, TEXT_IMAGE, IMAGE_TEXT, ZERO_SHOT, PROBE, KNN = TASKS  # names of embbench.vocab
 
 
-class TextColumnError(ValueError):
+class TextColumnError(UserError, ValueError):
     """A catalogue's text column is missing or holds no text."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from embbench._errors import UserError
 from embbench.vectors import l2_normalize
 
 __all__ = [
@@ -39,7 +40,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A prompt template list is empty or a template lacks its ``{}`` placeholder."""
 
 
