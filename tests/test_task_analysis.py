@@ -331,3 +331,13 @@ def test_the_search_box_answer_names_a_control_that_alone_has_text_results(store
     verdict = guide.loc[guide["question"] == "search box", "verdict"].iloc[0]
     assert verdict.startswith("only the random-init control(s) test_clip_random have results")
     assert "run stage 01 with tasks: [text-image]" in verdict
+
+
+def test_the_guide_reads_a_frame_without_a_control_column():
+    """A frame with no ``control`` column (no controls anywhere) has no controls to leave out."""
+    df = pd.DataFrame(
+        {"task": ["image-image"], "mode": ["pretrained"], "model": ["m"], "dataset": ["d"],
+         "mMP@5": [0.5]}
+    )  # fmt: skip
+    guide = task_guide(df, "mMP@5")
+    assert guide.loc[guide["question"] == "visual search", "winner"].tolist() == ["m"]

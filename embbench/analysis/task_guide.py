@@ -38,30 +38,36 @@ NO_RESULTS = {
 }
 
 
-def _candidates(df: pd.DataFrame, question: str, metric: str) -> tuple[pd.DataFrame, str]:
-    """The rows competing for ``question`` (controls left out), with the score column."""
+def _candidates(
+    df: pd.DataFrame, question: str, metric: str, *, controls: bool = False
+) -> tuple[pd.DataFrame, str]:
+    """The scored rows competing for ``question`` and their score column.
+
+    Real models only; with ``controls=True`` the random-init controls only (never a pick, but
+    worth naming when they alone have results).
+    """
     if df.empty or "task" not in df:
         return df.iloc[0:0], metric
-    keep = ~(df["control"].fillna(False).astype(bool) if "control" in df else False)
-    df = df[keep]
+    control = df["control"].fillna(False).astype(bool) if "control" in df else False
+    df = df[pd.Series(control, index=df.index) == controls]
+    score = metric
     if question == "search box":
-        return df[df["task"] == "text-image"], metric
-    if question == "visual search":
-        return df[df["task"] == IMAGE_TASK], metric
-    probe = df["task"] == "probe"
-    toptuned = (df["task"] == IMAGE_TASK) & (df["mode"] == "top-tuned")
-    return df[probe | toptuned], "accuracy"
+        rows = df[df["task"] == "text-image"]
+    elif question == "visual search":
+        rows = df[df["task"] == IMAGE_TASK]
+    else:
+        probe = df["task"] == "probe"
+        toptuned = (df["task"] == IMAGE_TASK) & (df["mode"] == "top-tuned")
+        rows, score = df[probe | toptuned], "accuracy"
+    if score not in rows:
+        return rows.iloc[0:0], score
+    return rows[rows[score].map(_num).notna()], score
 
 
 def _controls_only(df: pd.DataFrame, question: str, metric: str) -> list[str]:
     """The controls that have results for ``question`` (when no real model has any)."""
-    if df.empty or "control" not in df:
-        return []
-    controls = df[df["control"].fillna(False).astype(bool)]
-    cand, score = _candidates(controls.assign(control=False), question, metric)
-    if score not in cand:
-        return []
-    return sorted(set(cand.loc[cand[score].map(_num).notna(), "model"].astype(str)))
+    cand, _ = _candidates(df, question, metric, controls=True)
+    return sorted(set(cand["model"].astype(str)))
 
 
 def _bounds(row: dict[str, Any], score: str) -> tuple[float, float]:
@@ -92,7 +98,6 @@ def task_guide(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for question in ("search box", "visual search", "categorisation"):
         cand, score = _candidates(df, question, metric)
-        cand = cand[cand[score].map(_num).notna()] if score in cand else cand.iloc[0:0]
         if cand.empty:
             controls = _controls_only(df, question, metric)
             verdict = NO_RESULTS[question]
