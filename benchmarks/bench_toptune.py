@@ -138,7 +138,9 @@ def worker(backend: str, folder: Path, epochs: int, batch: int) -> dict:
             seed=0,
         )
         t0 = time.perf_counter()
-        toptune_search.run_search(tuner, x, y, xv, yv, epochs=epochs, batch_size=batch, seed=0)
+        toptune_search.run_search(
+            tuner, toptune_search.TrainArrays(x, y, xv, yv), epochs=epochs, batch_size=batch, seed=0
+        )
         out["tuner_total_s"] = round(time.perf_counter() - t0, 2)
     plain_b, _, _ = plain_fit(epochs)  # again after the tuner: order effects cancel in the mean
     out["plain_total_s"] = round((plain_a + plain_b) / 2, 2)

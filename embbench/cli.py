@@ -256,6 +256,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return run_verify(args)
 
 
+# The pipeline command's string options: flag, default, help.
+_PIPELINE_STRINGS = (
+    ("--output", "pipeline.yaml", "compile: the pipeline package"),
+    ("--image", "embbench:latest", "compile: the project's image"),
+    ("--name", "embbench-grid", None),
+    ("--milvus-uri", "", "Milvus server URI (pipeline parameter)"),
+    ("--tracking-uri", "", "MLflow URI (pipeline parameter)"),
+    ("--accelerator-type", "nvidia.com/gpu", None),
+    ("--pvc", "embbench-data", "PVC with data/cache/runs ('' = none)"),
+    ("--mount-path", "/mnt/embbench", None),
+    (
+        "--secret",
+        "embbench-secrets",
+        "secret with MILVUS_TOKEN, MLFLOW_TRACKING_TOKEN... ('' = none)",
+    ),
+)
+# Its repeatable options: flag, help.
+_PIPELINE_LISTS = (
+    ("--resources", "MODE=CPU,MEMORY,GPUS, e.g. fine-tuned=16,64G,4 (repeatable)"),
+    ("--gpu-node-selector", "LABEL=VALUE for GPU tasks"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = argparse.ArgumentParser(
@@ -327,25 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="params YAML named by notebook (params/01_embed.yaml, "
         "params/smoke/01_embed.yaml) or NOTEBOOK=path (repeatable)",
     )
-    pl.add_argument("--output", default="pipeline.yaml", help="compile: the pipeline package")
-    pl.add_argument("--image", default="embbench:latest", help="compile: the project's image")
-    pl.add_argument("--name", default="embbench-grid")
-    pl.add_argument("--milvus-uri", default="", help="Milvus server URI (pipeline parameter)")
-    pl.add_argument("--tracking-uri", default="", help="MLflow URI (pipeline parameter)")
-    pl.add_argument("--accelerator-type", default="nvidia.com/gpu")
-    pl.add_argument(
-        "--resources",
-        action="append",
-        help="MODE=CPU,MEMORY,GPUS, e.g. fine-tuned=16,64G,4 (repeatable)",
-    )
-    pl.add_argument("--gpu-node-selector", action="append", help="LABEL=VALUE for GPU tasks")
-    pl.add_argument("--pvc", default="embbench-data", help="PVC with data/cache/runs ('' = none)")
-    pl.add_argument("--mount-path", default="/mnt/embbench")
-    pl.add_argument(
-        "--secret",
-        default="embbench-secrets",
-        help="secret with MILVUS_TOKEN, MLFLOW_TRACKING_TOKEN... ('' = none)",
-    )
+    for flag, default, help_text in _PIPELINE_STRINGS:
+        pl.add_argument(flag, default=default, help=help_text)
+    for flag, help_text in _PIPELINE_LISTS:
+        pl.add_argument(flag, action="append", help=help_text)
     pl.add_argument("--retries", type=int, default=3)
     pl.add_argument("--no-cache", action="store_true", help="disable kfp's task cache")
     pl.set_defaults(func=cmd_pipeline)

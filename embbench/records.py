@@ -328,17 +328,9 @@ class ResultStore:
             / f"{what}-{config_hash}.json"
         )
 
-    def get(
-        self,
-        stage: str,
-        dataset: str,
-        model: str,
-        mode: str,
-        config_hash: str,
-        task: str = "image-image",
-    ) -> ResultRecord | None:
-        """The stored record, or ``None``."""
-        p = self.path(stage, dataset, model, mode, config_hash, task)
+    def get(self, *where: str) -> ResultRecord | None:
+        """The stored record of the cell ``where`` (:meth:`path`'s arguments), or ``None``."""
+        p = self.path(*where)
         return self.read(p) if p.is_file() else None
 
     @staticmethod

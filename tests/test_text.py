@@ -23,14 +23,13 @@ from embbench.text import (
     TextColumnError,
     average_class_embeddings,
     class_prompts,
+    cross_modal_retrieval,
     embed_class_prompts,
     embed_texts,
     encode_texts,
-    image_to_text,
     item_texts,
     retrieval_cis,
     text_cache,
-    text_to_image,
     validate_templates,
     zero_shot_classify,
 )
@@ -201,7 +200,7 @@ def test_text_to_image_equals_image_metric_code_on_same_relevance():
     g = rng.normal(size=(40, 16)).astype(np.float32)
     q_lab = np.array([0, 1, 2, 3, 4, 7])  # class 7 has no image: a lone query
     q = rng.normal(size=(6, 16)).astype(np.float32)
-    res = text_to_image(q, q_lab, g, g_lab, k=5)
+    res = cross_modal_retrieval(q, q_lab, g, g_lab, k=5)
     ref = evaluate_rankings(_brute_force(q, g, 5), q_lab, g_lab, 5, exclude_self=False)
     assert res.summary == pytest.approx(ref.summary, abs=1e-12)
     for m, v in ref.per_query.items():
@@ -215,7 +214,7 @@ def test_text_to_image_equals_image_metric_code_on_same_relevance():
     # image->text: images query the items' texts
     t_lab = rng.integers(0, 5, size=12)
     t = rng.normal(size=(12, 16)).astype(np.float32)
-    back = image_to_text(g, g_lab, t, t_lab, k=5)
+    back = cross_modal_retrieval(g, g_lab, t, t_lab, k=5)
     ref2 = evaluate_rankings(_brute_force(g, t, 5), g_lab, t_lab, 5, exclude_self=False)
     assert back.summary == pytest.approx(ref2.summary, abs=1e-12)
 

@@ -278,7 +278,9 @@ def test_search_runs_resumes_and_extends(tmp_path):
     keras_model, toptune_search, space = _keras_space(tiny_cfg(hidden_layers=[2, 3]))
     cat, sets = synthetic()
     data = prepare_data(sets, cat, "label", dataset="synth")
-    args = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
+    arrays = toptune_search.TrainArrays(
+        data.x["train"], data.y["train"], data.x["val"], data.y["val"]
+    )
 
     def search(max_trials, hypermodel_cls=keras_model.MLPHyperModel):
         hm = hypermodel_cls(space, data.dim, len(data.classes))
@@ -290,7 +292,7 @@ def test_search_runs_resumes_and_extends(tmp_path):
             executions_per_trial=1,
             seed=0,
         )
-        return tuner, hm, toptune_search.run_search(tuner, *args, epochs=2, batch_size=32, seed=0)
+        return tuner, hm, toptune_search.run_search(tuner, arrays, epochs=2, batch_size=32, seed=0)
 
     class Interrupted(keras_model.MLPHyperModel):
         fits = 0

@@ -92,6 +92,20 @@ class LoadRequest:
     val_fraction: float = 0.0
     test_fraction: float = 0.0
 
+    def carve_val(self, items: pd.DataFrame, stratify: str) -> pd.DataFrame:
+        """:func:`carve_val` with this request's fraction and seed (whole classes under ``dml``)."""
+        return carve_val(
+            items,
+            stratify=stratify,
+            fraction=self.val_fraction,
+            seed=self.seed,
+            by_class=self.split_scheme == "dml",
+        )
+
+    def assign_test(self, items: pd.DataFrame, stratify: str) -> pd.DataFrame:
+        """:func:`assign_test` with this request's test fraction and seed."""
+        return assign_test(items, stratify=stratify, fraction=self.test_fraction, seed=self.seed)
+
     def carved_val_source(self) -> dict[str, Any]:
         """The provenance of a val split carved from train with this request's seed and fraction."""
         return {"seed": self.seed, "val_fraction": self.val_fraction, "val_from": "train"}

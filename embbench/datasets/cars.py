@@ -37,7 +37,6 @@ from embbench.datasets._common import (
     Layout,
     LoadNotes,
     LoadRequest,
-    carve_val,
     join_paths,
     names_by_value,
     nested_image_dir,
@@ -238,13 +237,7 @@ def load(req: LoadRequest) -> Catalogue:
     else:
         items["split"] = items["published_split"]
     items = items.drop(columns="published_split")
-    items = carve_val(
-        items,
-        stratify="class",
-        fraction=req.val_fraction,
-        seed=req.seed,
-        by_class=req.split_scheme == "dml",
-    )
+    items = req.carve_val(items, "class")
     notes = LoadNotes()
     notes.notes.append(
         f"{req.variant} layout; split scheme {req.split_scheme} "

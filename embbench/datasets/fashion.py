@@ -35,7 +35,6 @@ from embbench.datasets._common import (
     Layout,
     LoadNotes,
     LoadRequest,
-    assign_test,
     join_paths,
     read_text_lines,
     stratified_pick,
@@ -218,7 +217,7 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
     for col in (*LABELS, "year", "productDisplayName"):
         items[col] = table[col].to_numpy()
     # Stratified by masterCategory whatever the label, so the split does not depend on it.
-    items = assign_test(items, stratify="masterCategory", fraction=req.test_fraction, seed=req.seed)
+    items = req.assign_test(items, "masterCategory")
     rest = items.index[items["split"] == "train"]
     val = stratified_pick(
         items, rest, "masterCategory", req.val_fraction / (1 - req.test_fraction), req.seed + 1

@@ -28,6 +28,7 @@ from embbench.datasets._common import (
     join_paths,
     names_by_value,
     read_text_lines,
+    require_file,
 )
 from embbench.datasets._registry import DatasetEntry, register_dataset
 
@@ -65,14 +66,9 @@ def _strip(rel: str) -> str:
 
 def read_split_file(path: Path) -> list[tuple[str, int]]:
     """Parse ``<dir>/<file>.jpg <label>`` lines; raise naming the file and line if malformed."""
-    if not path.is_file():
-        raise DatasetLayoutError(
-            f"{TITLE}: split file {path} not found; extract Food2k_label/ completely "
-            f"({', '.join(SPLIT_FILES.values())})",
-            root=path.parent,
-        )
     rows = []
-    for lineno, line in enumerate(read_text_lines(path, TITLE), start=1):
+    split_file = require_file(path, TITLE, "split file")
+    for lineno, line in enumerate(read_text_lines(split_file, TITLE), start=1):
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)

@@ -27,7 +27,6 @@ from embbench.datasets._common import (
     Layout,
     LoadNotes,
     LoadRequest,
-    carve_val,
     join_paths,
     nested_image_dir,
     require_file,
@@ -158,7 +157,7 @@ def load(req: LoadRequest) -> Catalogue:
             f"{items.loc[dup, 'item_id'].iloc[0]}); the first row is kept"
         )
         items = items[~dup].reset_index(drop=True)
-    items = carve_val(items, stratify="class", fraction=req.val_fraction, seed=req.seed)
+    items = req.carve_val(items, "class")
     return req.finish(
         items,
         ("class", "group"),

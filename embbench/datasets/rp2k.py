@@ -30,7 +30,6 @@ from embbench.datasets._common import (
     Layout,
     LoadNotes,
     LoadRequest,
-    carve_val,
     list_images,
 )
 from embbench.datasets._registry import DatasetEntry, register_dataset
@@ -130,7 +129,7 @@ def load(req: LoadRequest) -> Catalogue:
             f"{len(only_test)} categories occur only in test (e.g. {sorted(only_test)[0]!r}): "
             "a classifier trained on train cannot predict them"
         )
-    items = carve_val(items, stratify="category", fraction=req.val_fraction, seed=req.seed)
+    items = req.carve_val(items, "category")
     # Class names: the folder names verbatim (product names, '_' and '·' as the publisher wrote).
     name_maps = {
         "category": {c: c for c in labels},

@@ -32,8 +32,6 @@ from embbench.datasets._common import (
     Layout,
     LoadNotes,
     LoadRequest,
-    assign_test,
-    carve_val,
     join_paths,
     names_by_value,
     read_text_lines,
@@ -119,17 +117,11 @@ def load(req: LoadRequest) -> Catalogue:
     ]
     notes = LoadNotes()
     if req.split_scheme == "classification":
-        items = assign_test(items, stratify="class_id", fraction=req.test_fraction, seed=req.seed)
+        items = req.assign_test(items, "class_id")
         notes.notes.append(
             f"closed-set split (ours): {req.test_fraction:.0%} of each product's images in test"
         )
-    items = carve_val(
-        items,
-        stratify="class_id",
-        fraction=req.val_fraction,
-        seed=req.seed,
-        by_class=req.split_scheme == "dml",
-    )
+    items = req.carve_val(items, "class_id")
     # Class names: the folder's category ("coffee_maker" -> "coffee maker"); products have none.
     cats = names_by_value(items, "super_class_id", "super_class_name")
     name_maps = {"super_class_id": {k: readable_name(v) for k, v in cats.items()}}

@@ -38,11 +38,13 @@ from embbench._utils import collection_name, stable_hash
 from embbench.deploy.indexes import (
     IndexSpec,
     Timing,
+    TimingBudget,
     build_faiss,
     faiss_factory,
     faiss_search,
     latency_stats,
     time_faiss,
+    variant_row,
 )
 from embbench.metrics import RetrievalResult, evaluate_rankings
 from embbench.paths import runs_dir
@@ -203,18 +205,8 @@ class IndexResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able row for records and tables."""
-        return {
-            "variant": self.spec.name,
-            **self.spec.params(),
-            "engine": self.engine,
-            "status": self.status,
-            "error": self.error,
-            "recall": self.recall,
-            "metrics": self.metrics,
-            "delta": dict(self.delta),
-            "bytes_per_vector": self.bytes_per_vector,
-            "timings": [t.to_dict() for t in self.timings],
-        }
+        fields = ("engine", "status", "error", "recall", "metrics", "delta", "bytes_per_vector")
+        return {**variant_row(self, fields), "timings": [t.to_dict() for t in self.timings]}
 
 
 def _fingerprint(x: np.ndarray) -> str:
@@ -280,6 +272,7 @@ def evaluate_indexes(
     within = protocol == "within"
     exact = evaluate_rankings(exact_ids, q_lab, x_lab, k, exclude_self=within, query_ids=qids)
     batch = min(batch, MAX_NQ)
+    budget = TimingBudget(n_single, batch, threads)
 
     if uri is None:
         uri = str(runs_dir() / "milvus_deploy.db")
@@ -359,17 +352,7 @@ def evaluate_indexes(
                     )
             if key in faiss_built:
                 index, fbuild = faiss_built[key]
-                t = time_faiss(
-                    spec,
-                    x,
-                    q,
-                    k,
-                    n_single=n_single,
-                    batch=batch,
-                    threads=threads,
-                    index=index,
-                    build_s=fbuild,
-                )
+                t = time_faiss(spec, x, q, k, budget, index=index, build_s=fbuild)
                 res.timings.append(t)
                 res.bytes_per_vector = (t.index_bytes or 0) / len(x)
             logger.info("index %s [%s]: recall %.3f %s", spec.name, engine, res.recall, res.metrics)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from embbench.deploy.indexes import variant_row
 from embbench.metrics import RetrievalResult, evaluate_rankings
 from embbench.retrieval import SearchBackend, l2_normalize, search_and_evaluate
 
@@ -292,13 +293,7 @@ class CompressionResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able row for records and tables."""
         return {
-            "variant": self.spec.name,
-            **self.spec.params(),
-            "bytes_per_vector": self.bytes_per_vector,
-            "memory_ratio": self.memory_ratio,
-            "search": self.search,
-            "metrics": dict(self.metrics),
-            "delta": dict(self.delta),
+            **variant_row(self, ("bytes_per_vector", "memory_ratio", "search", "metrics", "delta")),
             "n_queries": self.retrieval.n_queries,
             "n_lone": self.retrieval.n_lone,
         }

@@ -22,6 +22,8 @@ __all__ = [
     "INDEX_TYPES",
     "IndexSpec",
     "Timing",
+    "TimingBudget",
+    "variant_row",
     "build_faiss",
     "default_index_grid",
     "faiss_factory",
@@ -32,6 +34,24 @@ __all__ = [
 INDEX_TYPES = (
     "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "SCANN", "DISKANN", "IVF_RABITQ",
 )  # fmt: skip
+
+
+def variant_row(result: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON-able row of a deployment variant's result (an index or a compression variant).
+
+    Args:
+        result: The result; its ``spec`` has a ``name`` and ``params()``.
+        fields: The result's attributes to add after the spec's parameters, in order (dicts
+            are copied).
+
+    Returns:
+        ``{"variant": name, **params, field: value...}``.
+    """
+    row = {"variant": result.spec.name, **result.spec.params()}
+    for name in fields:
+        value = getattr(result, name)
+        row[name] = dict(value) if isinstance(value, dict) else value
+    return row
 
 
 def _frozen(params: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -232,6 +252,21 @@ def faiss_search(
     return ids.astype(np.int64), scores
 
 
+@dataclass(frozen=True)
+class TimingBudget:
+    """How a variant's costs are timed.
+
+    Attributes:
+        n_single: Single-query searches timed for latency p50/p99.
+        batch: Throughput batch size.
+        threads: faiss (OpenMP) threads during timing (``None``: faiss' default).
+    """
+
+    n_single: int = 200
+    batch: int = 1000
+    threads: int | None = None
+
+
 @dataclass
 class Timing:
     """Latency, throughput and memory of one index variant, labelled by where they come from.
@@ -304,24 +339,20 @@ def time_faiss(
     vectors: np.ndarray,
     queries: np.ndarray,
     k: int,
+    budget: TimingBudget | None = None,
     *,
-    n_single: int = 200,
-    batch: int = 1000,
-    threads: int | None = None,
     index: Any = None,
     build_s: float | None = None,
 ) -> Timing:
-    """Latency p50/p99 at batch 1, throughput at ``batch`` and memory of the faiss family.
+    """Latency p50/p99 at batch 1, throughput at ``budget.batch`` and memory of the faiss family.
 
     Args:
         spec: The variant.
         vectors: Unit index vectors (used to build when ``index`` is not given).
-        queries: Unit queries (repeated to fill ``batch``).
+        queries: Unit queries (repeated to fill the batch).
         k: Results per query.
-        n_single: Single-query searches timed.
-        batch: Throughput batch size.
-        threads: OpenMP threads for the throughput batch (``None``: faiss' default); single
-            queries run on one thread.
+        budget: Single queries timed, throughput batch, and the OpenMP threads of the
+            throughput batch (single queries run on one thread); default :class:`TimingBudget`.
         index: A prebuilt index of ``spec`` (with its ``build_s``) to reuse.
         build_s: Build seconds of ``index``.
 
@@ -330,6 +361,8 @@ def time_faiss(
     """
     import faiss  # optional (dev extra)
 
+    budget = budget or TimingBudget()
+    n_single, batch, threads = budget.n_single, budget.batch, budget.threads
     old = faiss.omp_get_max_threads()
     if threads is not None:
         faiss.omp_set_num_threads(threads)

@@ -27,6 +27,7 @@ from embbench.deploy.compress import hamming_search
 from embbench.deploy.indexes import (
     IndexSpec,
     Timing,
+    TimingBudget,
     build_faiss,
     default_index_grid,
     faiss_search,
@@ -193,9 +194,7 @@ def _binary_point(
     qids: np.ndarray,
     exact_ids: np.ndarray,
     k: int,
-    n_single: int,
-    batch: int,
-    threads: int | None,
+    budget: TimingBudget,
 ) -> ScalePoint:
     import faiss  # optional (dev extra): binary timings through IndexBinaryFlat
 
@@ -207,6 +206,7 @@ def _binary_point(
     index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
     index.add(codes)
     build_s = time.perf_counter() - t0
+    n_single, batch, threads = budget.n_single, budget.batch, budget.threads
     old = faiss.omp_get_max_threads()
     if threads is not None:
         faiss.omp_set_num_threads(threads)
@@ -260,6 +260,7 @@ def measure_scale(
         One point per (size, variant).
     """
     grid = grid or (lambda n, d: scale_grid(n, d, k))
+    budget = TimingBudget(n_single, batch, threads)
     points: list[ScalePoint] = []
     for n in sizes:
         x, labels = sample_like(structure, int(n), seed=seed)
@@ -272,17 +273,7 @@ def measure_scale(
             raw_ids, raw_sc = faiss_search(index, spec, q, k + 3)  # +2: ties by id
             ids = rank_candidates(raw_ids, snap_scores(raw_ids, raw_sc, x, q), k, qids)
             res = evaluate_rankings(ids, labels[qids], labels, k, exclude_self=True, query_ids=qids)
-            t = time_faiss(
-                spec,
-                x,
-                q,
-                k,
-                n_single=n_single,
-                batch=batch,
-                threads=threads,
-                index=index,
-                build_s=build_s,
-            )
+            t = time_faiss(spec, x, q, k, budget, index=index, build_s=build_s)
             point = ScalePoint(
                 len(x),
                 _variant_label(spec),
@@ -298,7 +289,7 @@ def measure_scale(
             )
             del index
         if binary:
-            points.append(_binary_point(x, labels, qids, exact_ids, k, n_single, batch, threads))
+            points.append(_binary_point(x, labels, qids, exact_ids, k, budget))
     return points
 
 

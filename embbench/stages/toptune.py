@@ -301,7 +301,7 @@ def _tune(
     )
     x_val, y_val = data.x[VAL][data.seen(VAL)], data.y[VAL][data.seen(VAL)]
     x_tr, y_tr = data.x[TRAIN], data.y[TRAIN]
-    arrays = (x_tr, y_tr, x_val, y_val)  # what the search and the final fit both train on
+    arrays = search.TrainArrays(x_tr, y_tr, x_val, y_val)
     logger.info(
         "top-tuning %s on %s: %d trial(s) x %d execution(s) x %d epoch(s), %d classes, %d train "
         "/ %d val embeddings of dim %d, Keras backend %s; %d trial(s) already done (%s)",
@@ -321,7 +321,7 @@ def _tune(
     t0 = time.perf_counter()
     n_new = search.run_search(
         tuner,
-        *arrays,
+        arrays,
         epochs=cfg.search_epochs,
         batch_size=cfg.train_batch_size,
         seed=cfg.seed,
@@ -331,7 +331,7 @@ def _tune(
     t0 = time.perf_counter()
     final_model, final = search.train_final(
         tuner,
-        *arrays,
+        arrays,
         epochs=cfg.final_epochs,
         patience=cfg.patience,
         batch_size=cfg.train_batch_size,

@@ -24,9 +24,8 @@ from embbench.text.encode import embed_class_prompts, embed_texts
 from embbench.text.tasks import (
     ItemTexts,
     ZeroShotResult,
-    image_to_text,
+    cross_modal_retrieval,
     item_texts,
-    text_to_image,
     zero_shot_classify,
 )
 from embbench.text.templates import class_prompts, validate_templates
@@ -122,7 +121,9 @@ def class_prompt_tasks(
     class_prompts(names, tpl)  # empty names fail here, before any embedding
     vecs = embed_class_prompts(tower, names, tpl, dataset=dataset, where=where, **embed_kwargs)
     return ClassPromptResults(
-        text_image=text_to_image(vecs, classes, image_vectors, labels, k=k, backend=backend),
+        text_image=cross_modal_retrieval(
+            vecs, classes, image_vectors, labels, k=k, backend=backend
+        ),
         zero_shot=zero_shot_classify(image_vectors, labels, vecs, classes, k=k),
         class_labels=classes,
         class_names=names,
@@ -179,10 +180,10 @@ def item_text_tasks(
     )
     vecs = np.asarray(emb.vectors)
     return ItemTextResults(
-        text_image=text_to_image(
+        text_image=cross_modal_retrieval(
             vecs, texts.labels, image_vectors, image_labels, k=k, backend=backend
         ),
-        image_text=image_to_text(
+        image_text=cross_modal_retrieval(
             image_vectors, image_labels, vecs, texts.labels, k=k, backend=backend
         ),
         texts=texts,

@@ -30,31 +30,18 @@ import pandas as pd
 from embbench._errors import UserError
 from embbench.metrics import RetrievalResult, bootstrap_ci, metric_names
 from embbench.retrieval import SearchBackend, l2_normalize, search_and_evaluate
-from embbench.vocab import TASKS, TEXT_TASKS
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IMAGE_IMAGE",
-    "IMAGE_TEXT",
-    "KNN",
-    "PROBE",
-    "TASKS",
-    "TEXT_IMAGE",
-    "TEXT_TASKS",
-    "ZERO_SHOT",
+    "cross_modal_retrieval",
     "ItemTexts",
     "TextColumnError",
     "ZeroShotResult",
-    "image_to_text",
     "item_texts",
     "retrieval_cis",
-    "text_to_image",
     "zero_shot_classify",
 ]
-
-# Task names (the lead points them at embbench.vocab when wiring).
-IMAGE_IMAGE, TEXT_IMAGE, IMAGE_TEXT, ZERO_SHOT, PROBE, KNN = TASKS  # names of embbench.vocab
 
 
 class TextColumnError(UserError, ValueError):
@@ -138,67 +125,38 @@ def item_texts(
     )
 
 
-def text_to_image(
-    text_vectors: np.ndarray,
-    text_labels: np.ndarray,
-    image_vectors: np.ndarray,
-    image_labels: np.ndarray,
+def cross_modal_retrieval(
+    query_vectors: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_vectors: np.ndarray,
+    gallery_labels: np.ndarray,
     *,
     k: int = 5,
     backend: SearchBackend | str = "exact",
 ) -> RetrievalResult:
-    """Text queries (class prompts or item texts) ranked against a gallery of images.
+    """Queries of one modality ranked against a gallery of the other (relevant: same label).
+
+    text->image: class prompts or item texts query a split's images; image->text: the split's
+    images query the items' texts. Both are the ``cross`` protocol of the image-retrieval code.
 
     Args:
-        text_vectors: ``(nq, d)`` query text embeddings (normalised here if not yet).
-        text_labels: ``(nq,)`` the label each query stands for (a class, an item's label).
-        image_vectors: ``(n, d)`` gallery image embeddings (a split's cached vectors).
-        image_labels: ``(n,)`` their labels.
+        query_vectors: ``(nq, d)`` query embeddings (normalised here if not yet).
+        query_labels: ``(nq,)`` the label each query stands for (a class, an item's label).
+        gallery_vectors: ``(n, d)`` gallery embeddings (a split's cached image vectors, or the
+            items' text vectors).
+        gallery_labels: ``(n,)`` their labels.
         k: The cut-off.
         backend: A search backend or a registered name (``exact`` by default).
 
     Returns:
         The five metrics over the non-lone queries, per-query values, ``n_lone`` and the
-        top-k image positions (``topk_ids``, for galleries of text queries).
+        top-k gallery positions (``topk_ids``, for galleries of text queries).
     """
     return search_and_evaluate(
-        text_vectors,
-        text_labels,
-        image_vectors,
-        image_labels,
-        k=k,
-        protocol="cross",
-        backend=backend,
-    )
-
-
-def image_to_text(
-    image_vectors: np.ndarray,
-    image_labels: np.ndarray,
-    text_vectors: np.ndarray,
-    text_labels: np.ndarray,
-    *,
-    k: int = 5,
-    backend: SearchBackend | str = "exact",
-) -> RetrievalResult:
-    """Image queries ranked against a gallery of item texts (relevant: same label).
-
-    Args:
-        image_vectors: ``(nq, d)`` query image embeddings.
-        image_labels: ``(nq,)`` their labels.
-        text_vectors: ``(n, d)`` the items' text embeddings (the gallery).
-        text_labels: ``(n,)`` the label of each text's item.
-        k: The cut-off.
-        backend: A search backend or a registered name.
-
-    Returns:
-        As :func:`text_to_image`, with the queries being images.
-    """
-    return search_and_evaluate(
-        image_vectors,
-        image_labels,
-        text_vectors,
-        text_labels,
+        query_vectors,
+        query_labels,
+        gallery_vectors,
+        gallery_labels,
         k=k,
         protocol="cross",
         backend=backend,

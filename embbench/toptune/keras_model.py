@@ -1,8 +1,9 @@
 """Keras side of top-tuning: the MLP, its hypermodel, seeding, prediction, saving and loading.
 
-With :mod:`embbench.toptune.search` the only embbench modules that import keras. Keras fixes its
-backend on first import, so the backend is chosen (``use_keras_backend``) before the import
-below; the stage chooses the configured one before importing this module.
+With :mod:`embbench.toptune.search` the only embbench modules that use keras. Keras fixes its
+backend on first import, so both import it from :mod:`embbench.toptune._keras`, which chooses
+the backend (``use_keras_backend``) first; the stage chooses the configured one before
+importing this module.
 
 The model (the paper's top-tuning head): L2-normalised frozen embeddings -> 2 or 3 ``Dense``
 hidden layers (``hidden_1`` ... ``hidden_n``) -> ``Dense`` softmax ``classifier``, trained with
@@ -21,13 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from embbench.toptune.backend import use_keras_backend
+from embbench.toptune._keras import keras, keras_tuner
 from embbench.toptune.space import SearchSpace
-
-use_keras_backend("auto")  # no-op when the stage already chose one
-
-import keras  # noqa: E402
-import keras_tuner  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -33,22 +33,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from embbench.toptune.backend import use_keras_backend
-
-use_keras_backend("auto")  # no-op when the stage already chose one
-
-import keras  # noqa: E402
-import keras_tuner  # noqa: E402
-
-from embbench.toptune.keras_model import PREDICT_BATCH, MLPHyperModel, set_seed  # noqa: E402
+from embbench.toptune._keras import keras, keras_tuner
+from embbench.toptune.keras_model import PREDICT_BATCH, MLPHyperModel, set_seed
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TrainArrays",
     "OBJECTIVE",
     "ResumableBayesianOracle",
     "SeededTuner",
@@ -61,6 +56,23 @@ __all__ = [
     "trial_seed",
     "trial_summaries",
 ]
+
+
+class TrainArrays(NamedTuple):
+    """The embeddings the search and the final fit both train and validate on.
+
+    The arrays are passed by reference to every trial: the embeddings are never re-read.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    def fit_data(self) -> dict[str, Any]:
+        """The data arguments of ``Model.fit`` and ``Tuner.search``: train and validation data."""
+        return {"x": self.x_train, "y": self.y_train, "validation_data": (self.x_val, self.y_val)}
+
 
 OBJECTIVE = "val_accuracy"  # trials are selected on the validation split's accuracy
 
@@ -192,26 +204,18 @@ def completed_trials(tuner: keras_tuner.Tuner) -> int:
 
 def run_search(
     tuner: keras_tuner.Tuner,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    arrays: TrainArrays,
     *,
     epochs: int,
     batch_size: int,
     seed: int,
 ) -> int:
-    """Run (or resume) the search; return how many trials finished in this call.
-
-    The arrays are passed by reference to every trial: the embeddings are never re-read.
-    """
+    """Run (or resume) the search on ``arrays``; return how many trials finished in this call."""
     before = completed_trials(tuner)
     set_seed(seed)
     with _gc_frozen():
         tuner.search(
-            x_train,
-            y_train,
-            validation_data=(x_val, y_val),
+            **arrays.fit_data(),
             epochs=epochs,
             batch_size=batch_size,
             shuffle=True,
@@ -278,10 +282,7 @@ def load_checkpoint(tuner: keras_tuner.Tuner, trial) -> keras.Model:
 
 def train_final(
     tuner: keras_tuner.Tuner,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    arrays: TrainArrays,
     *,
     epochs: int,
     patience: int,
@@ -300,7 +301,7 @@ def train_final(
     trial = best_trial(tuner)
     model = load_checkpoint(tuner, trial)
     set_seed(seed)
-    loss0, acc0 = model.evaluate(x_val, y_val, batch_size=PREDICT_BATCH, verbose=0)
+    loss0, acc0 = model.evaluate(arrays.x_val, arrays.y_val, batch_size=PREDICT_BATCH, verbose=0)
     info: dict[str, Any] = {
         "best_trial": trial.trial_id,
         "checkpoint_val_loss": float(loss0),
@@ -318,9 +319,7 @@ def train_final(
     )
     t0 = time.perf_counter()
     hist = model.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
+        **arrays.fit_data(),
         epochs=epochs,
         batch_size=batch_size,
         shuffle=True,
@@ -335,7 +334,7 @@ def train_final(
         best_epoch = 0
     else:
         best_epoch = int(np.nanargmin(np.where(np.isfinite(val_loss), val_loss, np.nan))) + 1
-    loss, acc = model.evaluate(x_val, y_val, batch_size=PREDICT_BATCH, verbose=0)
+    loss, acc = model.evaluate(arrays.x_val, arrays.y_val, batch_size=PREDICT_BATCH, verbose=0)
     info.update(
         epochs_run=len(val_loss),
         best_epoch=best_epoch,
