@@ -687,11 +687,11 @@ def test_load_request_finish_names_roots_and_records_the_source(tmp_path):
         split_scheme="dml",
         val_fraction=0.1,
         test_fraction=0.2,
+        notes=LoadNotes(notes=["seen"]),
     )
     cat = req.finish(
         items,
         ("super_class_id", "class_id"),
-        LoadNotes(notes=["seen"]),
         extra_columns=("note",),
         seed=3,
         val_from="train",
@@ -718,9 +718,7 @@ def test_load_request_finish_names_roots_and_records_the_source(tmp_path):
         ("missing", []),
     ]
     with pytest.raises(ValueError, match="public datasets only"):
-        LoadRequest(name="shop", folder=None, variant=None, seed=0).finish(
-            items, ("class_id",), LoadNotes()
-        )
+        LoadRequest(name="shop", folder=None, variant=None, seed=0).finish(items, ("class_id",))
 
 
 def test_the_package_init_only_re_exports():
@@ -735,3 +733,10 @@ def test_the_package_init_only_re_exports():
     assigned = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
     assert assigned == ["__all__"]
     assert all(hasattr(package, name) for name in package.__all__)
+
+
+def test_layout_subdirs_match_ignoring_case(trees, tmp_path):
+    # one spelling in the Layout finds the archive's folder whatever its case
+    shutil.copytree(trees["food2k"], tmp_path / "FOOD2k")
+    cat = create_catalogue("food2k", tmp_path)
+    assert cat.root == str(tmp_path / "FOOD2k") and len(cat.items) == EXPECTED["food2k"]["images"]

@@ -80,6 +80,8 @@ class LoadRequest:
         split_scheme: ``classification`` (closed set) or ``dml`` (class-disjoint), if offered.
         val_fraction: Share moved to val (a loader that reads a published val ignores it).
         test_fraction: Share put in test (a loader that reads a published test ignores it).
+        notes: What the loader notices while reading (it appends; :meth:`finish` records them
+            in the catalogue's source).
     """
 
     name: str
@@ -91,6 +93,7 @@ class LoadRequest:
     split_scheme: str = ""
     val_fraction: float = 0.0
     test_fraction: float = 0.0
+    notes: LoadNotes = field(default_factory=LoadNotes, compare=False)
 
     def carve_val(self, items: pd.DataFrame, stratify: str) -> pd.DataFrame:
         """:func:`carve_val` with this request's fraction and seed (whole classes under ``dml``)."""
@@ -114,7 +117,6 @@ class LoadRequest:
         self,
         items: pd.DataFrame,
         label_columns: tuple[str, ...],
-        notes: LoadNotes,
         *,
         extra_columns: tuple[str, ...] = (),
         text_columns: tuple[str, ...] = (),
@@ -126,8 +128,8 @@ class LoadRequest:
         Args:
             items: The table; ``item_id``, ``path``, ``split``, the label columns and
                 ``extra_columns`` are kept, in that order.
-            label_columns: The label columns (the default label comes from ``info``).
-            notes: What the loader noticed (appended to ``source``).
+            label_columns: The label columns (the default label comes from ``info``); the
+                request's ``notes`` are appended to ``source``.
             extra_columns: Further columns to keep after the labels.
             text_columns: Per-item text columns (kept too; ``Catalogue.texts``).
             name_maps: Label column -> {value: class name} (``Catalogue.class_names``).
@@ -155,7 +157,7 @@ class LoadRequest:
                 "variant": self.variant,
                 "split_scheme": self.split_scheme,
                 **source,
-                **notes.as_dict(),
+                **self.notes.as_dict(),
             },
             text_columns=tuple(text_columns),
             name_maps=dict(name_maps or {}),
@@ -175,7 +177,8 @@ class Layout:
     Attributes:
         title: Human-readable dataset name.
         variants: Layout variant -> marker paths (relative to the root) that must all exist.
-        subdirs: Folder names below the given root to look in too (the archive's top folder).
+        subdirs: Folder names below the given root to look in too (the archive's top folder;
+            matched ignoring case, so one spelling serves ``Food2K`` and ``food2k``).
         archives: Archive file names the publisher ships (to spot an unextracted download).
         tree: The expected tree, shown in error messages.
     """
@@ -187,8 +190,25 @@ class Layout:
     tree: str = ""
 
     def candidates(self, root: Path) -> list[Path]:
-        """``root`` and the usual sub-folders below it, in search order."""
-        return [root, *(root / s for s in self.subdirs)]
+        """``root`` and the usual sub-folders below it (each spelling found on disk), in order."""
+        found = [root]
+        for sub in self.subdirs:
+            for path in _ignoring_case(root, sub):
+                if path not in found:
+                    found.append(path)
+        return found
+
+
+def _ignoring_case(root: Path, rel: str) -> list[Path]:
+    """The folders below ``root`` whose path is ``rel`` but for case (else ``root/rel`` alone)."""
+    paths = [root]
+    for part in Path(rel).parts:
+        below = []
+        for folder in paths:
+            if folder.is_dir():
+                below += [p for p in folder.iterdir() if p.name.lower() == part.lower()]
+        paths = sorted(below)
+    return paths or [root / rel]
 
 
 def _listing(folder: Path, limit: int = 12) -> str:

@@ -35,7 +35,6 @@ from embbench.catalogue import Catalogue
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
-    LoadNotes,
     LoadRequest,
     join_paths,
     names_by_value,
@@ -54,7 +53,7 @@ LAYOUT = Layout(
         "devkit": ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat"),
         "metric": ("cars_annos.mat",),
     },
-    subdirs=("stanford_cars", "Stanford_Cars", "cars196", "CARS196", "car_devkit"),
+    subdirs=("stanford_cars", "cars196", "car_devkit"),
     archives=(
         "car_ims.tgz",
         "cars_train.tgz",
@@ -238,7 +237,7 @@ def load(req: LoadRequest) -> Catalogue:
         items["split"] = items["published_split"]
     items = items.drop(columns="published_split")
     items = req.carve_val(items, "class")
-    notes = LoadNotes()
+    notes = req.notes
     notes.notes.append(
         f"{req.variant} layout; split scheme {req.split_scheme} "
         + (
@@ -253,7 +252,6 @@ def load(req: LoadRequest) -> Catalogue:
     return req.finish(
         items,
         ("class", "class_name"),
-        notes,
         **req.carved_val_source(),
         name_maps=name_maps,
     )

@@ -33,7 +33,6 @@ from embbench.catalogue import IMAGE_SUFFIXES, Catalogue
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
-    LoadNotes,
     LoadRequest,
     join_paths,
     read_text_lines,
@@ -162,7 +161,7 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
             f"val_fraction + test_fraction must be < 1, got {req.val_fraction} + "
             f"{req.test_fraction}"
         )
-    notes = LoadNotes()
+    notes = req.notes
     styles_path = req.folder / "styles.csv"
     table, comma_rows, bad_rows = read_styles(styles_path)
     if bad_rows:
@@ -226,7 +225,6 @@ def load(req: LoadRequest, *, skip_malformed: bool = False) -> Catalogue:
     return req.finish(
         items,
         LABELS,
-        notes,
         extra_columns=("year", "productDisplayName"),
         text_columns=("productDisplayName",),
         seed=req.seed,

@@ -23,7 +23,6 @@ from embbench.catalogue import Catalogue
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
-    LoadNotes,
     LoadRequest,
     join_paths,
     names_by_value,
@@ -49,7 +48,7 @@ LAYOUT = Layout(
         "standard": ("Food2k_label/train_finetune.txt",),
         "flat": ("train_finetune.txt", IMAGE_DIR),
     },
-    subdirs=("Food2K", "food2k", "Food2k", "Food2K_dataset"),
+    subdirs=("Food2K", "Food2K_dataset"),
     archives=("Food2k_complete.zip", "Food2k_complete.tar", "Food2K.zip"),
     tree=(
         "  <root>/Food2k_complete/<0..1999>/<image>.jpg\n"
@@ -113,7 +112,7 @@ def load(req: LoadRequest) -> Catalogue:
     """
     label_dir = req.folder / "Food2k_label" if req.variant == "standard" else req.folder
     image_dir = req.folder / IMAGE_DIR
-    notes = LoadNotes()
+    notes = req.notes
     if not image_dir.is_dir():
         raise DatasetLayoutError(
             f"{TITLE}: image folder {image_dir} not found (expected "
@@ -183,9 +182,7 @@ def load(req: LoadRequest) -> Catalogue:
     # Class prompts use the English names file; without it, class_names() falls back to ids.
     names = names_by_value(items, "food_id", "food_name")
     name_maps = {"food_id": names, "food_name": {n: n for n in names.values()}}
-    return req.finish(
-        items, ("food_id", "food_name"), notes, val_from="publisher", name_maps=name_maps
-    )
+    return req.finish(items, ("food_id", "food_name"), val_from="publisher", name_maps=name_maps)
 
 
 register_dataset(DatasetEntry(name="food2k", loader=load, layout=LAYOUT))

@@ -25,7 +25,6 @@ from embbench.catalogue import Catalogue
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
-    LoadNotes,
     LoadRequest,
     join_paths,
     nested_image_dir,
@@ -41,14 +40,7 @@ TEST_FILES = ("test_kaggletest.csv", "test.csv")
 LAYOUT = Layout(
     title=TITLE,
     variants={"csv": ("train.csv", "train")},
-    subdirs=(
-        "products10k",
-        "Products10K",
-        "products-10k",
-        "Products-10K",
-        "product_10k",
-        "Product10K",
-    ),
+    subdirs=("products10k", "products-10k", "product_10k", "product10k"),
     archives=("train.zip", "test.zip", "products10k.zip", "products-10k.zip"),
     tree=(
         "  <root>/train.csv (name,class,group), <root>/test_kaggletest.csv (name,class,Usage)\n"
@@ -104,7 +96,7 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``class`` and ``group``.
     """
-    notes = LoadNotes()
+    notes = req.notes
     train = _read_csv(
         require_file(req.folder / "train.csv", TITLE, "annotation file"), ("name", "class", "group")
     )
@@ -161,7 +153,6 @@ def load(req: LoadRequest) -> Catalogue:
     return req.finish(
         items,
         ("class", "group"),
-        notes,
         **req.carved_val_source(),
         test_file=test_csv.name,
     )

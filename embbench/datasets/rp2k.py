@@ -28,7 +28,6 @@ from embbench.catalogue import Catalogue
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
-    LoadNotes,
     LoadRequest,
     list_images,
 )
@@ -41,7 +40,7 @@ TITLE = "RP2K"
 LAYOUT = Layout(
     title=TITLE,
     variants={"folders": ("train", "test")},
-    subdirs=("all", "rp2k_dataset/all", "rp2k_dataset", "RP2K/all", "rp2k/all"),
+    subdirs=("all", "rp2k_dataset/all", "rp2k_dataset", "rp2k/all"),
     archives=("rp2k_dataset.zip",),
     tree="  <root>/train/<category>/<image>.jpg, <root>/test/<category>/<image>.jpg "
     "(the archive's all/ folder)",
@@ -75,7 +74,7 @@ def load(req: LoadRequest) -> Catalogue:
     Returns:
         The catalogue with labels ``category`` and ``category_id``.
     """
-    notes = LoadNotes()
+    notes = req.notes
     rows = []
     garbled: list[str] = []
     stray = 0
@@ -138,7 +137,6 @@ def load(req: LoadRequest) -> Catalogue:
     return req.finish(
         items,
         ("category", "category_id"),
-        notes,
         **req.carved_val_source(),
         n_categories=len(labels),
         name_maps=name_maps,

@@ -30,7 +30,6 @@ from embbench.catalogue import Catalogue, readable_name
 from embbench.datasets._common import (
     DatasetLayoutError,
     Layout,
-    LoadNotes,
     LoadRequest,
     join_paths,
     names_by_value,
@@ -46,7 +45,7 @@ HEADER = ["image_id", "class_id", "super_class_id", "path"]
 LAYOUT = Layout(
     title=TITLE,
     variants={"ebay": ("Ebay_train.txt", "Ebay_test.txt")},
-    subdirs=("Stanford_Online_Products", "stanford_online_products", "SOP"),
+    subdirs=("Stanford_Online_Products", "SOP"),
     archives=("Stanford_Online_Products.zip",),
     tree=(
         "  <root>/Ebay_train.txt, <root>/Ebay_test.txt (header: image_id class_id "
@@ -115,7 +114,7 @@ def load(req: LoadRequest) -> Catalogue:
     items["super_class_name"] = [
         p.split("/", 1)[0].removesuffix("_final") for p in items["item_id"]
     ]
-    notes = LoadNotes()
+    notes = req.notes
     if req.split_scheme == "classification":
         items = req.assign_test(items, "class_id")
         notes.notes.append(
@@ -128,7 +127,6 @@ def load(req: LoadRequest) -> Catalogue:
     return req.finish(
         items,
         ("class_id", "super_class_id", "super_class_name"),
-        notes,
         **req.carved_val_source(),
         name_maps=name_maps,
     )

@@ -232,7 +232,6 @@ def embed_class_prompts(
     classnames: Sequence[str],
     templates: Sequence[str] | None = None,
     *,
-    dataset: str = "texts",
     where: str = "templates",
     **kwargs: Any,
 ) -> np.ndarray:
@@ -242,9 +241,9 @@ def embed_class_prompts(
         tower: The text tower.
         classnames: The class names, in the order of the returned rows.
         templates: Templates with ``{}`` (default :data:`~embbench.text.DEFAULT_TEMPLATES`).
-        dataset: Folder the cache entry is grouped under.
         where: Where the templates came from, named in errors (e.g. a params key).
-        **kwargs: Passed to :func:`embed_texts` (cache_root, overwrite, batch_size, device...).
+        **kwargs: Passed to :func:`embed_texts` (dataset, cache_root, overwrite, batch_size,
+            device...).
 
     Returns:
         ``(len(classnames), d)`` float32 unit vectors.
@@ -254,5 +253,5 @@ def embed_class_prompts(
     """
     tpl = validate_templates(templates, where)
     prompts = class_prompts(classnames, tpl)
-    emb = embed_texts(tower, prompts, dataset=dataset, purpose="classes", templates=tpl, **kwargs)
+    emb = embed_texts(tower, prompts, purpose="classes", templates=tpl, **kwargs)
     return average_class_embeddings(np.asarray(emb.vectors), len(tpl))

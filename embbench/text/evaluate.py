@@ -79,7 +79,6 @@ def class_prompt_tasks(
     class_names: Mapping[Any, str] | None = None,
     templates: Sequence[str] | None = None,
     where: str = "templates",
-    dataset: str = "texts",
     k: int = 5,
     backend: SearchBackend | str = "exact",
     **embed_kwargs: Any,
@@ -94,10 +93,10 @@ def class_prompt_tasks(
             label of the split needs one.
         templates: Prompt templates (default :data:`~embbench.text.DEFAULT_TEMPLATES`).
         where: Where the templates came from (named in errors).
-        dataset: Folder the text cache entry is grouped under.
         k: The cut-off (retrieval metrics and top-k accuracy).
         backend: Search backend for the retrieval.
-        **embed_kwargs: Passed to :func:`~embbench.text.embed_texts` (device, batch_size...).
+        **embed_kwargs: Passed to :func:`~embbench.text.embed_texts` (dataset, device,
+            batch_size...).
 
     Returns:
         The :class:`ClassPromptResults`.
@@ -119,7 +118,7 @@ def class_prompt_tasks(
             )
         names = [str(class_names[c]) for c in classes.tolist()]
     class_prompts(names, tpl)  # empty names fail here, before any embedding
-    vecs = embed_class_prompts(tower, names, tpl, dataset=dataset, where=where, **embed_kwargs)
+    vecs = embed_class_prompts(tower, names, tpl, where=where, **embed_kwargs)
     return ClassPromptResults(
         text_image=cross_modal_retrieval(
             vecs, classes, image_vectors, labels, k=k, backend=backend
@@ -142,7 +141,6 @@ def item_text_tasks(
     label: str,
     split: str,
     where: str = "catalogue",
-    dataset: str = "texts",
     k: int = 5,
     backend: SearchBackend | str = "exact",
     **embed_kwargs: Any,
@@ -158,10 +156,9 @@ def item_text_tasks(
         label: The label column deciding relevance.
         split: The split whose items give the texts.
         where: The catalogue's name, named in errors.
-        dataset: Folder the text cache entry is grouped under.
         k: The cut-off.
         backend: Search backend.
-        **embed_kwargs: Passed to :func:`~embbench.text.embed_texts`.
+        **embed_kwargs: Passed to :func:`~embbench.text.embed_texts` (dataset, device...).
 
     Returns:
         The :class:`ItemTextResults`.
@@ -174,7 +171,6 @@ def item_text_tasks(
         tower,
         texts.texts,
         ids=texts.ids,
-        dataset=dataset,
         purpose=f"{text_column}-{split}",
         **embed_kwargs,
     )
