@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +58,119 @@ def small_demo(demo_root):
     return make_demo_catalogue(
         demo_root, n_categories=4, products_per_category=3, views=(4, 2, 3), image_size=48
     )
+
+
+# ---- stage 01 on the small demo -------------------------------------------------------------
+@pytest.fixture
+def embed_options() -> dict:
+    """The options of a tiny stage-01 grid: a random-weight ResNet on the demo, exact search."""
+    return dict(
+        models=["test_resnet"],
+        datasets=["demo"],
+        weights="random",
+        batch_size=8,
+        num_workers=0,
+        backend="exact",
+    )
+
+
+@pytest.fixture
+def demo_cells(small_demo, monkeypatch):
+    """The cell engine reads ``small_demo`` for every dataset; returns it."""
+    import embbench.cells as cells
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+    return small_demo
+
+
+# ---- real MLflow and Milvus Lite servers ----------------------------------------------------
+class Services:
+    """Starts MLflow and Milvus Lite servers as process groups; stops them all at teardown.
+
+    A server lives below ``home`` (``mlflow.db`` and ``mlartifacts/``, or ``milvus.db``) and
+    logs to ``home/<kind>.log``.
+    """
+
+    BIN = Path(sys.executable).parent
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    @staticmethod
+    def free_port() -> int:
+        """A TCP port nothing listens on now."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def _command(self, kind: str, home: Path, port: int) -> list[str]:
+        where = ["--host", "127.0.0.1", "--port", str(port)]
+        if kind == "mlflow":
+            return [
+                str(self.BIN / "mlflow"),
+                "server",
+                *where,
+                "--backend-store-uri",
+                f"sqlite:///{home / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(home / "mlartifacts"),
+                "--workers",
+                "1",
+            ]
+        return [
+            str(self.BIN / "milvus-lite"),
+            "server",
+            "--data-dir",
+            str(home / "milvus.db"),
+            *where,
+        ]
+
+    @staticmethod
+    def _answers(kind: str, port: int) -> bool:
+        if kind == "mlflow":
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return r.status == 200
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+
+    def start(self, kind: str, home: Path, port: int, timeout: float = 120.0) -> subprocess.Popen:
+        """Start ``kind`` (``mlflow`` or ``milvus``) on ``port`` and wait until it answers."""
+        home.mkdir(parents=True, exist_ok=True)
+        with (home / f"{kind}.log").open("a") as log:
+            proc = subprocess.Popen(
+                self._command(kind, home, port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if self._answers(kind, port):
+                    return proc
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.kill(proc)
+        raise RuntimeError(f"{kind} server did not come up; see {home / f'{kind}.log'}")
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Stop the server's process group (``SIGTERM``: gracefully, killed after 20 s)."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def services():
+    """:class:`Services`; whatever a test started is killed after it."""
+    started = Services()
+    yield started
+    for proc in started.started:
+        started.kill(proc)

@@ -25,7 +25,7 @@ from embbench.deploy import (
     variant_points,
 )
 from embbench.metrics import evaluate_rankings
-from embbench.retrieval import ExactBackend, l2_normalize
+from embbench.retrieval import ExactBackend, RetrievalTask, l2_normalize
 
 pytest.importorskip("faiss")
 
@@ -77,7 +77,11 @@ def test_flat_recall_one_and_metrics_equal_exact(tmp_path):
     x, lab = _clusters()
     x[10] = x[3]  # an exact duplicate: ties at the boundary must not count as misses
     res = evaluate_indexes(
-        [IndexSpec.of("FLAT")], x, lab, uri=str(tmp_path / "m.db"), timings=False, k=K
+        [IndexSpec.of("FLAT")],
+        RetrievalTask(x, lab),
+        uri=str(tmp_path / "m.db"),
+        timings=False,
+        k=K,
     )[0]
     assert res.engine == "milvus-lite" and res.status == "ok"
     assert res.recall == 1.0
@@ -92,7 +96,9 @@ def test_flat_recall_one_and_metrics_equal_exact(tmp_path):
 def test_every_variant_builds_and_searches(tmp_path):
     x, lab = _clusters(n=400)
     specs = default_index_grid(len(x), x.shape[1], k=K, nprobes=(4,), efs=(16,))
-    results = evaluate_indexes(specs, x, lab, uri=str(tmp_path / "m.db"), timings=False, k=K)
+    results = evaluate_indexes(
+        specs, RetrievalTask(x, lab), uri=str(tmp_path / "m.db"), timings=False, k=K
+    )
     by_type = {r.spec.index_type: r for r in results}
     assert set(by_type) == set(INDEX_TYPES)
     for kind, r in by_type.items():
@@ -118,11 +124,7 @@ def test_timings_are_labelled_and_cross_protocol(tmp_path):
     ]
     results = evaluate_indexes(
         specs,
-        q,
-        q_lab,
-        x,
-        lab,
-        protocol="cross",
+        RetrievalTask(q, q_lab, x, lab, protocol="cross"),
         uri=str(tmp_path / "m.db"),
         n_single=20,
         batch=100,
@@ -176,14 +178,12 @@ def test_pareto_points_figures_and_sentence(tmp_path):
     comps = compare_compressions(
         [CompressionSpec("float32"), CompressionSpec("int8"), CompressionSpec("binary")],
         x,
-        x,
-        lab,
+        RetrievalTask(x, lab),
         k=K,
     )
     idx = evaluate_indexes(
         [IndexSpec.of("FLAT"), IndexSpec.of("IVF_SQ8", {"nlist": 8}, {"nprobe": 8})],
-        x,
-        lab,
+        RetrievalTask(x, lab),
         uri=str(tmp_path / "m.db"),
         n_single=5,
         batch=50,

@@ -10,20 +10,10 @@ import time
 import mlflow
 import pytest
 
-import embbench.cells as cells
 from embbench.cells import GridError
 from embbench.records import ResultStore
 from embbench.services import ServiceUnreachableError
 from embbench.stages.embed import EmbedConfig, EmbedSteps, run_embed
-
-BASE = dict(
-    models=["test_resnet"],
-    datasets=["demo"],
-    weights="random",
-    batch_size=8,
-    num_workers=0,
-    backend="exact",
-)
 
 
 class _Crash(RuntimeError):
@@ -39,9 +29,8 @@ def _cell_runs():
 
 
 @pytest.mark.slow
-def test_a_crash_mid_cell_leaves_one_run_per_cell(small_demo, monkeypatch):
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = EmbedConfig(**BASE)
+def test_a_crash_mid_cell_leaves_one_run_per_cell(demo_cells, embed_options, monkeypatch):
+    cfg = EmbedConfig(**embed_options)
     produce = EmbedSteps.produce
 
     def crash(self, cell, inputs):
@@ -65,7 +54,7 @@ def test_a_crash_mid_cell_leaves_one_run_per_cell(small_demo, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_runs_of_one_grid_compute_each_cell_once(small_demo, tmp_path):
+def test_two_runs_of_one_grid_compute_each_cell_once(small_demo, embed_options, tmp_path):
     # the second process waits for the first's cell lock, then skips the finished cell
     script = textwrap.dedent(f"""
         import embbench
@@ -77,7 +66,7 @@ def test_two_runs_of_one_grid_compute_each_cell_once(small_demo, tmp_path):
                                   n_categories=4, products_per_category=3, views=(4, 2, 3),
                                   image_size=48)
         cells.load_catalogue = lambda *a, **k: cat
-        run_embed(EmbedConfig(**{BASE!r}))
+        run_embed(EmbedConfig(**{embed_options!r}))
     """)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
@@ -90,13 +79,12 @@ def test_two_runs_of_one_grid_compute_each_cell_once(small_demo, tmp_path):
     assert sum("finished earlier" in e for e in errs) == 1  # the other one skipped it
 
 
-def test_unreachable_services_fail_in_seconds_naming_the_uri(small_demo, monkeypatch):
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
+def test_unreachable_services_fail_in_seconds_naming_the_uri(demo_cells, embed_options):
     t0 = time.perf_counter()
-    cfg = EmbedConfig(**{**BASE, "backend": "milvus", "milvus_uri": "http://127.0.0.1:9"})
+    cfg = EmbedConfig(**{**embed_options, "backend": "milvus", "milvus_uri": "http://127.0.0.1:9"})
     with pytest.raises(GridError, match="127.0.0.1:9"):
         run_embed(cfg)
-    cfg = EmbedConfig(**{**BASE, "tracking_uri": "http://127.0.0.1:9"})
+    cfg = EmbedConfig(**{**embed_options, "tracking_uri": "http://127.0.0.1:9"})
     with pytest.raises(ServiceUnreachableError, match="127.0.0.1:9"):
         run_embed(cfg)
     assert time.perf_counter() - t0 < 30

@@ -13,6 +13,7 @@ from embbench.deploy.compress import (
     fit_compression,
     hamming_search,
 )
+from embbench.retrieval import RetrievalTask
 
 K = 5
 
@@ -86,7 +87,7 @@ def test_int8_equals_independent_quantisation(data):
     codes = np.clip(np.round((xn - lo) / step), 0, 255)
     decoded = codes * step + lo
     ref = _brute_metrics(decoded, decoded, lab, lab, K, within=True)
-    res = evaluate_compression(CompressionSpec("int8"), train, x, lab, k=K)
+    res = evaluate_compression(CompressionSpec("int8"), train, RetrievalTask(x, lab), k=K)
     _assert_same(res.metrics, ref)
     assert res.bytes_per_vector == 16 and res.memory_ratio == 0.25
     # the codes a deployment stores are int8 and round-trip to within half a step
@@ -108,19 +109,17 @@ def test_pca_equals_sklearn(data, whiten, protocol):
     px = pca.transform(_unit(x))
     if protocol == "within":
         ref = _brute_metrics(px, px, lab, lab, K, within=True)
-        res = evaluate_compression(CompressionSpec("pca", dim=4, whiten=whiten), train, x, lab, k=K)
+        res = evaluate_compression(
+            CompressionSpec("pca", dim=4, whiten=whiten), train, RetrievalTask(x, lab), k=K
+        )
     else:
         pq = pca.transform(_unit(q))
         ref = _brute_metrics(pq, px, q_lab, lab, K, within=False)
         res = evaluate_compression(
             CompressionSpec("pca", dim=4, whiten=whiten),
             train,
-            q,
-            q_lab,
-            x,
-            lab,
+            RetrievalTask(q, q_lab, x, lab, protocol="cross"),
             k=K,
-            protocol="cross",
         )
     _assert_same(res.metrics, ref)
     assert res.bytes_per_vector == 16
@@ -128,10 +127,11 @@ def test_pca_equals_sklearn(data, whiten, protocol):
 
 def test_pca_fitted_on_train_only(data):
     train, x, lab, _, _ = data
-    a = evaluate_compression(CompressionSpec("pca", dim=4), train, x, lab, k=K)
-    b = evaluate_compression(CompressionSpec("pca", dim=4), train[::-1] * 3.0, x, lab, k=K)
+    task = RetrievalTask(x, lab)
+    a = evaluate_compression(CompressionSpec("pca", dim=4), train, task, k=K)
+    b = evaluate_compression(CompressionSpec("pca", dim=4), train[::-1] * 3.0, task, k=K)
     _assert_same(a.metrics, b.metrics)  # same train set (order, scale) -> same basis
-    c = evaluate_compression(CompressionSpec("pca", dim=4), train[:20], x, lab, k=K)
+    c = evaluate_compression(CompressionSpec("pca", dim=4), train[:20], task, k=K)
     assert c.metrics != a.metrics  # another train split changes the basis
     with pytest.raises(ValueError, match="train"):
         fit_compression(CompressionSpec("pca", dim=8), train[:5])
@@ -166,7 +166,7 @@ def test_hamming_ties_by_id_and_self_by_id():
 def test_binary_equals_brute_force_on_signs(data):
     train, x, lab, _, _ = data
     signs = np.where(_unit(x) > 0, 1.0, -1.0)
-    res = evaluate_compression(CompressionSpec("binary"), train, x, lab, k=K)
+    res = evaluate_compression(CompressionSpec("binary"), train, RetrievalTask(x, lab), k=K)
     assert res.search == "hamming" and res.bytes_per_vector == 2
     # Hamming = (d - s.s') / 2: same order as the inner product of sign vectors, ties by id
     ref = _brute_metrics(signs, signs, lab, lab, K, within=True)
@@ -183,7 +183,7 @@ def test_float16_and_default_grid(data):
     assert [s.bytes_per_vector(512) for s in specs[:4]] == [2048, 1024, 512, 64]
     assert len({hash(s) for s in specs}) == len(specs)  # hashable, distinct
     results = compare_compressions(
-        [CompressionSpec("float32"), CompressionSpec("float16")], train, x, lab, k=K
+        [CompressionSpec("float32"), CompressionSpec("float16")], train, RetrievalTask(x, lab), k=K
     )
     assert results[0].delta == {key: 0.0 for key in results[0].metrics}
     assert all(abs(v) < 0.05 for v in results[1].delta.values())

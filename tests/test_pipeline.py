@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -198,100 +194,18 @@ def test_run_cell_rejects_a_cell_outside_the_grid():
 
 
 # ---- a tiny grid end to end with kfp's local runner ---------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(check, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+@pytest.fixture
+def milvus_server(services, tmp_path):
+    port = services.free_port()
+    services.start("milvus", tmp_path, port)
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
-def milvus_server(tmp_path):
-    port = _free_port()
-    log = (tmp_path / "milvus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "milvus-lite"),
-            "server",
-            "--data-dir",
-            str(tmp_path / "milvus.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        _wait(
-            lambda: (
-                proc.poll() is None
-                and socket.create_connection(("127.0.0.1", port), 1).close() is None
-            ),
-            "milvus-lite server",
-        )
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-        log.close()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    log = (tmp_path / "mlflow.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "mlartifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait(
-            lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
-            "mlflow server",
-        )
-        yield uri
-    finally:
-        _stop(proc)
-        log.close()
+def mlflow_server(services, tmp_path):
+    port = services.free_port()
+    services.start("mlflow", tmp_path, port)
+    return f"http://127.0.0.1:{port}"
 
 
 def _tiny_params() -> dict[str, list[Path]]:

@@ -12,155 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
+import pandas as pd
 import pytest
+import yaml
 
-import embbench.cells as cells
-from embbench.records import ResultStore
+from embbench.records import ResultRecord, ResultStore
 from embbench.services import ServiceUnreachableError
 from embbench.stages.embed import EmbedConfig, EmbedSteps, run_embed
-
-BIN = Path(sys.executable).parent
-BASE = dict(
-    models=["test_resnet"],
-    datasets=["demo"],
-    weights="random",
-    batch_size=8,
-    num_workers=0,
-    backend="exact",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_mlflow(home: Path, port: int) -> subprocess.Popen:
-    log = (home / "mlflow.log").open("a")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(home / "mlartifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                return proc
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    _kill(proc)
-    raise RuntimeError(f"mlflow server did not come up; see {home / 'mlflow.log'}")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_mlflow_server_killed_mid_grid_fails_in_seconds_and_the_rerun_completes(
-    small_demo, monkeypatch, tmp_path
-):
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    for var in (
-        "MLFLOW_HTTP_REQUEST_TIMEOUT",
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
-    ):
-        monkeypatch.delenv(var, raising=False)  # embbench's defaults, not a user's
-    home = tmp_path / "server"
-    home.mkdir()
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cfg = EmbedConfig(**{**BASE, "models": ["test_resnet", "test_clip"], "tracking_uri": uri})
-    server = _start_mlflow(home, port)
-    produce = EmbedSteps.produce
-    calls = []
-
-    def dies_at_the_second_cell(self, cell, inputs):
-        calls.append(cell.model)
-        if len(calls) == 2:
-            _kill(server)  # the server dies while the grid is running
-        return produce(self, cell, inputs)
-
-    monkeypatch.setattr(EmbedSteps, "produce", dies_at_the_second_cell)
-    try:
-        t0 = time.perf_counter()
-        with pytest.raises(ServiceUnreachableError) as err:
-            run_embed(cfg)
-        elapsed = time.perf_counter() - t0
-        assert calls == ["test_resnet", "test_clip"]
-        message = str(err.value)
-        assert len(message.splitlines()) == 1 and uri in message and "rerun" in message
-        assert elapsed < 60, elapsed  # seconds, not minutes of retries (generous bound)
-        (first,) = ResultStore().records()  # the finished cell's record, complete
-        assert first.model == "test_resnet" and first.metrics and first.mlflow_run_id
-
-        server = _start_mlflow(home, port)  # the server is back: the rerun completes
-        table = run_embed(cfg)
-        assert table["model"].tolist() == ["test_resnet", "test_clip"]
-        assert table["mMP@5"].iloc[0] == first.metrics["mMP@5"]
-        assert calls == ["test_resnet", "test_clip", "test_clip"]  # the first was kept
-        assert len(ResultStore().records()) == 2
-    finally:
-        _kill(server)
-
-
-def _start_milvus(home: Path, port: int) -> subprocess.Popen:
-    log = (home / "milvus.log").open("a")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "milvus-lite"),
-            "server",
-            "--data-dir",
-            str(home / "milvus.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    _kill(proc)
-    raise RuntimeError(f"milvus-lite server did not come up; see {home / 'milvus.log'}")
 
 
 def _wait_for_milvus(uri: str, timeout: float = 60.0) -> None:
@@ -180,64 +44,105 @@ def _wait_for_milvus(uri: str, timeout: float = 60.0) -> None:
             time.sleep(1)
 
 
-@pytest.mark.slow
-def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
-    small_demo, monkeypatch, tmp_path
-):
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    monkeypatch.delenv("EMBBENCH_MILVUS_TIMEOUT", raising=False)
-    home = tmp_path / "milvus"
-    home.mkdir()
-    port = _free_port()
+class Outage(NamedTuple):
+    """What a grid did when its server died at the second cell, and when it was rerun."""
+
+    uri: str  # the server's address
+    message: str  # the error's message
+    elapsed: float  # seconds to the error
+    first: ResultRecord  # the finished cell's record
+    rerun: pd.DataFrame  # the rerun's table (the server back on the same port)
+    calls: list[str]  # the models produced over both runs
+
+
+def _server_dies_at_the_second_cell(
+    services, monkeypatch, kind: str, home: Path, options: Callable[[str], dict]
+) -> Outage:
+    """Run a two-model grid (``options(uri)``) whose ``kind`` server is killed as the second
+    cell starts; then start the server again and rerun the grid."""
+    port = services.free_port()
     uri = f"http://127.0.0.1:{port}"
-    cfg = EmbedConfig(
-        **{**BASE, "models": ["test_resnet", "test_clip"], "backend": "milvus", "milvus_uri": uri}
-    )
-    server = _start_milvus(home, port)
+    cfg = EmbedConfig(**{**options(uri), "models": ["test_resnet", "test_clip"]})
+    server = services.start(kind, home, port)
     produce = EmbedSteps.produce
     calls = []
 
     def dies_at_the_second_cell(self, cell, inputs):
         calls.append(cell.model)
         if len(calls) == 2:
-            _kill(server)
+            services.kill(server)  # the server dies while the grid is running
         return produce(self, cell, inputs)
 
     monkeypatch.setattr(EmbedSteps, "produce", dies_at_the_second_cell)
-    try:
-        t0 = time.perf_counter()
-        with pytest.raises(ServiceUnreachableError) as err:
-            run_embed(cfg)
-        elapsed = time.perf_counter() - t0
-        message = str(err.value)
-        assert len(message.splitlines()) == 1 and f"Milvus at {uri}" in message
-        assert elapsed < 60, elapsed  # pymilvus alone retries for minutes (generous bound)
-        (first,) = ResultStore().records()
-        assert first.model == "test_resnet" and first.metrics
-        server = _start_milvus(home, port)  # back: the rerun completes, the first cell kept
+    t0 = time.perf_counter()
+    with pytest.raises(ServiceUnreachableError) as err:
+        run_embed(cfg)
+    elapsed = time.perf_counter() - t0
+    (first,) = ResultStore().records()
+    services.start(kind, home, port)
+    if kind == "milvus":
         _wait_for_milvus(uri)
-        table = run_embed(cfg)
-        assert table["model"].tolist() == ["test_resnet", "test_clip"]
-        assert calls == ["test_resnet", "test_clip", "test_clip"]
-    finally:
-        _kill(server)
+    return Outage(uri, str(err.value), elapsed, first, run_embed(cfg), calls)
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_grid_fails_in_seconds_and_the_rerun_completes(
+    demo_cells, embed_options, services, monkeypatch, tmp_path
+):
+    for var in (
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    ):
+        monkeypatch.delenv(var, raising=False)  # embbench's defaults, not a user's
+    out = _server_dies_at_the_second_cell(
+        services, monkeypatch, "mlflow", tmp_path / "server",
+        lambda uri: {**embed_options, "tracking_uri": uri},
+    )  # fmt: skip
+    assert len(out.message.splitlines()) == 1 and out.uri in out.message
+    assert "rerun" in out.message
+    assert out.elapsed < 60, out.elapsed  # seconds, not minutes of retries (generous bound)
+    first = out.first  # the finished cell's record, complete
+    assert first.model == "test_resnet" and first.metrics and first.mlflow_run_id
+    assert out.rerun["model"].tolist() == ["test_resnet", "test_clip"]  # the server is back
+    assert out.rerun["mMP@5"].iloc[0] == first.metrics["mMP@5"]
+    assert out.calls == ["test_resnet", "test_clip", "test_clip"]  # the first was kept
+    assert len(ResultStore().records()) == 2
+
+
+@pytest.mark.slow
+def test_milvus_server_killed_mid_grid_fails_in_seconds_naming_the_uri(
+    demo_cells, embed_options, services, monkeypatch, tmp_path
+):
+    monkeypatch.delenv("EMBBENCH_MILVUS_TIMEOUT", raising=False)
+    out = _server_dies_at_the_second_cell(
+        services, monkeypatch, "milvus", tmp_path / "milvus",
+        lambda uri: {**embed_options, "backend": "milvus", "milvus_uri": uri},
+    )  # fmt: skip
+    assert len(out.message.splitlines()) == 1 and f"Milvus at {out.uri}" in out.message
+    assert out.elapsed < 60, out.elapsed  # pymilvus alone retries for minutes (generous bound)
+    assert out.first.model == "test_resnet" and out.first.metrics
+    assert out.rerun["model"].tolist() == ["test_resnet", "test_clip"]  # back: the rerun completes
+    assert out.calls == ["test_resnet", "test_clip", "test_clip"]  # the first cell kept
 
 
 @pytest.mark.slow
 def test_corrupted_milvus_lite_collection_is_rebuilt_with_equal_metrics(
-    small_demo, monkeypatch, caplog, capfd
+    demo_cells, embed_options, caplog, capfd
 ):
     from embbench.paths import runs_dir
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    first = run_embed(EmbedConfig(**{**BASE, "backend": "milvus"}))
+    first = run_embed(EmbedConfig(**{**embed_options, "backend": "milvus"}))
     files = [p for p in (runs_dir() / "milvus.db").rglob("*.json*") if "collections" in p.parts]
     assert files  # the collection's schema and manifest
     for path in files:  # garbage where Milvus Lite expects UTF-8 JSON
         path.write_bytes(b"\xff\xfe\x80" * 50)
     capfd.readouterr()
     with caplog.at_level(logging.WARNING):
-        again = run_embed(EmbedConfig(**{**BASE, "backend": "milvus", "overwrite": "always"}))
+        again = run_embed(
+            EmbedConfig(**{**embed_options, "backend": "milvus", "overwrite": "always"})
+        )
     metrics = [c for c in first.columns if "@" in c]
     assert metrics and again[metrics].equals(first[metrics])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -277,15 +182,12 @@ def _remount(target: Path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(target)], check=True)
 
 
-def _cli_embed(tmp_path: Path, capsys) -> tuple[int, list[str]]:
-    """``embbench embed -f tiny.yaml``; its status and its stderr lines."""
+def _cli_embed(tmp_path: Path, capsys, options: dict) -> tuple[int, list[str]]:
+    """``embbench embed -f tiny.yaml`` of ``options``; its status and its stderr lines."""
     from embbench.cli import main
 
     params = tmp_path / "tiny.yaml"
-    params.write_text(
-        "models: [test_resnet]\ndatasets: [demo]\nweights: random\nbatch_size: 8\n"
-        "num_workers: 0\nbackend: exact\n"
-    )
+    params.write_text(yaml.safe_dump(options))
     capsys.readouterr()
     status = main(["embed", "-f", str(params)])
     return status, capsys.readouterr().err.splitlines()
@@ -299,39 +201,37 @@ def _one_error_line(lines: list[str]) -> str:
 
 @pytest.mark.slow
 def test_read_only_cache_folder_is_one_line_before_any_work(
-    small_demo, monkeypatch, tmp_path, capsys, mounts
+    demo_cells, embed_options, tmp_path, capsys, mounts
 ):
     from embbench.paths import cache_dir
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     cache = mounts(cache_dir(), "size=8m")
     (cache / "embeddings").mkdir()
     _remount(cache, "ro")
-    status, lines = _cli_embed(tmp_path, capsys)
+    status, lines = _cli_embed(tmp_path, capsys, embed_options)
     line = _one_error_line(lines)
     assert status == 2
     assert line.startswith(f"embbench embed: error: {cache}") and "EMBBENCH_CACHE" in line
     assert "read-only" in line
     assert ResultStore().records() == []  # nothing ran, nothing recorded
     _remount(cache, "rw")  # fixed: the rerun completes
-    status, lines = _cli_embed(tmp_path, capsys)
+    status, lines = _cli_embed(tmp_path, capsys, embed_options)
     assert status == 0, lines
     assert len(ResultStore().records()) == 1
 
 
 @pytest.mark.slow
 def test_full_runs_folder_is_one_line_before_any_work(
-    small_demo, monkeypatch, tmp_path, capsys, mounts
+    demo_cells, embed_options, tmp_path, capsys, mounts
 ):
     from embbench.paths import runs_dir
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     runs = mounts(runs_dir(), "size=256k")
     with (runs / "filler").open("wb") as fh, pytest.raises(OSError):  # fill it up
         while True:
             fh.write(b"\0" * 65536)
             fh.flush()
-    status, lines = _cli_embed(tmp_path, capsys)
+    status, lines = _cli_embed(tmp_path, capsys, embed_options)
     line = _one_error_line(lines)
     assert status == 2 and f"disk full while writing {runs} " in line and "EMBBENCH_RUNS" in line
     assert not list((runs_dir()).glob("results/**/*.json"))
@@ -339,14 +239,13 @@ def test_full_runs_folder_is_one_line_before_any_work(
 
 @pytest.mark.slow
 def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
-    small_demo, monkeypatch, tmp_path, capsys, mounts
+    demo_cells, embed_options, monkeypatch, tmp_path, capsys, mounts
 ):
     from embbench.paths import runs_dir
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = mounts(runs_dir(), "size=256k")  # room for the probe, not for the MLflow store (~1 MB)
-    status, lines = _cli_embed(tmp_path, capsys)
+    status, lines = _cli_embed(tmp_path, capsys, embed_options)
     line = _one_error_line(lines)
     assert status == 2
     assert (
@@ -358,7 +257,7 @@ def test_runs_folder_filling_up_mid_run_is_one_line_and_nothing_half_made(
     assert not (runs / "mlflow.db").exists() and not list(runs.glob(".mlflow.db.*"))  # no half
     assert ResultStore().records() == []
     subprocess.run(["umount", "-l", str(runs)], check=True)  # space again: the rerun completes
-    status, lines = _cli_embed(tmp_path, capsys)
+    status, lines = _cli_embed(tmp_path, capsys, embed_options)
     assert status == 0, lines
     assert len(ResultStore().records()) == 1
 

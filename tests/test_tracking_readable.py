@@ -7,14 +7,11 @@ synthetic top-tuning cell) and read the tracking store back with MlflowClient.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -195,54 +192,26 @@ def _page_text(chromium: str, url: str, profile: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_printed_ui_link_opens_the_runs_in_the_ml_view(tmp_path):
+def test_printed_ui_link_opens_the_runs_in_the_ml_view(services, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
     uri = setup_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "embbench")
     with mlflow.start_run(run_name="embed/test_resnet/demo"):
         mlflow.log_metric("mMP_at_5", 0.5)
-    port = _free_port()
+    port = services.free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            uri,
-            "--default-artifact-root",
-            str(tmp_path / "art"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "no MLflow server"
-                time.sleep(1)
-        link = ui_link("embbench", uri, base)
-        exp_id = mlflow.MlflowClient(uri).get_experiment_by_name("embbench").experiment_id
-        assert link == f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
-        ml = _page_text(chromium, link, tmp_path / "p1")
-        assert "embed/test_resnet/demo" in ml
-        assert "Model registry" in ml and "Evaluation runs" not in ml  # the ML side bar
-        # why the link carries the view: MLflow 3.17 ignores the experiment's kind tag and
-        # opens the same page in its GenAI view (runs as "Evaluation runs")
-        plain = _page_text(chromium, link.split("?")[0], tmp_path / "p2")
-        assert "Evaluation runs" in plain
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    services.start("mlflow", tmp_path, port)  # serves the store above (tmp_path/mlflow.db)
+    link = ui_link("embbench", uri, base)
+    exp_id = mlflow.MlflowClient(uri).get_experiment_by_name("embbench").experiment_id
+    assert link == f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    ml = _page_text(chromium, link, tmp_path / "p1")
+    assert "embed/test_resnet/demo" in ml
+    assert "Model registry" in ml and "Evaluation runs" not in ml  # the ML side bar
+    # why the link carries the view: MLflow 3.17 ignores the experiment's kind tag and
+    # opens the same page in its GenAI view (runs as "Evaluation runs")
+    plain = _page_text(chromium, link.split("?")[0], tmp_path / "p2")
+    assert "Evaluation runs" in plain
 
 
 # ---- a Milvus Lite file held by another process -------------------------------------------------
@@ -256,13 +225,11 @@ time.sleep(300)
 
 
 @pytest.mark.slow
-def test_held_milvus_lite_file_is_reported_before_any_work(small_demo, tmp_path, monkeypatch):
-    import embbench.cells as cells
+def test_held_milvus_lite_file_is_reported_before_any_work(demo_cells, embed_options, tmp_path):
     from embbench.cells import GridError
     from embbench.paths import cache_dir
     from embbench.stages.embed import EmbedConfig, run_embed
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     db = tmp_path / "held" / "milvus.db"
     db.parent.mkdir()
     holder = subprocess.Popen(
@@ -271,13 +238,7 @@ def test_held_milvus_lite_file_is_reported_before_any_work(small_demo, tmp_path,
     try:
         assert holder.stdout.readline().strip() == "holding"
         cfg = EmbedConfig(
-            models=["test_resnet"],
-            weights="random",
-            datasets=["demo"],
-            batch_size=16,
-            num_workers=0,
-            backend="milvus",
-            milvus_uri=str(db),
+            **{**embed_options, "batch_size": 16, "backend": "milvus", "milvus_uri": str(db)}
         )
         with pytest.raises(GridError) as err:
             run_embed(cfg)

@@ -5,29 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import embbench.cells as cells
 from embbench.deploy import CompressionSpec, fit_compression
 from embbench.records import ResultStore
 from embbench.retrieval import search_and_evaluate
 from embbench.stages.embed import EmbedConfig, run_embed
 
-BASE = dict(
-    models=["test_resnet"],
-    datasets=["demo"],
-    weights="random",
-    batch_size=8,
-    num_workers=0,
-    backend="exact",
-    deploy_timings=False,
-)
-
 
 @pytest.mark.slow
-def test_compression_and_index_variants_are_cells(small_demo, monkeypatch):
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = EmbedConfig(
-        **BASE, compressions=["int8", "pca_half", "binary"], indexes=["FLAT", "IVF_SQ8"]
-    )
+def test_compression_and_index_variants_are_cells(demo_cells, embed_options):
+    variants = {"compressions": ["int8", "pca_half", "binary"], "indexes": ["FLAT", "IVF_SQ8"]}
+    cfg = EmbedConfig(**embed_options, deploy_timings=False, **variants)
     table = run_embed(cfg)
     records = {r.lineage.variant.get("name", ""): r for r in ResultStore().records("embed")}
     exact = records[""]
@@ -45,7 +32,7 @@ def test_compression_and_index_variants_are_cells(small_demo, monkeypatch):
     assert flat.details["recall"] == pytest.approx(1.0)
     assert flat.metrics == pytest.approx(exact.metrics)
     # int8: the record equals an independent computation on the same cached vectors
-    test = small_demo.split("test")
+    test = demo_cells.split("test")
     q = np.load(exact.caches["query"] + "/vectors.npy")
     ids = np.load(exact.caches["query"] + "/ids.npy", allow_pickle=False)
     from pathlib import Path

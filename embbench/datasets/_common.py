@@ -164,6 +164,12 @@ class LoadRequest:
         )
 
 
+def label_and_name_maps(items: pd.DataFrame, label: str, names: str) -> dict[str, dict]:
+    """``name_maps`` for a label and its name column: ``label`` -> name, ``names`` -> itself."""
+    by_value = names_by_value(items, label, names)
+    return {label: by_value, names: {n: n for n in by_value.values()}}
+
+
 def names_by_value(items: pd.DataFrame, label: str, names: str) -> dict:
     """``{value of label: its name in column names}`` over the rows (names missing: skipped)."""
     rows = items[[label, names]].dropna().drop_duplicates(label)

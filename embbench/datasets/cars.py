@@ -37,7 +37,7 @@ from embbench.datasets._common import (
     Layout,
     LoadRequest,
     join_paths,
-    names_by_value,
+    label_and_name_maps,
     nested_image_dir,
     require_file,
 )
@@ -247,8 +247,7 @@ def load(req: LoadRequest) -> Catalogue:
         )
     )
     # Class prompts use the devkit's class_names verbatim (a slash and hyphens are kept).
-    names = names_by_value(items, "class", "class_name")
-    name_maps = {"class": names, "class_name": {n: n for n in names.values()}}
+    name_maps = label_and_name_maps(items, "class", "class_name")
     return req.finish(
         items,
         ("class", "class_name"),

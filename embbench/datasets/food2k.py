@@ -25,7 +25,7 @@ from embbench.datasets._common import (
     Layout,
     LoadRequest,
     join_paths,
-    names_by_value,
+    label_and_name_maps,
     read_text_lines,
     require_file,
 )
@@ -180,8 +180,7 @@ def load(req: LoadRequest) -> Catalogue:
                 f"{shared.index[0]!r} x{int(shared.iloc[0])}); food_id is the label"
             )
     # Class prompts use the English names file; without it, class_names() falls back to ids.
-    names = names_by_value(items, "food_id", "food_name")
-    name_maps = {"food_id": names, "food_name": {n: n for n in names.values()}}
+    name_maps = label_and_name_maps(items, "food_id", "food_name")
     return req.finish(items, ("food_id", "food_name"), val_from="publisher", name_maps=name_maps)
 
 

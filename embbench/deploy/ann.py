@@ -30,7 +30,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from embbench.deploy.indexes import (
 )
 from embbench.metrics import RetrievalResult, evaluate_rankings
 from embbench.paths import runs_dir
-from embbench.retrieval import ExactBackend, l2_normalize
+from embbench.retrieval import ExactBackend, RetrievalTask
 from embbench.retrieval.milvus_collection import (
     MAX_NQ,
     MAX_TOPK,
@@ -218,14 +218,9 @@ def _fingerprint(x: np.ndarray) -> str:
 
 def evaluate_indexes(
     specs: list[IndexSpec],
-    query_vectors: np.ndarray,
-    query_labels: np.ndarray,
-    index_vectors: np.ndarray | None = None,
-    index_labels: np.ndarray | None = None,
+    task: RetrievalTask,
     *,
     k: int = 5,
-    protocol: Literal["within", "cross"] = "within",
-    query_ids: np.ndarray | None = None,
     uri: str | None = None,
     token: str = "",
     timings: bool = True,
@@ -239,13 +234,8 @@ def evaluate_indexes(
 
     Args:
         specs: The variants (e.g. :func:`embbench.deploy.indexes.default_index_grid`).
-        query_vectors: ``(nq, d)`` queries (L2-normalised here).
-        query_labels: ``(nq,)`` labels.
-        index_vectors: ``(n, d)`` index (``None`` under ``within`` = the queries).
-        index_labels: ``(n,)`` labels (``None`` under ``within`` = the query labels).
+        task: The queries, the index and the protocol (vectors L2-normalised here).
         k: The cut-off.
-        protocol: ``within`` (query removed by id) or ``cross``.
-        query_ids: Under ``within``, the index position of each query (default ``0..nq-1``).
         uri: Milvus Lite file (default ``runs_dir()/milvus_deploy.db``) or a server address.
         token: Server token.
         timings: Measure the labelled latency/throughput/memory (off for quality-only runs).
@@ -260,16 +250,11 @@ def evaluate_indexes(
     Returns:
         One result per spec, in order.
     """
-    q = l2_normalize(query_vectors, "query_vectors")
-    x = q if index_vectors is None else l2_normalize(index_vectors, "index_vectors")
-    q_lab = np.asarray(query_labels)
-    x_lab = q_lab if index_labels is None else np.asarray(index_labels)
-    qids = None
-    if protocol == "within":
-        qids = np.arange(len(q)) if query_ids is None else np.asarray(query_ids, dtype=np.int64)
+    q_lab, x_lab, qids = task.relevance()
+    q, x = task.unit_vectors()
     kk = k + (1 if qids is not None else 0)
     exact_ids, _ = ExactBackend().search(x, q, k, query_ids=qids)
-    within = protocol == "within"
+    within = task.within
     exact = evaluate_rankings(exact_ids, q_lab, x_lab, k, exclude_self=within, query_ids=qids)
     batch = min(batch, MAX_NQ)
     budget = TimingBudget(n_single, batch, threads)

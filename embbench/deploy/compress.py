@@ -31,7 +31,7 @@ import numpy as np
 
 from embbench.deploy.indexes import variant_row
 from embbench.metrics import RetrievalResult, evaluate_rankings
-from embbench.retrieval import SearchBackend, l2_normalize, search_and_evaluate
+from embbench.retrieval import RetrievalTask, SearchBackend, l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -302,14 +302,9 @@ class CompressionResult:
 def evaluate_compression(
     spec: CompressionSpec,
     train: np.ndarray,
-    query_vectors: np.ndarray,
-    query_labels: np.ndarray,
-    index_vectors: np.ndarray | None = None,
-    index_labels: np.ndarray | None = None,
+    task: RetrievalTask,
     *,
     k: int = 5,
-    protocol: Literal["within", "cross"] = "within",
-    query_ids: np.ndarray | None = None,
     backend: SearchBackend | str = "exact",
     reference: dict[str, float] | None = None,
 ) -> CompressionResult:
@@ -318,13 +313,8 @@ def evaluate_compression(
     Args:
         spec: The variant.
         train: Train-split embeddings used for fitting only.
-        query_vectors: ``(nq, d)`` query embeddings.
-        query_labels: ``(nq,)`` labels.
-        index_vectors: ``(n, d)`` index embeddings (``None`` under ``within`` = the queries).
-        index_labels: ``(n,)`` labels (``None`` under ``within`` = the query labels).
+        task: The float32 queries, index and protocol (encoded and decoded here).
         k: The cut-off.
-        protocol: ``within`` or ``cross`` (see :func:`embbench.retrieval.search_and_evaluate`).
-        query_ids: Under ``within``, the index position of each query.
         backend: Backend for the decoded float vectors (binary codes use Hamming search).
         reference: Summary metrics of float32 to compute ``delta`` against.
 
@@ -332,37 +322,19 @@ def evaluate_compression(
         The variant's result.
     """
     fitted = fit_compression(spec, train)
-    q_codes = fitted.encode(query_vectors)
-    same = index_vectors is None
-    x_codes = q_codes if same else fitted.encode(index_vectors)
+    q_codes = fitted.encode(task.query_vectors)
+    same = task.index_vectors is None
+    x_codes = q_codes if same else fitted.encode(task.index_vectors)
     if spec.kind == "binary":
-        x_lab = np.asarray(query_labels if index_labels is None else index_labels)
-        qids = None
-        if protocol == "within":
-            qids = np.arange(len(q_codes)) if query_ids is None else np.asarray(query_ids)
+        q_lab, x_lab, qids = task.relevance()
         ids, _ = hamming_search(x_codes, q_codes, k, query_ids=qids)
-        res = evaluate_rankings(
-            ids,
-            np.asarray(query_labels),
-            x_lab,
-            k,
-            exclude_self=protocol == "within",
-            query_ids=qids,
-        )
+        res = evaluate_rankings(ids, q_lab, x_lab, k, exclude_self=task.within, query_ids=qids)
         how = "hamming"
     else:
-        q_dec = fitted.decode(q_codes)
-        x_dec = None if same else fitted.decode(x_codes)
-        res = search_and_evaluate(
-            q_dec,
-            query_labels,
-            x_dec,
-            index_labels,
-            k=k,
-            protocol=protocol,
-            backend=backend,
-            query_ids=query_ids,
+        decoded = task.with_vectors(
+            fitted.decode(q_codes), None if same else fitted.decode(x_codes)
         )
+        res = decoded.search(k=k, backend=backend)
         how = "exact" if isinstance(backend, str) else getattr(backend, "name", "backend")
     delta = {
         key: (value - reference[key]) if reference and key in reference else float("nan")
@@ -382,10 +354,7 @@ def evaluate_compression(
 def compare_compressions(
     specs: list[CompressionSpec],
     train: np.ndarray,
-    query_vectors: np.ndarray,
-    query_labels: np.ndarray,
-    index_vectors: np.ndarray | None = None,
-    index_labels: np.ndarray | None = None,
+    task: RetrievalTask,
     **kwargs: Any,
 ) -> list[CompressionResult]:
     """Evaluate each spec; deltas are against float32 (evaluated first if not in ``specs``).
@@ -393,16 +362,13 @@ def compare_compressions(
     Args:
         specs: The variants (e.g. :func:`default_compressions`).
         train: Train-split embeddings (fitting only).
-        query_vectors: Query embeddings.
-        query_labels: Query labels.
-        index_vectors: Index embeddings (``None`` under ``within``).
-        index_labels: Index labels (``None`` under ``within``).
-        **kwargs: ``k``, ``protocol``, ``query_ids``, ``backend`` for :func:`evaluate_compression`.
+        task: The float32 queries, index and protocol.
+        **kwargs: ``k``, ``backend`` for :func:`evaluate_compression`.
 
     Returns:
         One result per spec, in the order given.
     """
-    args = (train, query_vectors, query_labels, index_vectors, index_labels)
+    args = (train, task)
     ref_spec = CompressionSpec("float32")
     ref = evaluate_compression(ref_spec, *args, **kwargs)
     ref.delta = {key: 0.0 for key in ref.metrics}

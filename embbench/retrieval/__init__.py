@@ -36,7 +36,7 @@ from embbench.retrieval.base import (
     list_backends,
     register_backend,
 )
-from embbench.retrieval.evaluate import search_and_evaluate
+from embbench.retrieval.evaluate import RetrievalTask, search_and_evaluate
 from embbench.retrieval.exact import ExactBackend
 from embbench.retrieval.milvus import MilvusBackend
 from embbench.retrieval.milvus_collection import MilvusCollection
@@ -45,6 +45,7 @@ __all__ = [
     "ExactBackend",
     "MilvusBackend",
     "MilvusCollection",
+    "RetrievalTask",
     "SearchBackend",
     "create_backend",
     "l2_normalize",

@@ -36,6 +36,7 @@ from embbench.deploy import (
     evaluate_indexes,
     fit_compression,
 )
+from embbench.retrieval import RetrievalTask
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +155,19 @@ def produce_index(
     if within and x is not q:
         pos = {item: i for i, item in enumerate(x.item_ids)}
         qids = np.array([pos[item] for item in q.item_ids], dtype=np.int64)
-    (res,) = evaluate_indexes(
-        [spec],
+    one_set = within and x is q
+    task = RetrievalTask(
         np.asarray(q.vectors),
         q.labels(items, plan.label),
-        None if (within and x is q) else np.asarray(x.vectors),
-        None if (within and x is q) else x.labels(items, plan.label),
+        None if one_set else np.asarray(x.vectors),
+        None if one_set else x.labels(items, plan.label),
+        plan.protocol,
+        qids,
+    )
+    (res,) = evaluate_indexes(
+        [spec],
+        task,
         k=k,
-        protocol=plan.protocol,
-        query_ids=qids,
         uri=milvus_uri or None,
         token=token,
         timings=timings,

@@ -319,23 +319,13 @@ def _tune(
         tuner.project_dir,
     )
     t0 = time.perf_counter()
-    n_new = search.run_search(
-        tuner,
-        arrays,
-        epochs=cfg.search_epochs,
-        batch_size=cfg.train_batch_size,
-        seed=cfg.seed,
-    )
+    fit = {"batch_size": cfg.train_batch_size, "seed": cfg.seed}  # the search's and the final's
+    n_new = search.run_search(tuner, arrays, epochs=cfg.search_epochs, **fit)
     tuner_wall = time.perf_counter() - t0
     trials = search.trial_summaries(tuner)
     t0 = time.perf_counter()
     final_model, final = search.train_final(
-        tuner,
-        arrays,
-        epochs=cfg.final_epochs,
-        patience=cfg.patience,
-        batch_size=cfg.train_batch_size,
-        seed=cfg.seed,
+        tuner, arrays, epochs=cfg.final_epochs, patience=cfg.patience, **fit
     )
     final_wall = time.perf_counter() - t0
     best = next(t for t in trials if t["trial_id"] == final["best_trial"])
