@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -174,3 +175,46 @@ def services():
     yield started
     for proc in started.started:
         started.kill(proc)
+
+
+# ---- headless Chromium ----------------------------------------------------------------------
+class Chromium:
+    """Headless Chromium with a fresh profile per call, offline (no sync, updates, first run)."""
+
+    FLAGS = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    )
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def run(self, url: str, profile: Path, *args: str, timeout: float = 180) -> str:
+        """Open ``url`` with the extra ``args``; its stdout (it must exit 0)."""
+        proc = subprocess.run(
+            [self.path, *self.FLAGS, f"--user-data-dir={profile}", *args, url],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    def dom(self, url: str, profile: Path, budget_ms: int = 5000) -> str:
+        """The page's DOM after ``budget_ms`` of virtual time (its scripts ran)."""
+        return self.run(url, profile, f"--virtual-time-budget={budget_ms}", "--dump-dom")
+
+
+@pytest.fixture
+def chromium() -> Chromium:
+    """:class:`Chromium`; the test is skipped where it is not installed."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+    return Chromium(path)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
-import subprocess
 
 import nbformat
 import numpy as np
@@ -313,10 +311,7 @@ def test_report_renders_every_table_and_figure(rendered):
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.browser
-def test_report_opens_in_headless_chromium(rendered, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+def test_report_opens_in_headless_chromium(rendered, chromium, tmp_path):
     html = rendered["html"].read_text()
     # after load, count the images the browser actually decoded
     probe = (
@@ -329,29 +324,9 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     )
     page = tmp_path / "report.html"
     page.write_text(html.replace("</body>", probe + "</body>"))
-    proc = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    body = re.search(r"<body[^>]*>", proc.stdout)
-    assert body, proc.stdout[:500]
+    dom = chromium.dom(page.as_uri(), tmp_path / "profile")
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:500]
     n_imgs = int(re.search(r'data-imgs="(\d+)"', body.group(0)).group(1))
     decoded = int(re.search(r'data-decoded="(\d+)"', body.group(0)).group(1))
     thumbs = html.count('class="embbench-thumb"')
@@ -362,23 +337,14 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     shot_page = tmp_path / "gallery.html"
     shot_page.write_text(f"<html><body>{html[start:end]}</body></html>")
     shot = tmp_path / "gallery.png"
-    shot_proc = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile2'}",
-            "--window-size=1400,1200",
-            f"--screenshot={shot}",
-            shot_page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    chromium.run(
+        shot_page.as_uri(),
+        tmp_path / "profile2",
+        "--hide-scrollbars",
+        "--window-size=1400,1200",
+        f"--screenshot={shot}",
     )
-    assert shot_proc.returncode == 0 and shot.is_file(), shot_proc.stderr[-2000:]
+    assert shot.is_file()
     from PIL import Image
 
     with Image.open(shot) as im:
@@ -386,5 +352,4 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     green = (abs(rgb - [0x1A, 0x7F, 0x37]).sum(axis=2) < 40).sum()
     red = (abs(rgb - [0xB4, 0x23, 0x18]).sum(axis=2) < 40).sum()
     assert green > 100 and red > 100  # frames drawn around thumbnails
-    dom = proc.stdout
     assert "Traceback" not in dom and "RANDOM WEIGHTS" in dom

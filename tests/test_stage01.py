@@ -43,18 +43,10 @@ def test_milvus_and_exact_return_the_same_rankings_on_demo(small_demo):
 
 
 @pytest.mark.slow
-def test_run_embed_records_mlflow_and_skips_finished(small_demo, monkeypatch):
-    import embbench.cells as stage
-
-    monkeypatch.setattr(stage, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = EmbedConfig(
-        models=["test_resnet", "test_clip"],
-        weights="random",
-        datasets=["demo"],
-        batch_size=8,
-        num_workers=0,
-        backend="milvus",
-    )
+def test_run_embed_records_mlflow_and_skips_finished(demo_cells, embed_options):
+    small_demo = demo_cells
+    models = ["test_resnet", "test_clip"]
+    cfg = EmbedConfig(**{**embed_options, "models": models, "backend": "milvus"})
     table = run_embed(cfg)
     assert list(table["model"]) == ["test_resnet", "test_clip"]
     for metric in ("mMP@5", "mR@1", "MAP@5", "MRR@5", "NDCG@5"):

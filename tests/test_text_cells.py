@@ -22,17 +22,15 @@ from embbench.text import class_prompt_tasks, item_text_tasks, zero_shot_classif
 TEXT_TASKS = ["image-image", "text-image", "image-text", "zero-shot"]
 
 
-def _cfg(**kw):
-    base = dict(
-        models=["test_resnet", "test_clip"],
-        weights="random",
-        datasets=["demo"],
-        batch_size=8,
-        num_workers=0,
-        backend="exact",
-        tasks=TEXT_TASKS,
-    )
-    return EmbedConfig(**{**base, **kw})
+@pytest.fixture
+def text_cfg(embed_options):
+    """The text cells' grid: a ResNet and a CLIP on the demo; keywords override."""
+
+    def make(**kw) -> EmbedConfig:
+        models = ["test_resnet", "test_clip"]
+        return EmbedConfig(**{**embed_options, "models": models, "tasks": TEXT_TASKS, **kw})
+
+    return make
 
 
 def test_record_task_defaults_and_old_records_migrate_as_image_image():
@@ -50,8 +48,8 @@ def test_record_task_defaults_and_old_records_migrate_as_image_image():
     )
 
 
-def test_grid_gives_text_cells_to_text_models_only_and_logs_it(caplog):
-    steps = EmbedSteps(_cfg())
+def test_grid_gives_text_cells_to_text_models_only_and_logs_it(text_cfg, caplog):
+    steps = EmbedSteps(text_cfg())
     with caplog.at_level("INFO"):
         grid = steps.grid()
     assert [(c.model, c.task) for c in grid] == [
@@ -68,11 +66,9 @@ def test_grid_gives_text_cells_to_text_models_only_and_logs_it(caplog):
 
 
 @pytest.mark.slow
-def test_text_cells_records_equal_the_text_package_on_the_same_vectors(small_demo, monkeypatch):
-    import embbench.cells as engine
-
-    monkeypatch.setattr(engine, "load_catalogue", lambda *a, **k: small_demo)
-    cfg = _cfg()
+def test_text_cells_records_equal_the_text_package_on_the_same_vectors(demo_cells, text_cfg):
+    small_demo = demo_cells
+    cfg = text_cfg()
     table = run_embed(cfg)
     assert list(zip(table["model"], table["task"], strict=True)) == [
         ("test_resnet", "image-image"),
@@ -244,11 +240,8 @@ def test_a_users_title_column_gets_text_records_and_image_only_models_none(tmp_p
         assert rec.task == "image-image" or "ci" in rec.details
 
 
-def test_item_text_cell_run_nests_under_its_text_image_cell_run(small_demo, monkeypatch):
-    import embbench.cells as engine
-
-    monkeypatch.setattr(engine, "load_catalogue", lambda *a, **k: small_demo)
-    run_embed(_cfg(models=["test_clip"], tasks=["text-image"]))
+def test_item_text_cell_run_nests_under_its_text_image_cell_run(demo_cells, text_cfg):
+    run_embed(text_cfg(models=["test_clip"], tasks=["text-image"]))
     runs = mlflow.search_runs(experiment_names=["embbench"])
     plain = runs[runs["tags.mlflow.runName"] == "embed/test_clip/demo/text-image"]
     item = runs[runs["tags.mlflow.runName"] == "embed/test_clip/demo/item-text/text-image"]

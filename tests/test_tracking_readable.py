@@ -8,7 +8,6 @@ synthetic top-tuning cell) and read the tracking store back with MlflowClient.
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -59,20 +58,13 @@ def test_source_is_the_notebook_or_the_cli():
 
 # ---- a stage 01 cell and its deployment variant -------------------------------------------------
 @pytest.mark.slow
-def test_stage01_runs_read_well_in_mlflow(small_demo, monkeypatch):
-    import embbench.cells as cells
+def test_stage01_runs_read_well_in_mlflow(demo_cells, embed_options, monkeypatch):
     from embbench.stages.embed import EmbedConfig, run_embed
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     notebook = str(ROOT / "notebooks" / "01_embed.ipynb")
     monkeypatch.setenv("EMBBENCH_NOTEBOOK", notebook)
     cfg = EmbedConfig(
-        models=["test_resnet", "test_vit"],
-        weights="random",
-        datasets=["demo"],
-        batch_size=16,
-        num_workers=0,
-        backend="exact",
+        **embed_options | {"models": ["test_resnet", "test_vit"], "batch_size": 16},
         compressions=["int8"],
         variant_models=["test_resnet"],
     )
@@ -110,8 +102,8 @@ def test_stage01_runs_read_well_in_mlflow(small_demo, monkeypatch):
         assert run.data.tags["mlflow.source.name"] == notebook
     # the catalogue is the run's input dataset: name, root, fingerprint, scored split
     (inp,) = plain.inputs.dataset_inputs
-    assert inp.dataset.name == "demo" and inp.dataset.digest == small_demo.fingerprint()
-    assert str(Path(small_demo.root).resolve()) in inp.dataset.source
+    assert inp.dataset.name == "demo" and inp.dataset.digest == demo_cells.fingerprint()
+    assert str(Path(demo_cells.root).resolve()) in inp.dataset.source
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "test"
     # the metrics under the mapped names; the analysis reads the runs back
     assert "mMP_at_5" in plain.data.metrics
@@ -141,13 +133,11 @@ def test_toptune_trials_are_named_and_nested_under_their_cell(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_training_run_logs_its_cells_parameters_not_the_grid(small_demo, monkeypatch):
+def test_finetune_training_run_logs_its_cells_parameters_not_the_grid(demo_cells):
     from test_finetune import TINY
 
-    import embbench.cells as cells
     from embbench.stages.finetune import FinetuneConfig, finetune_job, make_trainer
 
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: small_demo)
     cfg = FinetuneConfig(**{**TINY, "models": ["test_resnet", "test_vit"]})
     params = make_trainer(cfg, finetune_job(cfg, "test_resnet", "demo")).run_params
     assert (params["model"], params["dataset"], params["stage"]) == (
@@ -165,37 +155,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _page_text(chromium: str, url: str, profile: Path) -> str:
-    proc = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=15000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", proc.stdout, flags=re.S)
+def _page_text(chromium, url: str, profile: Path) -> str:
+    """The visible text of the page at ``url`` (scripts and styles dropped)."""
+    dom = chromium.dom(url, profile, budget_ms=15000)
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.S)
     return " | ".join(t.strip() for t in re.split(r"<[^>]+>", dom) if t.strip())
 
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_printed_ui_link_opens_the_runs_in_the_ml_view(services, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+def test_printed_ui_link_opens_the_runs_in_the_ml_view(services, chromium, tmp_path):
     uri = setup_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "embbench")
     with mlflow.start_run(run_name="embed/test_resnet/demo"):
         mlflow.log_metric("mMP_at_5", 0.5)
