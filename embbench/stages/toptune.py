@@ -319,7 +319,7 @@ def _tune(
         tuner.project_dir,
     )
     t0 = time.perf_counter()
-    fit = {"batch_size": cfg.train_batch_size, "seed": cfg.seed}  # the search's and the final's
+    fit = {"batch_size": cfg.train_batch_size, "seed": cfg.seed}  # the search and the final fit
     n_new = search.run_search(tuner, arrays, epochs=cfg.search_epochs, **fit)
     tuner_wall = time.perf_counter() - t0
     trials = search.trial_summaries(tuner)
