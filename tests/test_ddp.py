@@ -1,4 +1,5 @@
-"""Stage 02's DDP path run for real: ``torchrun --nproc_per_node=2`` on the CPU with gloo.
+"""Stage 02's DDP path run for real on the CPU with gloo: ``torchrun --nproc_per_node=2`` and
+a Ray Train ``TorchTrainer`` with 2 workers.
 
 One 2-process job (8 images per rank and step) against a 1-process job with the same global
 batch (16), seed, recipe and schedule. Exact equality is not expected and not tested: each
@@ -88,7 +89,7 @@ def _mlflow_runs() -> list:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_and_resume_after_a_killed_rank():
+def test_two_ddp_processes_match_one_and_resume_after_a_killed_rank(tmp_path, monkeypatch):
     one = _run(1, 16)
     assert one.returncode == 0, one.stderr[-3000:]
     single = _summary(16, 1)
@@ -131,3 +132,20 @@ def test_torchrun_two_processes_match_one_and_resume_after_a_killed_rank():
     assert sorted(r.data.tags.get("mode") for r in new) == ["fine-tuned", "training"]
     assert all(r.info.status == "FINISHED" for r in new)
     assert records[0].details["train_mlflow_run_id"] == ddp["mlflow_run_id"]
+
+    # the same DDP path on Ray Train: a TorchTrainer with 2 CPU workers (gloo), in a new home
+    pytest.importorskip("ray")
+    from embbench.pipeline.ray_train import finetune_on_ray_train
+
+    monkeypatch.setenv("EMBBENCH_RUNS", str(tmp_path / "ray_train_runs"))
+    files = [ROOT / f for f in PARAMS[1::2]]
+    finetune_on_ray_train(files, {**COMMON, "batch_size": 8}, num_workers=2)
+    ray_ddp = _summary(8, 2)
+    assert ray_ddp["world_size"] == 2 and ray_ddp["resumed_at"] == []
+    assert ray_ddp["weight_checksums"][0] == ray_ddp["weight_checksums"][1]
+    assert [h["lr"] for h in ray_ddp["history"]] == [h["lr"] for h in single["history"]]
+    assert all(2 * h["train_images_rank0"] == h["train_images"] for h in ray_ddp["history"])
+    for a, b in zip(ray_ddp["history"], single["history"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < LOSS_TOLERANCE, (a, b)
+    assert abs(ray_ddp["val_accuracy"] - single["val_accuracy"]) < ACCURACY_TOLERANCE
+    assert len(ResultStore().records("finetune")) == 1  # rank 0 alone recorded
