@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params"
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             two = _one_run(2, args.cpus_per_node, params, tmp / f"r{r}_n2")
             ratios.append(one / two)
             print(f"{r + 1:>5} {one:>11.1f} {two:>12.1f} {one / two:>10.2f}")
-        ratios.sort()
-        print(
-            f"median speed-up of 2 worker nodes over 1 (baseline): {ratios[len(ratios) // 2]:.2f}x"
-        )
+        print(f"median speed-up of 2 worker nodes over 1 (baseline): {median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ PARAMS = ROOT / "params"
 NOTEBOOKS = ("01_embed", "02_finetune", "03_toptune")
 TINY = {
     "01_embed": "models: [test_resnet]\ntasks: [image-image]\nbackend: exact\n",
-    "02_finetune": "backend: exact\n",
-    "03_toptune": "backend: exact\nbaselines: []\n",
+    # 02 trains a few more steps so that it is still running when 01 ends (it is the cell on
+    # the node the test kills); 03 searches one trial
+    "02_finetune": "backend: exact\nepochs: 6\ntrain_size: 64\n",
+    "03_toptune": "backend: exact\nbaselines: []\nmax_trials: 1\nsearch_epochs: 2\n"
+    "final_epochs: 2\n",
 }
 ONE_CPU = {"fine-tuned": RayResources(1, 0)}  # the worker nodes have one CPU each
 
