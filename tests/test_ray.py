@@ -185,3 +185,32 @@ def test_grid_on_a_ray_cluster_survives_a_killed_worker_node(tmp_path, monkeypat
         ref = single[_key(rec)]
         assert rec.config_hash == ref.config_hash
         assert rec.metrics == pytest.approx(ref.metrics, abs=1e-6), _key(rec)
+
+
+# ---- stage 01's extraction on Ray Data ---------------------------------------------------------
+@pytest.mark.slow
+def test_ray_data_embedding_writes_the_same_cache_as_one_process(small_demo, tmp_path):
+    pytest.importorskip("ray")
+    import numpy as np
+
+    from embbench.embed import embed_split, embedding_cache
+    from embbench.models import create_embedder
+    from embbench.pipeline.ray_embed import embed_split_ray
+
+    emb = create_embedder("test_resnet", weights="random")
+    ref = embed_split(emb, small_demo, "test", batch_size=4, shard_size=5, num_workers=0)
+    dist = embed_split_ray(
+        emb,
+        small_demo,
+        "test",
+        batch_size=4,
+        shard_size=5,
+        concurrency=2,
+        cache_root=tmp_path / "ray_cache",
+    )
+    cache = embedding_cache(emb, small_demo, "test", root=tmp_path / "ray_cache")
+    assert cache.is_complete() and cache.n_shards(len(ref.item_ids), 5) > 2  # 2 actors
+    assert list(dist.item_ids) == list(ref.item_ids)
+    np.testing.assert_allclose(np.asarray(dist.vectors), np.asarray(ref.vectors), atol=1e-5)
+    again = embed_split_ray(emb, small_demo, "test", cache_root=tmp_path / "ray_cache")
+    assert list(again.item_ids) == list(dist.item_ids)  # complete: read back, Ray not started
