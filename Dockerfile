@@ -21,7 +21,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
 # Dependencies first (cached while only the code changes), then the package itself.
 COPY pyproject.toml README.md ./
 COPY embbench ./embbench
-RUN pip install ".[pipeline]"
+RUN pip install ".[pipeline,ray]"
 # notebooks/ (05 renders the report) and params/ (datasets.yaml, defaults) are read at run time
 # from EMBBENCH_ROOT; data, caches and runs live on the pipeline's volume (EMBBENCH_DATA ...).
 COPY notebooks ./notebooks

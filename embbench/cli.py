@@ -6,6 +6,7 @@ Commands:
   embed         run stage 01 without a notebook (the torchrun entry point for several GPUs)
   run-cell      run exactly one cell of a stage's grid through the cell engine (a pipeline task)
   pipeline      compile the grid into a Kubeflow pipeline, or run it with kfp's local runner
+  ray           run the grid on a Ray cluster, one Ray task per cell (the `ray` extra)
   report        render notebook 05 into a self-contained HTML report
   verify        check a local copy of a dataset against its published layout and counts
 """
@@ -239,6 +240,41 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    """Run the grid of the params files on a Ray cluster (one task per cell)."""
+    from embbench.pipeline import group_params
+    from embbench.pipeline.ray_grid import RayOptions, RayResources, RayRunError, run_on_ray
+
+    params = group_params(args.params)
+    if args.dry_run:
+        for nb, files in params.items():
+            _dry(nb, files)
+        return 0
+    resources = {}
+    for item in args.resources or []:  # MODE=CPUS,GPUS
+        mode, _, spec = item.partition("=")
+        cpus, gpus = (spec.split(",") + ["", ""])[:2]
+        try:
+            resources[mode] = RayResources(float(cpus or 1), float(gpus or 0))
+        except ValueError as exc:
+            raise RayRunError(f"--resources {item!r}: expected MODE=CPUS,GPUS ({exc})") from exc
+    options = RayOptions(
+        address=args.address,
+        resources=resources,
+        gpus=args.gpus,
+        max_retries=args.max_retries,
+        milvus_uri=args.milvus_uri,
+        tracking_uri=args.tracking_uri,
+        num_cpus=args.num_cpus,
+    )
+    result = run_on_ray(params, options)
+    report = f", report {result.report}" if result.report else ""
+    sys.stdout.write(
+        f"ray grid finished: {len(result.cells)} cells in {result.wall_s:.0f} s{report}\n"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Delegate to the report renderer."""
     from embbench.notebooks import report_main
@@ -357,6 +393,37 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--retries", type=int, default=3)
     pl.add_argument("--no-cache", action="store_true", help="disable kfp's task cache")
     pl.set_defaults(func=cmd_pipeline)
+
+    ry = sub.add_parser("ray", help="the grid on a Ray cluster, one task per cell (run)")
+    ry.add_argument("action", choices=["run"])
+    ry.add_argument(
+        "-f",
+        "--params",
+        action="append",
+        default=[],
+        required=True,
+        help="params YAML named by notebook or NOTEBOOK=path (repeatable), as for `pipeline`",
+    )
+    ry.add_argument(
+        "--address",
+        default="",
+        help="auto (this machine's running cluster), HOST:6379 or ray://HOST:10001; "
+        "default: start Ray here for the run",
+    )
+    ry.add_argument("--num-cpus", type=int, default=0, help="CPUs of a Ray started here")
+    ry.add_argument(
+        "--resources", action="append", help="MODE=CPUS,GPUS, e.g. fine-tuned=8,4 (repeatable)"
+    )
+    ry.add_argument(
+        "--gpus",
+        default="auto",
+        choices=["auto", "none", "require"],
+        help="default resources: GPUs when the cluster has some (auto), never, or required",
+    )
+    ry.add_argument("--max-retries", type=int, default=3, help="reruns of a cell on node loss")
+    ry.add_argument("--milvus-uri", default="", help="Milvus server URI of every cell")
+    ry.add_argument("--tracking-uri", default="", help="MLflow URI of every cell")
+    ry.set_defaults(func=cmd_ray)
 
     rep = sub.add_parser("report", help="render notebook 05 to reports/report.html", add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

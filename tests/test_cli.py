@@ -122,6 +122,7 @@ def test_every_make_help_target_runs_in_a_dry_mode(tmp_path, capsys, monkeypatch
         ["embed", "--help"],
         ["run-cell", "--help"],
         ["pipeline", "compile", "--help"],
+        ["ray", "run", "--help"],
         ["verify", "--help"],
         ["demo", "--help"],
         ["--help"],

@@ -1,13 +1,17 @@
-"""The grid on Kubeflow Pipelines: one task per cell, run by the cell engine.
+"""The grid on Kubeflow Pipelines or Ray: one task per cell, run by the cell engine.
 
 - :mod:`embbench.pipeline.grid`: the cell tasks and their order, read from the params files, and
   :func:`run_one_cell` (``embbench run-cell``), the one thing a task runs;
 - :mod:`embbench.pipeline.build`: the kfp pipeline (resources, retries, caching, secrets,
   volume), :func:`compile_pipeline` and :func:`run_local` (kfp's local runner);
-- :mod:`embbench.pipeline.components`: the task bodies (they call the ``embbench`` CLI).
+- :mod:`embbench.pipeline.components`: the task bodies (they call the ``embbench`` CLI);
+- :mod:`embbench.pipeline.ray_grid`: the same grid on a Ray cluster (``embbench ray run``), one
+  Ray task per cell; :mod:`embbench.pipeline.ray_train`: stage 02's DDP path on Ray Train;
+  :mod:`embbench.pipeline.ray_embed`: one split embedded by a Ray Data actor pool into the
+  same embedding cache.
 
-kfp is an optional dependency (``pip install .[pipeline]``): importing this package does not
-import it.
+kfp and Ray are optional dependencies (``pip install .[pipeline]``, ``.[ray]``): importing this
+package imports neither.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from embbench._utils import atomic_write_json
 from embbench.metrics import accuracy, classification_metrics
 from embbench.models import get_model_spec
 from embbench.tracking import provenance_tags, run_name
-from embbench.train import tracking
+from embbench.train import ddp, tracking
 from embbench.train.checkpointing import (
     TrainState,
     load_checkpoint,
@@ -260,12 +260,17 @@ class FineTuner:
         if micro % accum:  # the loader ended early (bad images): flush
             self._optimizer_step()
         wall = time.perf_counter() - t0
-        return {
+        mine = n_images
+        total, n_images = ddp.sum_over_ranks(self.dist, total, n_images)  # the job's, all ranks
+        stats = {
             "train_loss": total / max(n_images, 1),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "train_images": n_images,
             "train_images_per_s": n_images / wall if wall > 0 else 0.0,
         }
+        if self.dist.world_size > 1:  # each rank trains on its own shard of the epoch
+            stats["train_images_rank0"] = mine
+        return stats
 
     # ---- evaluation ------------------------------------------------------------------------
     def predict(self, split: str) -> dict[str, Any]:
@@ -275,6 +280,7 @@ class FineTuner:
             ``y_true``, ``y_pred`` (class names), ``failed`` (path -> reason) and
             ``n_unknown`` (rows whose label is not a training class, left out).
         """
+        ddp.sync_buffers(self.dist, self.net)  # the ranks share the split: one network
         return predict_split(
             self.net,
             self.job.cat.split(split),
@@ -326,6 +332,8 @@ class FineTuner:
                     self.save_checkpoint()
                 _after_epoch(self, epoch)
 
+            what = f"{job.model} on {job.dataset}"
+            checksums = ddp.weight_checksums(self.dist, self.net, what)
             t0 = time.perf_counter()
             val = self.predict(val_split)
             test = val if test_split == val_split else self.predict(test_split)
@@ -345,6 +353,7 @@ class FineTuner:
             if self.state.history and "val_accuracy" not in self.state.history[-1]:
                 self.state.history[-1]["val_accuracy"] = accuracy(val["y_true"], val["y_pred"])
             summary = self._summary(val_split, val, test_split, test, test_metrics, eval_wall)
+            summary["weight_checksums"] = checksums  # one per rank, equal (DDP)
             if self.dist.is_main:
                 self._save_outputs(summary, test)
                 if run is not None:

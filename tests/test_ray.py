@@ -1,0 +1,216 @@
+"""The grid on a real local Ray cluster (head + 2 worker nodes), one worker node killed mid-grid.
+
+The cluster is ``ray.cluster_utils.Cluster``: real raylets and worker processes on this
+machine, the head with no CPUs (so every cell runs on a worker node) and one CPU per worker
+node. The grid is the smoke grid's 01 pretrained, 02 fine-tuned and 03 top-tuned cells of one
+tiny model; the single-process reference runs the same cells through the same engine.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from embbench.pipeline.ray_grid import (
+    RAY_INSTALL,
+    RayOptions,
+    RayResources,
+    RayRunError,
+    import_ray,
+    plan_resources,
+    run_on_ray,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "params"
+NOTEBOOKS = ("01_embed", "02_finetune", "03_toptune")
+TINY = {
+    "01_embed": "models: [test_resnet]\ntasks: [image-image]\nbackend: exact\n",
+    # 02 trains a few more steps so that it is still running when 01 ends (it is the cell on
+    # the node the test kills); 03 searches one trial
+    "02_finetune": "backend: exact\nepochs: 6\ntrain_size: 64\n",
+    "03_toptune": "backend: exact\nbaselines: []\nmax_trials: 1\nsearch_epochs: 2\n"
+    "final_epochs: 2\n",
+}
+ONE_CPU = {"fine-tuned": RayResources(1, 0)}  # the worker nodes have one CPU each
+
+
+def _params(tmp_path: Path) -> dict[str, list[Path]]:
+    out = {}
+    for nb in NOTEBOOKS:
+        tiny = tmp_path / f"tiny_{nb}.yaml"
+        tiny.write_text(TINY[nb])
+        out[nb] = [PARAMS / f"{nb}.yaml", PARAMS / "smoke" / f"{nb}.yaml", tiny]
+    return out
+
+
+# ---- errors before any work (no cluster) -------------------------------------------------------
+def test_missing_ray_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(RayRunError, match="pip install 'embbench\\[ray\\]'"):
+        import_ray()
+    assert "embbench[ray]" in RAY_INSTALL
+
+
+def test_unreachable_address_is_one_clear_line(tmp_path, capsys):
+    from embbench.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        a for nb, files in _params(tmp_path).items() for f in files for a in ("-f", f"{nb}={f}")
+    ]
+    assert main(["ray", "run", *args, "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err and "ray start" in err
+    assert main(["ray", "run", *args, "--address", "nohost"]) == 2
+    assert "expected auto, HOST:PORT" in capsys.readouterr().err
+
+
+def test_gpus_the_cluster_lacks_are_refused_before_any_work(tmp_path):
+    from embbench.pipeline import pipeline_grid
+
+    grid = pipeline_grid(_params(tmp_path))
+    cpu_nodes = [{"CPU": 4.0}, {"CPU": 2.0}]
+    # default resources on a CPU cluster: the GPU stages run on CPUs
+    plan = plan_resources(grid, RayOptions(), cpu_nodes)
+    assert {r.gpus for r in plan.values()} == {0}
+    with pytest.raises(RayRunError, match=r"02 fine-tuned .* 4 GPU\(s\).*0 GPU\(s\)"):
+        plan_resources(grid, RayOptions(resources={"fine-tuned": RayResources(2, 4)}), cpu_nodes)
+    with pytest.raises(RayRunError, match="01 pretrained .* 1 GPU"):
+        plan_resources(grid, RayOptions(gpus="require"), cpu_nodes)
+    with pytest.raises(RayRunError, match="8 CPU"):
+        plan_resources(grid, RayOptions(resources={"top-tuned": RayResources(8, 0)}), cpu_nodes)
+    # a GPU node: the defaults ask for its GPUs
+    plan = plan_resources(grid, RayOptions(), [{"CPU": 4.0, "GPU": 1.0}])
+    assert sorted({r.gpus for r in plan.values()}) == [0, 1]
+
+
+# ---- a real local cluster ----------------------------------------------------------------------
+@pytest.fixture
+def ray_cluster():
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield cluster, workers
+    finally:
+        cluster.shutdown()  # every raylet and worker process of the cluster, none left behind
+
+
+def _key(rec) -> tuple:
+    return (rec.stage, rec.mode, rec.task, rec.model, rec.dataset)
+
+
+@pytest.mark.slow
+def test_grid_on_a_ray_cluster_survives_a_killed_worker_node(tmp_path, monkeypatch, ray_cluster):
+    import mlflow
+
+    from embbench.pipeline import pipeline_grid, run_one_cell
+    from embbench.records import ResultStore
+    from embbench.tracking import default_tracking_uri
+
+    cluster, workers = ray_cluster
+    params = _params(tmp_path)
+    grid = pipeline_grid(params)
+    assert [c.cell.mode for c in grid.cells] == ["pretrained", "fine-tuned", "top-tuned"]
+
+    # asking for GPUs this cluster lacks fails before any work
+    gpu = RayOptions(address=cluster.address, resources={"pretrained": RayResources(1, 1)})
+    with pytest.raises(RayRunError, match="01 pretrained .* 1 GPU"):
+        run_on_ray(params, gpu)
+    assert not ResultStore().records()
+
+    # the first cell to finish: kill the OTHER worker node, which runs the other first-wave
+    # cell (01 and 02 start side by side, one per node); its task is run again on the survivor
+    by_id = {w.node_id: w for w in workers}
+    killed: list[str] = []
+
+    def kill_other_node(result: dict) -> None:
+        if not killed:
+            victim = next(n for n in by_id if n != result["node"])
+            killed.append(victim)
+            cluster.remove_node(by_id[victim], allow_graceful=False)
+
+    result = run_on_ray(
+        params,
+        RayOptions(address=cluster.address, resources=ONE_CPU, max_retries=2),
+        on_result=kill_other_node,
+    )
+    survivor = next(n for n in by_id if n not in killed)
+    assert len(result.cells) == 3 and killed
+    first_wave = [r for r in result.cells if r["label"][:2] in ("01", "02")]
+    # every cell finished on the survivor: the killed node's cell (01 or 02) ran again there
+    assert all(r["node"] == survivor for r in result.cells), [r["node"] for r in result.cells]
+    assert len(first_wave) == 2
+
+    store = ResultStore()
+    records = store.records()
+    assert sorted(_key(r) for r in records) == sorted(
+        (c.cell.stage, c.cell.mode, c.cell.task, c.cell.model, c.cell.dataset) for c in grid.cells
+    )
+    # nothing computed twice: one record per cell, the one each task returned
+    assert {r.config_hash: r.saved for r in records} == {
+        r["record"]["config_hash"]: r["record"]["saved"] for r in result.cells
+    }
+    # one MLflow run per cell (the retried cell's run resumed, not doubled)
+    mlflow.set_tracking_uri(default_tracking_uri())
+    runs = mlflow.search_runs(experiment_names=["embbench"], output_format="list")
+    cell_runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.info.run_id for r in cell_runs) == sorted(r.mlflow_run_id for r in records)
+    assert all(r.info.status == "FINISHED" for r in cell_runs)
+
+    # the same cells in one process, in another home: the same metrics
+    for var in ("EMBBENCH_CACHE", "EMBBENCH_RUNS"):
+        monkeypatch.setenv(var, str(tmp_path / "single" / var.lower()))
+    for c in grid.cells:
+        run_one_cell(
+            c.notebook,
+            params[c.notebook],
+            model=c.cell.model,
+            dataset=c.cell.dataset,
+            mode=c.cell.mode,
+            task=c.cell.task,
+        )
+    single = {_key(r): r for r in ResultStore().records()}
+    assert single.keys() == {_key(r) for r in records}
+    for rec in records:
+        ref = single[_key(rec)]
+        assert rec.config_hash == ref.config_hash
+        assert rec.metrics == pytest.approx(ref.metrics, abs=1e-6), _key(rec)
+
+
+# ---- stage 01's extraction on Ray Data ---------------------------------------------------------
+@pytest.mark.slow
+def test_ray_data_embedding_writes_the_same_cache_as_one_process(small_demo, tmp_path):
+    pytest.importorskip("ray")
+    import numpy as np
+
+    from embbench.embed import embed_split, embedding_cache
+    from embbench.models import create_embedder
+    from embbench.pipeline.ray_embed import embed_split_ray
+
+    emb = create_embedder("test_resnet", weights="random")
+    ref = embed_split(emb, small_demo, "test", batch_size=4, shard_size=5, num_workers=0)
+    dist = embed_split_ray(
+        emb,
+        small_demo,
+        "test",
+        batch_size=4,
+        shard_size=5,
+        concurrency=2,
+        cache_root=tmp_path / "ray_cache",
+    )
+    cache = embedding_cache(emb, small_demo, "test", root=tmp_path / "ray_cache")
+    assert cache.is_complete() and cache.n_shards(len(ref.item_ids), 5) > 2  # 2 actors
+    assert list(dist.item_ids) == list(ref.item_ids)
+    np.testing.assert_allclose(np.asarray(dist.vectors), np.asarray(ref.vectors), atol=1e-5)
+    again = embed_split_ray(emb, small_demo, "test", cache_root=tmp_path / "ray_cache")
+    assert list(again.item_ids) == list(dist.item_ids)  # complete: read back, Ray not started
