@@ -8,12 +8,14 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 ARG VARIANT=cuda
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
-# MALLOC_*: glibc's allocator settings for every process of the task (embbench/_malloc.py).
+# MALLOC_*, OMP_WAIT_POLICY: glibc's allocator and libgomp's settings for every process of the
+# task (embbench/_malloc.py).
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     MLFLOW_DISABLE_TELEMETRY=true TF_CPP_MIN_LOG_LEVEL=3 TF_ENABLE_ONEDNN_OPTS=0 \
     EMBBENCH_ROOT=/app \
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=536870912
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=536870912 \
+    OMP_WAIT_POLICY=PASSIVE
 WORKDIR /app
 
 RUN if [ "$VARIANT" = "cpu" ]; then \

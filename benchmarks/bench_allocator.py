@@ -1,12 +1,14 @@
-"""glibc allocator settings: minor page faults per image and images/s, with and without.
+"""Start-up settings (glibc allocator, libgomp waiting): page faults/image, images/s, with/without.
 
-Runs the same workload in fresh child processes (glibc reads its settings at start-up), the
-baseline (glibc's defaults, ``EMBBENCH_MALLOC=0`` and no ``MALLOC_*`` variables) and the
-candidate (:data:`embbench._malloc.MALLOC_ENV`), interleaved baseline, candidate, baseline, ...
-so both see the same machine load. Per child it prints images/s and minor faults per image of
-the timed loop (``getrusage(RUSAGE_SELF)`` in the child), and per round the whole child's minor
-faults (``getrusage(RUSAGE_CHILDREN)`` in the parent: start-up included). Then the ratios
-candidate / baseline (medians over the rounds).
+Runs the same workload in fresh child processes (glibc and libgomp read their settings at
+start-up): the baseline (glibc's defaults, ``EMBBENCH_MALLOC=0``, no ``MALLOC_*``/``OMP_*``
+variables), the candidate (:data:`embbench._malloc.MALLOC_ENV`) and the candidate with
+``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning; together
+:data:`embbench._malloc.PROCESS_ENV`, what embbench sets), interleaved baseline, candidate,
+candidate + passive, baseline, ... so all see the same machine load. Per child it prints
+images/s and minor faults per image of the timed loop (``getrusage(RUSAGE_SELF)`` in the
+child), and per round the whole child's minor faults (``getrusage(RUSAGE_CHILDREN)`` in the
+parent: start-up included). Then the ratios of each to the baseline (medians over the rounds).
 
 Workloads (``--workload``): ``embed``: EfficientNet-Lite0 (the demo's model, packaged ImageNet
 weights) forward passes at 224 px, batch 32, as stage 01 runs them; ``train``: Lite0 training
@@ -64,22 +66,26 @@ print(json.dumps({"img_s": n / dt, "faults_per_image": (f1 - f0) / n}))
 """
 
 
-def child_env(candidate: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+SETTINGS: dict[str, dict[str, str]] = {
+    "baseline": {OPT_OUT: "0"},
+    "candidate": dict(MALLOC_ENV),
+    "cand+passive": {**MALLOC_ENV, "OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def child_env(setting: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_", "GOMP_"))}
     env.pop("EMBBENCH_MALLOC_REEXEC", None)
-    if candidate:
-        env.update(MALLOC_ENV)
-    else:
-        env[OPT_OUT] = "0"
+    env.update(SETTINGS[setting])
     return env
 
 
-def run_child(workload: str, candidate: bool, threads: int, batches: int) -> dict[str, float]:
+def run_child(workload: str, setting: str, threads: int, batches: int) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, workload, str(threads), str(batches)],
-        env=child_env(candidate), capture_output=True, text=True, check=False,
+        env=child_env(setting), capture_output=True, text=True, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
@@ -95,31 +101,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="baseline/candidate pairs per workload")
     ap.add_argument("--batches", type=int, default=4, help="timed batches of 32 per child")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                    help="environments to compare; the first is the ratios' baseline")  # fmt: skip
     args = ap.parse_args()
     print(f"EfficientNet-Lite0, batch 32, {args.threads} torch thread(s), {args.batches} timed "
           f"batches per child; load average {os.getloadavg()}")  # fmt: skip
-    print(f"candidate: {' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}")
-    print(f"baseline: glibc defaults ({OPT_OUT}=0, no MALLOC_* variables)")
+    for name, env in SETTINGS.items():
+        print(f"{name}: {' '.join(f'{k}={v}' for k, v in env.items())}")
     for workload in args.workload:
         print(f"\n{workload}:")
         print(f"  {'round':<7}{'setting':<11}{'img/s':>8}{'faults/img':>12}"
               f"{'child faults':>14}{'child s':>9}")  # fmt: skip
-        res: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        res: dict[str, list[dict[str, float]]] = {k: [] for k in args.settings}
         for r in range(args.rounds):
-            for candidate in (False, True):
-                out = run_child(workload, candidate, args.threads, args.batches)
-                res[candidate].append(out)
-                name = "candidate" if candidate else "baseline"
+            for name in args.settings:
+                out = run_child(workload, name, args.threads, args.batches)
+                res[name].append(out)
                 print(f"  {r:<7}{name:<11}{out['img_s']:>8.1f}{out['faults_per_image']:>12.0f}"
                       f"{out['child_faults']:>14.0f}{out['child_s']:>9.1f}")  # fmt: skip
 
         m = {(c, k): statistics.median(o[k] for o in res[c]) for c in res for k in res[c][0]}
-        print(f"  candidate / baseline (medians): "
-              f"img/s x{m[True, 'img_s'] / m[False, 'img_s']:.2f}, "
-              f"faults/img x{m[True, 'faults_per_image'] / m[False, 'faults_per_image']:.4f} "
-              f"({m[False, 'faults_per_image']:.0f} -> {m[True, 'faults_per_image']:.0f}), "
-              f"whole-child faults x{m[True, 'child_faults'] / m[False, 'child_faults']:.3f}"
-              )  # fmt: skip
+        for name in args.settings[1:]:
+            b = args.settings[0]
+            print(f"  {name} / {b} (medians): "
+                  f"img/s x{m[name, 'img_s'] / m[b, 'img_s']:.2f}, "
+                  f"faults/img x{m[name, 'faults_per_image'] / m[b, 'faults_per_image']:.4f} "
+                  f"({m[b, 'faults_per_image']:.0f} -> {m[name, 'faults_per_image']:.0f}), "
+                  f"whole-child faults x{m[name, 'child_faults'] / m[b, 'child_faults']:.3f}"
+                  )  # fmt: skip
     print(f"\nload average {os.getloadavg()}")
 
 

@@ -20,8 +20,10 @@ Where each process gets them:
 * DataLoader workers: inherit their parent's environment (fork or spawn alike);
 * Kubeflow tasks: the project's image sets them (``Dockerfile`` ``ENV``).
 
-A value the user set is never replaced; ``EMBBENCH_MALLOC=0`` turns the whole thing off (for
-instance under a preloaded allocator such as tcmalloc, which ignores them anyway).
+The same route carries ``OMP_WAIT_POLICY=PASSIVE`` (:data:`OMP_ENV`; libgomp also reads it
+once, at start-up): idle OpenMP threads sleep instead of spinning. A value the user set is
+never replaced (``OMP_WAIT_POLICY=ACTIVE`` keeps the spinning); ``EMBBENCH_MALLOC=0`` turns the
+whole thing off (for instance under a preloaded allocator such as tcmalloc).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "MALLOC_ENV",
+    "OMP_ENV",
+    "PROCESS_ENV",
     "OPT_OUT",
     "REEXEC_MARKER",
     "allocator_env",
@@ -47,6 +51,11 @@ MALLOC_ENV: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(4 * 1024**3),
     "MALLOC_TOP_PAD_": str(512 * 1024**2),
 }
+# Idle OpenMP threads (torch's intra-op pool, libgomp) sleep instead of spinning up to ~300k
+# iterations between parallel regions, leaving the core to DataLoader workers and to whatever
+# else runs (measured in bench_allocator.py: a large gain on a loaded machine; _threads.py).
+OMP_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+PROCESS_ENV: dict[str, str] = {**MALLOC_ENV, **OMP_ENV}  # what every process gets at start-up
 OPT_OUT = "EMBBENCH_MALLOC"  # "0" (or "off", "false", "no"): leave glibc's defaults alone
 REEXEC_MARKER = "EMBBENCH_MALLOC_REEXEC"  # set in the re-executed process: never twice
 
@@ -56,15 +65,15 @@ def _opted_out(environ: Mapping[str, str]) -> bool:
 
 
 def missing_allocator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The allocator variables ``environ`` lacks (empty when all are set or the user opted out)."""
+    """The :data:`PROCESS_ENV` variables ``environ`` lacks (none when the user opted out)."""
     env = os.environ if environ is None else environ
     if _opted_out(env):
         return {}
-    return {k: v for k, v in MALLOC_ENV.items() if k not in env}
+    return {k: v for k, v in PROCESS_ENV.items() if k not in env}
 
 
 def allocator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``environ`` (default ``os.environ``) with the allocator variables added."""
+    """A copy of ``environ`` (default ``os.environ``) with :data:`PROCESS_ENV` added."""
     env = dict(os.environ if environ is None else environ)
     env.update(missing_allocator_env(env))
     return env
