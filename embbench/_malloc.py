@@ -79,8 +79,10 @@ def allocator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def reexec_with_allocator_env(argv: Sequence[str] | None = None) -> None:
-    """Re-execute this interpreter as ``python -m embbench`` with the allocator variables set.
+def reexec_with_allocator_env(
+    argv: Sequence[str] | None = None, *, command: Sequence[str] = ("-m", "embbench")
+) -> None:
+    """Re-execute this interpreter (``python -m embbench``) with :data:`PROCESS_ENV` set.
 
     Returns (does nothing) when they are all set already, the user opted out, this process is
     the re-executed one, or the platform has no glibc ``exec`` worth doing it for. Call it first
@@ -88,6 +90,7 @@ def reexec_with_allocator_env(argv: Sequence[str] | None = None) -> None:
 
     Args:
         argv: The command's arguments (default ``sys.argv[1:]``).
+        command: What the interpreter runs before them (a benchmark passes its own path).
     """
     if not sys.platform.startswith("linux") or os.environ.get(REEXEC_MARKER):
         return
@@ -99,6 +102,6 @@ def reexec_with_allocator_env(argv: Sequence[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "embbench", *args], env)
+        os.execve(sys.executable, [sys.executable, *command, *args], env)
     except OSError:  # no exec here (a frozen or sandboxed interpreter): run on, defaults
         return
