@@ -75,6 +75,13 @@ def test_cli_reexecs_once_with_the_env(fake_exec, monkeypatch):
     assert len(fake_exec) == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc re-exec is Linux only")
+def test_a_script_reexecs_itself(fake_exec):
+    with pytest.raises(Exec):
+        reexec_with_allocator_env(["--n", "3"], command=["bench.py"])
+    assert fake_exec[0][1] == [sys.executable, "bench.py", "--n", "3"]
+
+
 def test_cli_with_argv_never_reexecs(fake_exec):
     assert cli.main(["--dry-run", "demo"]) == 0
     assert fake_exec == []
