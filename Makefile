@@ -9,6 +9,10 @@ PARAMS ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
+# glibc's allocator and libgomp's wait settings (embbench/_malloc.py, which must agree:
+# tests/test_malloc.py); both are read at process start, so the registered kernel carries them in its kernel.json env.
+PROCESS_ENV := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=536870912 \
+  OMP_WAIT_POLICY=PASSIVE
 
 .DEFAULT_GOAL := help
 
@@ -22,7 +26,8 @@ setup: $(STAMP) ## create .venv, install embbench with its pinned dependencies, 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
-	$(PY) -m ipykernel install --sys-prefix --name embbench --display-name "Python (embbench)" >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name embbench --display-name "Python (embbench)" \
+	  $(foreach kv,$(PROCESS_ENV),--env $(subst =, ,$(kv))) >/dev/null
 	@rm -f $(VENV)/.embbench-* && touch $@
 
 .PHONY: demo

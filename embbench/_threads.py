@@ -21,10 +21,38 @@ oversubscribes, so it is never the pathological case.
   ``w`` with the highest rate (ties: fewer workers). On 2 cores every model decodes inline with
   2 threads (the tiny test model too: its forward costs 2-3x its decoding); on 16 cores a small
   model gets decoding workers. Without a FLOP count half the cores decode.
+* Training (stage 02, :func:`embbench.stagekit.thread_budget` with ``train_size``): the same
+  rule with the FLOPs of a training step, :func:`training_gflops` (3 forwards at the training
+  crop's area). EfficientNet-Lite0 at 128 px costs about 10x its decoding of the demo's 96 px
+  JPEGs, so on 2 cores both threads train and decoding runs inline (before, without a FLOP
+  count, half the cores decoded: 1 thread + 1 worker that sat idle).
 * An explicit number for one of the two takes the rest of the cores for the other; explicit
   numbers for both are kept (a warning is logged if they exceed the cores).
 
-Measured on 2 cores (AMD EPYC, ``benchmarks/bench_embedding.py``): see the README figures.
+**Spin-waiting.** torch's OpenMP threads (libgomp) spin up to ~300k iterations after each
+parallel region; with another runnable process on the cores (a decoding worker, another job) the
+spinning thread takes the core from it and a 2-thread step slows down many times over. Every
+process embbench starts gets ``OMP_WAIT_POLICY=PASSIVE`` (:mod:`embbench._malloc`: read once at
+start-up, like glibc's allocator settings), so idle threads sleep.
+
+Measured on the project's 2-core AMD EPYC machine, shared with other jobs (load 3.5-12), with
+glibc's allocator settings on; stage 02's real pipeline (Lite0, recipe A3, 128 px, batch 32,
+96 training JPEGs of 96 px, 3 interleaved epochs, best kept; ``/tmp`` script around
+``benchmarks/bench_finetune.py``'s ``pipeline_epoch``):
+
+==================  ==================  ==========================
+split               spinning (default)  ``OMP_WAIT_POLICY=PASSIVE``
+==================  ==================  ==========================
+1 thread + 1 worker 21.8 images/s       23.8 images/s
+2 threads + 0       10.0                **30.5** (1.28x 1 + 1)
+2 threads + 1       7.2                 23.4
+==================  ==================  ==========================
+
+``benchmarks/bench_allocator.py`` (Lite0, 2 threads, child processes interleaved, load 4-12):
+passive waiting multiplied images/s by 4.6 (inference) and 5.1 (training steps) over glibc's
+and libgomp's defaults, against 2.3 and 0.96 for the allocator settings alone. The cost on an
+idle machine (a futex wake per parallel region instead of a spin) was not measurable here: the
+machine was never idle while this was written. Embedding on 2 cores: see the README figures.
 """
 
 from __future__ import annotations
@@ -37,7 +65,13 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ThreadBudget", "apply_thread_budget", "available_cores", "resolve_thread_budget"]
+__all__ = [
+    "ThreadBudget",
+    "apply_thread_budget",
+    "available_cores",
+    "resolve_thread_budget",
+    "training_gflops",
+]
 
 # Measured with benchmarks/bench_embedding.py on the project's 2-core AMD EPYC machine, quiet
 # (load ~1): 384 px JPEG decode + timm preprocessing 2.3-3.4 ms per image on one core; forward
@@ -47,6 +81,9 @@ __all__ = ["ThreadBudget", "apply_thread_budget", "available_cores", "resolve_th
 DECODE_CORE_MS = 2.5  # JPEG decode + resize + crop + normalise of one image, one core
 CORE_GFLOPS = 30.0  # effective fp32 forward throughput of one core, small model
 MAX_GPU_WORKERS = 8
+# A training step (forward, backward: gradients of activations and of weights) costs about 3
+# forward passes (Kaplan et al. 2020, "Scaling laws", section 2.1).
+TRAIN_FLOPS_FACTOR = 3.0
 
 Auto = Literal["auto"]
 
@@ -143,6 +180,17 @@ def resolve_thread_budget(
     w = max(range(c), key=lambda w: (rate(w), -w))  # ties: fewer workers (less memory)
     kind = "decode inline" if w == 0 else "cores split by decode/forward cost"
     return ThreadBudget(c - w, w, c, f"cpu, {gflops_per_image:.2g} GFLOPs/image: {kind}")
+
+
+def training_gflops(gflops: float, input_side: int, train_size: int) -> float:
+    """GFLOPs per image of a training step at ``train_size`` px, from the forward's at its input.
+
+    Args:
+        gflops: Forward GFLOPs per image at the model's input side (``model_facts``).
+        input_side: That side in pixels.
+        train_size: The training crop's side in pixels (convolutions scale with the area).
+    """
+    return TRAIN_FLOPS_FACTOR * gflops * (train_size / input_side) ** 2
 
 
 def apply_thread_budget(budget: ThreadBudget) -> None:

@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "DistInfo",
     "barrier",
+    "channels_last_for",
     "init_distributed",
     "resolve_device",
     "resolve_precision",
@@ -63,6 +64,28 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def channels_last_for(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` runs in channels_last (NHWC) memory format on ``device``.
+
+    Always on CUDA (tensor cores want NHWC). On a CPU for convolutional networks: oneDNN's
+    NHWC convolutions and batch norms avoid the reorders of NCHW; measured on 2 cores for
+    EfficientNet-Lite0 (README "Performance on CPU"): inference 1.13-1.7x, training steps
+    1.4-2.2x, embeddings equal to NCHW's within 1e-5 (max abs; cosine >= 0.9999997). A model
+    with at most one 2-d convolution (a ViT's patch embedding) stays as it is.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    convs = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            convs += 1
+            if convs > 1:
+                return True
+    return False
 
 
 @dataclass(frozen=True)

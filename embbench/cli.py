@@ -22,6 +22,7 @@ from pathlib import Path
 
 from embbench import setup_logging
 from embbench._errors import UserError, user_error_names
+from embbench._malloc import reexec_with_allocator_env
 
 logger = logging.getLogger("embbench.cli")
 
@@ -468,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
 
     Errors a user can fix (a bad params file, a missing dataset, an unreachable service...) end
     as their message on stderr and exit status 2, without a traceback; ``--debug`` shows it.
+    Run as a command (``argv`` None), it first re-executes itself once with glibc's allocator
+    settings in the environment (:mod:`embbench._malloc`; ``EMBBENCH_MALLOC=0`` opts out).
     """
+    if argv is None:
+        reexec_with_allocator_env()
     parser = build_parser()
     # `report` hands its options to report_main; argparse's REMAINDER alone rejects a leading
     # option (`embbench report -f x.yaml`), so unknown options are passed on here.

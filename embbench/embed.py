@@ -1,9 +1,10 @@
 """Embedding extraction: images of one catalogue split -> cached vectors.
 
 Batched :class:`torch.utils.data.DataLoader` with worker processes decoding JPEGs while the
-model runs; ``torch.inference_mode``; channels_last; bf16/fp16 autocast and pinned memory on
-CUDA; a progress bar. Vectors go to an :class:`~embbench.cache.EmbeddingCache` shard by shard,
-so a killed run resumes from the finished shards (the resume unit, ``shard_size``, defaults to
+model runs; ``torch.inference_mode``; channels_last (CUDA, and CPU for convolutional nets);
+bf16/fp16 autocast and pinned memory on CUDA; a progress bar. Vectors go to an
+:class:`~embbench.cache.EmbeddingCache` shard by shard, so a killed run resumes from the
+finished shards (the resume unit, ``shard_size``, defaults to
 :data:`DEFAULT_SHARD_SIZE` images: under a minute of work for a ViT-B/16 on a 2-core CPU, so a
 kill loses little). One run embeds a split at a time: the split's file lock is taken before any
 work, and a second run waits for it, then reuses its vectors. Cached vectors are verified on
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from embbench._torch_utils import (
     DistInfo,
     barrier,
+    channels_last_for,
     init_distributed,
     resolve_device,
     resolve_precision,
@@ -223,7 +225,8 @@ def _embed_locked(
         )
 
     model = embedder.model.to(dev).eval()
-    if dev.type == "cuda":
+    nhwc = channels_last_for(model, dev)
+    if nhwc:
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(
         ImageRows(paths, embedder.transform),
@@ -259,7 +262,7 @@ def _embed_locked(
             shard = pending[shard_of[first]]
             if images is not None:
                 images = images.to(dev, non_blocking=True)
-                if dev.type == "cuda":
+                if nhwc:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     out = model(images)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from embbench._malloc import missing_allocator_env
 from embbench._utils import stable_hash
 from embbench.analysis import AnalysisError
 from embbench.config import ConfigError, read_params_files
@@ -162,6 +163,8 @@ def run_notebook(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    # glibc reads its allocator settings when the kernel starts: it inherits them from here
+    os.environ.update(missing_allocator_env())
     logger.info("%s started with %s -> %s", name, [str(f) for f in params_files], output)
     t0 = time.monotonic()
     # MLflow used in the kernel before the notebook's setup_mlflow would default to ./mlruns

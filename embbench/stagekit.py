@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from embbench._threads import ThreadBudget, apply_thread_budget, resolve_thread_budget
+from embbench._threads import (
+    ThreadBudget,
+    apply_thread_budget,
+    resolve_thread_budget,
+    training_gflops,
+)
 from embbench._torch_utils import resolve_device
 from embbench.cells import CellInputs
 from embbench.config import GridConfig
@@ -45,16 +50,23 @@ def lineage_of(embedder: Embedder, base_model: str) -> Lineage:
     )
 
 
-def thread_budget(cfg: GridConfig, model: str | None = None) -> ThreadBudget:
+def thread_budget(
+    cfg: GridConfig, model: str | None = None, *, train_size: int | None = None
+) -> ThreadBudget:
     """Split the cores between DataLoader workers and torch threads, apply it and log it.
 
     With both ``threads`` and ``num_workers`` on ``auto`` on a CPU, the model's forward FLOPs
-    (:func:`embbench.models.model_facts`, cached per machine) decide the split.
+    (:func:`embbench.models.model_facts`, cached per machine) decide the split; with
+    ``train_size`` (fine-tuning) the FLOPs of a training step at that side
+    (:func:`embbench._threads.training_gflops`).
     """
     gflops = None
     if model and cfg.threads == "auto" and cfg.num_workers == "auto":
         try:
-            gflops = float(model_facts(model)["gflops"])
+            facts = model_facts(model)
+            gflops = float(facts["gflops"])
+            if train_size:
+                gflops = training_gflops(gflops, int(facts["input_size"][-1]), train_size)
         except Exception as exc:  # noqa: BLE001 - facts are advice; the rule works without
             logger.debug(
                 "no FLOP count for %s (%s); the thread rule assumes decode-bound", model, exc

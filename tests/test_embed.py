@@ -156,3 +156,37 @@ def test_precision_resolution():
     with pytest.raises(ValueError, match="precision='half'"):
         resolve_precision("half", torch.device("cpu"))
     assert embed_mod.resolve_device("cpu").type == "cpu"
+
+
+def test_cpu_channels_last_vectors_equal_the_nchw_path(small_demo):
+    """A conv net embeds in channels_last on the CPU; its vectors match plain NCHW's.
+
+    Tolerance: max abs difference 1e-4 on vectors of norm ~1-30, cosine >= 0.99999 (measured
+    on EfficientNet-Lite0's 1280-d vectors: 7e-6 and 0.9999998).
+    """
+    import copy
+
+    from embbench._torch_utils import channels_last_for
+    from embbench.images import load_rgb
+    from embbench.models import create_embedder
+
+    torch.manual_seed(0)
+    emb = create_embedder("test_resnet", weights="random")
+    reference = copy.deepcopy(emb.model).eval()  # embed_split converts emb.model in place
+    assert channels_last_for(emb.model, torch.device("cpu"))
+    vit_like = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, 16), torch.nn.Flatten())
+    assert not channels_last_for(vit_like, torch.device("cpu"))  # a patch embedding alone
+    got = embed_split(
+        emb, small_demo, "val", batch_size=4, num_workers=0, progress=False, overwrite=True
+    )
+    conv = next(m for m in emb.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    rows = small_demo.split("val")
+    x = torch.stack([emb.transform(load_rgb(p)) for p in rows["path"]])
+    with torch.inference_mode():
+        want = reference(x).float().numpy()
+    order = [list(got.item_ids.astype(str)).index(i) for i in rows["item_id"].astype(str)]
+    vec = np.asarray(got.vectors)[order]
+    assert np.abs(vec - want).max() <= 1e-4
+    cos = (vec * want).sum(1) / np.linalg.norm(vec, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99999

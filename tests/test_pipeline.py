@@ -17,6 +17,7 @@ import yaml
 pytest.importorskip("kfp")
 pytest.importorskip("kfp.kubernetes")
 
+from embbench._malloc import PROCESS_ENV  # noqa: E402
 from embbench.pipeline import compile_pipeline, group_params, pipeline_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,7 @@ def test_full_grid_resources_secrets_and_volume(full_grid):
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["EMBBENCH_RUNS"] == "/mnt/embbench/runs"
         assert env["EMBBENCH_CACHE"] == "/mnt/embbench/cache"
+        assert {k: env[k] for k in PROCESS_ENV} == PROCESS_ENV  # glibc's allocator settings
         assert k8s[exe]["pvcMount"][0]["mountPath"] == "/mnt/embbench"
         secret_env = {m["envVar"] for m in k8s[exe]["secretAsEnv"][0]["keyToEnv"]}
         assert {"MILVUS_TOKEN", "MLFLOW_TRACKING_TOKEN"} <= secret_env

@@ -10,6 +10,7 @@ from embbench._threads import (
     apply_thread_budget,
     available_cores,
     resolve_thread_budget,
+    training_gflops,
 )
 
 
@@ -34,6 +35,30 @@ def test_split_follows_decode_and_forward_cost():
     many = resolve_thread_budget(gflops_per_image=0.02, cores=16)
     assert many.workers > many.intra_op  # decoding needs most cores for a tiny model
     assert resolve_thread_budget(cores=1) == ThreadBudget(1, 0, 1, "one core: decode inline")
+
+
+def test_training_gets_the_threads_its_step_can_use(monkeypatch):
+    assert training_gflops(0.8, 224, 112) == pytest.approx(3 * 0.8 / 4)  # 3 forwards, area
+    # the demo's stage 02: Lite0 (0.77 GFLOPs at 224 px) trained at 128 px on 2 cores: its step
+    # costs 10x its decoding, so both threads train and decoding runs inline (measured: 2 + 0
+    # beat 1 + 1 by 1.28x on 2 busy cores with passive OpenMP waiting; _threads' docstring)
+    lite0 = training_gflops(0.767815, 224, 128)
+    b = resolve_thread_budget(gflops_per_image=lite0, cores=2)
+    assert (b.intra_op, b.workers) == (2, 0)
+    from embbench.stages import finetune as ft
+
+    facts = {"gflops": 0.767815, "input_size": [3, 224, 224]}
+    monkeypatch.setattr("embbench.stagekit.model_facts", lambda name: facts)
+    monkeypatch.setattr("embbench._threads.available_cores", lambda: 2)
+    cfg = ft.FinetuneConfig(models=["efficientnet_lite0"], datasets=["demo"], train_size=128)
+    before = torch.get_num_threads()
+    try:
+        assert ft.train_settings(cfg, "efficientnet_lite0").num_workers == 0
+        assert torch.get_num_threads() == 2
+        assert ft.train_settings(cfg).num_workers == 1  # no model: FLOPs unknown, half decode
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_gpu_and_explicit_values():

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from embbench._malloc import PROCESS_ENV
 from embbench._utils import stable_hash
 from embbench.paths import runs_dir
 from embbench.pipeline.grid import PipelineGrid, pipeline_grid
@@ -248,6 +249,8 @@ def _configure(
         enable_caching=options.caching, cache_key=stable_hash([key, options.image])
     )
     task.set_env_variable("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name, value in PROCESS_ENV.items():  # glibc reads them at start-up (embbench._malloc)
+        task.set_env_variable(name, value)
     if options.local:
         return
     from kfp import kubernetes  # optional dependency (kfp-kubernetes, the `pipeline` extra)

@@ -206,14 +206,15 @@ def finetune_job(
     )
 
 
-def train_settings(cfg: FinetuneConfig) -> TrainSettings:
+def train_settings(cfg: FinetuneConfig, model: str | None = None) -> TrainSettings:
     """The trainer's settings: the fields of ``cfg`` that :class:`TrainSettings` names.
 
-    ``num_workers``/``threads`` on ``auto`` are resolved by the thread budget (augmentation
-    makes training decode-heavy, so no FLOP count is used).
+    ``num_workers``/``threads`` on ``auto`` are resolved by the thread budget from the FLOPs
+    of ``model``'s training step at ``train_size`` (decoding workers only where decoding is
+    the bottleneck; without a model, half the cores decode).
     """
     values = {f.name: getattr(cfg, f.name) for f in fields(TrainSettings)}
-    values["num_workers"] = thread_budget(cfg).workers
+    values["num_workers"] = thread_budget(cfg, model, train_size=cfg.train_size).workers
     return TrainSettings(**values)
 
 
@@ -223,7 +224,7 @@ def make_trainer(
     """The trainer of one cell; its MLflow run logs the cell's own parameters (not the grid)."""
     own = cfg.model_dump(mode="json", exclude=set(cfg.hash_exclude))
     params = {**own, "stage": STAGE, "model": cell.model, "dataset": cell.dataset}
-    return FineTuner(train_settings(cfg), cell, dist_info, run_params=params)
+    return FineTuner(train_settings(cfg, cell.model), cell, dist_info, run_params=params)
 
 
 # ---------------------------------------------------------------------------- the steps

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from embbench._torch_utils import DistInfo
+from embbench._torch_utils import DistInfo, channels_last_for
 from embbench.train.data import TrainImages, eval_loader
 
 __all__ = ["predict_split"]
@@ -58,6 +58,7 @@ def predict_split(
     out_true: list[int] = []
     out_pred: list[int] = []
     failed: dict[str, str] = {}
+    nhwc = channels_last_for(net, device)  # the trainer put such a net in channels_last
     net.eval()
     with torch.inference_mode():
         for x, y, _, bad in loader:
@@ -66,7 +67,7 @@ def predict_split(
             if x is None:
                 continue
             x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if nhwc:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = net(x)

@@ -27,6 +27,7 @@ import torch
 from embbench._torch_utils import (
     DistInfo,
     barrier,
+    channels_last_for,
     resolve_device,
     resolve_precision,
     seed_all,
@@ -103,7 +104,8 @@ class FineTuner:
         if self.dist.rank:
             seed_all(s.seed + _RANK_SEED * self.dist.rank)
         net.to(self.dev)
-        if self.dev.type == "cuda":
+        self.channels_last = channels_last_for(net, self.dev)  # CUDA; CPU for conv nets
+        if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net  # the bare network; under several processes `ddp` wraps it
         self.ddp = None
@@ -221,7 +223,7 @@ class FineTuner:
             y = y.to(self.dev, non_blocking=True)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)
-            if self.dev.type == "cuda":
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
 
