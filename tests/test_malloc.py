@@ -113,3 +113,13 @@ def test_makefile_kernel_and_dockerfile_carry_the_same_values():
     docker = (ROOT / "Dockerfile").read_text()
     for key, value in PROCESS_ENV.items():
         assert f"{key}={value}" in docker
+
+
+def test_ray_workers_get_the_env_unless_opted_out():
+    from embbench.pipeline.ray_grid import worker_env
+
+    env = worker_env({"EMBBENCH_DATA": "/shared/data", "HOME": "/root"})
+    assert env == {"EMBBENCH_DATA": "/shared/data", **PROCESS_ENV}
+    user = worker_env({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert user["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert worker_env({OPT_OUT: "0"}) == {OPT_OUT: "0"}  # the opt-out travels, nothing else

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from embbench._errors import UserError
+from embbench._malloc import missing_allocator_env
 from embbench.pipeline.grid import (
     REPORT_NOTEBOOK,
     CellTask,
@@ -134,11 +135,17 @@ def import_ray() -> Any:
 
 
 def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment variables forwarded to the workers (shared folders, URIs, tokens)."""
+    """The environment variables forwarded to the workers (shared folders, URIs, tokens).
+
+    Ray starts a fresh worker process for a runtime environment, so glibc's allocator settings
+    and ``OMP_WAIT_POLICY`` (:mod:`embbench._malloc`, read once at start-up) reach the workers
+    this way too, unless the driver opted out (``EMBBENCH_MALLOC=0``).
+    """
     env = os.environ if environ is None else environ
-    return {
+    forwarded = {
         k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
     }
+    return {**missing_allocator_env(env), **forwarded}
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
