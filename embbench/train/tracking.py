@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embbench._utils import metric_key
 from embbench.metrics import confusion_matrix
 from embbench.tracking import log_json_artifact, log_params, source_tags
 from embbench.train.errors import FinetuneError
@@ -66,10 +67,11 @@ def start_run(
 
 
 def log_epoch(run_id: str, stats: dict[str, float], epoch: int) -> None:
-    """One epoch's statistics as metric steps."""
+    """One epoch's statistics as metric steps (``val_mMP@5`` is logged as ``val_mMP_at_5``)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in stats.items()}, step=epoch, run_id=run_id)
+    metrics = {metric_key(k): float(v) for k, v in stats.items()}
+    mlflow.log_metrics(metrics, step=epoch, run_id=run_id)
 
 
 def finish_run(run_id: str, summary: dict, test: dict, *, model_path: Path, run_dir: Path) -> None:

@@ -56,6 +56,15 @@ from embbench.train.evaluate import predict_split
 from embbench.train.job import TrainJob, TrainSettings
 from embbench.train.model import build_trainable
 from embbench.train.optim import build_loss, build_optimizer
+from embbench.train.transfer import (
+    before_training,
+    epoch_retrieval,
+    freeze_batchnorm,
+    install_head,
+    keep_if_best,
+    restore_best,
+    selects_on_val,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +109,7 @@ class FineTuner:
         net, self.embedder, self.extra_model_kwargs = build_trainable(
             job.model, s.weights, len(job.classes), (hp["train_size"], hp["test_size"]), s.seed
         )
+        install_head(net, hp, len(job.classes))  # the transfer recipe's cosine head
         if self.dist.rank:
             seed_all(s.seed + _RANK_SEED * self.dist.rank)
         net.to(self.dev)
@@ -247,6 +257,8 @@ class FineTuner:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the sampler; returns mean loss, lr, images and images/s."""
         (self.net if self.ddp is None else self.ddp).train()
+        if self.hp.get("freeze_bn"):
+            freeze_batchnorm(self.net)
         accum = self.settings.grad_accum
         n_batches = len(self.loader)
         total, n_images, micro = 0.0, 0, 0
@@ -262,7 +274,7 @@ class FineTuner:
         wall = time.perf_counter() - t0
         return {
             "train_loss": total / max(n_images, 1),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": max(float(g["lr"]) for g in self.optimizer.param_groups),  # the head's
             "train_images": n_images,
             "train_images_per_s": n_images / wall if wall > 0 else 0.0,
         }
@@ -300,7 +312,12 @@ class FineTuner:
         val_split = "val" if "val" in job.cat.splits else "test"
         test_split = "test" if "test" in job.cat.splits else val_split
         run = self._start_run()
+        select = selects_on_val(hp)
         try:
+            if start == 0 and (select or hp.get("lp_steps")):
+                before = before_training(self, val_split)
+                if run is not None:
+                    tracking.log_epoch(run, {f"start_{k}": v for k, v in before.items()}, 0)
             for epoch in range(start, hp["epochs"]):
                 t0 = time.perf_counter()
                 stats = self.train_epoch(epoch)
@@ -308,6 +325,9 @@ class FineTuner:
                 if s.eval_every and ((epoch + 1) % s.eval_every == 0) and not last:
                     pred = self.predict(val_split)
                     stats["val_accuracy"] = accuracy(pred["y_true"], pred["y_pred"])
+                if select and (last or (s.eval_every and (epoch + 1) % s.eval_every == 0)):
+                    stats.update(epoch_retrieval(self, val_split))
+                    keep_if_best(self, stats, epoch)
                 stats["epoch_wall_s"] = time.perf_counter() - t0
                 self.state.train_wall_s += stats["epoch_wall_s"]
                 self.state.history.append({"epoch": epoch, **stats})
@@ -326,6 +346,7 @@ class FineTuner:
                     self.save_checkpoint()
                 _after_epoch(self, epoch)
 
+            self.selection = restore_best(self) if select else {"rule": "last"}
             t0 = time.perf_counter()
             val = self.predict(val_split)
             test = val if test_split == val_split else self.predict(test_split)
@@ -406,6 +427,7 @@ class FineTuner:
                 for p, r in sorted({**s.failed, **val["failed"], **test["failed"]}.items())
             ],
             "history": s.history,
+            "selection": self.selection,
             "embedder_weights": self.embedder.weights_used,
             "eval_data_config": self.eval_data_config,
             "extra_model_kwargs": self.extra_model_kwargs,
@@ -465,14 +487,8 @@ class FineTuner:
             logger.info(
                 "training %s on %s: lr %.4g (recipe %s: %.4g at batch %d, %s rule, global "
                 "batch %d)",
-                job.model,
-                job.dataset,
-                hp["lr"],
-                hp["name"],
-                hp["lr_base"],
-                hp["reference_batch"],
-                hp["lr_scaling"],
-                hp["global_batch"],
+                *(job.model, job.dataset, hp["lr"], hp["name"], hp["lr_base"]),
+                *(hp["reference_batch"], hp["lr_scaling"], hp["global_batch"]),
             )
         return run_id
 
