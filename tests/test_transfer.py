@@ -237,3 +237,22 @@ def test_lineage_carries_the_recipe_and_its_sources(use_tiny):
     assert set(lin.finetune_hp["sources"]) == set(TRANSFER.sources)
     assert record.details["selection"]["epoch"] == 0
     assert "val_mMP@5" in record.details["selection"]["start"]
+
+
+def test_guide_recommends_tuning_only_where_the_cis_show_it_pays():
+    from embbench.analysis.guide import recommend
+
+    def row(strategy, order, score, low, high):
+        return {"strategy": strategy, "_order": order, "score": score, "low": low, "high": high}
+
+    pre = row("pretrained", 0, 0.60, 0.55, 0.65)
+    overlapping = row("fine-tuned", 2, 0.63, 0.58, 0.68)
+    assert recommend([overlapping, pre])["strategy"] == "pretrained"
+    clear = row("fine-tuned", 2, 0.75, 0.70, 0.80)
+    assert recommend([pre, clear])["strategy"] == "fine-tuned"
+    # a top-tuned pick that the fine-tuned one does not clearly beat stays the pick
+    top = row("top-tuned", 1, 0.72, 0.67, 0.77)
+    assert recommend([pre, top, clear])["strategy"] == "top-tuned"
+    nan = float("nan")  # no CIs (accuracy): the higher score wins
+    acc = [row("top-tuned", 1, 0.8, nan, nan), row("fine-tuned", 2, 0.81, nan, nan)]
+    assert recommend(acc)["strategy"] == "fine-tuned"
