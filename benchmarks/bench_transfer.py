@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     table = pd.DataFrame(rows)
+    if "A3" in set(table["config"]):  # training time against the study's recipe, same budget
+        a3 = float(table.loc[table["config"] == "A3", "train_s"].iloc[0]) or float("nan")
+        table["train_s / A3"] = [f"{t / a3:.2f}" if t else "" for t in table["train_s"]]
     if "pretrained" in per_query:
         base = per_query["pretrained"]
         for metric in ("mMP@5", "mR@1"):

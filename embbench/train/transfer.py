@@ -303,6 +303,11 @@ def before_training(trainer, val_split: str) -> dict[str, float]:
                 seed=trainer.settings.seed,
             )
         )
+        if trainer.dist.world_size > 1:  # every rank probed the same features: keep rank 0's
+            import torch.distributed as torch_dist
+
+            for param in trainer.net.get_classifier().parameters():
+                torch_dist.broadcast(param.data, src=0)
     if trainer.dist.is_main:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(job.run_dir / "pretrained_val.json", out)
