@@ -8,15 +8,20 @@ tests/test_finetune.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import embbench.cells as cells
 import embbench.train.trainer as trainer_mod
+import embbench.train.transfer as transfer
+from embbench.analysis.guide import recommend
 from embbench.catalogue import Catalogue
+from embbench.cli import _params_for
 from embbench.demo import make_demo_catalogue
-from embbench.stages.finetune import FinetuneConfig, finetune_job, make_trainer
+from embbench.records import ResultStore
+from embbench.stages.finetune import FinetuneConfig, FinetuneSteps, finetune_job, make_trainer
 from embbench.train.recipes import (
     RECIPES,
     TRANSFER,
@@ -210,7 +215,6 @@ def test_fit_keeps_the_best_validation_epoch(use_tiny, monkeypatch):
 
 def _before_with(retrieval):
     """``before_training`` with the validation retrieval replaced (the probe still runs)."""
-    import embbench.train.transfer as transfer
 
     def before(trainer, split):
         real = transfer.epoch_retrieval
@@ -225,12 +229,8 @@ def _before_with(retrieval):
 
 @pytest.mark.slow
 def test_lineage_carries_the_recipe_and_its_sources(use_tiny):
-    from embbench.cells import run_grid
-    from embbench.records import ResultStore
-    from embbench.stages.finetune import FinetuneSteps
-
     cfg = FinetuneConfig(**{**TINY, "epochs": 1})
-    (record,) = run_grid(cfg, FinetuneSteps(cfg), store=ResultStore())
+    (record,) = cells.run_grid(cfg, FinetuneSteps(cfg), store=ResultStore())
     lin = record.lineage
     assert lin.finetune_recipe == "transfer"
     assert lin.finetune_hp["head"] == "cosine" and lin.finetune_hp["lp_steps"] == TRANSFER.lp_steps
@@ -240,8 +240,6 @@ def test_lineage_carries_the_recipe_and_its_sources(use_tiny):
 
 
 def test_guide_recommends_tuning_only_where_the_cis_show_it_pays():
-    from embbench.analysis.guide import recommend
-
     def row(strategy, order, score, low, high):
         return {"strategy": strategy, "_order": order, "score": score, "low": low, "high": high}
 
@@ -256,3 +254,18 @@ def test_guide_recommends_tuning_only_where_the_cis_show_it_pays():
     nan = float("nan")  # no CIs (accuracy): the higher score wins
     acc = [row("top-tuned", 1, 0.8, nan, nan), row("fine-tuned", 2, 0.81, nan, nan)]
     assert recommend(acc)["strategy"] == "fine-tuned"
+
+
+def test_the_demo_runs_stage_02_with_the_small_catalogue_params():
+    root = Path(__file__).resolve().parents[1]
+    files = _params_for("02_finetune", root, [], demo=True)
+    names = [f.relative_to(root).as_posix() for f in files]
+    assert names == [
+        "params/02_finetune.yaml",
+        "params/small/02_finetune.yaml",
+        "params/demo/02_finetune.yaml",
+    ]
+    assert len(_params_for("01_embed", root, [], demo=True)) == 2  # no params/small/01_embed
+    cfg = FinetuneConfig.from_files(*files)
+    assert cfg.recipe == "transfer" and cfg.lr == 0  # the recipe's lr: nothing tuned to the demo
+    assert cfg.models == ["efficientnet_lite0", "efficientnet_lite0_random"]
