@@ -269,3 +269,14 @@ def test_the_demo_runs_stage_02_with_the_small_catalogue_params():
     cfg = FinetuneConfig.from_files(*files)
     assert cfg.recipe == "transfer" and cfg.lr == 0  # the recipe's lr: nothing tuned to the demo
     assert cfg.models == ["efficientnet_lite0", "efficientnet_lite0_random"]
+
+
+def test_eval_every_is_part_of_a_selecting_trainings_hash(use_tiny):
+    def train_hash(**over):
+        cfg = FinetuneConfig(**{**TINY, **over})
+        return finetune_job(cfg, "test_resnet", "demo").train_hash
+
+    # the epochs validated are the epochs that can be kept: they change the weights
+    assert train_hash(eval_every=1) != train_hash(eval_every=2)
+    assert train_hash(recipe="A3", eval_every=1) == train_hash(recipe="A3", eval_every=2)
+    assert train_hash(recipe_options={"lp_steps": 0}) != train_hash()

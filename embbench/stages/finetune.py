@@ -125,7 +125,6 @@ TRAIN_FIELDS = (
     "label",
     "max_images",
     "recipe",
-    "recipe_options",
     "epochs",
     "lr",
     "lr_reference_batch",
@@ -190,17 +189,18 @@ def finetune_job(
         train_size=cfg.train_size,
         test_size=cfg.test_size,
     )
-    train_hash = stable_hash(
-        {
-            "fields": {f: getattr(cfg, f) for f in TRAIN_FIELDS},
-            "model": model,
-            "dataset": dataset,
-            "fingerprint": cat.fingerprint(),
-            "label": plan["label"],
-            "hp": hp,
-            "format": CHECKPOINT_FORMAT,
-        }
-    )
+    identity = {
+        "fields": {f: getattr(cfg, f) for f in TRAIN_FIELDS},  # recipe_options: in hp
+        "model": model,
+        "dataset": dataset,
+        "fingerprint": cat.fingerprint(),
+        "label": plan["label"],
+        "hp": hp,
+        "format": CHECKPOINT_FORMAT,
+    }
+    if hp.get("select") == "val_retrieval":  # which epochs can be kept: it changes the weights
+        identity["eval_every"] = cfg.eval_every
+    train_hash = stable_hash(identity)
     run_dir = runs_dir() / "finetune" / safe_name(model) / safe_name(dataset) / train_hash
     return FinetuneJob(
         model=model,
