@@ -103,17 +103,14 @@ def test_rsb_recipes_resolve_as_before_and_transfer_names_its_sources():
 
 
 def test_transfer_trainer_parts(use_tiny):
-    trainer = _trainer()
+    trainer = _trainer(recipe_options={"layer_decay": 0.75})
     assert isinstance(trainer.net.get_classifier(), CosineHead)
     assert isinstance(trainer.criterion, CosFaceLoss) and trainer.mixup is None
     assert type(trainer.optimizer).__name__ == "AdamW"
     # layer-wise decay: the groups' lr scales grow from the stem to the head, which gets 1
     scales = sorted({g["lr_scale"] for g in trainer.optimizer.param_groups})
     assert len(scales) >= 3 and scales[-1] == pytest.approx(1.0)
-    assert all(
-        a / b == pytest.approx(TRANSFER.layer_decay)
-        for a, b in zip(scales, scales[1:], strict=False)
-    )
+    assert all(a / b == pytest.approx(0.75) for a, b in zip(scales, scales[1:], strict=False))
     head_ids = {id(p) for p in trainer.net.get_classifier().parameters()}
     for g in trainer.optimizer.param_groups:
         if any(id(p) in head_ids for p in g["params"]):
@@ -122,7 +119,7 @@ def test_transfer_trainer_parts(use_tiny):
     lrs = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert [lrs[s] for s in scales] == sorted(lrs.values())  # the lr itself decays too
     # without layer decay: one lr for all
-    flat = _trainer(recipe_options={"layer_decay": 0.0, "head": "linear"})
+    flat = _trainer(recipe_options={"head": "linear"})  # the recipe's default: no decay
     assert {g.get("lr_scale", 1.0) for g in flat.optimizer.param_groups} == {1.0}
     assert isinstance(flat.criterion, torch.nn.CrossEntropyLoss)
 
