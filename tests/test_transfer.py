@@ -277,3 +277,4 @@ def test_eval_every_is_part_of_a_selecting_trainings_hash(use_tiny):
     assert train_hash(eval_every=1) != train_hash(eval_every=2)
     assert train_hash(recipe="A3", eval_every=1) == train_hash(recipe="A3", eval_every=2)
     assert train_hash(recipe_options={"lp_steps": 0}) != train_hash()
+    assert train_hash(recipe_options={"sources": {}}) == train_hash()  # citations: no retraining

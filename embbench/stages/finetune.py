@@ -195,7 +195,7 @@ def finetune_job(
         "dataset": dataset,
         "fingerprint": cat.fingerprint(),
         "label": plan["label"],
-        "hp": hp,
+        "hp": {k: v for k, v in hp.items() if k != "sources"},  # citations change no weights
         "format": CHECKPOINT_FORMAT,
     }
     if hp.get("select") == "val_retrieval":  # which epochs can be kept: it changes the weights
