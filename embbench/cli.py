@@ -1,7 +1,8 @@
 """Command-line entry points: ``embbench <command>`` or ``python -m embbench <command>``.
 
 Commands:
-  demo          run the notebooks on the demo catalogue (params/<nb>.yaml + params/demo/<nb>.yaml)
+  demo          run the notebooks on the demo catalogue (params/<nb>.yaml, params/small/<nb>.yaml
+                where there is one, params/demo/<nb>.yaml)
   run-notebook  run one notebook with layered params files (validated) through papermill
   embed         run stage 01 without a notebook (the torchrun entry point for several GPUs)
   run-cell      run exactly one cell of a stage's grid through the cell engine (a pipeline task)
@@ -42,7 +43,9 @@ def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float 
 
 def _params_for(name: str, root: Path, extra: list[str], demo: bool) -> list[Path]:
     files = [root / "params" / f"{name}.yaml"]
-    if demo:
+    if demo:  # the demo is a small catalogue: params/small/ (where a stage has one), then demo/
+        small = root / "params" / "small" / f"{name}.yaml"
+        files += [small] if small.is_file() else []
         files.append(root / "params" / "demo" / f"{name}.yaml")
     return files + [Path(f) for f in extra]
 

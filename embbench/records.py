@@ -59,7 +59,9 @@ class Lineage(BaseModel):
     weights_kind: str = "unknown"  # pretrained | random | checkpoint | ...
     control: bool = False  # a random-init control of a real architecture
     finetuned_on: str | None = None  # dataset of the full fine-tuning, if any
-    finetune_recipe: str | None = None  # A1 | A2 | A3
+    finetune_recipe: str | None = None  # A1 | A2 | A3 | transfer
+    # the fine-tuning's resolved hyper-parameters, with each non-RSB choice's source
+    finetune_hp: dict[str, Any] = Field(default_factory=dict)
     finetune_start: str | None = None  # weights kind the fine-tuning started from
     toptuned_on: str | None = None  # dataset the MLP head was top-tuned on, if any
     variant: dict[str, Any] = Field(default_factory=dict)  # compression / index variant

@@ -34,6 +34,7 @@ from embbench.analysis.categories import (
     disagreements,
 )
 from embbench.analysis.deploy import deployment_points, deployment_sentences, deployment_table
+from embbench.analysis.finetune_curves import finetune_curves, finetune_curves_figure
 from embbench.analysis.gallery import (
     Gallery,
     build_gallery,
@@ -90,6 +91,8 @@ from embbench.analysis.tables import (
 from embbench.vocab import CROSS_MODES, MODES, TUNED_MODES
 
 __all__ = [
+    "finetune_curves",
+    "finetune_curves_figure",
     "deployment_points",
     "deployment_sentences",
     "deployment_table",

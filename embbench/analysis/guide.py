@@ -110,11 +110,7 @@ def practical_guide(df: pd.DataFrame, metric: str) -> pd.DataFrame:
                     }
                 )
             if block:
-                top = max(b["score"] for b in block)
-                winner = min(
-                    (b for b in block if b["score"] >= top - 1e-12), key=lambda b: b["_order"]
-                )
-                winner["recommended"] = True
+                recommend(block)["recommended"] = True
             rows.extend(block)
     out = pd.DataFrame(rows)
     out.attrs["entries"] = dict(
@@ -125,6 +121,27 @@ def practical_guide(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         )
     )
     return out.reindex(columns=GUIDE_COLUMNS)
+
+
+def recommend(block: list[dict[str, Any]]) -> dict[str, Any]:
+    """The strategy to recommend among one (dataset, task)'s best results.
+
+    Strategies are taken from the cheapest (pretrained, then top-tuned, then fine-tuned); a
+    costlier one replaces the current pick only when it scores higher and, where both have a
+    95% CI, its interval lies wholly above the pick's: a tuning whose gain the CIs do not show
+    is not worth its cost. Without CIs (accuracy) the higher score wins; a tie goes to the
+    cheaper strategy.
+    """
+    ordered = sorted(block, key=lambda b: b["_order"])
+    pick = ordered[0]
+    for cand in ordered[1:]:
+        if cand["score"] <= pick["score"] + 1e-12:
+            continue
+        lows = (cand.get("low", math.nan), pick.get("high", math.nan))
+        if all(isinstance(v, float) and not math.isnan(v) for v in lows) and lows[0] <= lows[1]:
+            continue  # higher, but within the CIs of the cheaper pick
+        pick = cand
+    return pick
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -203,6 +220,11 @@ def guide_sentences(
                 f" Best {r['strategy']}: {r['model']} at {_fmt(r['score'])} "
                 f"({_gap(win, r)}; {_cost(r)})."
             )
+            if r["score"] > win["score"] and not math.isnan(r["low"]):
+                s += (
+                    f" Its 95% CI ({_fmt(r['low'])}-{_fmt(r['high'])}) overlaps the "
+                    f"recommendation's, so its gain is not shown to pay for {r['strategy']}."
+                )
         if paired is not None and not paired.empty and task == "visual search":
             entries = guide.attrs.get("entries", {})
             win_entry = entries.get((dataset, task, win["strategy"]))

@@ -125,8 +125,13 @@ def finetune_table(results: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def training_curves_figure(history: pd.DataFrame) -> Any:
-    """Loss, learning rate and validation accuracy per epoch (stage 02's training curves)."""
-    quantities = [c for c in ("train_loss", "lr", "val_accuracy") if c in history]
+    """Loss, learning rate, validation accuracy and retrieval per epoch (stage 02's curves).
+
+    The validation mMP@k and mR@1 are there when the recipe selects on them (``transfer``).
+    """
+    wanted = ("train_loss", "lr", "val_accuracy")
+    retrieval = [c for c in history if c.startswith("val_mMP@") or c == "val_mR@1"]
+    quantities = [c for c in (*wanted, *retrieval) if c in history]
     if history.empty or not quantities:
         return None
     curves = history.melt(

@@ -48,7 +48,8 @@ class CrosstuneConfig(GridConfig):
     :class:`~embbench.config.GridConfig`.
     """
 
-    recipe: Literal["A1", "A2", "A3"] = "A2"  # the 02_finetune recipe of the fine-tuned models
+    # the 02_finetune recipe of the fine-tuned models (the demo's: transfer, params/small/)
+    recipe: Literal["A1", "A2", "A3", "transfer"] = "A2"
     finetuned_on: list[str] = Field(default_factory=list)  # source datasets A ([] = none)
     toptuned_on: list[str] = Field(default_factory=list)  # source datasets X ([] = none)
     include_diagonal: bool = False  # also score source == target (stages 02/03 do already)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from embbench import setup_logging
 from embbench._torch_utils import DistInfo, barrier, init_distributed, resolve_device
@@ -72,6 +72,7 @@ from embbench.train import (
     resolve_recipe,
 )
 from embbench.train.model import FINETUNABLE_SOURCES
+from embbench.train.recipes import with_options
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ class FinetuneConfig(GridConfig):
     :class:`~embbench.config.GridConfig`.
     """
 
-    recipe: Literal["A1", "A2", "A3"] = "A2"  # ResNet-strikes-back procedure (paper: A2)
+    # ResNet-strikes-back procedure (paper: A2), or transfer: small catalogues (not the paper's)
+    recipe: Literal["A1", "A2", "A3", "transfer"] = "A2"
+    # the recipe's fields changed by name, e.g. {lp_steps: 0} (embbench.train.recipes.Recipe)
+    recipe_options: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(0, ge=0)  # 0 = the recipe's (A1 600, A2 300, A3 100)
     lr: float = Field(0.0, ge=0)  # lr at lr_reference_batch; 0 = the recipe's
     lr_reference_batch: int = Field(0, ge=0)  # batch the lr refers to; 0 = recipe's (2048)
@@ -100,6 +104,11 @@ class FinetuneConfig(GridConfig):
     checkpoint_every: int = Field(1, ge=1)  # epochs between resumable checkpoints
     resume: bool = True  # continue a killed run from its last checkpoint
     register_mlflow: bool = True  # log the headless model to MLflow's model registry
+
+    @model_validator(mode="after")
+    def _recipe_options_exist(self) -> FinetuneConfig:
+        with_options(get_recipe(self.recipe), self.recipe_options)  # names checked
+        return self
 
     hash_exclude = GridConfig.hash_exclude | {
         "eval_every",
@@ -171,7 +180,7 @@ def finetune_job(
             f"{plan['label']!r}; classification needs at least 2"
         )
     hp = resolve_recipe(
-        get_recipe(cfg.recipe),
+        with_options(get_recipe(cfg.recipe), cfg.recipe_options),
         global_batch=cfg.batch_size * world_size * cfg.grad_accum,
         epochs=cfg.epochs,
         lr=cfg.lr,
@@ -180,17 +189,18 @@ def finetune_job(
         train_size=cfg.train_size,
         test_size=cfg.test_size,
     )
-    train_hash = stable_hash(
-        {
-            "fields": {f: getattr(cfg, f) for f in TRAIN_FIELDS},
-            "model": model,
-            "dataset": dataset,
-            "fingerprint": cat.fingerprint(),
-            "label": plan["label"],
-            "hp": hp,
-            "format": CHECKPOINT_FORMAT,
-        }
-    )
+    identity = {
+        "fields": {f: getattr(cfg, f) for f in TRAIN_FIELDS},  # recipe_options: in hp
+        "model": model,
+        "dataset": dataset,
+        "fingerprint": cat.fingerprint(),
+        "label": plan["label"],
+        "hp": {k: v for k, v in hp.items() if k != "sources"},  # citations change no weights
+        "format": CHECKPOINT_FORMAT,
+    }
+    if hp.get("select") == "val_retrieval":  # which epochs can be kept: it changes the weights
+        identity["eval_every"] = cfg.eval_every
+    train_hash = stable_hash(identity)
     run_dir = runs_dir() / "finetune" / safe_name(model) / safe_name(dataset) / train_hash
     return FinetuneJob(
         model=model,
@@ -318,6 +328,7 @@ class FinetuneSteps(StageSteps):
                 control=bool(start.get("control", False)),
                 finetuned_on=cell.dataset,
                 finetune_recipe=summary["recipe"],
+                finetune_hp=summary["hyperparameters"],
                 finetune_start=str(start.get("kind") or "unknown"),
             ),
             spec=emb.spec,
@@ -345,6 +356,7 @@ class FinetuneSteps(StageSteps):
                 "lr_scaled": summary["lr_scaled"],
                 "lr_scaling": summary["lr_scaling"],
                 "epochs": summary["epochs"],
+                "selection": summary.get("selection", {"rule": "last"}),
                 "n_failed_train_images": len(summary["failed_images"]),
                 "train_mlflow_run_id": summary.get("mlflow_run_id"),
                 "mlflow_registry": registry,

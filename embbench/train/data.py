@@ -69,7 +69,11 @@ def collate(batch):
 
 # ------------------------------------------------------------------------------- transforms
 def train_transform(hp: dict[str, Any], mean: tuple, std: tuple):
-    """The timm training pipeline of a resolved recipe: random-resized crop, flip, RandAugment."""
+    """The timm training pipeline of a resolved recipe: random-resized crop, flip, RandAugment.
+
+    Without RandAugment timm applies its colour jitter (0.4); ``crop_scale`` (when the recipe
+    sets one) bounds the crop's area.
+    """
     from timm.data import create_transform
 
     return create_transform(
@@ -81,6 +85,7 @@ def train_transform(hp: dict[str, Any], mean: tuple, std: tuple):
         std=std,
         hflip=hp["hflip"],
         re_prob=hp["re_prob"],
+        scale=tuple(hp["crop_scale"]) if hp.get("crop_scale") else None,
     )
 
 

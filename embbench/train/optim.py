@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from embbench.train.transfer import CosFaceLoss
+
 __all__ = ["build_loss", "build_optimizer"]
 
 
@@ -19,7 +21,7 @@ def build_loss(hp: dict[str, Any], n_classes: int) -> tuple[Any, torch.nn.Module
 
     Args:
         hp: The resolved recipe (``mixup``, ``cutmix``, ``mixup_prob``, ``mixup_switch_prob``,
-            ``smoothing``).
+            ``smoothing``; a ``cosine`` head with ``head_margin`` > 0 gets the CosFace loss).
         n_classes: Classes of the head.
     """
     from timm.data import Mixup
@@ -36,6 +38,8 @@ def build_loss(hp: dict[str, Any], n_classes: int) -> tuple[Any, torch.nn.Module
             num_classes=n_classes,
         )
         return mixup, SoftTargetCrossEntropy()
+    if hp.get("head") == "cosine" and hp.get("head_margin", 0) > 0:
+        return None, CosFaceLoss(hp["head_scale"], hp["head_margin"])
     if hp["smoothing"] > 0:
         return None, LabelSmoothingCrossEntropy(smoothing=hp["smoothing"])
     return None, torch.nn.CrossEntropyLoss()
@@ -49,7 +53,8 @@ def build_optimizer(
     Args:
         net: The bare network (not a DDP wrapper).
         hp: The resolved recipe (``opt``, ``lr``, ``weight_decay``, ``sched``, ``epochs``,
-            ``warmup_epochs``, ``warmup_lr``, ``min_lr``).
+            ``warmup_epochs``, ``warmup_lr``, ``min_lr``; ``layer_decay`` > 0: timm's
+            layer-wise decay groups, each scaled by its ``lr_scale``, which the scheduler keeps).
         updates_per_epoch: Optimizer steps per epoch (after gradient accumulation).
     """
     from timm.optim import create_optimizer_v2
@@ -61,6 +66,7 @@ def build_optimizer(
         lr=hp["lr"],
         weight_decay=hp["weight_decay"],
         filter_bias_and_bn=True,
+        layer_decay=hp.get("layer_decay") or None,
     )
     scheduler, _ = create_scheduler_v2(
         optimizer,

@@ -14,13 +14,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embbench._utils import metric_key
 from embbench.metrics import confusion_matrix
-from embbench.tracking import log_json_artifact, log_params, source_tags
+from embbench.models import get_model_spec
+from embbench.tracking import log_json_artifact, log_params, provenance_tags, source_tags
 from embbench.train.errors import FinetuneError
+from embbench.train.job import TrainJob
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finish_run", "kill_run", "log_epoch", "start_run"]
+__all__ = ["finish_run", "kill_run", "log_epoch", "start_run", "training_tags"]
+
+
+def training_tags(job: TrainJob, recipe: str) -> dict[str, str]:
+    """The training run's tags: provenance, what it trains, the model's family and backbone.
+
+    The family and backbone group the training run with its cell's run in the MLflow UI.
+    """
+    spec = get_model_spec(job.model)
+    return {
+        **provenance_tags(),
+        "stage": "finetune",
+        "mode": "training",
+        "model": job.model,
+        "dataset": job.dataset,
+        "recipe": recipe,
+        "train_hash": job.train_hash,
+        "family": spec.family,
+        "backbone": spec.backbone,
+    }
 
 
 def start_run(
@@ -66,10 +88,11 @@ def start_run(
 
 
 def log_epoch(run_id: str, stats: dict[str, float], epoch: int) -> None:
-    """One epoch's statistics as metric steps."""
+    """One epoch's statistics as metric steps (``val_mMP@5`` is logged as ``val_mMP_at_5``)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in stats.items()}, step=epoch, run_id=run_id)
+    metrics = {metric_key(k): float(v) for k, v in stats.items()}
+    mlflow.log_metrics(metrics, step=epoch, run_id=run_id)
 
 
 def finish_run(run_id: str, summary: dict, test: dict, *, model_path: Path, run_dir: Path) -> None:

@@ -35,8 +35,7 @@ from embbench._torch_utils import (
 )
 from embbench._utils import atomic_write_json
 from embbench.metrics import accuracy, classification_metrics
-from embbench.models import get_model_spec
-from embbench.tracking import provenance_tags, run_name
+from embbench.tracking import run_name
 from embbench.train import ddp, tracking
 from embbench.train.checkpointing import (
     TrainState,
@@ -57,6 +56,15 @@ from embbench.train.evaluate import predict_split
 from embbench.train.job import TrainJob, TrainSettings
 from embbench.train.model import build_trainable
 from embbench.train.optim import build_loss, build_optimizer
+from embbench.train.transfer import (
+    before_training,
+    epoch_retrieval,
+    freeze_batchnorm,
+    install_head,
+    keep_if_best,
+    restore_best,
+    selects_on_val,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +109,7 @@ class FineTuner:
         net, self.embedder, self.extra_model_kwargs = build_trainable(
             job.model, s.weights, len(job.classes), (hp["train_size"], hp["test_size"]), s.seed
         )
+        install_head(net, hp, len(job.classes))  # the transfer recipe's cosine head
         if self.dist.rank:
             seed_all(s.seed + _RANK_SEED * self.dist.rank)
         net.to(self.dev)
@@ -249,6 +258,8 @@ class FineTuner:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the sampler; returns mean loss, lr, images and images/s."""
         (self.net if self.ddp is None else self.ddp).train()
+        if self.hp.get("freeze_bn"):
+            freeze_batchnorm(self.net)
         accum = self.settings.grad_accum
         n_batches = len(self.loader)
         total, n_images, micro = 0.0, 0, 0
@@ -266,7 +277,7 @@ class FineTuner:
         total, n_images = ddp.sum_over_ranks(self.dist, total, n_images)  # the job's, all ranks
         stats = {
             "train_loss": total / max(n_images, 1),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": max(float(g["lr"]) for g in self.optimizer.param_groups),  # the head's
             "train_images": n_images,
             "train_images_per_s": n_images / wall if wall > 0 else 0.0,
         }
@@ -308,7 +319,12 @@ class FineTuner:
         val_split = "val" if "val" in job.cat.splits else "test"
         test_split = "test" if "test" in job.cat.splits else val_split
         run = self._start_run()
+        select = selects_on_val(hp)
         try:
+            if start == 0 and (select or hp.get("lp_steps")):
+                before = before_training(self, val_split)
+                if run is not None:
+                    tracking.log_epoch(run, {f"start_{k}": v for k, v in before.items()}, 0)
             for epoch in range(start, hp["epochs"]):
                 t0 = time.perf_counter()
                 stats = self.train_epoch(epoch)
@@ -316,6 +332,9 @@ class FineTuner:
                 if s.eval_every and ((epoch + 1) % s.eval_every == 0) and not last:
                     pred = self.predict(val_split)
                     stats["val_accuracy"] = accuracy(pred["y_true"], pred["y_pred"])
+                if select and (last or (s.eval_every and (epoch + 1) % s.eval_every == 0)):
+                    stats.update(epoch_retrieval(self, val_split))
+                    keep_if_best(self, stats, epoch)
                 stats["epoch_wall_s"] = time.perf_counter() - t0
                 self.state.train_wall_s += stats["epoch_wall_s"]
                 self.state.history.append({"epoch": epoch, **stats})
@@ -336,6 +355,7 @@ class FineTuner:
 
             what = f"{job.model} on {job.dataset}"
             checksums = ddp.weight_checksums(self.dist, self.net, what)
+            self.selection = restore_best(self) if select else {"rule": "last"}
             t0 = time.perf_counter()
             val = self.predict(val_split)
             test = val if test_split == val_split else self.predict(test_split)
@@ -417,6 +437,7 @@ class FineTuner:
                 for p, r in sorted({**s.failed, **val["failed"], **test["failed"]}.items())
             ],
             "history": s.history,
+            "selection": self.selection,
             "embedder_weights": self.embedder.weights_used,
             "eval_data_config": self.eval_data_config,
             "extra_model_kwargs": self.extra_model_kwargs,
@@ -443,16 +464,7 @@ class FineTuner:
             return None
 
         job, hp = self.job, self.hp
-        tags = {
-            **provenance_tags(),
-            "stage": "finetune",
-            "mode": "training",
-            "model": job.model,
-            "dataset": job.dataset,
-            "recipe": hp["name"],
-            "train_hash": job.train_hash,
-            **_grouping_tags(job.model),
-        }
+        tags = tracking.training_tags(job, hp["name"])
         params = {
             **self.run_params,
             "settings": asdict(self.settings),
@@ -476,19 +488,7 @@ class FineTuner:
             logger.info(
                 "training %s on %s: lr %.4g (recipe %s: %.4g at batch %d, %s rule, global "
                 "batch %d)",
-                job.model,
-                job.dataset,
-                hp["lr"],
-                hp["name"],
-                hp["lr_base"],
-                hp["reference_batch"],
-                hp["lr_scaling"],
-                hp["global_batch"],
+                *(job.model, job.dataset, hp["lr"], hp["name"], hp["lr_base"]),
+                *(hp["reference_batch"], hp["lr_scaling"], hp["global_batch"]),
             )
         return run_id
-
-
-def _grouping_tags(model: str) -> dict[str, str]:
-    """The model's family and backbone, so the training run groups with its cell's run."""
-    spec = get_model_spec(model)
-    return {"family": spec.family, "backbone": spec.backbone}
