@@ -4,17 +4,20 @@ On seeded, L2-normalised vectors with class structure and 1% exact duplicates (b
 and then SOP test scale, 60k, x 768; queries = index, protocol ``within``, k = 5) it measures:
 
 * the **floor**: the bare float32 matrix product ``queries @ index.T`` in the exact backend's
-  blocks, with numpy (OpenBLAS) and with torch (MKL): no top-k, no ties, nothing else;
+  blocks, with numpy (OpenBLAS) and with torch (MKL), one multi-threaded BLAS call per block; and
+  ``bare_tiles``, the exact backend's own products (same library, dtype, layout, tiles, one
+  single-threaded BLAS call per tile, blocks on ``--threads`` worker threads) with no selection:
+  no top-k, no ties, nothing else;
 * the exact backend (``embbench.retrieval.ExactBackend``, its product path chosen by the machine's
   cached measurement), faiss ``IndexFlatIP`` (k + 1, own id dropped), Milvus Lite (FLAT, IP; build
   reported apart) and the metrics from rankings (ours vs torchmetrics);
 
-and prints each search's ratio to both bare products and to faiss, then one line with exact /
-fastest bare product at every size (target: <= 1.2 at 20k and 60k).
+and prints each search's ratio to the bare products and to faiss, then exact / fastest bare
+product (target: <= 1.05), from the medians and as the median of the per-round ratios.
 
 **Every library is timed the same way:** each run is a fresh process (``--rounds`` of them per
 library, interleaved so load changes hit all alike) that loads the data, warms up on one block of
-queries, then times the full search ``--repeats`` times and keeps the best; the best over rounds
+queries, then times the full search ``--repeats`` times and keeps the best; the median over rounds
 is reported. The same thread count is given to every library (OMP/MKL/OPENBLAS_NUM_THREADS,
 ``torch.set_num_threads``, threadpoolctl, ``faiss.omp_set_num_threads``). **Peak memory** is the
 rise of the child's own high-water mark over the search: the child resets it (``echo 5 >
@@ -24,9 +27,10 @@ would include what the parent had allocated before forking.
 **Why faiss can look slow on new CPUs:** faiss-cpu's wheel bundles its own OpenBLAS (0.3.15),
 which does not recognise recent CPUs (e.g. AMD Zen 5) and, unless ``OPENBLAS_CORETYPE`` is set,
 falls back to old generic kernels (~110 GFLOP/s where numpy's OpenBLAS 0.3.31 reaches ~480). The
-benchmark prints the BLAS libraries and kernels each child used (threadpoolctl) and the
-``OPENBLAS_*`` environment, so a ratio can be read against what really ran. It never changes
-``OPENBLAS_*`` itself: to try another kernel set, set it on the command line, e.g.
+benchmark prints the BLAS libraries and kernels each child used (threadpoolctl), torch's BLAS
+(``torch.__config__.show()``: MKL version, CPU capability) and the ``OPENBLAS_*`` environment
+(``OPENBLAS_CORETYPE``, set or not), so a ratio can be read against what really ran. It never
+changes ``OPENBLAS_*`` itself: to try another kernel set, set it on the command line, e.g.
 ``OPENBLAS_CORETYPE=Haswell python benchmarks/bench_retrieval.py``.
 
 Usage::

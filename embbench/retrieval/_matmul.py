@@ -20,16 +20,18 @@ So the rule is:
 faiss is not offered as a path: faiss-cpu bundles its own older OpenBLAS (0.3.15), which does not
 know recent CPUs and falls back to slow kernels unless ``OPENBLAS_CORETYPE`` is set.
 
-The other half of a block is **candidate selection** (:func:`top_candidates`): the ``c`` best
-columns of each row of the ``(block, n)`` score matrix, in two stages (group maxima, then top-k
-inside the best groups), which is one memory pass where ``torch.topk`` over whole rows costs ~2x
-more. **Its threads depend on the path** (:func:`selection_threads`): after a numpy product,
-OpenBLAS's worker threads keep spinning for a while (its ``THREAD_TIMEOUT``), so torch threads
-started right then fight them for the cores: on 2 cores, ``torch.topk`` after each product took
-0.58 s with 2 torch threads against 0.30 s isolated, and 1 thread did as well as 2. So after a
-numpy product the selection runs on one torch thread; after a torch product it shares torch's
-pool. The measurement behind ``auto`` times the product *and* the selection of each path, so on a
-many-core machine where one selection thread becomes the bottleneck, the torch path wins.
+The other half of a block is **candidate selection**, fused with the product
+(:func:`block_candidates`): the product of a block of queries runs in tiles of ~:data:`TILE_BYTES`
+(index rows by queries, so every tile is contiguous), and right after each tile's product the
+same thread reduces it to the maxima of strided groups of :data:`SELECT_GROUP` index rows (one
+pass of element-wise maxima over a tile still in cache); once per block, the ``c`` best groups
+per query are chosen and ``torch.topk`` runs over their members only. Each block runs on one
+thread with single-threaded libraries (:func:`run_blocks`), ``threads`` blocks at once: a
+multi-threaded OpenBLAS call leaves its worker threads spinning for a while after it returns
+(``THREAD_TIMEOUT``), and selection or re-scoring started then fought them for the cores (on 2
+cores, ``torch.topk`` after each product took 0.58 s with 2 torch threads against 0.30 s
+isolated). The measurement behind ``auto`` times both paths this way (tiles, selection, one
+thread per block).
 """
 
 from __future__ import annotations

@@ -1,11 +1,20 @@
-"""Exact search: blocked float32 matrix product, top-k candidates, canonical re-scoring.
+"""Exact search: float32 matrix product in tiles, fused top-k candidates, canonical re-scoring.
 
-Per block of queries, the ``(block, n)`` score matrix is the only large temporary (peak memory
-``O(block * n)`` beyond the inputs; the validation passes are chunked too). The product runs on
-the fastest float32 path of the machine and a two-stage exact top-k selects ``k (+1) + margin``
-candidates per query (:mod:`embbench.retrieval._matmul`); they are re-scored canonically and
-ranked by (score desc, id asc), so ids and distances are identical whatever the path, block or
-threads. Everything but the product costs ~15% of it at 20k x 768 on 2 cores, ~10% at 60k.
+Queries are split into blocks; each block is searched start to finish by ONE worker thread
+(``threads`` of them, :func:`embbench.retrieval._matmul.run_blocks`) with BLAS and torch limited
+to one thread: the product runs in cache-sized tiles and the first stage of an exact two-stage
+top-k runs on each tile right after its product
+(:func:`~embbench.retrieval._matmul.block_candidates`), then ``k (+1) + margin`` candidates
+per query are re-scored canonically and ranked by (score desc, id asc), so ids and distances
+are identical whatever the path, block, tiles or threads. The only large temporaries are one
+``(block, n)`` float32 score buffer per worker.
+
+Why one BLAS thread per block rather than a multi-threaded BLAS call per block: after a
+threaded OpenBLAS call its worker threads keep spinning (``THREAD_TIMEOUT``), so whatever runs
+next on the same cores (selection, re-scoring) is slowed by them, by how much depending on the
+CPU, the library build and its kernel choice; single-threaded calls leave no such threads, and
+the selection of each block overlaps the other workers' products. Nothing here depends on which
+kernels a library picks (``OPENBLAS_CORETYPE`` and the like): the benchmark prints them.
 """
 
 from __future__ import annotations
@@ -50,12 +59,13 @@ class ExactBackend(SearchBackend):
 
     Args:
         block_size: Queries per block; ``None`` sizes blocks to ``max_block_bytes``.
-        threads: BLAS and torch threads during search; ``None`` keeps the current settings.
+        threads: Worker threads (blocks searched at once, each on single-threaded BLAS and
+            torch); ``None`` uses torch's current thread count.
         margin: Extra candidates fetched beyond ``k`` so boundary ties rarely need widening.
             Kept small: re-scoring the candidates costs ~2% of the product per candidate at
             20k x 768, and rows whose ties cross the boundary are widened anyway.
-        max_block_bytes: Budget for one block's ``(block, n)`` float32 score matrix when
-            ``block_size`` is ``None`` (clamped to 64..4096 rows).
+        max_block_bytes: Budget for one block's ``(block, n)`` float32 score buffer (one per
+            worker) when ``block_size`` is ``None`` (clamped to 64..4096 rows).
         matmul: Product path: ``auto`` (fastest here, measured once and cached per machine),
             ``numpy`` (OpenBLAS) or ``torch`` (MKL). Results are identical across paths.
     """
