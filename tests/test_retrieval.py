@@ -294,6 +294,24 @@ def test_exact_with_two_stage_selection_matches_full_sort(data):
             assert be.n_widened > 0
 
 
+@pytest.mark.parametrize("data", ["clustered", "one_hot"])
+def test_exact_over_many_tiles_matches_full_sort(monkeypatch, data):
+    # Small tiles: the product and first selection stage run tile by tile (9 tiles of 288 index
+    # rows, 8 rows left past the last full group slice), on 2 worker threads.
+    from embbench.retrieval import _matmul
+
+    monkeypatch.setattr(_matmul, "TILE_BYTES", 4 * 120 * 300)
+    assert _matmul.tile_rows(120, 2600) == 288
+    x = clustered(13, n=2600, d=16, dups=300)[0] if data == "clustered" else one_hot(8, n=2600)
+    sub = np.random.default_rng(1).choice(len(x), 240, replace=False)
+    for path in ("numpy", "torch"):
+        be = ExactBackend(matmul=path, threads=2, block_size=120)
+        ids, dists = be.search(x, x[sub], 5, query_ids=sub)
+        ref_ids, ref_d = ref_search(x, x[sub], 5, self_ids=sub)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(dists, ref_d, atol=1e-6)
+
+
 def test_candidate_scores_equal_pair_scores_bit_for_bit():
     from embbench.retrieval.base import candidate_scores, pair_scores
 

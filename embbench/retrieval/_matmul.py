@@ -20,16 +20,18 @@ So the rule is:
 faiss is not offered as a path: faiss-cpu bundles its own older OpenBLAS (0.3.15), which does not
 know recent CPUs and falls back to slow kernels unless ``OPENBLAS_CORETYPE`` is set.
 
-The other half of a block is **candidate selection** (:func:`top_candidates`): the ``c`` best
-columns of each row of the ``(block, n)`` score matrix, in two stages (group maxima, then top-k
-inside the best groups), which is one memory pass where ``torch.topk`` over whole rows costs ~2x
-more. **Its threads depend on the path** (:func:`selection_threads`): after a numpy product,
-OpenBLAS's worker threads keep spinning for a while (its ``THREAD_TIMEOUT``), so torch threads
-started right then fight them for the cores: on 2 cores, ``torch.topk`` after each product took
-0.58 s with 2 torch threads against 0.30 s isolated, and 1 thread did as well as 2. So after a
-numpy product the selection runs on one torch thread; after a torch product it shares torch's
-pool. The measurement behind ``auto`` times the product *and* the selection of each path, so on a
-many-core machine where one selection thread becomes the bottleneck, the torch path wins.
+The other half of a block is **candidate selection**, fused with the product
+(:func:`block_candidates`): the product of a block of queries runs in tiles of ~:data:`TILE_BYTES`
+(index rows by queries, so every tile is contiguous), and right after each tile's product the
+same thread reduces it to the maxima of strided groups of :data:`SELECT_GROUP` index rows (one
+pass of element-wise maxima over a tile still in cache); once per block, the ``c`` best groups
+per query are chosen and ``torch.topk`` runs over their members only. Each block runs on one
+thread with single-threaded libraries (:func:`run_blocks`), ``threads`` blocks at once: a
+multi-threaded OpenBLAS call leaves its worker threads spinning for a while after it returns
+(``THREAD_TIMEOUT``), and selection or re-scoring started then fought them for the cores (on 2
+cores, ``torch.topk`` after each product took 0.58 s with 2 torch threads against 0.30 s
+isolated). The measurement behind ``auto`` times both paths this way (tiles, selection, one
+thread per block).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -58,19 +61,22 @@ MATMUL_PATHS: tuple[str, ...] = ("numpy", "torch")
 AUTO_MIN_FLOP = 2e9  # below this the path cannot matter (< ~20 ms either way): numpy, no timing
 TORCH_MARGIN = 1.1  # torch is chosen only when >= 10% faster than numpy in the measurement
 _CALIBRATION_SHAPE = (256, 8192)  # (queries, index rows) of the timing product
-SELECT_GROUP = 64  # columns per group in top_candidates' first stage (64-128 measured best)
+SELECT_GROUP = 16  # members per group in the first selection stage (block_candidates)
 CALIBRATION_CAND = 8  # candidates per row selected in the timing (k = 5, self, margin 2)
 _MEMO: dict[str, str] = {}
+TILE_BYTES = 4 * 2**20  # one column tile of a block's scores: stays in the core's cache
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def matmul_into(path: str, queries: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
-    """``out[:] = queries @ index.T`` in float32 through ``path`` (``numpy`` or ``torch``)."""
+def matmul_into(path: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = a @ b.T`` in float32 through ``path`` (``numpy`` or ``torch``)."""
     if path == "numpy":
-        np.matmul(queries, index.T, out=out)
+        np.matmul(a, b.T, out=out)
     elif path == "torch":
         import torch  # heavy; only when the torch path is chosen
 
-        torch.mm(torch.from_numpy(queries), torch.from_numpy(index).T, out=torch.from_numpy(out))
+        torch.mm(torch.from_numpy(a), torch.from_numpy(b).T, out=torch.from_numpy(out))
     else:
         raise ValueError(f"matmul path must be one of {MATMUL_PATHS} or 'auto', got {path!r}")
 
@@ -78,12 +84,16 @@ def matmul_into(path: str, queries: np.ndarray, index: np.ndarray, out: np.ndarr
 def top_candidates(scores: Any, n_cand: int, group: int = SELECT_GROUP) -> tuple[Any, Any]:
     """The ``n_cand`` largest values of each row of a 2-D float32 torch tensor, and their columns.
 
-    Exact, in two stages: the max of each group of ``group`` consecutive columns, the ``n_cand``
-    groups with the largest maxima, then ``torch.topk`` over those groups' columns only. Every
-    value among a row's ``n_cand`` largest lies in one of those groups (a value beaten by fewer
-    than ``n_cand`` others has fewer than ``n_cand`` group maxima above it), and every value left
-    out is <= the smallest value returned, so the values equal ``torch.topk``'s (which columns
-    are returned among exactly equal values may differ; the exact backend resolves ties by id).
+    Exact, in two stages. With ``g = n // group`` groups, group ``j`` is the strided set of
+    columns ``j, j + g, j + 2g, ...`` (``group`` of them), so the group maxima are ``group - 1``
+    element-wise maxima of contiguous column slices (one SIMD pass over the scores, no reduction
+    loop per group); then the ``n_cand`` groups with the largest maxima are kept and
+    ``torch.topk`` runs over their columns (and the ``n % group`` columns past the last full
+    slice) only. Every value among a row's ``n_cand`` largest lies in one of those groups (a value
+    beaten by fewer than ``n_cand`` others has fewer than ``n_cand`` group maxima above it), and
+    every value left out is <= the smallest value returned, so the values equal ``torch.topk``'s
+    (which columns are returned among exactly equal values may differ; the exact backend
+    resolves ties by id).
 
     Returns:
         ``(values, columns)``, each ``(rows, n_cand)``, unsorted.
@@ -94,81 +104,158 @@ def top_candidates(scores: Any, n_cand: int, group: int = SELECT_GROUP) -> tuple
     n_groups = n // group
     if n_groups <= 2 * n_cand:  # too few groups for the first stage to save anything
         return torch.topk(scores, n_cand, dim=1, sorted=False)
+    s = scores.numpy()
     main = n_groups * group
-    gmax = scores.as_strided((b, n_groups, group), (scores.stride(0), group, 1)).amax(dim=2)
-    if main < n:  # the last, partial group
-        gmax = torch.cat([gmax, scores[:, main:].amax(dim=1, keepdim=True)], dim=1)
-    best = torch.topk(gmax, n_cand, dim=1, sorted=False).indices
-    cols = (best[:, :, None] * group + torch.arange(group)[None, None, :]).reshape(b, -1)
-    if main == n:
-        vals = torch.gather(scores, 1, cols)
-    else:
-        past_end = cols >= n  # columns of the partial group that do not exist
-        cols.clamp_(max=n - 1)
-        vals = torch.gather(scores, 1, cols).masked_fill_(past_end, float("-inf"))
-    top, pos = torch.topk(vals, n_cand, dim=1, sorted=False)
+    gmax = s[:, :n_groups].copy()
+    for j in range(1, group):
+        np.maximum(gmax, s[:, j * n_groups : (j + 1) * n_groups], out=gmax)
+    best = torch.topk(torch.from_numpy(gmax), n_cand, dim=1, sorted=False).indices
+    cols = (best[:, :, None] + n_groups * torch.arange(group)[None, None, :]).reshape(b, -1)
+    if main < n:  # the columns past the last full slice are always candidates
+        cols = torch.cat([cols, torch.arange(main, n).expand(b, n - main)], dim=1)
+    top, pos = torch.topk(torch.gather(scores, 1, cols), n_cand, dim=1, sorted=False)
     return top, torch.gather(cols, 1, pos)
 
 
-def selection_threads(path: str, threads: int | None) -> int:
-    """Torch threads for candidate selection after a product on ``path`` (see module doc)."""
-    import torch  # heavy; see top_candidates
+def tile_rows(block: int, n: int, tile_bytes: int | None = None) -> int:
+    """Index rows per tile so that a ``(rows, block)`` float32 tile fits ``tile_bytes``.
 
-    if path == "numpy":
-        return 1
-    return threads if threads is not None else torch.get_num_threads()
+    A multiple of :data:`SELECT_GROUP`, at least ``16 * SELECT_GROUP``, at most ``n``.
+    """
+    rows = (tile_bytes or TILE_BYTES) // max(1, 4 * block) // SELECT_GROUP * SELECT_GROUP
+    return int(min(n, max(16 * SELECT_GROUP, rows)))
 
 
-def block_step(
-    path: str,
-    queries: np.ndarray,
-    index: np.ndarray,
-    out: np.ndarray,
-    n_cand: int,
-    threads: int | None,
-) -> tuple[Any, Any, Any]:
-    """One block of an exact search: ``out = queries @ index.T``, then its top candidates.
+def tile_buffer(block: int, n: int) -> np.ndarray:
+    """Scratch for one block of ``block`` queries: its ``(n, block)`` float32 scores (1-D)."""
+    return np.empty(block * n, dtype=np.float32)
+
+
+def _tiles(queries: np.ndarray, index: np.ndarray, buf: np.ndarray) -> Iterator[tuple[int, Any]]:
+    """``(first index row, view)`` for each tile of the ``(n, b)`` scores ``index @ queries.T``.
+
+    The scores are kept transposed (index rows by queries) so that every tile, and every group
+    slice of it, is one contiguous run of memory.
+    """
+    b, n = queries.shape[0], index.shape[0]
+    if buf.size < b * n:
+        raise ValueError(f"score buffer too small: {buf.size} < {b * n} elements")
+    width = tile_rows(b, n)
+    for start in range(0, n, width):
+        stop = min(n, start + width)
+        yield start, buf[start * b : stop * b].reshape(stop - start, b)
+
+
+def block_candidates(
+    path: str, queries: np.ndarray, index: np.ndarray, n_cand: int, buf: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_cand`` best fast scores of each query against ``index``, and their columns.
+
+    The fused step of the exact search, run on ONE thread per block (see :func:`run_blocks`).
+    The product is computed one tile of :func:`tile_rows` index rows at a time (~
+    :data:`TILE_BYTES`, transposed: ``index_tile @ queries.T``) into the block's scores in
+    ``buf``; right after each tile's product, while it is in that core's cache, the same thread
+    takes the maxima of its :data:`SELECT_GROUP` strided groups of index rows (group ``j`` of a
+    ``w``-row tile: rows ``j, j + w/g, ...``), as element-wise maxima of contiguous slices. Once
+    per block, the ``n_cand`` groups with the largest maxima are chosen per query and
+    ``torch.topk`` runs over their members only. Exact for the same reason as
+    :func:`top_candidates`: a value among a query's ``n_cand`` largest lies in one of its
+    ``n_cand`` best groups, and every value left out is <= the smallest returned.
+
+    Args:
+        path: The product path (:func:`matmul_into`).
+        queries: ``(b, d)`` float32 queries.
+        index: ``(n, d)`` float32 index vectors.
+        n_cand: Candidates per query (clamped to ``n``).
+        buf: 1-D float32 scratch of :func:`tile_buffer` ``(b, n)`` elements (or more).
 
     Returns:
-        ``(scores, values, columns)``: ``out`` as a torch tensor (shared memory) and the
-        ``n_cand`` best values and columns of each row (:func:`top_candidates`).
+        ``(values, columns)``: float32 and int64 arrays ``(b, min(n_cand, n))``, unsorted;
+        ``columns`` are index positions.
     """
     import torch  # heavy; see top_candidates
 
-    matmul_into(path, queries, index, out)
-    scores = torch.from_numpy(out)
-    before = torch.get_num_threads()
-    sel = selection_threads(path, threads)
-    if sel != before:
-        torch.set_num_threads(sel)
-    try:
-        vals, cols = top_candidates(scores, min(n_cand, out.shape[1]))
-    finally:
-        if sel != before:
-            torch.set_num_threads(before)
-    return scores, vals, cols
+    b, n = queries.shape[0], index.shape[0]
+    c, g = min(n_cand, n), SELECT_GROUP
+    width = tile_rows(b, n)
+    sizes = [min(width, n - start) // g for start in range(0, n, width)]  # groups per tile
+    gmax = np.empty((sum(sizes), b), dtype=np.float32)  # group maxima, filled tile by tile
+    base, stride, rest, at = [], [], [], 0
+    for (start, out), ng in zip(_tiles(queries, index, buf), sizes, strict=True):
+        w = out.shape[0]
+        matmul_into(path, index[start : start + w], queries, out)
+        if ng:
+            m = gmax[at : at + ng]
+            np.maximum(out[:ng], out[ng : 2 * ng], out=m)
+            for j in range(2, g):
+                np.maximum(m, out[j * ng : (j + 1) * ng], out=m)
+            base.append(start + np.arange(ng))
+            stride.append(np.full(ng, ng))
+            at += ng
+        rest.extend(range(start + ng * g, start + w))  # past the last full slice: candidates
+    scores_t = buf[: b * n].reshape(n, b)
+    if at <= 2 * c:  # too few groups for the second stage to save anything
+        v, col = torch.topk(torch.from_numpy(scores_t).T, c, dim=1, sorted=False)
+        return v.numpy(), col.numpy()
+    gm = torch.from_numpy(np.ascontiguousarray(gmax.T))  # (b, groups)
+    best = torch.topk(gm, c, dim=1, sorted=False).indices.numpy()
+    members = np.concatenate(stride)[best][:, :, None] * np.arange(g)
+    cols = (np.concatenate(base)[best][:, :, None] + members).reshape(b, -1)
+    if rest:
+        cols = np.concatenate([cols, np.broadcast_to(np.array(rest), (b, len(rest)))], axis=1)
+    vals = scores_t.reshape(-1)[cols * b + np.arange(b)[:, None]]  # scores_t[cols, row]
+    v, pos = torch.topk(torch.from_numpy(vals), c, dim=1, sorted=False)
+    return v.numpy(), np.take_along_axis(cols, pos.numpy(), axis=1)
+
+
+def tiled_product(path: str, queries: np.ndarray, index: np.ndarray, buf: np.ndarray) -> None:
+    """The products of :func:`block_candidates` alone, same tiles and calls, no selection.
+
+    The floor of the fused step: the benchmark times it to tell the cost of selection and
+    re-scoring from that of the tiling.
+    """
+    for start, out in _tiles(queries, index, buf):
+        matmul_into(path, index[start : start + out.shape[0]], queries, out)
+
+
+def search_workers(threads: int | None) -> int:
+    """Blocks searched at once: ``threads``, else torch's current thread count."""
+    import torch  # heavy; see top_candidates
+
+    return threads if threads is not None else torch.get_num_threads()
 
 
 @contextlib.contextmanager
-def thread_limit(threads: int | None) -> Iterator[None]:
-    """Limit both BLAS pools (OpenBLAS/MKL through threadpoolctl) and torch's to ``threads``."""
-    if threads is None:
-        yield
-        return
-    import torch  # heavy; the exact backend imports it anyway for top-k
+def single_threaded_libraries() -> Iterator[None]:
+    """BLAS (threadpoolctl: OpenBLAS, MKL) and torch on one thread each, restored on exit."""
+    import torch  # heavy; see top_candidates
 
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=threads, user_api="blas"):
+        with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(old)
 
 
+def run_blocks(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """``[fn(item) for item in items]`` on ``workers`` threads, libraries single-threaded.
+
+    The heavy calls (BLAS, torch, numpy's gathers) release the GIL, so ``workers`` blocks run
+    at once, each on one core with its tile in that core's cache, and no BLAS worker thread is
+    left spinning after a product to fight the selection for the cores (see module doc).
+    """
+    with single_threaded_libraries():
+        if workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+
 def blas_fingerprint(threads: int | None) -> dict[str, object]:
     """What decides which product path is faster here (the key of the cached choice)."""
-    import torch  # heavy; see thread_limit
+    import torch  # heavy; see top_candidates
 
     cpu, flags = platform.machine(), ""
     with contextlib.suppress(OSError):
@@ -179,7 +266,7 @@ def blas_fingerprint(threads: int | None) -> dict[str, object]:
                 flags = hashlib.sha1(line.encode()).hexdigest()[:12]
                 break
     return {
-        "measured": "product+selection",  # what measure_paths times; older choices re-measure
+        "measured": "tiles+selection, 1 thread per block",  # older choices re-measure
         "cpu": cpu,
         "cpu_flags": flags,
         "numpy": np.__version__,
@@ -195,26 +282,26 @@ def blas_fingerprint(threads: int | None) -> dict[str, object]:
 
 
 def measure_paths(dim: int, threads: int | None, repeats: int = 5) -> dict[str, float]:
-    """Effective GFLOP/s of each path on one ``256 x 8192 x dim`` block (best of ``repeats``).
+    """Effective GFLOP/s of each path on ``256 x 8192 x dim`` blocks (best of ``repeats``).
 
-    A block is the product and its candidate selection (:func:`block_step`), so the figure
-    includes what each path's threading costs the selection.
+    Timed as the search runs them: :func:`block_candidates` (tiled product and selection) on
+    single-threaded libraries, one block per worker at once (:func:`run_blocks`).
     """
     rng = np.random.default_rng(0)
     m, n = _CALIBRATION_SHAPE
     a = rng.standard_normal((m, dim), dtype=np.float32)
     b = rng.standard_normal((n, dim), dtype=np.float32)
-    out = np.empty((m, n), dtype=np.float32)
+    workers = search_workers(threads)
+    bufs = [tile_buffer(m, n) for _ in range(workers)]
     best = dict.fromkeys(MATMUL_PATHS, float("inf"))
-    with thread_limit(threads):
-        for path in MATMUL_PATHS:
-            block_step(path, a, b, out, CALIBRATION_CAND, threads)  # warm-up (pools, buffers)
-        for _ in range(repeats):  # interleaved, so a noisy neighbour hurts both alike
-            for path in MATMUL_PATHS:
-                t0 = time.perf_counter()
-                block_step(path, a, b, out, CALIBRATION_CAND, threads)
+    for rep in range(repeats + 1):  # the first round warms up (pools, buffers)
+        for path in MATMUL_PATHS:  # interleaved, so a noisy neighbour hurts both alike
+            t0 = time.perf_counter()
+            run_blocks(lambda buf, p=path: block_candidates(p, a, b, CALIBRATION_CAND, buf),
+                       bufs, workers)  # fmt: skip
+            if rep:
                 best[path] = min(best[path], time.perf_counter() - t0)
-    return {path: 2.0 * m * n * dim / t / 1e9 for path, t in best.items()}
+    return {path: 2.0 * m * n * dim * workers / t / 1e9 for path, t in best.items()}
 
 
 def choose_matmul(dim: int, threads: int | None, flop: float) -> str:

@@ -37,6 +37,7 @@ _BACKENDS: Registry[type[SearchBackend]] = Registry("search backend")
 
 UNIT_NORM_TOL = 1e-3  # max |norm - 1| accepted as "L2-normalised"
 PAIR_CHUNK = 16_384  # candidate pairs re-scored at once (a memory chunk, not a Milvus cap)
+GATHER_BYTES = 2**20  # candidate vectors gathered at once by candidate_scores: cache-sized
 
 
 def register_backend(name: str) -> Callable[[type[SearchBackend]], type[SearchBackend]]:
@@ -249,7 +250,9 @@ def candidate_scores(queries: np.ndarray, index: np.ndarray, cand: np.ndarray) -
     """
     m, c = cand.shape
     out = np.empty((m, c), dtype=np.float32)
-    step = max(1, PAIR_CHUNK // max(1, c))
+    # A cache-sized gather (~1 MiB at 768-d): the einsum reads it while it is hot; a 20 MB one
+    # made re-scoring 20k x 8 candidates ~1.5x slower. The scores do not depend on the step.
+    step = max(1, min(PAIR_CHUNK // max(1, c), GATHER_BYTES // max(1, c * index.strides[0])))
     for start in range(0, m, step):
         stop = min(m, start + step)
         out[start:stop] = np.einsum(

@@ -1,21 +1,39 @@
-"""Exact search: blocked float32 matrix product, top-k candidates, canonical re-scoring.
+"""Exact search: float32 matrix product in tiles, fused top-k candidates, canonical re-scoring.
 
-Per block of queries, the ``(block, n)`` score matrix is the only large temporary (peak memory
-``O(block * n)`` beyond the inputs; the validation passes are chunked too). The product runs on
-the fastest float32 path of the machine and a two-stage exact top-k selects ``k (+1) + margin``
-candidates per query (:mod:`embbench.retrieval._matmul`); they are re-scored canonically and
-ranked by (score desc, id asc), so ids and distances are identical whatever the path, block or
-threads. Everything but the product costs ~15% of it at 20k x 768 on 2 cores, ~10% at 60k.
+Queries are split into blocks; each block is searched start to finish by ONE worker thread
+(``threads`` of them, :func:`embbench.retrieval._matmul.run_blocks`) with BLAS and torch limited
+to one thread: the product runs in cache-sized tiles and the first stage of an exact two-stage
+top-k runs on each tile right after its product
+(:func:`~embbench.retrieval._matmul.block_candidates`), then ``k (+1) + margin`` candidates
+per query are re-scored canonically and ranked by (score desc, id asc), so ids and distances
+are identical whatever the path, block, tiles or threads. The only large temporaries are one
+``(block, n)`` float32 score buffer per worker.
+
+Why one BLAS thread per block rather than a multi-threaded BLAS call per block: after a
+threaded OpenBLAS call its worker threads keep spinning (``THREAD_TIMEOUT``), so whatever runs
+next on the same cores (selection, re-scoring) is slowed by them, by how much depending on the
+CPU, the library build and its kernel choice; single-threaded calls leave no such threads, and
+the selection of each block overlaps the other workers' products. Nothing here depends on which
+kernels a library picks (``OPENBLAS_CORETYPE`` and the like): the benchmark prints them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import queue
 
 import numpy as np
 
-from embbench.retrieval._matmul import MATMUL_PATHS, block_step, choose_matmul, thread_limit
+from embbench.retrieval._matmul import (
+    MATMUL_PATHS,
+    TILE_BYTES,
+    block_candidates,
+    choose_matmul,
+    matmul_into,
+    run_blocks,
+    search_workers,
+    tile_buffer,
+)
 from embbench.retrieval.base import (
     SearchBackend,
     candidate_scores,
@@ -41,12 +59,13 @@ class ExactBackend(SearchBackend):
 
     Args:
         block_size: Queries per block; ``None`` sizes blocks to ``max_block_bytes``.
-        threads: BLAS and torch threads during search; ``None`` keeps the current settings.
+        threads: Worker threads (blocks searched at once, each on single-threaded BLAS and
+            torch); ``None`` uses torch's current thread count.
         margin: Extra candidates fetched beyond ``k`` so boundary ties rarely need widening.
             Kept small: re-scoring the candidates costs ~2% of the product per candidate at
             20k x 768, and rows whose ties cross the boundary are widened anyway.
-        max_block_bytes: Budget for one block's ``(block, n)`` float32 score matrix when
-            ``block_size`` is ``None`` (clamped to 64..4096 rows).
+        max_block_bytes: Budget for one block's ``(block, n)`` float32 score buffer (one per
+            worker) when ``block_size`` is ``None`` (clamped to 64..4096 rows).
         matmul: Product path: ``auto`` (fastest here, measured once and cached per machine),
             ``numpy`` (OpenBLAS) or ``torch`` (MKL). Results are identical across paths.
     """
@@ -104,39 +123,66 @@ class ExactBackend(SearchBackend):
         if path == "auto":
             path = choose_matmul(idx.shape[1], self.threads, 2.0 * n * nq * idx.shape[1])
         self.last_matmul = path
-        with thread_limit(self.threads):
-            buf = np.empty((block, n), dtype=np.float32)
-            for start in range(0, nq, block):
-                stop = min(nq, start + block)
-                b = stop - start
-                qb = qry[start:stop]
-                s, vals, cand = block_step(path, qb, idx, buf[:b], n_cand, self.threads)
-                cand = cand.numpy()
-                canon_bc = candidate_scores(qb, idx, cand)  # (b, n_cand) canonical scores
-                rows = np.repeat(np.arange(b), n_cand)
-                cols = cand.reshape(-1)
-                canon = canon_bc.reshape(-1)
-                if n_cand < n:
-                    kth = kth_score(canon_bc, min(kk, n_cand))
-                    last = vals.numpy().min(axis=1)
-                    widen = np.flatnonzero(last + tol >= kth)
-                    if widen.size:
-                        rows, cols, canon = self._widen(
-                            s, qb, idx, widen, kth, tol, rows, cols, canon, n_cand
-                        )
-                sids = qids[start:stop] if qids is not None else None
-                ids_b, sc_b = select_top(rows, cols, canon, b, k, sids)
-                out_ids[start:stop] = ids_b
-                out_scores[start:stop] = sc_b
+        workers = search_workers(self.threads)
+        bufs: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # one tile buffer per worker
+        for _ in range(min(workers, -(-nq // block))):
+            bufs.put(tile_buffer(block, n))
+
+        def one_block(start: int) -> int:
+            stop = min(nq, start + block)
+            qb = qry[start:stop]
+            buf = bufs.get()
+            try:
+                vals, cand = block_candidates(path, qb, idx, n_cand, buf)
+                ids_b, sc_b, widened = self._rank(path, qb, idx, vals, cand, kk, tol, start, qids)
+            finally:
+                bufs.put(buf)
+            out_ids[start:stop] = ids_b
+            out_scores[start:stop] = sc_b
+            return widened
+
+        self.n_widened = sum(run_blocks(one_block, range(0, nq, block), workers))
         if self.n_widened:
             logger.debug(
                 "exact search: %d of %d rows widened for boundary ties", self.n_widened, nq
             )
         return out_ids, to_sq_l2(out_scores)
 
+    def _rank(
+        self,
+        path: str,
+        qb: np.ndarray,
+        idx: np.ndarray,
+        vals: np.ndarray,
+        cand: np.ndarray,
+        kk: int,
+        tol: float,
+        start: int,
+        qids: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Re-score one block's candidates canonically and rank them; widen boundary ties."""
+        b, n_cand = cand.shape
+        k = kk - (1 if qids is not None else 0)
+        canon_bc = candidate_scores(qb, idx, cand)  # (b, n_cand) canonical scores
+        rows = np.repeat(np.arange(b), n_cand)
+        cols = cand.reshape(-1)
+        canon = canon_bc.reshape(-1)
+        widened = 0
+        if n_cand < idx.shape[0]:
+            kth = kth_score(canon_bc, min(kk, n_cand))
+            widen = np.flatnonzero(vals.min(axis=1) + tol >= kth)
+            if widen.size:
+                widened = int(widen.size)
+                rows, cols, canon = self._widen(
+                    path, qb, idx, widen, kth, tol, rows, cols, canon, n_cand
+                )
+        sids = qids[start : start + b] if qids is not None else None
+        ids_b, sc_b = select_top(rows, cols, canon, b, k, sids)
+        return ids_b, sc_b, widened
+
     def _widen(
         self,
-        s: Any,
+        path: str,
         qb: np.ndarray,
         idx: np.ndarray,
         widen: np.ndarray,
@@ -147,20 +193,30 @@ class ExactBackend(SearchBackend):
         canon: np.ndarray,
         n_cand: int,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Replace the candidates of rows ``widen`` by every item that could tie or beat kth."""
-        import torch  # heavy; see search
+        """Replace the candidates of rows ``widen`` by every item that could tie or beat kth.
 
-        self.n_widened += int(widen.size)
-        w = torch.from_numpy(widen)
-        thr = torch.from_numpy((kth[widen] - np.float32(tol)).astype(np.float32))
-        mask = s.index_select(0, w) >= thr[:, None]
-        wr, wc = (t.numpy() for t in torch.nonzero(mask, as_tuple=True))
-        w_rows = widen[wr]
-        w_canon = pair_scores(qb, idx, w_rows, wc.astype(np.int64))
+        Their fast scores are computed again (the block's score matrix is never kept), a few
+        rows at a time; any float32 product is within ``tol`` of the canonical score, so the
+        kernel or shape of this product does not matter.
+        """
+        n = idx.shape[0]
+        step = max(1, TILE_BYTES // (4 * n))
+        thr = (kth[widen] - np.float32(tol)).astype(np.float32)
+        buf = np.empty((min(step, widen.size), n), dtype=np.float32)
+        w_rows, w_cols = [], []
+        for s in range(0, widen.size, step):
+            rws = widen[s : s + step]
+            out = buf[: rws.size]
+            matmul_into(path, qb[rws], idx, out)
+            r, c = np.nonzero(out >= thr[s : s + step, None])
+            w_rows.append(rws[r])
+            w_cols.append(c.astype(np.int64))
+        wr, wc = np.concatenate(w_rows), np.concatenate(w_cols)
+        w_canon = pair_scores(qb, idx, wr, wc)
         keep = np.ones(len(rows), dtype=bool)
         keep.reshape(-1, n_cand)[widen] = False
         return (
-            np.concatenate([rows[keep], w_rows]),
-            np.concatenate([cols[keep], wc.astype(np.int64)]),
+            np.concatenate([rows[keep], wr]),
+            np.concatenate([cols[keep], wc]),
             np.concatenate([canon[keep], w_canon]),
         )
