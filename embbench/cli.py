@@ -247,24 +247,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_ray(args: argparse.Namespace) -> int:
     """Run the grid of the params files on a Ray cluster (one task per cell)."""
     from embbench.pipeline import group_params
-    from embbench.pipeline.ray_grid import RayOptions, RayResources, RayRunError, run_on_ray
+    from embbench.pipeline.ray_grid import RayOptions, parse_resources, run_on_ray
 
     params = group_params(args.params)
     if args.dry_run:
         for nb, files in params.items():
             _dry(nb, files)
         return 0
-    resources = {}
-    for item in args.resources or []:  # MODE=CPUS,GPUS
-        mode, _, spec = item.partition("=")
-        cpus, gpus = (spec.split(",") + ["", ""])[:2]
-        try:
-            resources[mode] = RayResources(float(cpus or 1), float(gpus or 0))
-        except ValueError as exc:
-            raise RayRunError(f"--resources {item!r}: expected MODE=CPUS,GPUS ({exc})") from exc
     options = RayOptions(
         address=args.address,
-        resources=resources,
+        resources=parse_resources(args.resources or []),
         gpus=args.gpus,
         max_retries=args.max_retries,
         milvus_uri=args.milvus_uri,

@@ -20,6 +20,7 @@ from embbench.pipeline.ray_grid import (
     RayResources,
     RayRunError,
     import_ray,
+    parse_resources,
     plan_resources,
     run_on_ray,
 )
@@ -214,3 +215,12 @@ def test_ray_data_embedding_writes_the_same_cache_as_one_process(small_demo, tmp
     np.testing.assert_allclose(np.asarray(dist.vectors), np.asarray(ref.vectors), atol=1e-5)
     again = embed_split_ray(emb, small_demo, "test", cache_root=tmp_path / "ray_cache")
     assert list(again.item_ids) == list(dist.item_ids)  # complete: read back, Ray not started
+
+
+def test_resources_option_parses_and_names_a_bad_item():
+    assert parse_resources(["fine-tuned=8,4", "top-tuned=2"]) == {
+        "fine-tuned": RayResources(8, 4),
+        "top-tuned": RayResources(2, 0),
+    }
+    with pytest.raises(RayRunError, match="fine-tuned=eight"):
+        parse_resources(["fine-tuned=eight"])

@@ -134,6 +134,23 @@ def import_ray() -> Any:
     return ray
 
 
+def parse_resources(items: Sequence[str]) -> dict[str, RayResources]:
+    """``--resources MODE=CPUS,GPUS`` items (e.g. ``fine-tuned=8,4``) by mode.
+
+    Raises:
+        RayRunError: An item that is not ``MODE=CPUS,GPUS`` with numbers.
+    """
+    resources = {}
+    for item in items:
+        mode, _, spec = item.partition("=")
+        cpus, gpus = (spec.split(",") + ["", ""])[:2]
+        try:
+            resources[mode] = RayResources(float(cpus or 1), float(gpus or 0))
+        except ValueError as exc:
+            raise RayRunError(f"--resources {item!r}: expected MODE=CPUS,GPUS ({exc})") from exc
+    return resources
+
+
 def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment variables forwarded to the workers (shared folders, URIs, tokens).
 
@@ -302,18 +319,13 @@ def _params_json(task: CellTask) -> str:
     return json.dumps({task.notebook: task.params_yaml})
 
 
+# what a cell task returns of its record to the driver (a small, picklable summary)
+_SUMMARY_FIELDS = ("stage", "mode", "task", "model", "dataset", "config_hash", "saved")
+
+
 def _record_summary(record: Any) -> dict:
-    return {
-        "stage": record.stage,
-        "mode": record.mode,
-        "task": record.task,
-        "model": record.model,
-        "dataset": record.dataset,
-        "config_hash": record.config_hash,
-        "metrics": dict(record.metrics or {}),
-        "saved": record.saved,
-        "mlflow_run_id": record.mlflow_run_id,
-    }
+    summary = {name: getattr(record, name) for name in _SUMMARY_FIELDS}
+    return {**summary, "metrics": dict(record.metrics or {}), "mlflow_run_id": record.mlflow_run_id}
 
 
 def render_report_on_worker(report_yaml: str, tracking_uri: str, *_after: Any) -> str:

@@ -161,23 +161,22 @@ _PAPER_CHANGES = {
     "drop_path_rate": "no stochastic depth",
 }
 
+
+def _rsb_long(name: str, *, epochs: int, weight_decay: float, mixup: float) -> Recipe:
+    """RSB A1 / A2: the long schedules, lr 5e-3 at batch 2048, no stochastic depth here."""
+    return Recipe(
+        name=name,
+        epochs=epochs,
+        lr=5e-3,
+        weight_decay=weight_decay,
+        mixup=mixup,
+        changed_from_rsb={**_PAPER_CHANGES, "drop_path_rate": f"RSB {name}: 0.05; here 0"},
+    )
+
+
 RECIPES: dict[str, Recipe] = {
-    "A1": Recipe(
-        name="A1",
-        epochs=600,
-        lr=5e-3,
-        weight_decay=0.01,
-        mixup=0.2,
-        changed_from_rsb={**_PAPER_CHANGES, "drop_path_rate": "RSB A1: 0.05; here 0"},
-    ),
-    "A2": Recipe(
-        name="A2",
-        epochs=300,
-        lr=5e-3,
-        weight_decay=0.02,
-        mixup=0.1,
-        changed_from_rsb={**_PAPER_CHANGES, "drop_path_rate": "RSB A2: 0.05; here 0"},
-    ),
+    "A1": _rsb_long("A1", epochs=600, weight_decay=0.01, mixup=0.2),
+    "A2": _rsb_long("A2", epochs=300, weight_decay=0.02, mixup=0.1),
     "A3": Recipe(
         name="A3",
         epochs=100,
