@@ -224,3 +224,21 @@ def test_resources_option_parses_and_names_a_bad_item():
     }
     with pytest.raises(RayRunError, match="fine-tuned=eight"):
         parse_resources(["fine-tuned=eight"])
+
+
+def test_a_grid_that_cannot_run_fails_on_the_driver_before_connecting(tmp_path, capsys):
+    """The engine's up-front checks run before any task is sent: one message, no cluster."""
+    from embbench.cli import main
+
+    params = _params(tmp_path)
+    text = tmp_path / "text.yaml"  # text tasks asked of an image-only model
+    text.write_text("tasks: [image-image, text-image]\n")
+    params["01_embed"].append(text)
+    args = [a for nb, files in params.items() for f in files for a in ("-f", f"{nb}={f}")]
+    with socket.socket() as s:  # nothing listens: connecting would fail with another message
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["ray", "run", *args, "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "found before running any cell" in err and "need a text-image model" in err
+    assert "cannot reach the Ray cluster" not in err

@@ -36,7 +36,7 @@ import yaml
 
 from embbench._registry import UnknownNameError
 from embbench._utils import stable_hash
-from embbench.cells import Cell, run_grid
+from embbench.cells import Cell, CellEngine, run_grid
 from embbench.config import ConfigError, GridConfig, StageConfig
 from embbench.models import check_text_capable, get_model_spec
 from embbench.records import ResultStore
@@ -200,6 +200,31 @@ def pipeline_grid(params: Mapping[str, Sequence[str | Path]]) -> PipelineGrid:
     return grid
 
 
+# Stage 04's sources are what the grid itself trains, so its tasks check it when they start.
+DRIVER_CHECKED = ("01_embed", "02_finetune", "03_toptune")
+
+
+def check_stages(
+    params: Mapping[str, Sequence[str | Path]], overrides: Mapping[str, Any] | None = None
+) -> None:
+    """The cell engine's up-front checks of stages 01-03, run here before any task is sent.
+
+    The same checks a notebook runs before its first cell (models, datasets, labels, splits,
+    the stage's own: text tasks without a text-image model...), so a grid that cannot run fails
+    in one message on the driver instead of once per cell on the workers.
+
+    Raises:
+        GridError: Every problem found, with its fix.
+        ConfigError: A params file is invalid.
+    """
+    for notebook in sorted(params):
+        if notebook not in DRIVER_CHECKED:
+            continue
+        cfg = load_config(notebook, list(params[notebook]), **dict(overrides or {}))
+        steps = steps_for(cfg, ResultStore())
+        CellEngine(cfg, steps).validate(steps.grid())
+
+
 def _needs(cell: Cell) -> list[tuple[str, str, str]]:
     """The (mode, model, dataset) cells that must finish before ``cell`` (stage order)."""
     model = canonical_model(cell.model)
@@ -281,6 +306,7 @@ __all__ = [
     "PipelineGrid",
     "canonical_model",
     "cell_key",
+    "check_stages",
     "group_params",
     "load_config",
     "pipeline_grid",

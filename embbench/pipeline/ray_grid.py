@@ -42,6 +42,7 @@ from embbench.pipeline.grid import (
     REPORT_NOTEBOOK,
     CellTask,
     PipelineGrid,
+    check_stages,
     pipeline_grid,
     run_one_cell,
 )
@@ -391,6 +392,7 @@ def run_on_ray(
 
     Raises:
         ConfigError: A params file is invalid (before connecting).
+        GridError: The engine's up-front checks of stages 01-03 failed (before connecting).
         RayRunError: Ray is missing, the cluster unreachable or too small (before any work),
             or cells failed (after the others finished; the message lists them).
     """
@@ -403,6 +405,7 @@ def run_on_ray(
         for k, v in (("milvus_uri", options.milvus_uri), ("tracking_uri", options.tracking_uri))
         if v
     }
+    check_stages(params, overrides)  # what the engine checks before a notebook's first cell
     t0 = time.perf_counter()
     connect(ray, options)
     try:
