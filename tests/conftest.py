@@ -84,6 +84,42 @@ def demo_cells(small_demo, monkeypatch):
     return small_demo
 
 
+# ---- stage 02 on a tiny demo ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core box, spinning OpenMP threads
+    waiting for a busy core made steps 25x slower (``pytestmark = usefixtures(...)``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """4 products (2 categories x 2), views 4/2/2, 40 px: 16 train, 8 val, 8 test images."""
+    from embbench.demo import make_demo_catalogue
+
+    return make_demo_catalogue(
+        tmp_path_factory.mktemp("tinydemo"),
+        n_categories=2,
+        products_per_category=2,
+        views=(4, 2, 2),
+        image_size=40,
+    )
+
+
+@pytest.fixture
+def use_tiny(tiny_demo, monkeypatch):
+    """The cell engine reads ``tiny_demo`` for every dataset; returns it."""
+    import embbench.cells as cells
+
+    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: tiny_demo)
+    return tiny_demo
+
+
 # ---- real MLflow and Milvus Lite servers ----------------------------------------------------
 class Services:
     """Starts MLflow and Milvus Lite servers as process groups; stops them all at teardown.

@@ -26,19 +26,9 @@ from embbench.stages.crosstune import (
     run_crosstune,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BASE = dict(models=["test_resnet"], weights="random", batch_size=8, num_workers=0, backend="exact")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core box, spinning OpenMP threads
-    waiting for a busy core made steps 25x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

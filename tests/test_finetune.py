@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures_finetune import TINY_FINETUNE
 
 import embbench.cells as cells
 import embbench.stages.finetune as ft
 import embbench.train.trainer as trainer_mod
-from embbench.catalogue import Catalogue
-from embbench.demo import make_demo_catalogue
 from embbench.models.finetuned import (
     finetuned_index_path,
     read_finetuned_index,
@@ -31,48 +30,9 @@ from embbench.stages.finetune import FinetuneConfig, finetune_job, make_trainer,
 from embbench.train import FinetuneError, build_trainable
 from embbench.train.recipes import RECIPES, get_recipe, resolve_recipe, scale_lr
 
-TINY = dict(
-    models=["test_resnet"],
-    weights="random",
-    datasets=["demo"],
-    epochs=1,
-    train_size=32,
-    test_size=32,
-    batch_size=4,
-    num_workers=0,
-    backend="exact",
-    register_mlflow=False,
-)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core box, spinning OpenMP threads
-    waiting for a busy core made steps 25x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory) -> Catalogue:
-    """4 products (2 categories x 2), views 4/2/2, 40 px: 16 train, 8 val, 8 test images."""
-    return make_demo_catalogue(
-        tmp_path_factory.mktemp("ftdemo"),
-        n_categories=2,
-        products_per_category=2,
-        views=(4, 2, 2),
-        image_size=40,
-    )
-
-
-@pytest.fixture
-def use_tiny(tiny_demo, monkeypatch) -> Catalogue:
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: tiny_demo)
-    return tiny_demo
+TINY = TINY_FINETUNE
 
 
 def test_lr_scaling_arithmetic():

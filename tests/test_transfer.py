@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_finetune import TINY_FINETUNE
 
 import embbench.cells as cells
 import embbench.train.trainer as trainer_mod
 import embbench.train.transfer as transfer
 from embbench.analysis.guide import recommend
-from embbench.catalogue import Catalogue
 from embbench.cli import _params_for
-from embbench.demo import make_demo_catalogue
 from embbench.records import ResultStore
 from embbench.stages.finetune import FinetuneConfig, FinetuneSteps, finetune_job, make_trainer
 from embbench.train.recipes import (
@@ -40,45 +39,9 @@ from embbench.train.transfer import (
     pooled_features,
 )
 
-TINY = dict(
-    models=["test_resnet"],
-    weights="random",
-    datasets=["demo"],
-    recipe="transfer",
-    epochs=1,
-    train_size=32,
-    test_size=32,
-    batch_size=4,
-    num_workers=0,
-    backend="exact",
-    register_mlflow=False,
-)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory) -> Catalogue:
-    """4 products, views 4/2/2, 40 px: 16 train, 8 val, 8 test images."""
-    return make_demo_catalogue(
-        tmp_path_factory.mktemp("trdemo"),
-        n_categories=2,
-        products_per_category=2,
-        views=(4, 2, 2),
-        image_size=40,
-    )
-
-
-@pytest.fixture
-def use_tiny(tiny_demo, monkeypatch) -> Catalogue:
-    monkeypatch.setattr(cells, "load_catalogue", lambda *a, **k: tiny_demo)
-    return tiny_demo
+TINY = {**TINY_FINETUNE, "recipe": "transfer"}
 
 
 def _trainer(**over):
