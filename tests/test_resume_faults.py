@@ -63,7 +63,7 @@ FINETUNE = textwrap.dedent("""
     from embbench.demo import make_demo_catalogue
     from embbench.records import ResultStore
     from embbench.stages.finetune import FinetuneConfig, finetune_job, run_finetune
-    from tests.test_finetune import TINY
+    from tests.fixtures_finetune import TINY_FINETUNE as TINY
 
     cat = make_demo_catalogue(sys.argv[2], n_categories=2, products_per_category=2,
                               views=(4, 2, 2), image_size=40)
