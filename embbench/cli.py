@@ -195,14 +195,22 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    """Compile the grid of the params files to a Kubeflow pipeline, or run it locally."""
+def _grid_params(args: argparse.Namespace) -> dict[str, list[Path]] | None:
+    """The ``-f`` params files by notebook (`pipeline`, `ray`); None once ``--dry-run`` printed."""
     from embbench.pipeline import group_params
 
     params = group_params(args.params)
-    if args.dry_run:
-        for nb, files in params.items():
-            _dry(nb, files)
+    if not args.dry_run:
+        return params
+    for nb, files in params.items():
+        _dry(nb, files)
+    return None
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Compile the grid of the params files to a Kubeflow pipeline, or run it locally."""
+    params = _grid_params(args)
+    if params is None:
         return 0
     if args.action == "compile":
         from embbench.pipeline import TaskResources, compile_pipeline
@@ -246,13 +254,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_ray(args: argparse.Namespace) -> int:
     """Run the grid of the params files on a Ray cluster (one task per cell)."""
-    from embbench.pipeline import group_params
     from embbench.pipeline.ray_grid import RayOptions, parse_resources, run_on_ray
 
-    params = group_params(args.params)
-    if args.dry_run:
-        for nb, files in params.items():
-            _dry(nb, files)
+    params = _grid_params(args)
+    if params is None:
         return 0
     options = RayOptions(
         address=args.address,
