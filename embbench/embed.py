@@ -145,13 +145,13 @@ def embed_split(
         )
     rows = catalogue.split(split)
     cache = embedding_cache(embedder, catalogue, split, root=cache_root)
-    if not overwrite and (done := _verified_complete(cache)) is not None:
+    if not overwrite and (done := verified_complete(cache)) is not None:
         logger.info("embeddings cached: %s", cache.path)
         return done
     dev = resolve_device(device)
     dist_info = init_distributed(dev)
     with cache.lock(timeout=lock_timeout) if dist_info.is_main else nullcontext():
-        if not overwrite and dist_info.is_main and (done := _verified_complete(cache)):
+        if not overwrite and dist_info.is_main and (done := verified_complete(cache)):
             logger.info("embeddings cached by another run while waiting: %s", cache.path)
             return done
         return _embed_locked(
@@ -172,7 +172,7 @@ def embed_split(
         )
 
 
-def _verified_complete(cache: EmbeddingCache) -> EmbeddingSet | None:
+def verified_complete(cache: EmbeddingCache) -> EmbeddingSet | None:
     """The complete, verified cache; a corrupt one is moved aside (WARNING) and None returned."""
     try:
         return cache.load() if cache.is_complete() else None
@@ -385,6 +385,7 @@ __all__ = [
     "embed_splits",
     "embedding_cache",
     "split_labels",
+    "verified_complete",
     "resolve_device",
     "resolve_precision",
     "init_distributed",

@@ -116,7 +116,7 @@ def test_makefile_kernel_and_dockerfile_carry_the_same_values():
 
 
 def test_ray_workers_get_the_env_unless_opted_out():
-    from embbench.pipeline.ray_grid import worker_env
+    from embbench._ray import worker_env
 
     env = worker_env({"EMBBENCH_DATA": "/shared/data", "HOME": "/root"})
     assert env == {"EMBBENCH_DATA": "/shared/data", **PROCESS_ENV}

@@ -189,32 +189,81 @@ def test_grid_on_a_ray_cluster_survives_a_killed_worker_node(tmp_path, monkeypat
 
 
 # ---- stage 01's extraction on Ray Data ---------------------------------------------------------
+def test_actor_pool_is_planned_from_the_cluster_and_what_the_task_holds():
+    from embbench.embed_ray import RayEmbedOptions, plan_actors
+
+    auto = RayEmbedOptions()
+    assert plan_actors(auto, 10, {"CPU": 4.0}) == (4, 0.0)  # CPU actors, one per free CPU
+    assert plan_actors(auto, 3, {"CPU": 4.0}) == (3, 0.0)  # never more than the shards
+    assert plan_actors(auto, 10, {"CPU": 16.0, "GPU": 2.0}) == (2, 1.0)  # one per GPU
+    # a cell task holding 1 of 2 CPUs leaves room for one actor
+    assert plan_actors(auto, 10, {"CPU": 2.0}, {"CPU": 1.0}) == (1, 0.0)
+    assert plan_actors(RayEmbedOptions(actors=3, actor_gpus=0), 10, {"CPU": 8, "GPU": 1}) == (
+        3,
+        0.0,
+    )
+    # the task holds the only GPU (or every CPU): the actors would wait for ever, so it fails
+    with pytest.raises(RayRunError, match=r"holds 1 and 1.*--resources pretrained=1,0"):
+        plan_actors(auto, 10, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0})
+    with pytest.raises(RayRunError, match="ray_actor_cpus: 0.5"):
+        plan_actors(auto, 10, {"CPU": 1.0}, {"CPU": 1.0})
+    half = RayEmbedOptions(actor_cpus=0.5)
+    assert plan_actors(half, 10, {"CPU": 2.0}, {"CPU": 1.0}) == (2, 0.0)
+
+
 @pytest.mark.slow
-def test_ray_data_embedding_writes_the_same_cache_as_one_process(small_demo, tmp_path):
+def test_ray_data_embedding_resumes_a_cache_and_equals_one_process(small_demo, tmp_path, caplog):
     pytest.importorskip("ray")
+    import shutil
+
     import numpy as np
 
     from embbench.embed import embed_split, embedding_cache
+    from embbench.embed_ray import RayEmbedOptions, embed_split_ray
     from embbench.models import create_embedder
-    from embbench.pipeline.ray_embed import embed_split_ray
 
     emb = create_embedder("test_resnet", weights="random")
-    ref = embed_split(emb, small_demo, "test", batch_size=4, shard_size=5, num_workers=0)
+    ref = embed_split(
+        emb,
+        small_demo,
+        "test",
+        batch_size=4,
+        shard_size=9,
+        num_workers=0,
+        keep_shards=True,
+        cache_root=tmp_path / "one",
+    )
+    # a killed Ray run: the same cache folder with two shards done, not consolidated
+    one = embedding_cache(emb, small_demo, "test", root=tmp_path / "one")
+    cache = embedding_cache(emb, small_demo, "test", root=tmp_path / "ray")
+    n_shards = cache.n_shards(len(ref.item_ids), 9)
+    assert cache.key == one.key and n_shards == 4
+    shutil.copytree(one.path, cache.path)
+    for name in cache.CONSOLIDATED:
+        (cache.path / name).unlink()
+    for s in range(2, n_shards):
+        for name in (f"shard-{s:05d}.npy", f"shard-{s:05d}.ids.npy", f"shard-{s:05d}.json"):
+            (cache.path / name).unlink()
+    assert not cache.is_complete()
+
+    caplog.set_level("INFO", logger="embbench.embed_ray")
     dist = embed_split_ray(
         emb,
         small_demo,
         "test",
         batch_size=4,
-        shard_size=5,
-        concurrency=2,
-        cache_root=tmp_path / "ray_cache",
+        shard_size=9,
+        options=RayEmbedOptions(actors=2),
+        cache_root=tmp_path / "ray",
     )
-    cache = embedding_cache(emb, small_demo, "test", root=tmp_path / "ray_cache")
-    assert cache.is_complete() and cache.n_shards(len(ref.item_ids), 5) > 2  # 2 actors
+    assert "2 of 4 shard(s) already done" in caplog.text
+    assert "2 shard(s) embedded by Ray Data" in caplog.text  # only the rest
+    assert cache.is_complete()
     assert list(dist.item_ids) == list(ref.item_ids)
     np.testing.assert_allclose(np.asarray(dist.vectors), np.asarray(ref.vectors), atol=1e-5)
-    again = embed_split_ray(emb, small_demo, "test", cache_root=tmp_path / "ray_cache")
-    assert list(again.item_ids) == list(dist.item_ids)  # complete: read back, Ray not started
+    import ray
+
+    assert not ray.is_initialized()  # the Ray it started here is shut down
 
 
 def test_resources_option_parses_and_names_a_bad_item():

@@ -6,9 +6,9 @@
   volume), :func:`compile_pipeline` and :func:`run_local` (kfp's local runner);
 - :mod:`embbench.pipeline.components`: the task bodies (they call the ``embbench`` CLI);
 - :mod:`embbench.pipeline.ray_grid`: the same grid on a Ray cluster (``embbench ray run``), one
-  Ray task per cell; :mod:`embbench.pipeline.ray_train`: stage 02's DDP path on Ray Train;
-  :mod:`embbench.pipeline.ray_embed`: one split embedded by a Ray Data actor pool into the
-  same embedding cache.
+  Ray task per cell; :mod:`embbench.pipeline.ray_train`: stage 02's DDP path on Ray Train.
+  Stage 01's extraction on a Ray Data actor pool (``embed_engine: ray``) is a building block,
+  :mod:`embbench.embed_ray`, that the cells of either runner can use.
 
 kfp and Ray are optional dependencies (``pip install .[pipeline]``, ``.[ray]``): importing this
 package imports neither.

@@ -9,7 +9,8 @@ The same cells, order and task body as the Kubeflow pipeline (:mod:`embbench.pip
   for, so Ray starts it only once they have finished (03 after 01, 04 after 02 and 03 ...);
 - resources per stage (:data:`DEFAULT_RAY_RESOURCES`): GPUs for embedding and fine-tuning when
   the cluster has any, CPUs for top-tuning and retrieval; a cell that asks for more than any
-  node has is refused before any work;
+  node has is refused before any work; a stage 01 cell with ``embed_engine: ray`` asks for no
+  GPU by default: it drives a Ray Data actor pool (:mod:`embbench.embed_ray`) that takes them;
 - a task lost with its node (or its worker process) is run again elsewhere, up to
   ``max_retries`` times; the cell engine makes the retry resume, not repeat: finished cells are
   read back, a killed training resumes from its checkpoint, embedding caches from their
@@ -36,8 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from embbench._errors import UserError
-from embbench._malloc import missing_allocator_env
+from embbench._ray import RAY_INSTALL, RayRunError, connect, import_ray, worker_env
 from embbench.pipeline.grid import (
     REPORT_NOTEBOOK,
     CellTask,
@@ -49,15 +49,6 @@ from embbench.pipeline.grid import (
 from embbench.pipeline.task import run_cell_task
 
 logger = logging.getLogger(__name__)
-
-RAY_INSTALL = "pip install 'embbench[ray]'  (or: pip install 'ray[data,train]==2.60.0')"
-# forwarded to every worker: the shared folders, services and their tokens, offline switches
-FORWARDED_ENV_PREFIXES = ("EMBBENCH_", "MLFLOW_", "MILVUS_", "HF_", "TF_")
-FORWARDED_ENV = ("PYTHONPATH", "OMP_WAIT_POLICY", "KERAS_BACKEND")
-
-
-class RayRunError(UserError, RuntimeError):
-    """The grid cannot run on this Ray cluster, or cells failed; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -119,22 +110,7 @@ class RayGridResult:
     wall_s: float = 0.0
 
 
-# ------------------------------------------------------------------------------- connecting
-def import_ray() -> Any:
-    """The ``ray`` module.
-
-    Raises:
-        RayRunError: Ray is not installed (the message gives the pip command).
-    """
-    try:
-        import ray
-    except ImportError as exc:
-        raise RayRunError(
-            f"`embbench ray` needs Ray, which is not installed ({exc}). Fix: {RAY_INSTALL}"
-        ) from exc
-    return ray
-
-
+# -------------------------------------------------------------------------------- options
 def parse_resources(items: Sequence[str]) -> dict[str, RayResources]:
     """``--resources MODE=CPUS,GPUS`` items (e.g. ``fine-tuned=8,4``) by mode.
 
@@ -150,65 +126,6 @@ def parse_resources(items: Sequence[str]) -> dict[str, RayResources]:
         except ValueError as exc:
             raise RayRunError(f"--resources {item!r}: expected MODE=CPUS,GPUS ({exc})") from exc
     return resources
-
-
-def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment variables forwarded to the workers (shared folders, URIs, tokens).
-
-    Ray starts a fresh worker process for a runtime environment, so glibc's allocator settings
-    and ``OMP_WAIT_POLICY`` (:mod:`embbench._malloc`, read once at start-up) reach the workers
-    this way too, unless the driver opted out (``EMBBENCH_MALLOC=0``).
-    """
-    env = os.environ if environ is None else environ
-    forwarded = {
-        k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
-    }
-    return {**missing_allocator_env(env), **forwarded}
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for ``auto``."""
-    if address == "auto":
-        return None
-    rest = address.removeprefix("ray://")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RayRunError(
-            f"--address {address!r}: expected auto, HOST:PORT (the head's GCS, e.g. "
-            "10.0.0.5:6379) or ray://HOST:PORT (Ray Client, e.g. ray://head:10001)"
-        )
-    return host or "127.0.0.1", int(port)
-
-
-def connect(ray: Any, options: RayOptions) -> None:
-    """Join the cluster of ``options.address`` (or start a Ray instance here when it is "").
-
-    Raises:
-        RayRunError: The address is malformed, or nothing answers there (checked first with a
-            plain TCP connection: Ray itself retries an unreachable head for minutes).
-    """
-    runtime_env = {"env_vars": worker_env()}
-    if not options.address:
-        kwargs = {"num_cpus": options.num_cpus} if options.num_cpus else {}
-        ray.init(runtime_env=runtime_env, **kwargs)
-        return
-    where = _host_port(options.address)
-    if where is not None:
-        try:
-            socket.create_connection(where, timeout=5).close()
-        except OSError as exc:
-            raise RayRunError(
-                f"cannot reach the Ray cluster at {options.address} ({exc}). Fix: start it "
-                "(`ray start --head`) or give the head's address: --address HOST:6379 or "
-                "ray://HOST:10001"
-            ) from exc
-    try:
-        ray.init(address=options.address, runtime_env=runtime_env)
-    except ConnectionError as exc:
-        raise RayRunError(
-            f"cannot join the Ray cluster at {options.address}: {exc}. Fix: start one "
-            "(`ray start --head`) or give --address HOST:6379 / ray://HOST:10001"
-        ) from exc
 
 
 # -------------------------------------------------------------------------------- resources
@@ -237,6 +154,8 @@ def plan_resources(
         if res is None:
             res = DEFAULT_RAY_RESOURCES.get(mode, RayResources())
             if options.gpus == "none" or (options.gpus == "auto" and not has_gpus):
+                res = replace(res, gpus=0)
+            if "\nembed_engine: ray\n" in f"\n{c.params_yaml}":  # its actors take the GPUs
                 res = replace(res, gpus=0)
         if not any(n.get("CPU", 0) >= res.cpus and n.get("GPU", 0) >= res.gpus for n in nodes):
             problems.append(f"{c.label} asks for {res.cpus:g} CPU(s) and {res.gpus:g} GPU(s)")
@@ -407,7 +326,7 @@ def run_on_ray(
     }
     check_stages(params, overrides)  # what the engine checks before a notebook's first cell
     t0 = time.perf_counter()
-    connect(ray, options)
+    connect(ray, options.address, num_cpus=options.num_cpus)
     try:
         plan = plan_resources(grid, options, _nodes(ray))
         cell_task = ray.remote(run_cell_on_worker)

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
+from embbench._ray import connect, import_ray
 from embbench.paths import runs_dir
-from embbench.pipeline.ray_grid import RayOptions, connect, import_ray
 from embbench.stages.finetune import FinetuneConfig, run_finetune
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def finetune_on_ray_train(
         cpus_per_worker: CPUs each worker asks for.
         max_failures: Restarts of the worker group after a lost worker (each resumes from the
             last checkpoint).
-        address: The Ray cluster (see :class:`~embbench.pipeline.ray_grid.RayOptions`); ""
+        address: The Ray cluster (see :func:`embbench._ray.connect`); ""
             starts Ray here for the run.
 
     Returns:
@@ -76,7 +76,7 @@ def finetune_on_ray_train(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    connect(ray, RayOptions(address=address))
+    connect(ray, address)
     try:
         trainer = TorchTrainer(
             finetune_loop,
