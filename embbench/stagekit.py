@@ -22,6 +22,7 @@ from embbench._torch_utils import resolve_device
 from embbench.cells import CellInputs
 from embbench.config import GridConfig
 from embbench.embed import embed_split, embedding_cache
+from embbench.embed_ray import RayEmbedOptions, embed_split_ray
 from embbench.models import Embedder, create_embedder, model_facts
 from embbench.records import Lineage
 from embbench.vocab import WEIGHT_MODES
@@ -99,10 +100,19 @@ class EmbedderPool:
         cfg: The stage config (weights, embedding settings).
         text_models: Models built with their text tower too (those with text cells); the
             others keep today's image-only memory.
+        ray: Embed missing vectors on Ray Data with this actor pool
+            (:func:`embbench.embed_ray.embed_split_ray`, stage 01's ``embed_engine: ray``);
+            ``None`` embeds in this process. Both write the same cache.
     """
 
-    def __init__(self, cfg: GridConfig, text_models: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        cfg: GridConfig,
+        text_models: Sequence[str] = (),
+        ray: RayEmbedOptions | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.ray = ray
         self.text_models = set(text_models)
         self._embedders: dict[str, Embedder] = {}
         self._recomputed: set[str] = set()  # cache keys embedded again by this run
@@ -132,7 +142,19 @@ class EmbedderPool:
         for split in sorted(set(splits)):
             key = embedding_cache(emb, inputs.catalogue, split).key
             again = self.cfg.overwrite == "always" and key not in self._recomputed
-            out[split] = embed_split(emb, inputs.catalogue, split, overwrite=again, **options)
+            if self.ray is not None:
+                out[split] = embed_split_ray(
+                    emb,
+                    inputs.catalogue,
+                    split,
+                    overwrite=again,
+                    batch_size=options["batch_size"],
+                    device=options["device"],
+                    precision=options["precision"],
+                    options=self.ray,
+                )
+            else:
+                out[split] = embed_split(emb, inputs.catalogue, split, overwrite=again, **options)
             self._recomputed.add(key)
         return out
 

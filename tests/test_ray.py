@@ -8,6 +8,7 @@ tiny model; the single-process reference runs the same cells through the same en
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -211,9 +212,26 @@ def test_actor_pool_is_planned_from_the_cluster_and_what_the_task_holds():
     assert plan_actors(half, 10, {"CPU": 2.0}, {"CPU": 1.0}) == (2, 0.0)
 
 
-@pytest.mark.slow
-def test_ray_data_embedding_resumes_a_cache_and_equals_one_process(small_demo, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def one_node_cluster():
+    """A head without CPUs and one worker node of 2 CPUs (a cell task holds one, an actor the
+    other), shared by this module's Ray Data tests."""
     pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_data_embedding_resumes_a_cache_and_equals_one_process(
+    small_demo, tmp_path, caplog, one_node_cluster
+):
     import shutil
 
     import numpy as np
@@ -253,7 +271,7 @@ def test_ray_data_embedding_resumes_a_cache_and_equals_one_process(small_demo, t
         "test",
         batch_size=4,
         shard_size=9,
-        options=RayEmbedOptions(actors=2),
+        options=RayEmbedOptions(address=one_node_cluster.address, actors=2),
         cache_root=tmp_path / "ray",
     )
     assert "2 of 4 shard(s) already done" in caplog.text
@@ -263,7 +281,86 @@ def test_ray_data_embedding_resumes_a_cache_and_equals_one_process(small_demo, t
     np.testing.assert_allclose(np.asarray(dist.vectors), np.asarray(ref.vectors), atol=1e-5)
     import ray
 
-    assert not ray.is_initialized()  # the Ray it started here is shut down
+    assert not ray.is_initialized()  # the connection it opened here is closed
+
+
+def test_embed_engine_is_checked_and_changes_neither_the_hash_nor_the_cache(monkeypatch):
+    from embbench.config import ConfigError
+    from embbench.stages.embed import EmbedConfig, EmbedSteps
+
+    local = EmbedConfig()
+    ray = EmbedConfig(embed_engine="ray", ray_actors=2, ray_actor_gpus=0, ray_address="auto")
+    assert ray.config_hash() == local.config_hash()  # where, not what: the same record key
+    assert local.ray_options() is None
+    assert ray.ray_options().actors == 2 and ray.ray_options().actor_gpus == 0
+    assert EmbedConfig(embed_engine="ray").ray_options().actor_gpus is None  # auto
+    with pytest.raises(ConfigError, match=r"embed_engine='rya'.*did you mean 'ray'"):
+        EmbedConfig.from_params({"embed_engine": "rya"})
+    with pytest.raises(ConfigError, match="ray_actor_gpus"):
+        EmbedConfig.from_params({"ray_actor_gpus": -1})
+    monkeypatch.setitem(sys.modules, "ray", None)  # not installed: said before any cell
+    problems = EmbedSteps(ray).check([], {})
+    assert any("embed_engine: ray needs Ray" in p and "embbench[ray]" in p for p in problems)
+    assert not EmbedSteps(local).check([], {})
+
+
+@pytest.mark.slow
+def test_a_stage_01_cell_on_ray_data_inside_ray_run_equals_the_local_engine(
+    small_demo, tmp_path, monkeypatch, one_node_cluster
+):
+    """``embbench ray run`` runs the cell as a Ray task; its embedding joins that connection."""
+    import numpy as np
+
+    import embbench.embed_ray
+    from embbench.pipeline import run_one_cell
+    from embbench.records import ResultStore
+
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        f"models: [test_resnet]\ntasks: [image-image]\nbackend: exact\nbatch_size: 4\n"
+        f"data_root: {{demo: {small_demo.root}}}\nembed_engine: ray\n"
+    )
+    files = [PARAMS / "01_embed.yaml", PARAMS / "smoke" / "01_embed.yaml", tiny]
+    result = run_on_ray({"01_embed": files}, RayOptions(address=one_node_cluster.address))
+    (cell,) = result.cells
+    (rec,) = ResultStore().records()
+    assert rec.config_hash == cell["record"]["config_hash"]
+
+    # the same cell in one process with the local engine, in another home
+    home = {v: tmp_path / "local" / v.lower() for v in ("EMBBENCH_CACHE", "EMBBENCH_RUNS")}
+    for var, path in home.items():
+        monkeypatch.setenv(var, str(path))
+    ref = run_one_cell(
+        "01_embed",
+        files,
+        {"embed_engine": "local"},
+        model="test_resnet",
+        dataset="demo",
+        mode="pretrained",
+    )
+    assert ref.config_hash == rec.config_hash
+    assert ref.metrics == pytest.approx(rec.metrics, abs=1e-6)
+    # the same cache entries (keys), the same vectors; the Ray run's say who computed them
+    ray_root, one_root = tmp_path / "cache", home["EMBBENCH_CACHE"]
+    done = sorted(p.parent.relative_to(ray_root) for p in ray_root.rglob("vectors.npy"))
+    assert done and done == sorted(
+        p.parent.relative_to(one_root) for p in one_root.rglob("vectors.npy")
+    )
+    for entry in done:
+        a, b = np.load(ray_root / entry / "vectors.npy"), np.load(one_root / entry / "vectors.npy")
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        meta = json.loads((ray_root / entry / "meta.json").read_text())
+        assert meta["provenance"]["engine"] == "ray-data"
+
+    # embed_engine: ray on a complete cache reads it back without Ray
+    def no_ray(what: str = "") -> None:
+        raise AssertionError("Ray was started for vectors already in the cache")
+
+    monkeypatch.setattr(embbench.embed_ray, "import_ray", no_ray)
+    monkeypatch.setenv("EMBBENCH_RUNS", str(tmp_path / "again"))
+    monkeypatch.setenv("EMBBENCH_CACHE", str(tmp_path / "cache"))
+    again = run_one_cell("01_embed", files, model="test_resnet", dataset="demo", mode="pretrained")
+    assert again.metrics == pytest.approx(rec.metrics, abs=1e-6)
 
 
 def test_resources_option_parses_and_names_a_bad_item():

@@ -8,17 +8,20 @@ the cache; or the exact in-process backend), writes the record and logs one MLfl
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import Field, field_validator
 
+from embbench._ray import RayRunError, import_ray
 from embbench.cells import Cell, CellInputs, Produced, StageSteps, run_grid
 from embbench.config import GridConfig, register_stage
+from embbench.embed_ray import RayEmbedOptions
 from embbench.records import ResultStore, record_row
 from embbench.stagekit import EmbedderPool, lineage_of, weights_problem
 from embbench.stages import _text_tasks, _variants
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 STAGE = "embed"
 MODE = "pretrained"
+EMBED_ENGINES = ("local", "ray")
+RAY_FIELDS = ("embed_engine", "ray_address", "ray_actors", "ray_actor_gpus", "ray_actor_cpus")
 
 
 @register_stage("01_embed")
@@ -36,7 +41,10 @@ class EmbedConfig(GridConfig):
     """Parameters of stage 01, mirrored by ``notebooks/01_embed.ipynb`` and its params file.
 
     The shared fields are declared in :class:`~embbench.config.GridConfig`; these add the
-    deployment variants (:mod:`embbench.stages._variants`), each scored as a cell of its own.
+    deployment variants (:mod:`embbench.stages._variants`), each scored as a cell of its own,
+    and where missing vectors are embedded (``embed_engine``: this process, or a Ray Data actor
+    pool, :mod:`embbench.embed_ray`; the same cache, so neither the hash nor the cache key
+    depends on it).
     """
 
     # float16 | int8 | binary | pca_half | pca_quarter | pca_eighth | pca<N> | default (all)
@@ -51,6 +59,13 @@ class EmbedConfig(GridConfig):
     # class-prompt templates, each with one {} for the class name
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     text_column: str = ""  # item-text column; "" = the catalogue's own (title/text), if any
+    # where missing vectors are embedded: local (this process) | ray (a Ray Data actor pool,
+    # pip install 'embbench[ray]'); both write the same cache, the same vectors
+    embed_engine: str = "local"
+    ray_address: str = ""  # "" = the running Ray (a cell of `embbench ray run`) or a new one
+    ray_actors: int = Field(0, ge=0)  # 0 = one per GPU of the cluster, else per free CPUs
+    ray_actor_gpus: float | Literal["auto"] = "auto"  # per actor; auto = 1 if GPUs, else 0
+    ray_actor_cpus: float = Field(1.0, gt=0)  # CPUs per actor (0.5 fits beside a cell's task)
 
     # tasks, templates and text column change only the text cells: in their identity instead
     hash_exclude = GridConfig.hash_exclude | {
@@ -61,6 +76,7 @@ class EmbedConfig(GridConfig):
         "tasks",
         "templates",
         "text_column",
+        *RAY_FIELDS,  # where the vectors are computed, not what they are
     }
 
     @field_validator("tasks")
@@ -72,6 +88,29 @@ class EmbedConfig(GridConfig):
         if not v:
             raise ValueError("must name at least one task, e.g. [image-image]")
         return list(dict.fromkeys(v))
+
+    @field_validator("embed_engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        if v not in EMBED_ENGINES:
+            close = difflib.get_close_matches(v, EMBED_ENGINES, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"choose one of {list(EMBED_ENGINES)}{hint}")
+        return v
+
+    @field_validator("ray_actor_gpus")
+    @classmethod
+    def _gpus(cls, v: float | str) -> float | str:
+        if v != "auto" and v < 0:
+            raise ValueError("must be 'auto' or a number of GPUs >= 0 (0: CPU actors)")
+        return v
+
+    def ray_options(self) -> RayEmbedOptions | None:
+        """The Ray Data actor pool of ``embed_engine: ray`` (``None`` for ``local``)."""
+        if self.embed_engine != "ray":
+            return None
+        gpus = None if self.ray_actor_gpus == "auto" else float(self.ray_actor_gpus)
+        return RayEmbedOptions(self.ray_address, self.ray_actors, gpus, self.ray_actor_cpus)
 
     @field_validator("templates")
     @classmethod
@@ -85,7 +124,7 @@ class EmbedSteps(StageSteps):
     def __init__(self, cfg: EmbedConfig) -> None:
         self.cfg = cfg
         self.text_models = _text_tasks.text_models(cfg.models, cfg.tasks)
-        self.embedders = EmbedderPool(cfg, self.text_models)
+        self.embedders = EmbedderPool(cfg, self.text_models, ray=cfg.ray_options())
         self.variants: dict[tuple[str, str, str], Any] = {}
 
     def grid(self) -> list[Cell]:
@@ -105,6 +144,11 @@ class EmbedSteps(StageSteps):
     def check(self, cells: Sequence[Cell], inputs: Mapping[str, CellInputs]) -> list[str]:
         """The weights setting must be usable; variants need known names and a train split."""
         problems = [weights_problem(self.cfg.weights)]
+        if self.cfg.embed_engine == "ray":
+            try:
+                import_ray("embed_engine: ray")
+            except RayRunError as exc:
+                problems.append(str(exc))
         problems += _text_tasks.check_text_grid(
             self.cfg.models, self.cfg.tasks, self.cfg.text_column, inputs
         )
