@@ -90,6 +90,18 @@ def test_gpus_the_cluster_lacks_are_refused_before_any_work(tmp_path):
     # a GPU node: the defaults ask for its GPUs
     plan = plan_resources(grid, RayOptions(), [{"CPU": 4.0, "GPU": 1.0}])
     assert sorted({r.gpus for r in plan.values()}) == [0, 1]
+    # a stage 01 cell embedding on Ray Data leaves the GPUs to its actors
+    params = _params(tmp_path)
+    engine = tmp_path / "engine.yaml"
+    engine.write_text("embed_engine: ray\n")
+    params["01_embed"].append(engine)
+    ray_grid = pipeline_grid(params)
+    plan = plan_resources(ray_grid, RayOptions(), [{"CPU": 4.0, "GPU": 1.0}])
+    assert {c.cell.mode: plan[c.key].gpus for c in ray_grid.cells} == {
+        "pretrained": 0,
+        "fine-tuned": 1,
+        "top-tuned": 0,
+    }
 
 
 # ---- a real local cluster ----------------------------------------------------------------------
