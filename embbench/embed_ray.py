@@ -4,12 +4,13 @@ The split's cache (:func:`embbench.embed.embedding_cache`, keyed exactly as the 
 path keys it) is opened and locked on the driver; the shards still to do become a Ray Dataset,
 and ``map_batches`` hands them, one shard per call, to a pool of actors (one per GPU of the
 cluster with ``num_gpus=1``, or CPU actors; :func:`plan_actors`). Each actor holds the embedder
-(shipped once, so every actor runs the same weights), reads and decodes its shard's images,
-embeds them in batches that never cross the shard, on its device and with the precision the
-single-process path would use there, and writes the shard with the cache's own ``write_shard``
-(checksums, the ``.json`` last). The driver then consolidates. A killed run keeps its finished
-shards, so the next run embeds only the rest; the vectors equal the single-process path's (the
-same model, preprocessing, batches and precision). A complete cache is read back without Ray.
+(shipped once, so every actor runs the same weights), reads and decodes its shard's images in
+``ceil(actor_cpus)`` threads ahead of the model, embeds them in batches that never cross the
+shard, on its device and with the precision the single-process path would use there, and writes
+the shard with the cache's own ``write_shard`` (checksums, the ``.json`` last). The driver then
+consolidates. A killed run keeps its finished shards, so the next run embeds only the rest; the
+vectors equal the single-process path's (the same model, preprocessing, batches and precision).
+A complete cache is read back without Ray.
 
 Inside a Ray task (a cell of ``embbench ray run``) or a driver that already joined a cluster,
 that connection is used and left open (:func:`embbench._ray.ray_session`); the actors are then
@@ -20,8 +21,11 @@ Ray is optional (``pip install 'embbench[ray]'``): it is imported inside the fun
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +73,8 @@ class ShardEmbedder:
         batch_size: Images per forward pass.
         device: ``auto`` (the actor's GPU when Ray gave it one, else the CPU), ``cpu``, ``cuda``.
         precision: As for :func:`embbench.embed.embed_split` (``auto``: fp32 on the CPU).
+        decode_threads: Threads reading and decoding the shard's images, in order, ahead of
+            the forward passes (PIL and torch release the GIL while they work).
     """
 
     def __init__(
@@ -80,7 +86,9 @@ class ShardEmbedder:
         batch_size: int,
         device: str = "auto",
         precision: str = "auto",
+        decode_threads: int = 1,
     ) -> None:
+        self.decoder = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
         self.dev = resolve_device(device)
         self.amp_dtype = resolve_precision(precision, self.dev)
         self.model = embedder.model.to(self.dev).eval()
@@ -109,8 +117,9 @@ class ShardEmbedder:
         done = []
         for s, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
             vecs, ok, failed = [], [], []
+            decoded = self.decoder.map(self.rows.__getitem__, range(int(start), int(stop)))
             for b in range(int(start), int(stop), self.batch_size):
-                items = [self.rows[i] for i in range(b, min(b + self.batch_size, int(stop)))]
+                items = list(itertools.islice(decoded, min(self.batch_size, int(stop) - b)))
                 good = [(i, t) for i, t, r in items if r is None]
                 for i, _, reason in items:
                     if reason is not None:
@@ -277,6 +286,7 @@ def embed_split_ray(
                             "batch_size": batch_size,
                             "device": device,
                             "precision": precision,
+                            "decode_threads": math.ceil(options.actor_cpus),
                         },
                         batch_size=1,
                         concurrency=actors,

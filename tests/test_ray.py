@@ -224,6 +224,36 @@ def test_actor_pool_is_planned_from_the_cluster_and_what_the_task_holds():
     assert plan_actors(half, 10, {"CPU": 2.0}, {"CPU": 1.0}) == (2, 0.0)
 
 
+def test_a_shard_actor_decodes_ahead_skips_a_bad_image_and_equals_one_process(small_demo, tmp_path):
+    """The actor's body without Ray: threads decode in order; an unreadable image is listed."""
+    import numpy as np
+
+    from embbench.embed import embed_split, embedding_cache
+    from embbench.embed_ray import ShardEmbedder
+    from embbench.models import create_embedder
+
+    emb = create_embedder("test_resnet", weights="random")
+    ref = embed_split(emb, small_demo, "test", batch_size=4, num_workers=0, progress=False)
+    rows = small_demo.split("test")
+    ids = rows["item_id"].astype(str).tolist()
+    paths = rows["path"].astype(str).tolist()
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("not a JPEG")
+    paths[3] = str(bad)
+    cache = embedding_cache(emb, small_demo, "test", root=tmp_path / "actor")
+    cache.begin(ids, 9, provenance={})
+    actor = ShardEmbedder(emb, cache, ids, paths, batch_size=4, decode_threads=3)
+    out = actor({"shard": np.array([0, 1]), "start": np.array([0, 9]), "stop": np.array([9, 18])})
+    assert out["shard"].tolist() == [0, 1]
+    vec0, ids0, failed0 = cache.read_shard(0)
+    vec1, ids1, failed1 = cache.read_shard(1)
+    assert list(ids0) == ids[:3] + ids[4:9] and [f["item_id"] for f in failed0] == [ids[3]]
+    assert list(ids1) == ids[9:18] and not failed1
+    want = dict(zip(ref.item_ids, np.asarray(ref.vectors), strict=True))
+    got = np.concatenate([vec0, vec1])
+    np.testing.assert_allclose(got, [want[i] for i in [*ids0, *ids1]], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def one_node_cluster():
     """A head without CPUs and one worker node of 2 CPUs (a cell task holds one, an actor the
