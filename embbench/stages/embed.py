@@ -65,7 +65,7 @@ class EmbedConfig(GridConfig):
     ray_address: str = ""  # "" = the running Ray (a cell of `embbench ray run`) or a new one
     ray_actors: int = Field(0, ge=0)  # 0 = one per GPU of the cluster, else per free CPUs
     ray_actor_gpus: float | Literal["auto"] = "auto"  # per actor; auto = 1 if GPUs, else 0
-    ray_actor_cpus: float = Field(1.0, gt=0)  # CPUs per actor (0.5 fits beside a cell's task)
+    ray_actor_cpus: float = Field(1.0, gt=0)  # CPUs (decoding threads) per actor
 
     # tasks, templates and text column change only the text cells: in their identity instead
     hash_exclude = GridConfig.hash_exclude | {
