@@ -62,14 +62,14 @@ def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for ``auto``."""
-    if address == "auto":
+    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for ``auto`` and ``local``."""
+    if address in ("auto", "local"):
         return None
     rest = address.removeprefix("ray://")
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit():
         raise RayRunError(
-            f"--address {address!r}: expected auto, HOST:PORT (the head's GCS, e.g. "
+            f"--address {address!r}: expected auto, local, HOST:PORT (the head's GCS, e.g. "
             "10.0.0.5:6379) or ray://HOST:PORT (Ray Client, e.g. ray://head:10001)"
         )
     return host or "127.0.0.1", int(port)
@@ -81,17 +81,19 @@ def connect(ray: Any, address: str = "", *, num_cpus: int = 0) -> None:
     Args:
         ray: The ``ray`` module.
         address: ``auto`` (the running cluster of this machine), ``host:6379`` or
-            ``ray://host:10001``; "" starts a Ray instance on this machine.
-        num_cpus: CPUs of a Ray instance started here; 0 = all.
+            ``ray://host:10001``; ``local`` starts a Ray instance on this machine; "" is Ray's
+            default: ``$RAY_ADDRESS`` or a cluster started on this machine (``ray start``),
+            else a new instance here.
+        num_cpus: CPUs of a Ray instance started here (address "" or ``local``); 0 = all.
 
     Raises:
         RayRunError: The address is malformed, or nothing answers there (checked first with a
             plain TCP connection: Ray itself retries an unreachable head for minutes).
     """
     runtime_env = {"env_vars": worker_env()}
-    if not address:
+    if address in ("", "local"):
         kwargs = {"num_cpus": num_cpus} if num_cpus else {}
-        ray.init(runtime_env=runtime_env, **kwargs)
+        ray.init(address=address or None, runtime_env=runtime_env, **kwargs)
         return
     where = _host_port(address)
     if where is not None:
@@ -118,7 +120,7 @@ def ray_session(ray: Any, address: str = "") -> Iterator[bool]:
 
     Inside a Ray task or actor (a cell of ``embbench ray run``) or a driver that already called
     ``ray.init``, that connection is used and left open; otherwise :func:`connect` joins
-    ``address`` (or starts Ray here) and ``ray.shutdown()`` ends it after the block.
+    ``address`` (as that function reads it) and ``ray.shutdown()`` ends it after the block.
 
     Yields:
         Whether the block reuses a connection it did not open.

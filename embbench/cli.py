@@ -408,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     ry.add_argument(
         "--address",
         default="",
-        help="auto (this machine's running cluster), HOST:6379 or ray://HOST:10001; "
-        "default: start Ray here for the run",
+        help="auto (this machine's running cluster), local (a new Ray here), HOST:6379 or "
+        "ray://HOST:10001; default: RAY_ADDRESS, a cluster started here, else a new Ray here",
     )
     ry.add_argument("--num-cpus", type=int, default=0, help="CPUs of a Ray started here")
     ry.add_argument(

@@ -48,8 +48,9 @@ class RayEmbedOptions:
 
     Attributes:
         address: The Ray cluster: "" uses the running connection (inside a Ray task or a
-            driver that called ``ray.init``), else starts Ray here; ``auto``, ``HOST:6379`` or
-            ``ray://HOST:10001`` join a running cluster.
+            driver that called ``ray.init``), else Ray's default (``$RAY_ADDRESS``, a cluster
+            started on this machine, else a new one); ``local`` starts one here; ``auto``,
+            ``HOST:6379`` or ``ray://HOST:10001`` join a running cluster.
         actors: Actors in the pool; 0 = one per GPU of the cluster, else one per free
             ``actor_cpus`` CPUs (never more than the shards to do).
         actor_gpus: GPUs per actor; ``None`` = 1 when the cluster has GPUs, else 0 (CPU actors).

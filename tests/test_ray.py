@@ -70,7 +70,7 @@ def test_unreachable_address_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err and "ray start" in err
     assert main(["ray", "run", *args, "--address", "nohost"]) == 2
-    assert "expected auto, HOST:PORT" in capsys.readouterr().err
+    assert "expected auto, local, HOST:PORT" in capsys.readouterr().err
 
 
 def test_gpus_the_cluster_lacks_are_refused_before_any_work(tmp_path):

@@ -62,7 +62,7 @@ class EmbedConfig(GridConfig):
     # where missing vectors are embedded: local (this process) | ray (a Ray Data actor pool,
     # pip install 'embbench[ray]'); both write the same cache, the same vectors
     embed_engine: str = "local"
-    ray_address: str = ""  # "" = the running Ray (a cell of `embbench ray run`) or a new one
+    ray_address: str = ""  # "" = the running Ray, else Ray's default; local | auto | HOST:6379
     ray_actors: int = Field(0, ge=0)  # 0 = one per GPU of the cluster, else per free CPUs
     ray_actor_gpus: float | Literal["auto"] = "auto"  # per actor; auto = 1 if GPUs, else 0
     ray_actor_cpus: float = Field(1.0, gt=0)  # CPUs (decoding threads) per actor
