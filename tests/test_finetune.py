@@ -271,3 +271,22 @@ def test_building_blocks_import_no_stage():
     code = "import sys, embbench.train, embbench.toptune; print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_writing_process(tmp_path, monkeypatch):
+    """The sha256 of a checkpoint keys cross-tuned cells: a retried task (another process)
+    writing the same weights must write the same bytes."""
+    import hashlib
+    import os
+
+    import torch
+
+    from embbench.train.checkpointing import atomic_torch_save
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    digests = []
+    for pid in (101, 202):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        path = atomic_torch_save(state, tmp_path / str(pid) / "model.pt")
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
