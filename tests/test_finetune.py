@@ -290,3 +290,25 @@ def test_checkpoint_bytes_do_not_depend_on_the_writing_process(tmp_path, monkeyp
         path = atomic_torch_save(state, tmp_path / str(pid) / "model.pt")
         digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reuses_the_model_version_it_registered(tmp_path):
+    """A cell retried on another node reopens its MLflow run: registering again must not add
+    a second version of the same model."""
+    import mlflow
+
+    from embbench.stages._finetune_register import register_in_mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            first = register_in_mlflow("efficientnet_lite0")
+        with mlflow.start_run(run_id=run.info.run_id):  # the retry
+            again = register_in_mlflow("efficientnet_lite0")
+        assert first is not None and first["version"] in ("1", 1)
+        assert again["version"] in ("1", 1)
+        versions = mlflow.MlflowClient().search_model_versions("name='efficientnet_lite0'")
+        assert len(versions) == 1
+    finally:
+        mlflow.set_tracking_uri("")

@@ -67,7 +67,8 @@ def register_in_mlflow(spec_name: str) -> dict | None:
         return None
     try:
         # a retried or resumed cell reopens its run: the version it registered is the one
-        done = mlflow.search_model_versions(
+        # (the client's search: mlflow 3.17's fluent one fails on its own default max_results)
+        done = mlflow.MlflowClient().search_model_versions(
             f"name='{spec_name}' and run_id='{run.info.run_id}'"
         )
         if done:
