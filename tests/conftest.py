@@ -254,3 +254,22 @@ def chromium() -> Chromium:
     if path is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
     return Chromium(path)
+
+
+# ---- a real local Ray cluster -----------------------------------------------------------------
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster: a head with no CPUs, two 1-CPU worker nodes; (cluster, workers).
+
+    ``ray.cluster_utils.Cluster``: real raylets and worker processes on this machine.
+    """
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield cluster, workers
+    finally:
+        cluster.shutdown()  # every raylet and worker process of the cluster, none left behind

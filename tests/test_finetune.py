@@ -271,3 +271,44 @@ def test_building_blocks_import_no_stage():
     code = "import sys, embbench.train, embbench.toptune; print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_writing_process(tmp_path, monkeypatch):
+    """The sha256 of a checkpoint keys cross-tuned cells: a retried task (another process)
+    writing the same weights must write the same bytes."""
+    import hashlib
+    import os
+
+    import torch
+
+    from embbench.train.checkpointing import atomic_torch_save
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    digests = []
+    for pid in (101, 202):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        path = atomic_torch_save(state, tmp_path / str(pid) / "model.pt")
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reuses_the_model_version_it_registered(tmp_path):
+    """A cell retried on another node reopens its MLflow run: registering again must not add
+    a second version of the same model."""
+    import mlflow
+
+    from embbench.stages._finetune_register import register_in_mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            first = register_in_mlflow("efficientnet_lite0")
+        with mlflow.start_run(run_id=run.info.run_id):  # the retry
+            again = register_in_mlflow("efficientnet_lite0")
+        assert first is not None and first["version"] in ("1", 1)
+        assert again["version"] in ("1", 1)
+        versions = mlflow.MlflowClient().search_model_versions("name='efficientnet_lite0'")
+        assert len(versions) == 1
+    finally:
+        mlflow.set_tracking_uri("")

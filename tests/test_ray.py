@@ -1,9 +1,6 @@
-"""The grid on a real local Ray cluster (head + 2 worker nodes), one worker node killed mid-grid.
+"""``embbench ray run``'s errors before any work, and stage 01's extraction on Ray Data.
 
-The cluster is ``ray.cluster_utils.Cluster``: real raylets and worker processes on this
-machine, the head with no CPUs (so every cell runs on a worker node) and one CPU per worker
-node. The grid is the smoke grid's 01 pretrained, 02 fine-tuned and 03 top-tuned cells of one
-tiny model; the single-process reference runs the same cells through the same engine.
+The grid on a real local cluster with a worker node killed is tests/test_ray_demo.py.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from embbench.pipeline.ray_grid import (
     import_ray,
     parse_resources,
     plan_resources,
-    run_on_ray,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +33,6 @@ TINY = {
     "03_toptune": "backend: exact\nbaselines: []\nmax_trials: 1\nsearch_epochs: 2\n"
     "final_epochs: 2\n",
 }
-ONE_CPU = {"fine-tuned": RayResources(1, 0)}  # the worker nodes have one CPU each
 
 
 def _params(tmp_path: Path) -> dict[str, list[Path]]:
@@ -105,102 +100,6 @@ def test_gpus_the_cluster_lacks_are_refused_before_any_work(tmp_path):
 
 
 # ---- a real local cluster ----------------------------------------------------------------------
-@pytest.fixture
-def ray_cluster():
-    pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
-        yield cluster, workers
-    finally:
-        cluster.shutdown()  # every raylet and worker process of the cluster, none left behind
-
-
-def _key(rec) -> tuple:
-    return (rec.stage, rec.mode, rec.task, rec.model, rec.dataset)
-
-
-@pytest.mark.slow
-def test_grid_on_a_ray_cluster_survives_a_killed_worker_node(tmp_path, monkeypatch, ray_cluster):
-    import mlflow
-
-    from embbench.pipeline import pipeline_grid, run_one_cell
-    from embbench.records import ResultStore
-    from embbench.tracking import default_tracking_uri
-
-    cluster, workers = ray_cluster
-    params = _params(tmp_path)
-    grid = pipeline_grid(params)
-    assert [c.cell.mode for c in grid.cells] == ["pretrained", "fine-tuned", "top-tuned"]
-
-    # asking for GPUs this cluster lacks fails before any work
-    gpu = RayOptions(address=cluster.address, resources={"pretrained": RayResources(1, 1)})
-    with pytest.raises(RayRunError, match="01 pretrained .* 1 GPU"):
-        run_on_ray(params, gpu)
-    assert not ResultStore().records()
-
-    # the first cell to finish: kill the OTHER worker node, which runs the other first-wave
-    # cell (01 and 02 start side by side, one per node); its task is run again on the survivor
-    by_id = {w.node_id: w for w in workers}
-    killed: list[str] = []
-
-    def kill_other_node(result: dict) -> None:
-        if not killed:
-            victim = next(n for n in by_id if n != result["node"])
-            killed.append(victim)
-            cluster.remove_node(by_id[victim], allow_graceful=False)
-
-    result = run_on_ray(
-        params,
-        RayOptions(address=cluster.address, resources=ONE_CPU, max_retries=2),
-        on_result=kill_other_node,
-    )
-    survivor = next(n for n in by_id if n not in killed)
-    assert len(result.cells) == 3 and killed
-    first_wave = [r for r in result.cells if r["label"][:2] in ("01", "02")]
-    # every cell finished on the survivor: the killed node's cell (01 or 02) ran again there
-    assert all(r["node"] == survivor for r in result.cells), [r["node"] for r in result.cells]
-    assert len(first_wave) == 2
-
-    store = ResultStore()
-    records = store.records()
-    assert sorted(_key(r) for r in records) == sorted(
-        (c.cell.stage, c.cell.mode, c.cell.task, c.cell.model, c.cell.dataset) for c in grid.cells
-    )
-    # nothing computed twice: one record per cell, the one each task returned
-    assert {r.config_hash: r.saved for r in records} == {
-        r["record"]["config_hash"]: r["record"]["saved"] for r in result.cells
-    }
-    # one MLflow run per cell (the retried cell's run resumed, not doubled)
-    mlflow.set_tracking_uri(default_tracking_uri())
-    runs = mlflow.search_runs(experiment_names=["embbench"], output_format="list")
-    cell_runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert sorted(r.info.run_id for r in cell_runs) == sorted(r.mlflow_run_id for r in records)
-    assert all(r.info.status == "FINISHED" for r in cell_runs)
-
-    # the same cells in one process, in another home: the same metrics
-    for var in ("EMBBENCH_CACHE", "EMBBENCH_RUNS"):
-        monkeypatch.setenv(var, str(tmp_path / "single" / var.lower()))
-    for c in grid.cells:
-        run_one_cell(
-            c.notebook,
-            params[c.notebook],
-            model=c.cell.model,
-            dataset=c.cell.dataset,
-            mode=c.cell.mode,
-            task=c.cell.task,
-        )
-    single = {_key(r): r for r in ResultStore().records()}
-    assert single.keys() == {_key(r) for r in records}
-    for rec in records:
-        ref = single[_key(rec)]
-        assert rec.config_hash == ref.config_hash
-        assert rec.metrics == pytest.approx(ref.metrics, abs=1e-6), _key(rec)
-
-
 # ---- stage 01's extraction on Ray Data ---------------------------------------------------------
 def test_actor_pool_is_planned_from_the_cluster_and_what_the_task_holds():
     from embbench.embed_ray import RayEmbedOptions, plan_actors

@@ -62,9 +62,19 @@ def register_in_mlflow(spec_name: str) -> dict | None:
     import mlflow
     import torch
 
-    if mlflow.active_run() is None:
+    run = mlflow.active_run()
+    if run is None:
         return None
     try:
+        # a retried or resumed cell reopens its run: the version it registered is the one
+        # (the client's search: mlflow 3.17's fluent one fails on its own default max_results)
+        done = mlflow.MlflowClient().search_model_versions(
+            f"name='{spec_name}' and run_id='{run.info.run_id}'"
+        )
+        if done:
+            v = max(done, key=lambda mv: int(mv.version))
+            logger.info("%s: version %s registered by this run already", spec_name, v.version)
+            return {"name": spec_name, "version": str(v.version), "model_uri": v.source}
         embedder = create_embedder(spec_name, device="cpu")
         model = embedder.model.eval()
         requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm"]

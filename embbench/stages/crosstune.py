@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -27,6 +28,7 @@ from embbench.config import GridConfig, register_stage
 from embbench.embed import embed_splits, embedding_cache
 from embbench.models import create_embedder, get_model_spec
 from embbench.models.finetuned import find_finetuned, register_finetuned_models
+from embbench.paths import runs_dir
 from embbench.records import Lineage, ResultRecord, ResultStore, record_row
 from embbench.stagekit import EmbedderPool, embed_options, lineage_of, weights_problem
 from embbench.toptune import load_toptuned
@@ -37,6 +39,16 @@ STAGE = "crosstune"
 CROSS_TUNED = "cross-tuned"
 CROSS_TOP_TUNED = "cross-top-tuned"
 CROSSTUNE_VERSION = 2  # bump when this module changes what it computes
+
+
+def _below_runs(path: str | None) -> str | None:
+    """``path`` relative to the runs folder when it is inside it (else as it is)."""
+    if not path:
+        return path
+    try:
+        return Path(path).resolve().relative_to(runs_dir().resolve()).as_posix()
+    except ValueError:
+        return path
 
 
 @register_stage("04_crosstune")
@@ -184,7 +196,9 @@ class CrosstuneSteps(StageSteps):
         return {
             **base,
             "toptune_hash": src.config_hash,
-            "toptune_model_path": src.toptune_model_path,
+            # where the head is below the runs folder: the same key in every home (a cluster
+            # mounting the runs elsewhere, a moved checkout) for the same head
+            "toptune_model_path": _below_runs(src.toptune_model_path),
         }
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:

@@ -46,10 +46,16 @@ class TrainState:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary sibling, then rename over ``path``."""
+    """``torch.save`` to a temporary sibling, then rename over ``path``.
+
+    Saved through an open file, not the temporary's name: ``torch.save`` names the archive's
+    root folder after a file name it is given, so the bytes (and the sha256 that keys the
+    cross-tuned cells and the model registry) would change with the process id.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
+    with tmp.open("wb") as fh:
+        torch.save(obj, fh)
     tmp.replace(path)
     return path
 
