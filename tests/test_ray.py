@@ -20,6 +20,7 @@ from embbench.pipeline.ray_grid import (
     import_ray,
     parse_resources,
     plan_resources,
+    run_on_ray,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
