@@ -81,8 +81,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace, names: list[str]) -> int:
     """Run the demo notebooks ``names`` in order (params checked) and say where things went."""
-    from embbench.notebooks import run_notebook
-    from embbench.paths import project_root, reports_dir, runs_dir
+    from embbench.notebooks import run_in_order
+    from embbench.paths import project_root, runs_dir
     from embbench.tracking import default_tracking_uri
 
     if not hub_reachable():
@@ -94,18 +94,9 @@ def _run_demo(args: argparse.Namespace, names: list[str]) -> int:
             "weights: auto would fall back to random weights, and its records would say so"
         )
     root = project_root()
-    outputs = []
-    report = None
-    for i, name in enumerate(names, 1):
-        files = _params_for(name, root, args.params, demo=True)
-        logger.info("[stage %d/%d] %s", i, len(names), name)
-        if name == "05_analysis":  # the analysis notebook is rendered into the HTML report
-            from embbench.notebooks import render_report
-
-            report = render_report(params_files=files)
-            outputs.append(reports_dir() / "notebooks" / "05_analysis" / "latest.ipynb")
-        else:
-            outputs.append(run_notebook(name, files))
+    # each next notebook's kernel starts (and imports) while the one before runs
+    steps = [(name, _params_for(name, root, args.params, demo=True)) for name in names]
+    outputs, report = run_in_order(steps)
     logger.info("demo finished")
     lines = [
         "",

@@ -127,6 +127,80 @@ def _ipc_kernel_manager() -> type:
     return IPCKernelManager
 
 
+# what a notebook's kernel gets unless the environment says otherwise
+KERNEL_ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "MLFLOW_CONFIGURE_LOGGING": "false",
+}
+
+
+class WarmKernel:
+    """A kernel for notebook ``name``, started with its imports done while another one runs.
+
+    Papermill starts each notebook's kernel (about 1 s) and the first cell imports the stage
+    (3-4 s of torch, timm, MLflow, ...) while the cores are otherwise idle; the demo starts the
+    next notebook's kernel and runs those imports in the background instead. The kernel gets
+    this process's environment when it starts (allocator settings included, read by glibc
+    then); :meth:`take` sets what is the notebook's own (``EMBBENCH_NOTEBOOK``, ...) before
+    papermill runs it. A kernel that failed to start is given back as ``None`` (papermill then
+    starts one, as without a warm kernel), with an INFO line.
+    """
+
+    def __init__(self, name: str, kernel_name: str = "python3") -> None:
+        self.name = name
+        self.km: Any = None
+        self.error: BaseException | None = None
+        self._kernel_name = kernel_name
+        self._imports = (
+            f"import embbench, {config_for(name).__module__}, embbench.analysis, "
+            "embbench.report, embbench.tracking"
+        )
+        self._thread = threading.Thread(target=self._start, name=f"warm-{name}", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            env = {**KERNEL_ENV_DEFAULTS, **os.environ, **missing_allocator_env()}
+            env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
+            self.km = _ipc_kernel_manager()(kernel_name=self._kernel_name)
+            self.km.start_kernel(cwd=str(project_root() / "notebooks"), env=env)
+            self._run(self._imports)
+        except Exception as exc:  # papermill starts a kernel instead
+            self.error = exc
+
+    def _run(self, code: str, timeout: float = 300) -> None:
+        kc = self.km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            reply = kc.execute_interactive(code, silent=True, store_history=False, timeout=timeout)
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(
+                    f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}"
+                )
+        finally:
+            kc.stop_channels()
+
+    def take(self, env: Mapping[str, str]) -> Any:
+        """The started kernel manager with ``env`` set in the kernel, or ``None``."""
+        self._thread.join()
+        if self.error is None:
+            try:
+                self._run(f"import os; os.environ.update({dict(env)!r})", timeout=30)
+                return self.km
+            except Exception as exc:
+                self.error = exc
+        logger.info("%s: the warm kernel failed (%s); starting one", self.name, self.error)
+        self.close()
+        return None
+
+    def close(self) -> None:
+        """Shut the kernel down (when it was not taken, or failed)."""
+        if self.km is not None and self.km.has_kernel:
+            self.km.shutdown_kernel(now=True)
+
+
 def executed_path(name: str, parameters: Mapping[str, Any], folder: Path | None = None) -> Path:
     """Where a run of ``name`` keeps its executed notebook: stage, time and params hash.
 
@@ -146,8 +220,12 @@ def run_notebook(
     output: Path | None = None,
     kernel_name: str = "python3",
     progress: bool = True,
+    kernel: WarmKernel | None = None,
 ) -> Path:
     """Execute notebook ``name`` with validated parameters; return the executed notebook's path.
+
+    ``kernel``: a :class:`WarmKernel` started for ``name`` while something else ran (the
+    demo's next notebook); without one (or if it failed to start) papermill starts a kernel.
 
     Raises:
         embbench.config.ConfigError: A params file has an unknown key or a bad value.
@@ -160,9 +238,8 @@ def run_notebook(
     keep_latest = output is None
     output = output or executed_path(name, parameters)
     output.parent.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    for key, value in KERNEL_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     # glibc reads its allocator settings when the kernel starts: it inherits them from here
     os.environ.update(missing_allocator_env())
     logger.info("%s started with %s -> %s", name, [str(f) for f in params_files], output)
@@ -176,6 +253,11 @@ def run_notebook(
     env_nb = {k: os.environ.get(k) for k in (NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV)}
     os.environ[NOTEBOOK_ENV] = str(notebook_path(name))
     os.environ[NOTEBOOK_OUTPUT_ENV] = str(output)
+    km = (
+        kernel.take({k: os.environ[k] for k in (NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV)})
+        if kernel
+        else None
+    )
     try:
         with KernelLogRelay(name) as relay:
             pm.execute_notebook(
@@ -188,6 +270,7 @@ def run_notebook(
                 log_output=False,
                 stdout_file=relay,
                 kernel_manager_class=_ipc_kernel_manager(),
+                **({"km": km} if km is not None else {}),
             )
     except Exception:
         logger.info(
@@ -195,6 +278,8 @@ def run_notebook(
         )
         raise
     finally:
+        if km is not None:  # papermill leaves a kernel it was given running
+            km.shutdown_kernel(now=True)
         if env_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         for key, value in env_nb.items():
@@ -218,6 +303,7 @@ def render_report(
     overrides: Mapping[str, Any] | None = None,
     *,
     notebook_output: Path | None = None,
+    kernel: WarmKernel | None = None,
 ) -> Path:
     """Run notebook 05 with validated params and write its HTML report.
 
@@ -227,6 +313,7 @@ def render_report(
         overrides: Parameter values applied last.
         notebook_output: Where the executed notebook goes (default
             ``<reports_dir>/notebooks/05_analysis.ipynb``).
+        kernel: A :class:`WarmKernel` for notebook 05 (see :func:`run_notebook`).
 
     Returns:
         The HTML report's path; the executed notebook's path when the params say
@@ -241,7 +328,9 @@ def render_report(
     params.update(overrides or {})
     cfg = config_for(REPORT_NOTEBOOK).from_params(params, origin)
     try:
-        executed = run_notebook(REPORT_NOTEBOOK, files, overrides, output=notebook_output)
+        executed = run_notebook(
+            REPORT_NOTEBOOK, files, overrides, output=notebook_output, kernel=kernel
+        )
     except Exception as exc:
         if type(exc).__name__ != "PapermillExecutionError":
             raise
@@ -257,6 +346,32 @@ def render_report(
     latest = sorted((reports_dir() / "notebooks").glob("0[1-4]_*/latest.ipynb"))
     sources = [versioned_notebook(p) for p in latest]
     return export_html(executed, output, title=cfg.title, sources=[*sources, executed])
+
+
+def run_in_order(steps: Sequence[tuple[str, list[Path]]]) -> tuple[list[Path], Path | None]:
+    """Run notebooks one after the other, each next kernel started while the one before runs.
+
+    ``steps`` are (notebook, params files); ``05_analysis`` is rendered as the HTML report.
+    Returns the executed notebooks and the report's path (``None`` without 05).
+    """
+    outputs: list[Path] = []
+    report = None
+    warm: WarmKernel | None = None
+    try:
+        for i, (name, files) in enumerate(steps):
+            current, warm = warm, None
+            if i + 1 < len(steps):
+                warm = WarmKernel(steps[i + 1][0])
+            logger.info("[stage %d/%d] %s", i + 1, len(steps), name)
+            if name == REPORT_NOTEBOOK:
+                report = render_report(params_files=files, kernel=current)
+                outputs.append(reports_dir() / "notebooks" / REPORT_NOTEBOOK / "latest.ipynb")
+            else:
+                outputs.append(run_notebook(name, files, kernel=current))
+    finally:
+        if warm is not None:  # a notebook failed: its successor's kernel is not needed
+            warm.close()
+    return outputs, report
 
 
 def versioned_notebook(path: Path) -> Path:

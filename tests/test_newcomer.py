@@ -146,3 +146,46 @@ def test_a_users_catalogue_has_the_users_name(tmp_path, monkeypatch):
     assert ds.create_catalogue("shop_tree", folder).name == "shop_tree"  # registered on use
     with pytest.raises(CatalogueError, match="built in"):
         ds.register_catalogue("sop", csv)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_warm_kernel_runs_a_notebook_with_the_notebooks_own_environment(tmp_path):
+    """The demo starts the next notebook's kernel (imports done) while one runs; papermill then
+    runs the notebook on it, with the variables that name that notebook set in the kernel."""
+    import nbformat
+    import papermill as pm
+
+    from embbench.notebooks import WarmKernel
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import os, sys\n"
+            "print(os.environ['EMBBENCH_NOTEBOOK'], 'embbench.stages.embed' in sys.modules,\n"
+            "      bool(os.environ.get('MALLOC_MMAP_THRESHOLD_')), os.getpid())"
+        )
+    ]
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(nb, path)
+    warm = WarmKernel("01_embed")
+    km = warm.take({"EMBBENCH_NOTEBOOK": "the-notebook"})
+    assert km is not None, warm.error
+    pid = km.provisioner.process.pid
+    try:
+        pm.execute_notebook(
+            str(path), str(tmp_path / "out.ipynb"), km=km, kernel_name="python3", progress_bar=False
+        )
+    finally:
+        km.shutdown_kernel(now=True)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
+    assert text.split() == ["the-notebook", "True", "True", str(pid)]
+
+
+def test_a_warm_kernel_that_cannot_start_leaves_it_to_papermill(caplog):
+    from embbench.notebooks import WarmKernel
+
+    caplog.set_level(logging.INFO)
+    assert WarmKernel("01_embed", kernel_name="no-such-kernel").take({}) is None
+    assert "the warm kernel failed" in caplog.text and "no-such-kernel" in caplog.text
