@@ -113,6 +113,42 @@ def test_every_variant_builds_and_searches(tmp_path):
     assert by_type["HNSW"].recall > 0.9
 
 
+def test_a_tiny_ivf_with_one_list_finds_what_flat_finds(tmp_path, caplog):
+    """Regression (demo with 32 test images): IVF_FLAT / IVF_SQ8 of nlist=1, nprobe=1 scored 0.0
+    everywhere (Lite ignored nlist); a search short of candidates is counted and named."""
+    x, lab = _clusters(n=32, classes=8)
+    ivfs = [IndexSpec.of(t, {"nlist": 1}, {"nprobe": 1}) for t in ("IVF_FLAT", "IVF_SQ8")]
+    split = IndexSpec.of("IVF_FLAT", {"nlist": 8}, {"nprobe": 1})  # lists of ~4 vectors
+    specs = [IndexSpec.of("FLAT"), *ivfs, split]
+    flat, ivf, sq8, short = evaluate_indexes(
+        specs, RetrievalTask(x, lab), uri=str(tmp_path / "m.db"), timings=False, k=K
+    )
+    for r in (flat, ivf, sq8):
+        assert (r.engine, r.status, r.short_queries, r.min_hits) == ("milvus-lite", "ok", 0, K + 3)
+    assert ivf.recall == 1.0 and ivf.metrics == pytest.approx(flat.metrics)
+    assert sq8.recall > 0.9 and sq8.metrics[f"mMP@{K}"] > 0.9 * flat.metrics[f"mMP@{K}"]
+    assert short.short_queries > 0 and short.to_dict()["short_queries"] == short.short_queries
+    assert f"{split.name} [milvus-lite] on a collection of 32 vectors returned fewer" in caplog.text
+
+
+def test_the_default_grid_at_a_handful_of_vectors_fails_per_variant(tmp_path):
+    """8 vectors: PQ trains 2**3 centroids; SCANN's 4-bit fast scan cannot train (16 centroids)
+    and is reported ``failed`` with faiss' reason, while the other variants are scored."""
+    x, lab = _clusters(n=8, classes=4)
+    specs = default_index_grid(len(x), x.shape[1], k=K, nprobes=(1,), efs=(16,))
+    pq = next(s for s in specs if s.index_type == "IVF_PQ")
+    assert pq.build_params["nbits"] == 3 and pq.build_params["nlist"] == 1
+    results = evaluate_indexes(
+        specs, RetrievalTask(x, lab), uri=str(tmp_path / "m.db"), timings=False, k=K
+    )
+    status = {r.spec.index_type: (r.status, r.error or "") for r in results}
+    assert status["SCANN"][0] == "failed" and "faiss: " in status["SCANN"][1]
+    assert status["DISKANN"][0] == "unsupported"
+    ok = [r for r in results if r.status == "ok"]
+    assert {r.spec.index_type for r in ok} == set(INDEX_TYPES) - {"SCANN", "DISKANN"}
+    assert all(r.short_queries == 0 and r.recall > 0.5 for r in ok)
+
+
 @pytest.mark.slow
 def test_timings_are_labelled_and_cross_protocol(tmp_path):
     x, lab = _clusters(n=400)

@@ -150,3 +150,24 @@ def test_a_lite_file_held_elsewhere_names_its_holder(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_lite_builds_the_index_with_the_parameters_asked_and_the_check_catches_it(
+    tmp_path, monkeypatch
+):
+    """Milvus Lite 3.2 reads build params only from a ``params`` JSON key; pymilvus 3 sends them
+    flat, so Lite built a 32-row IVF with 32 lists instead of 1 (nprobe=1: one hit per query)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    col = MilvusCollection(str(tmp_path / "m.db"))
+    try:
+        col.build("c", x, np.arange(32), "IVF_FLAT", "IP", {"nlist": 1})
+        assert col.reuse("c", 32, {"nlist": 1})
+        ids, _ = col.search("c", x[:4], 8, "IP", {"nprobe": 1})
+        assert (ids >= 0).all()  # one list holds everything: nprobe=1 finds every candidate
+        monkeypatch.setattr(MilvusCollection, "is_lite", lambda self: False)  # the flat form
+        with pytest.raises(RuntimeError, match=r"without the build parameters asked: asked "):
+            col.build("c", x, np.arange(32), "IVF_FLAT", "IP", {"nlist": 1})
+        assert not col.reuse("c", 32, {"nlist": 1})  # a collection built so is not reused
+    finally:
+        col.close()

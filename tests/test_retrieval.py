@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -431,6 +432,24 @@ def test_milvus_lite_matches_exact(tmp_path):
         ids, _ = mb2.search(x, q, 5)
         assert mb2.last_build_s == 0.0
         np.testing.assert_array_equal(ids, exact.search(x, q, 5)[0])
+
+
+def test_milvus_ivf_backend_names_queries_short_of_candidates(tmp_path, caplog):
+    """An IVF of 8 lists probed once on 32 vectors returns fewer candidates than asked: warned,
+    naming the index, the collection size and the search parameters; one list finds them all."""
+    x, _ = clustered(6, n=32)
+    ivf = {"uri": str(tmp_path / "m.db"), "index_type": "IVF_FLAT", "search_params": {"nprobe": 1}}
+    with MilvusBackend(**ivf, index_params={"nlist": 1}) as mb:
+        ids, _ = mb.search(x, x, 5, query_ids=np.arange(32))
+    np.testing.assert_array_equal(ids, ExactBackend().search(x, x, 5, query_ids=np.arange(32))[0])
+    assert "fewer than" not in caplog.text
+    with MilvusBackend(**ivf, index_params={"nlist": 8}) as mb:
+        mb.search(x, x, 5, query_ids=np.arange(32))
+    assert re.search(
+        r"the IVF_FLAT index of collection \S+ \(32 vectors, search params "
+        r"\{'nprobe': 1\}\) returned fewer than the 8 candidates",
+        caplog.text,
+    )
 
 
 def test_milvus_backend_config_errors(tmp_path, monkeypatch):

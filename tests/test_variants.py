@@ -31,6 +31,10 @@ def test_compression_and_index_variants_are_cells(demo_cells, embed_options):
     flat = records["FLAT"]
     assert flat.details["recall"] == pytest.approx(1.0)
     assert flat.metrics == pytest.approx(exact.metrics)
+    # a tiny index's IVF has one list and searches everything (0.0 when Lite ignored nlist)
+    ivf = [rec for name, rec in records.items() if name.startswith("IVF_SQ8(nlist=1)")]
+    assert ivf and all(r.details["short_queries"] == 0 for r in ivf)
+    assert all(r.metrics == pytest.approx(exact.metrics, abs=0.05) for r in ivf)
     # int8: the record equals an independent computation on the same cached vectors
     test = demo_cells.split("test")
     q = np.load(exact.caches["query"] + "/vectors.npy")

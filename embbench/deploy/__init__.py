@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from embbench.deploy.ann import (
+    MEASUREMENT,
     IndexResult,
     evaluate_indexes,
     rank_candidates,
@@ -77,6 +78,7 @@ __all__ = [
     "CompressionResult",
     "CompressionSpec",
     "FittedCompression",
+    "MEASUREMENT",
     "IndexResult",
     "IndexSpec",
     "Timing",

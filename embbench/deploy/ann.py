@@ -6,7 +6,7 @@ variant: recall@k against the exact reference, the task's metrics and their chan
 exact search (the protocol's exact backend), and labelled costs:
 
 - ``milvus-lite``: Lite's own build time and search throughput (Lite 3.x is pure Python; these
-  say nothing about a server);
+  say nothing about a server), also when Lite runs as ``milvus-lite server`` at an ``http`` uri;
 - ``milvus-server``: latency p50/p99 at batch 1 and throughput at batch ``batch`` measured on the
   server (when ``uri`` is one);
 - ``faiss``: the same measures plus index memory from the faiss family a server builds on
@@ -61,6 +61,7 @@ from embbench.retrieval.milvus_collection import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MEASUREMENT",
     "IndexResult",
     "evaluate_indexes",
     "rank_candidates",
@@ -69,6 +70,10 @@ __all__ = [
 ]
 
 _RECALL_EPS = 1e-6
+# Enters the hash of stage 01's index cells: bumped when this study measures differently, so
+# records measured the old way are recomputed. 2: Milvus Lite builds the index with the build
+# parameters asked (under 1 it used its defaults: nlist 128 cut to the row count, HNSW's M).
+MEASUREMENT = 2
 
 
 def snap_scores(
@@ -182,6 +187,10 @@ class IndexResult:
         delta: Change of each summary metric against exact search.
         timings: Labelled costs (``milvus-lite``, ``milvus-server``, ``faiss``).
         bytes_per_vector: Index memory per vector from the ``faiss`` timing (``None`` if absent).
+        short_queries: Queries the index answered with fewer candidates than asked (an IVF whose
+            probed lists hold fewer vectors, say): their missing results score as misses, and
+            a warning names the index and the collection size.
+        min_hits: The fewest candidates any query got (``-1`` before the search).
     """
 
     spec: IndexSpec
@@ -193,6 +202,8 @@ class IndexResult:
     delta: dict[str, float] = field(default_factory=dict)
     timings: list[Timing] = field(default_factory=list)
     bytes_per_vector: float | None = None
+    short_queries: int = 0
+    min_hits: int = -1
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -205,8 +216,28 @@ class IndexResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able row for records and tables."""
-        fields = ("engine", "status", "error", "recall", "metrics", "delta", "bytes_per_vector")
+        fields = ("engine", "status", "error", "recall", "metrics", "delta", "bytes_per_vector",
+                  "short_queries", "min_hits")  # fmt: skip
         return {**variant_row(self, fields), "timings": [t.to_dict() for t in self.timings]}
+
+
+def _count_hits(res: IndexResult, raw_ids: np.ndarray, limit: int, n: int) -> None:
+    """Record (and warn about) queries the index answered with fewer than ``limit`` candidates."""
+    hits = (np.asarray(raw_ids) >= 0).sum(axis=1)
+    res.min_hits = int(hits.min()) if hits.size else limit
+    res.short_queries = int((hits < limit).sum())
+    if res.short_queries:
+        logger.warning(
+            "index %s [%s] on a collection of %d vectors returned fewer than the %d candidates "
+            "asked for %d of %d queries (as few as %d); the missing ones score as misses",
+            res.spec.name,
+            res.engine,
+            n,
+            limit,
+            res.short_queries,
+            len(hits),
+            res.min_hits,
+        )
 
 
 def _fingerprint(x: np.ndarray) -> str:
@@ -263,13 +294,15 @@ def evaluate_indexes(
         uri = str(runs_dir() / "milvus_deploy.db")
     mil = MilvusCollection(uri, token, owner="evaluate_indexes")
     mil.connect()  # a Milvus that cannot be opened fails the study, not each variant
-    engine_name = "milvus-server" if mil.is_server else "milvus-lite"
+    lite = mil.is_lite()  # a `milvus-lite server` is Lite too: pure Python, no server timings
+    engine_name = "milvus-lite" if lite else "milvus-server"
     fp = _fingerprint(x)
     results: list[IndexResult] = []
     built: dict[
         Any, tuple[str, Any, float, str]
     ] = {}  # build_key -> (engine, handle, build_s, err)
     faiss_built: dict[Any, tuple[Any, float]] = {}
+    faiss_failed: dict[Any, str] = {}  # build_key -> why faiss could not build it
     try:
         for spec in specs:
             key = spec.build_key
@@ -304,14 +337,25 @@ def evaluate_indexes(
                 continue
             limit = min(len(x), kk + margin, MAX_TOPK)
             has_family = faiss_factory(spec, x.shape[1]) is not None
-            if (engine == "faiss" or timings) and has_family and key not in faiss_built:
-                faiss_built[key] = build_faiss(spec, x)
+            wants_faiss = (engine == "faiss" or timings) and has_family
+            if wants_faiss and key not in faiss_built and key not in faiss_failed:
+                try:
+                    faiss_built[key] = build_faiss(spec, x)
+                except RuntimeError as err:  # e.g. too few vectors to train 2**nbits centroids
+                    faiss_failed[key] = f"faiss: {error_text(err)} ({len(x)} vectors)"
+                    logger.warning("index %s not built: %s", spec.name, faiss_failed[key])
+            if wants_faiss and key in faiss_failed:
+                if engine == "faiss":
+                    res.status, res.error = "failed", f"{note}; {faiss_failed[key]}"
+                    continue
+                res.error = faiss_failed[key]  # the Milvus quality stands, without faiss timings
             t0 = time.perf_counter()
             if engine == "faiss":
                 raw_ids, raw_sc = faiss_search(faiss_built[key][0], spec, q, limit)
             else:
                 raw_ids, raw_sc = mil.search(name, q, limit, "IP", spec.search_params)
             search_s = time.perf_counter() - t0
+            _count_hits(res, raw_ids, limit, len(x))
             ids = rank_candidates(raw_ids, snap_scores(raw_ids, raw_sc, x, q), k, qids)
             res.retrieval = evaluate_rankings(
                 ids, q_lab, x_lab, k, exclude_self=within, query_ids=qids
@@ -325,7 +369,7 @@ def evaluate_indexes(
                 def one(b: np.ndarray, _n: str = name, _s: IndexSpec = spec) -> Any:
                     return mil.search(_n, b, k, "IP", _s.search_params)
 
-                if mil.is_server:
+                if not lite:
                     p50, p99, qps = latency_stats(one, one, q, n_single=n_single, batch=batch)
                     res.timings.append(Timing("milvus-server", p50, p99, qps, batch, None, build_s))
                 else:

@@ -134,8 +134,9 @@ def default_index_grid(
 
     ``nlist`` is about ``4 sqrt(n)`` (kept to at least 39 training points per list, faiss'
     minimum); PQ uses ``d/8`` sub-quantisers (one code per 8 dims) of 8 bits (4 bits under 10k
-    vectors, which cannot train 256 centroids); HNSW ``M=16, efConstruction=200``; search
-    parameters are swept over ``nprobes`` (capped at ``nlist``) and ``efs`` (at least ``k + 1``).
+    vectors, which cannot train 256 centroids; ``log2(n)`` bits under 16 vectors); HNSW ``M=16,
+    efConstruction=200``; search parameters are swept over ``nprobes`` (capped at ``nlist``) and
+    ``efs`` (at least ``k + 1``).
 
     Args:
         n: Index size.
@@ -151,7 +152,7 @@ def default_index_grid(
     nlist = int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39 or 1)))
     probes = sorted({min(p, nlist) for p in nprobes})
     graph = sorted({max(e, k + 1) for e in efs})
-    nbits = 8 if n >= 10_000 else 4
+    nbits = 8 if n >= 10_000 else max(1, min(4, int(math.log2(max(n, 2)))))  # 2**nbits <= n
     out: list[IndexSpec] = []
     for kind in index_types:
         if kind == "FLAT":

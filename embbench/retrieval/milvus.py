@@ -209,7 +209,7 @@ class MilvusBackend(SearchBackend):
         self._milvus.connect()  # opening it (re)configures pymilvus' logging: before quieting it
         try:
             with quiet_milvus():
-                reused = self._milvus.reuse(name, index.shape[0])
+                reused = self._milvus.reuse(name, index.shape[0], self.index_params)
         except Exception as err:
             if connection_failure(err) is not None:
                 raise
@@ -261,6 +261,7 @@ class MilvusBackend(SearchBackend):
             raise ValueError(f"MilvusBackend: k={k} exceeds Milvus' topk cap of {MAX_TOPK:,}")
         limit = min(n, kk + self.margin, MAX_TOPK)
         step = self._batch_size(n)
+        short = 0  # queries answered with fewer than `limit` candidates (an approximate index)
         for start in range(0, nq, step):
             stop = min(nq, start + step)
             qb = qry[start:stop]
@@ -273,6 +274,7 @@ class MilvusBackend(SearchBackend):
                 self._drop_unreadable(name, err)
                 name = self.ensure_collection(idx)
                 ids_b, raw_b = self._raw_search(name, qb, limit)
+            short += int(((ids_b >= 0).sum(axis=1) < limit).sum())
             rows, cols, canon = self._rescore(qb, idx, ids_b)
             pending = self._unresolved(canon, ids_b, raw_b, kk, tol, n)
             self.n_widened += int(pending.size)
@@ -301,6 +303,19 @@ class MilvusBackend(SearchBackend):
             ids_sel, sc_sel = select_top(rows, cols, canon, stop - start, k, sids)
             out_ids[start:stop] = ids_sel
             out_scores[start:stop] = sc_sel
+        if short:
+            logger.warning(
+                "milvus: the %s index of collection %s (%d vectors, search params %s) returned "
+                "fewer than the %d candidates asked for %d of %d queries; their missing results "
+                "score as misses",
+                self.index_type,
+                name,
+                n,
+                self.search_params,
+                limit,
+                short,
+                nq,
+            )
         return out_ids, to_sq_l2(out_scores)
 
     def _rescore(

@@ -9,12 +9,18 @@ re-scores the raw candidates canonically, and the deployment study
 
 Measured on milvus-lite 3.2.2: it builds FLAT, IVF_FLAT, IVF_SQ8, HNSW (and HNSW_SQ); it rejects
 IVF_PQ ("reserved for a future phase"), SCANN, DISKANN and IVF_RABITQ ("unknown index_type"),
-and BINARY_VECTOR fields ("MilvusLite does not support BinaryVector").
+and BINARY_VECTOR fields ("MilvusLite does not support BinaryVector"). It reads an index's build
+parameters only from a ``params`` JSON key, while pymilvus 3 sends each as a key of its own: Lite
+ignored them all (an IVF ``nlist=1`` became its default 128, cut to the row count, so a 32-row
+IVF with ``nprobe=1`` returned one hit per query). :meth:`MilvusCollection.build` sends both
+forms to Lite (file or ``milvus-lite server``) and checks, on any Milvus, that the built index
+reports the parameters asked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -79,6 +85,16 @@ def is_unsupported(err: Exception) -> bool:
     return any(s in text for s in ("unknown index_type", "reserved for a future", "not support"))
 
 
+def _wire_value(value: Any) -> Any:
+    """A parameter value as Milvus carries it (strings holding JSON are decoded): ``"1"`` is 1."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
 class MilvusCollection:
     """A Milvus connection and the float-vector collections (``id`` + ``vector``) built through it.
 
@@ -110,6 +126,7 @@ class MilvusCollection:
         self.insert_batch = int(insert_batch)
         self.owner = owner
         self._client: Any = None
+        self._lite: bool | None = None  # whether the engine is Milvus Lite (asked once)
 
     @property
     def is_local(self) -> bool:
@@ -120,6 +137,15 @@ class MilvusCollection:
     def is_server(self) -> bool:
         """Whether ``uri`` is a server address."""
         return not self.is_local
+
+    def is_lite(self) -> bool:
+        """Whether the engine is Milvus Lite: a ``.db`` file, or a ``milvus-lite server``."""
+        if self.is_local:
+            return True
+        if self._lite is None:
+            version = str(self.connect().get_server_version(timeout=self.timeout))
+            self._lite = version.lower().startswith("milvus_lite")
+        return self._lite
 
     @property
     def index_timeout(self) -> float:
@@ -172,6 +198,7 @@ class MilvusCollection:
                 self._client.close()
             finally:
                 self._client = None
+                self._lite = None
         if self.is_local:
             # optional dependency (Milvus Lite only), imported on use
             from milvus_lite.server_manager import server_manager_instance
@@ -226,13 +253,15 @@ class MilvusCollection:
                 client.insert(name, rows, timeout=self.timeout)
             # unflushed rows are re-stacked from the memtable on every search
             client.flush(name, timeout=self.timeout)
+            wire = dict(index_params)
+            if wire and self.is_lite():
+                wire["params"] = dict(index_params)  # the only form Lite reads (module doc)
             params = client.prepare_index_params()
-            params.add_index(
-                "vector", index_type=index_type, metric_type=metric, params=dict(index_params)
-            )
+            params.add_index("vector", index_type=index_type, metric_type=metric, params=wire)
             # Lite lacks AllocTimestamp, which the synchronous wait for the index uses (it logs a
             # server error and sleeps); Lite builds the index before returning anyway.
             client.create_index(name, params, sync=self.is_server, timeout=self.index_timeout)
+            self._check_index_params(name, index_type, index_params)
             client.load_collection(name, timeout=self.index_timeout)
         except Exception:
             if drop_on_failure:
@@ -240,13 +269,54 @@ class MilvusCollection:
             raise
         return time.perf_counter() - t0
 
-    def reuse(self, name: str, n: int) -> bool:
-        """Load collection ``name`` if it exists with ``n`` rows; whether it was loaded."""
+    def _check_index_params(
+        self, name: str, index_type: str, index_params: Mapping[str, Any]
+    ) -> None:
+        """Raise unless collection ``name``'s index reports every build parameter asked.
+
+        Raises:
+            RuntimeError: A parameter is missing or differs; the message names the collection,
+                the index type, what was asked and what the engine reports.
+        """
+        if not index_params:
+            return
+        client = self.connect()
+        names = client.list_indexes(name, timeout=self.timeout)
+        desc = client.describe_index(name, names[0], timeout=self.timeout) if names else {}
+        nested = desc.get("params")  # Lite (and older servers) nest them as one JSON value
+        got = {**desc, **(nested if isinstance(nested, dict) else {})}
+        wrong = {
+            key: got.get(key, "<missing>")
+            for key, value in index_params.items()
+            if _wire_value(got.get(key)) != _wire_value(value)
+        }
+        if wrong:
+            raise RuntimeError(
+                f"{self.owner}: Milvus at {self.uri} built the {index_type or 'vector'} index "
+                f"of collection {name} without the build parameters asked: asked "
+                f"{dict(index_params)}, it reports {wrong}; its results would be labelled with "
+                "parameters it did not use."
+            )
+
+    def reuse(self, name: str, n: int, index_params: Mapping[str, Any] | None = None) -> bool:
+        """Load collection ``name`` if it exists with ``n`` rows and ``index_params``.
+
+        A collection whose index does not report ``index_params`` (one built while Lite ignored
+        them) is not reused, so it is rebuilt.
+
+        Returns:
+            Whether it was loaded.
+        """
         client = self.connect()
         if not client.has_collection(name, timeout=self.timeout):
             return False
         stats = client.get_collection_stats(name, timeout=self.timeout)
         if int(stats.get("row_count", -1)) != n:
+            return False
+        try:
+            self._check_index_params(name, "", index_params or {})
+        except RuntimeError as err:
+            logger.warning("milvus: not reusing collection %s: %s", name, err)
             return False
         client.load_collection(name, timeout=self.index_timeout)
         return True

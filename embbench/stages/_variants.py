@@ -30,6 +30,7 @@ from embbench.cache import EmbeddingSet
 from embbench.cells import CellInputs, Produced
 from embbench.deploy import (
     INDEX_TYPES,
+    MEASUREMENT,
     CompressionSpec,
     IndexSpec,
     default_index_grid,
@@ -97,6 +98,16 @@ def index_specs(types: list[str], n: int, dim: int, k: int) -> list[IndexSpec]:
     if bad:
         raise ValueError(f"index type(s) {bad} unknown; choose from {list(INDEX_TYPES)}")
     return default_index_grid(n, dim, k=k, index_types=wanted)
+
+
+def variant_identity(spec: CompressionSpec | IndexSpec) -> dict[str, Any]:
+    """What a variant adds to its cell's hash.
+
+    Its parameters; an index variant also how the study measures it
+    (:data:`embbench.deploy.MEASUREMENT`), so records measured the old way are recomputed.
+    """
+    measured = {"index_measurement": MEASUREMENT} if isinstance(spec, IndexSpec) else {}
+    return {"variant": spec.params(), **measured}
 
 
 def _decoded(es: EmbeddingSet, vectors: np.ndarray, spec: CompressionSpec) -> EmbeddingSet:

@@ -214,7 +214,7 @@ class EmbedSteps(StageSteps):
             )
         keys = self.embedders.cache_keys(cell.model, inputs, self._splits(cell, inputs))
         spec = self.variants.get((cell.model, cell.dataset, cell.variant or ""))
-        return {"caches": keys, **({"variant": spec.params()} if spec is not None else {})}
+        return {"caches": keys, **(_variants.variant_identity(spec) if spec is not None else {})}
 
     def produce(self, cell: Cell, inputs: CellInputs) -> Produced:
         """Embed the plan's splits with the pretrained model (then apply the cell's variant).
