@@ -8,6 +8,7 @@ here. Ray is optional (``pip install 'embbench[ray]'``): it is imported inside t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -47,6 +48,10 @@ def import_ray(what: str = "`embbench ray`") -> Any:
     return ray
 
 
+# where Ray's job manager hands a submitted job's config (runtime env included) to its driver
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment variables forwarded to the workers (shared folders, URIs, tokens).
 
@@ -58,7 +63,21 @@ def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     forwarded = {
         k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
     }
-    return {**missing_allocator_env(env), **forwarded}
+    out = {**missing_allocator_env(env), **forwarded}
+    # Run as a submitted job (`ray job submit --runtime-env-json ...`), the job's own variables
+    # reach every worker already, and Ray refuses a driver that sets one of them again.
+    return {k: v for k, v in out.items() if k not in _job_env_vars(env)}
+
+
+def _job_env_vars(environ: Mapping[str, str]) -> set[str]:
+    """The variables the submitted Ray job's runtime environment sets (none outside a job)."""
+    raw = environ.get(JOB_CONFIG_ENV, "")
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
