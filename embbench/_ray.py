@@ -20,7 +20,7 @@ from embbench._malloc import missing_allocator_env
 
 logger = logging.getLogger(__name__)
 
-RAY_INSTALL = "pip install 'embbench[ray]'  (or: pip install 'ray[data,train]==2.60.0')"
+RAY_INSTALL = "pip install 'embbench[ray]'  (or: pip install 'ray[data,train,default]==2.60.0')"
 # forwarded to every worker: the shared folders, services and their tokens, offline switches
 FORWARDED_ENV_PREFIXES = ("EMBBENCH_", "MLFLOW_", "MILVUS_", "HF_", "TF_")
 FORWARDED_ENV = ("PYTHONPATH", "OMP_WAIT_POLICY", "KERAS_BACKEND")
