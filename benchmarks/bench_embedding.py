@@ -230,7 +230,9 @@ def thread_config(budget: ThreadBudget) -> str:
 def ceiling_rounds(name: str, emb, cat, batch: int, rounds: int) -> None:
     """Embedding / ceiling for ``name``: every path and model-only in interleaved rounds."""
     gflops = model_facts(name)["gflops"]
-    budget = resolve_thread_budget("auto", "auto", "cpu", gflops_per_image=gflops)
+    budget = resolve_thread_budget(
+        "auto", "auto", "cpu", gflops_per_image=gflops, decode_ahead=True
+    )
     apply_thread_budget(budget)
     paths = cat.split("test")["path"].tolist()
     tensors = decoded_batches(emb, paths, batch)
@@ -276,7 +278,9 @@ def splits_table(name: str, emb, cat, batch: int, repeats: int, cores: int) -> N
     gflops = model_facts(name)["gflops"]
     budgets = {
         "old default": ThreadBudget(os.cpu_count() or 1, 2, cores, "torch default + 2"),
-        "auto": resolve_thread_budget("auto", "auto", "cpu", gflops_per_image=gflops),
+        "auto": resolve_thread_budget(
+            "auto", "auto", "cpu", gflops_per_image=gflops, decode_ahead=True
+        ),
     }
     for t in range(1, cores + 1):
         for w in range(0, cores - t + 1):
