@@ -112,7 +112,7 @@ def test_bench_embedding_prints_the_ratio_splits_and_gpu_line():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_embedding.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--models", "test_resnet", "--images", "16",
-         "--batch", "8", "--rounds", "1", "--splits", "--repeats", "1"],
+         "--batch", "8", "--rounds", "1", "--all-paths", "--splits", "--repeats", "1"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
