@@ -1,25 +1,27 @@
-"""Embedding throughput on the CPU: the thread budget against torch's default, and the ceiling.
+"""Embedding throughput on the CPU: embedding / ceiling, and the thread budget's splits.
 
-For each model it measures images/s from JPEG files through ``embbench.embed.embed_split``
-(DataLoader workers decoding while the model runs) under several splits of the cores between
-intra-op threads and DataLoader workers:
+**Embedding / ceiling** (the one ratio this script prints per model, issue #26 item 4; target
+>= 0.85 on 2 cores): end-to-end images/s of :func:`embbench.embed.embed_split` from the image
+files on disk (decoding, preprocessing, forward, cache writes) over model-only images/s, the
+same model forward on the same images already decoded into tensors in memory, with the same
+intra-op threads, batch size and layout (channels-last for conv nets). Both run under the thread
+budget's ``auto`` choice. The configurations are measured in interleaved rounds (each round
+runs every one once, in turn, so a change in the machine's load hits all of them) and the
+ratio printed is the median over the rounds of each round's end-to-end / model-only (the two
+measured close in time, so a change in load cancels). Besides the current path it runs, in the
+same rounds, the path it replaced and, with ``--all-paths``, the steps between (``embed_split``
+with its parts swapped by the script):
 
-* ``old default``: torch's default (one intra-op thread per core) and 2 workers, what stage 01
-  did before the thread budget (oversubscribed: 2 + 2 on 2 cores);
-* ``auto``: :func:`embbench._threads.resolve_thread_budget` with the model's FLOP count;
-* every other split with ``threads + workers <= cores``.
+* ``old: inline, float``: decoding inline in the model's thread, each image through the whole
+  transform to a float tensor (the path before :mod:`embbench.decode`);
+* ``inline, uint8``: decoding inline, uint8 images normalised once per batch;
+* ``ahead, nice 0``: decoded ahead by a background thread at normal priority;
+* ``ahead, nice 19``: the current path (background thread at the lowest priority).
 
-It prints the ratio of each to the old default (target for the tiny test model: >= 3x on 2
-cores), the physical ceiling (``cores / (decode + forward)`` core-seconds per image, the forward
-at its one-thread efficiency: no split can beat it), and end-to-end / model-only (the model
-alone on tensors in memory with the same threads; target >= 0.95 for ViT-B/16), plus decode-only
-images/s and the model's forward GFLOP/s per core, from which the rule's constants come. When
-the budget gives every core to the model, it also prints **embedding / ceiling**: ``auto``
-end-to-end over model-only on all cores (tensors in memory, the layout ``embed_split`` uses), in
-interleaved pairs (target >= 0.85 on 2 cores). Each
-configuration runs once to warm up and the best of ``--repeats`` is kept. Use a few hundred
-images (``--images 640``) for small models: DataLoader workers start once per pass, which
-dominates a pass of a few dozen images.
+The header prints the thread and BLAS configuration and the load average (before and after).
+
+``--splits`` also measures every split of the cores between intra-op threads and DataLoader
+workers against torch's old default (2 threads + 2 workers), best of ``--repeats``.
 
 **On a GPU** (when ``torch.cuda.is_available()``; ``--gpu-only`` skips the CPU part) it also
 measures, per model, model-only images/s in bf16 autocast with channels-last inputs and weights,
@@ -29,7 +31,8 @@ FLOPs per image (``model_facts``); and end-to-end images/s from JPEGs through ``
 the GPU (pinned memory, bf16, channels last, one DataLoader worker per free core) as a fraction of
 model-only.
 
-Run: ``python benchmarks/bench_embedding.py [--models test_resnet resnet50] [--images 96]``.
+Run: ``python benchmarks/bench_embedding.py [--models efficientnet_lite0] [--images 192]
+[--rounds 5] [--splits]``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +53,7 @@ if __name__ == "__main__":  # the start-up settings every embbench process gets 
 
 import torch  # noqa: E402
 
+import embbench.embed as embed_mod  # noqa: E402
 from embbench._malloc import PROCESS_ENV  # noqa: E402
 from embbench._threads import (  # noqa: E402
     ThreadBudget,
@@ -57,9 +62,9 @@ from embbench._threads import (  # noqa: E402
     resolve_thread_budget,
 )
 from embbench._torch_utils import channels_last_for  # noqa: E402
+from embbench.decode import DecodeAhead, Preprocess, decode_row, split_transform  # noqa: E402
 from embbench.demo import make_demo_catalogue  # noqa: E402
 from embbench.embed import embed_split  # noqa: E402
-from embbench.images import load_rgb  # noqa: E402
 from embbench.models import create_embedder, model_facts  # noqa: E402
 
 
@@ -68,28 +73,78 @@ def best_of(fn, repeats: int) -> float:
     return min(fn() for _ in range(repeats))
 
 
-def model_only(embedder, batch: int, n: int, threads: int) -> float:
-    """Images/s of the model alone on tensors in memory, in the layout ``embed_split`` uses."""
+class Inline:
+    """Decoding in the model's thread, batch after batch (what ``embed_split`` did before)."""
+
+    def __init__(self, paths, prep: Preprocess, batches) -> None:
+        self.paths, self.prep, self.batches = paths, prep, batches
+
+    def __iter__(self):
+        for rows in self.batches:
+            got = [(i, *decode_row(self.paths[i], self.prep)) for i in rows]
+            ok = [(i, t) for i, t, r in got if r is None]
+            bad = [(i, r) for i, _, r in got if r is not None]
+            yield [i for i, _ in ok], self.prep.batch([t for _, t in ok]) if ok else None, bad
+
+
+# How each path decodes: (DecodeAhead replacement or None, split the transform, niceness).
+PATHS = {
+    "old: inline, float": (Inline, False, 0),
+    "inline, uint8": (Inline, True, 0),
+    "ahead, nice 0": (DecodeAhead, True, 0),
+    "ahead, nice 19": (None, True, None),  # embed_split as it is
+}
+CURRENT = "ahead, nice 19"
+OLD = "old: inline, float"
+
+
+@contextmanager
+def decoding_path(label: str):
+    """``embed_split`` with the decoding of ``PATHS[label]`` swapped in."""
+    loader, split, nice = PATHS[label]
+    saved = embed_mod.DecodeAhead, embed_mod.split_transform
+    if loader is DecodeAhead:
+        embed_mod.DecodeAhead = lambda *a, **k: DecodeAhead(*a, **{**k, "nice": nice})
+    elif loader is not None:
+        embed_mod.DecodeAhead = loader
+    if not split:
+        embed_mod.split_transform = Preprocess
+    try:
+        yield
+    finally:
+        embed_mod.DecodeAhead, embed_mod.split_transform = saved
+
+
+def decoded_batches(embedder, paths: list[str], batch: int) -> list[torch.Tensor]:
+    """The images decoded once into the batches ``embed_split`` feeds the model (same layout)."""
+    prep = split_transform(embedder.transform)
+    nhwc = channels_last_for(embedder.model, torch.device("cpu"))
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    out = []
+    for b in range(0, len(paths), batch):
+        items = [decode_row(p, prep)[0] for p in paths[b : b + batch]]
+        out.append(prep.batch(items).contiguous(memory_format=fmt))
+    return out
+
+
+def model_only(embedder, batches: list[torch.Tensor], threads: int) -> float:
+    """Images/s of the model alone on ``batches`` (tensors in memory) with ``threads``."""
     torch.set_num_threads(threads)
-    x = torch.randn(batch, *embedder.input_size)
     model = embedder.model.eval()
     if channels_last_for(model, torch.device("cpu")):
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        model(x)  # warm-up
         t0 = time.perf_counter()
-        done = 0
-        while done < n:
+        for x in batches:
             model(x)
-            done += batch
-    return done / (time.perf_counter() - t0)
+    return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
 
-def decode_only(paths: list[str], transform) -> float:
+def decode_only(paths: list[str], prep: Preprocess) -> float:
+    """Images/s/core of decoding + the per-image preprocessing of ``prep``, one thread."""
     t0 = time.perf_counter()
     for p in paths:
-        transform(load_rgb(p))
+        decode_row(p, prep)
     return len(paths) / (time.perf_counter() - t0)
 
 
@@ -160,14 +215,117 @@ def gpu_section(models: list[str], cat, batch: int) -> None:
         print(f"    end-to-end workers: {budget.workers} ({budget.reason}); {n} images")
 
 
+def thread_config(budget: ThreadBudget) -> str:
+    """torch's threads, BLAS, OpenMP wait policy and the budget, on one line."""
+    blas = next(
+        (w for w in torch.__config__.show().replace(",", " ").split() if w.startswith("BLAS_")),
+        "BLAS_INFO=?",
+    )
+    return (
+        f"budget {budget.intra_op} intra-op thread(s) + {budget.workers} worker(s) on "
+        f"{budget.cores} core(s) ({budget.reason}); torch.get_num_threads()="
+        f"{torch.get_num_threads()}, {blas}, parallel backend "
+        f"{torch.__config__.parallel_info().split('ATen parallel backend: ')[-1].strip()}"
+    )
+
+
+def ceiling_rounds(name: str, emb, cat, batch: int, rounds: int, all_paths: bool) -> None:
+    """Embedding / ceiling for ``name``: every path and model-only in interleaved rounds."""
+    gflops = model_facts(name)["gflops"]
+    budget = resolve_thread_budget(
+        "auto", "auto", "cpu", gflops_per_image=gflops, decode_ahead=True
+    )
+    apply_thread_budget(budget)
+    paths = cat.split("test")["path"].tolist()
+    tensors = decoded_batches(emb, paths, batch)
+    torch.set_num_threads(1)
+    d_float = decode_only(paths[:32], Preprocess(emb.transform))
+    d_u8 = decode_only(paths[:32], split_transform(emb.transform))
+    print(f"\n{name}: {len(paths)} images, {gflops:.2f} GFLOPs/image, batch {batch}; decode + "
+          f"preprocess one image on one core: {1000 / d_float:.2f} ms to float, "
+          f"{1000 / d_u8:.2f} ms to uint8")  # fmt: skip
+    apply_thread_budget(budget)
+    print("  " + thread_config(budget))
+    labels = ["model-only", *(PATHS if all_paths else (OLD, CURRENT))]
+    rates: dict[str, list[float]] = {k: [] for k in labels}
+
+    cpu_ms: dict[str, list[float]] = {k: [] for k in labels}
+
+    def run(label: str) -> float:
+        c0 = time.process_time()
+        if label == "model-only":
+            rate = model_only(emb, tensors, budget.intra_op)
+        else:
+            with decoding_path(label):
+                rate = end_to_end(emb, cat, batch, budget)
+        cpu_ms[label].append((time.process_time() - c0) * 1000 / len(paths))
+        return rate
+
+    for label in labels:  # warm-up
+        run(label)
+        cpu_ms[label].clear()
+    for r in range(rounds):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:  # rotate the order
+            rates[label].append(run(label))
+    ceiling = statistics.median(rates["model-only"])
+
+    def ratio(label: str) -> float:  # the headline: median over rounds of e2e / model-only
+        return statistics.median(
+            e / m for e, m in zip(rates[label], rates["model-only"], strict=True)
+        )
+
+    print(f"  {'path':<22}{'median img/s':>13}{'/ ceiling':>11}{'CPU ms/img':>12}   "
+          f"per round: img/s / ceiling of that round")  # fmt: skip
+    for label in labels:
+        per = [e / m for e, m in zip(rates[label], rates["model-only"], strict=True)]
+        rounds_text = " ".join(f"{e:.1f}/{q:.2f}" for e, q in zip(rates[label], per, strict=True))
+        print(f"  {label:<22}{statistics.median(rates[label]):>13.1f}{ratio(label):>11.2f}"
+              f"{statistics.median(cpu_ms[label]):>12.2f}   {rounds_text}")  # fmt: skip
+    # Were the forward's threads never idle, decoding could only add its core time per image.
+    bound = budget.cores / (budget.cores / ceiling + 1 / d_u8) / ceiling
+    print(f"  EMBEDDING / CEILING ({name}, {budget.cores} cores): {ratio(CURRENT):.2f} "
+          f"(embed_split from files over model-only on the same images decoded, median of "
+          f"{rounds} interleaved rounds' ratios; target >= 0.85); before this change "
+          f"{ratio(OLD):.2f}; with no idle core time in the forward to fill, decoding's own core "
+          f"time would cap it at {bound:.2f}")  # fmt: skip
+
+
+def splits_table(name: str, emb, cat, batch: int, repeats: int, cores: int) -> None:
+    """Every split of the cores between threads and workers against torch's old default."""
+    gflops = model_facts(name)["gflops"]
+    budgets = {
+        "old default": ThreadBudget(os.cpu_count() or 1, 2, cores, "torch default + 2"),
+        "auto": resolve_thread_budget(
+            "auto", "auto", "cpu", gflops_per_image=gflops, decode_ahead=True
+        ),
+    }
+    for t in range(1, cores + 1):
+        for w in range(0, cores - t + 1):
+            budgets.setdefault(f"{t} thr + {w} wkr", ThreadBudget(t, w, cores, "grid"))
+    print(f"  splits (best of {repeats}): {'threads':>8}{'workers':>8}{'img/s':>9}"
+          f"{'x old default':>15}")  # fmt: skip
+    rates = {
+        label: best_of(lambda b=b: end_to_end(emb, cat, batch, b), repeats)
+        for label, b in budgets.items()
+    }
+    for label, b in budgets.items():
+        print(f"  {label:<26}{b.intra_op:>8}{b.workers:>8}{rates[label]:>9.1f}"
+              f"{rates[label] / rates['old default']:>15.2f}")  # fmt: skip
+    print(f"  auto chose: {budgets['auto'].reason}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["test_resnet", "resnet50", "vit_b16"])
+    ap.add_argument("--models", nargs="+", default=["efficientnet_lite0", "test_resnet"])
     ap.add_argument("--images", type=int, default=None,
-                    help="test images (JPEG, 384 px); default 640 for models under 1 GFLOP "
-                         "(worker start-up must not dominate), 64 for larger ones")  # fmt: skip
+                    help="test images (JPEG, 384 px); default 192 for models under 1 GFLOP, "
+                         "64 for larger ones")  # fmt: skip
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median)")
+    ap.add_argument("--all-paths", action="store_true",
+                    help="also the steps between (uint8 inline; ahead at nice 0)")  # fmt: skip
+    ap.add_argument("--splits", action="store_true", help="also time every thread/worker split")
+    ap.add_argument("--repeats", type=int, default=2, help="best of, for --splits")
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU measurements")
     args = ap.parse_args()
     cores = available_cores()
@@ -191,53 +349,11 @@ def main() -> None:
         for name in [] if args.gpu_only else args.models:
             emb = create_embedder(name, weights="random")
             gflops = model_facts(name)["gflops"]
-            cat = catalogue(args.images or (640 if gflops < 1 else 64))
-            paths = cat.split("test")["path"].tolist()
-            budgets = {
-                "old default": ThreadBudget(os.cpu_count() or 1, 2, cores, "torch default + 2"),
-                "auto": resolve_thread_budget("auto", "auto", "cpu", gflops_per_image=gflops),
-            }
-            for t in range(1, cores + 1):
-                for w in range(0, cores - t + 1):
-                    budgets.setdefault(f"{t} thr + {w} wkr", ThreadBudget(t, w, cores, "grid"))
-            torch.set_num_threads(1)
-            d = decode_only(paths[:32], emb.transform)
-            m1 = model_only(emb, args.batch, args.batch * 2, 1)
-            mc = model_only(emb, args.batch, args.batch * 2, cores)
-            print(f"\n{name}: {len(paths)} images; {gflops:.2f} GFLOPs/image; "
-                  f"decode-only {d:.0f} img/s/core "
-                  f"({1000 / d:.1f} ms); model-only {m1:.1f} img/s on 1 thread "
-                  f"({gflops * m1:.0f} GFLOP/s/core), {mc:.1f} img/s on {cores}")  # fmt: skip
-            print(f"  {'split':<16}{'threads':>8}{'workers':>8}{'img/s':>9}"
-                  f"{'x old default':>15}{'e2e/model-only':>16}")  # fmt: skip
-            rates = {}
-            for label, b in budgets.items():
-                rates[label] = best_of(lambda b=b, e=emb, c=cat: end_to_end(e, c, args.batch, b),
-                                       args.repeats)  # fmt: skip
-            for label, b in budgets.items():
-                ceiling = mc if b.intra_op == cores else m1 if b.intra_op == 1 else float("nan")
-                print(f"  {label:<16}{b.intra_op:>8}{b.workers:>8}{rates[label]:>9.1f}"
-                      f"{rates[label] / rates['old default']:>15.2f}"
-                      f"{rates[label] / ceiling:>16.2f}")  # fmt: skip
-            print(f"  auto chose: {budgets['auto'].reason}")
-            auto = budgets["auto"]
-            if auto.intra_op == cores:  # interleaved pairs: the load changes hit both alike
-                pairs = []
-                for _ in range(max(2, args.repeats)):
-                    m = model_only(emb, args.batch, args.batch * 2, cores)
-                    pairs.append((end_to_end(emb, cat, args.batch, auto), m))
-                best = max(e for e, _ in pairs) / max(m for _, m in pairs)
-                med = statistics.median(e / m for e, m in pairs)
-                print(f"  embedding / ceiling (auto end-to-end / model-only on {cores} threads, "
-                      f"tensors in memory; {len(pairs)} interleaved pairs): {best:.2f} best/best, "
-                      f"{med:.2f} median of pairs (target >= 0.85)")  # fmt: skip
-            # The floor of core-time per image: decoding plus the forward at its most efficient
-            # (one thread per image); no split can beat cores / that.
-            ceiling = cores / (1 / d + 1 / m1)
-            print(f"  physical ceiling (decode + 1-thread forward core-time on {cores} cores): "
-                  f"{ceiling:.1f} img/s = {ceiling / rates['old default']:.2f} x old default; "
-                  f"best split reached {max(rates.values()) / ceiling:.2f} of it")  # fmt: skip
-        gpu_section(args.models, catalogue(args.images or 640), args.batch)
+            cat = catalogue(args.images or (192 if gflops < 1 else 64))
+            ceiling_rounds(name, emb, cat, args.batch, args.rounds, args.all_paths)
+            if args.splits:
+                splits_table(name, emb, cat, args.batch, args.repeats, cores)
+        gpu_section(args.models, catalogue(args.images or 192), args.batch)
         print(f"\nload average {os.getloadavg()}")
 
 

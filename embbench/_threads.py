@@ -17,10 +17,13 @@ oversubscribes, so it is never the pathological case.
   :data:`DECODE_CORE_MS` core-milliseconds and the forward pass about ``gflops /``
   :data:`CORE_GFLOPS` core-seconds. With ``w`` workers decoding and ``cores - w`` threads
   running the model, the pipeline delivers ``min(w / decode, (cores - w) / forward)`` images/s;
-  with no worker, decoding runs inline: ``1 / (decode + forward / cores)``. The rule takes the
-  ``w`` with the highest rate (ties: fewer workers). On 2 cores every model decodes inline with
-  2 threads (the tiny test model too: its forward costs 2-3x its decoding); on 16 cores a small
-  model gets decoding workers. Without a FLOP count half the cores decode.
+  with no worker, decoding runs inline: ``1 / (decode + forward / cores)``, or, embedding
+  (``decode_ahead=True``: :class:`embbench.decode.DecodeAhead`), in one low-priority background
+  thread that fills the core time the forward pass leaves idle:
+  ``min(cores / (decode + forward), 1 / decode)``. The rule takes the ``w`` with the highest
+  rate (ties: fewer workers). On 2 cores every model gets 2 threads and no worker (the tiny test
+  model too: its forward costs 2-3x its decoding); on 16 cores a small model gets decoding
+  workers (one background thread cannot keep pace). Without a FLOP count half the cores decode.
 * Training (stage 02, :func:`embbench.stagekit.thread_budget` with ``train_size``): the same
   rule with the FLOPs of a training step, :func:`training_gflops` (3 forwards at the training
   crop's area). EfficientNet-Lite0 at 128 px costs about 10x its decoding of the demo's 96 px
@@ -124,6 +127,7 @@ def resolve_thread_budget(
     *,
     gflops_per_image: float | None = None,
     cores: int | None = None,
+    decode_ahead: bool = False,
 ) -> ThreadBudget:
     """Choose intra-op threads and DataLoader workers so their sum stays within the cores.
 
@@ -134,6 +138,9 @@ def resolve_thread_budget(
         gflops_per_image: Forward FLOPs of one image in GFLOPs (``model_facts(name)["gflops"]``);
             ``None`` treats the model as decode-bound.
         cores: Override the usable cores (tests); default :func:`available_cores`.
+        decode_ahead: With no worker, a background thread decodes while the model runs
+            (embedding, :func:`embbench.embed.embed_split`); ``False``: decoding is serial with
+            the forward (training).
 
     Returns:
         The budget; see the module docstring for the rule.
@@ -173,12 +180,15 @@ def resolve_thread_budget(
     forward = gflops_per_image / CORE_GFLOPS
 
     def rate(w: int) -> float:  # images/s with w workers and c - w intra-op threads
+        if w == 0 and decode_ahead:  # a background thread fills the forward's idle core time
+            return min(c / (decode + forward), 1.0 / decode)
         if w == 0:
             return 1.0 / (decode + forward / c)  # decoding inline, serial with the forward
         return min(w / decode, (c - w) / forward)
 
     w = max(range(c), key=lambda w: (rate(w), -w))  # ties: fewer workers (less memory)
-    kind = "decode inline" if w == 0 else "cores split by decode/forward cost"
+    inline = "decode ahead in a background thread" if decode_ahead else "decode inline"
+    kind = inline if w == 0 else "cores split by decode/forward cost"
     return ThreadBudget(c - w, w, c, f"cpu, {gflops_per_image:.2g} GFLOPs/image: {kind}")
 
 

@@ -1,7 +1,9 @@
 """Embedding extraction: images of one catalogue split -> cached vectors.
 
-Batched :class:`torch.utils.data.DataLoader` with worker processes decoding JPEGs while the
-model runs; ``torch.inference_mode``; channels_last (CUDA, and CPU for convolutional nets);
+Batched decoding overlapped with the forward pass: DataLoader worker processes when the thread
+budget gives decoding its own cores, otherwise a low-priority background thread that fills the
+forward pass's idle core time (:mod:`embbench.decode`; uint8 batches normalised once per batch,
+pixel-exact); ``torch.inference_mode``; channels_last (CUDA, and CPU for convolutional nets);
 bf16/fp16 autocast and pinned memory on CUDA; a progress bar. Vectors go to an
 :class:`~embbench.cache.EmbeddingCache` shard by shard, so a killed run resumes from the
 finished shards (the resume unit, ``shard_size``, defaults to
@@ -23,6 +25,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ from embbench._torch_utils import (
 )
 from embbench.cache import CorruptCacheError, EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue
-from embbench.images import BadImageError, load_rgb
+from embbench.decode import DecodeAhead, Preprocess, decode_row, split_transform
 from embbench.progress import progress_bar as tqdm
 
 logger = logging.getLogger(__name__)
@@ -51,30 +54,34 @@ DEFAULT_SHARD_SIZE = 256
 
 # ---- data --------------------------------------------------------------------------------------
 class ImageRows(Dataset):
-    """Decode and preprocess catalogue rows; a bad image yields its reason instead of a tensor."""
+    """Decode and preprocess catalogue rows; a bad image yields its reason instead of a tensor.
 
-    def __init__(self, paths: list[str], transform) -> None:
+    Args:
+        paths: Image file of each row.
+        transform: The model's transform (``PIL.Image -> C x H x W`` tensor).
+        prep: When given, images go through its PIL steps only (uint8, see
+            :mod:`embbench.decode`) and :func:`collate_rows` with it makes the float batch.
+    """
+
+    def __init__(self, paths: list[str], transform, prep: Preprocess | None = None) -> None:
         self.paths = paths
         self.transform = transform
+        self.prep = prep if prep is not None else Preprocess(transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-
-        try:
-            img = load_rgb(self.paths[i])
-            return i, self.transform(img), None
-        except BadImageError as exc:
-            return i, None, exc.reason
-        except Exception as exc:  # a transform failing on an odd image must not stop the run
-            return i, None, f"{type(exc).__name__}: {exc}"
+        tensor, reason = decode_row(self.paths[i], self.prep)
+        return i, tensor, reason
 
 
-def _collate(batch):
+def collate_rows(batch, prep: Preprocess | None = None):
+    """``[(index, tensor, reason)] -> (decoded indices, N x C x H x W batch or None, bad)``."""
     ok = [(i, t) for i, t, r in batch if r is None]
     bad = [(i, r) for i, t, r in batch if r is not None]
-    tensor = torch.stack([t for _, t in ok]) if ok else None
+    items = [t for _, t in ok]
+    tensor = (prep.batch(items) if prep is not None else torch.stack(items)) if ok else None
     return [i for i, _ in ok], tensor, bad
 
 
@@ -228,15 +235,20 @@ def _embed_locked(
     nhwc = channels_last_for(model, dev)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        ImageRows(paths, embedder.transform),
-        batch_sampler=_ShardBatches(todo, batch_size),
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
+    prep = split_transform(embedder.transform)
+    sampler = _ShardBatches(todo, batch_size)
+    if num_workers > 0:
+        loader = DataLoader(
+            ImageRows(paths, embedder.transform, prep),
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=partial(collate_rows, prep=prep),
+            pin_memory=dev.type == "cuda",
+            prefetch_factor=4,
+            persistent_workers=False,
+        )
+    else:  # no worker: a background thread decodes ahead of the model (embbench.decode)
+        loader = DecodeAhead(paths, prep, list(sampler))
     shard_of = {}
     for s, start, stop in todo:
         shard_of.update(dict.fromkeys(range(start, stop), s))
@@ -262,8 +274,10 @@ def _embed_locked(
             shard = pending[shard_of[first]]
             if images is not None:
                 images = images.to(dev, non_blocking=True)
-                if nhwc:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                # uint8 batches arrive channels-last (embbench.decode): the layout the model takes
+                images = images.contiguous(
+                    memory_format=torch.channels_last if nhwc else torch.contiguous_format
+                )
                 with autocast:
                     out = model(images)
                 shard["vec"].append(out.float().cpu().numpy())

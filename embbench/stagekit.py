@@ -73,7 +73,11 @@ def thread_budget(
                 "no FLOP count for %s (%s); the thread rule assumes decode-bound", model, exc
             )
     budget = resolve_thread_budget(
-        cfg.threads, cfg.num_workers, resolve_device(cfg.device), gflops_per_image=gflops
+        cfg.threads,
+        cfg.num_workers,
+        resolve_device(cfg.device),
+        gflops_per_image=gflops,
+        decode_ahead=not train_size,  # embedding decodes ahead (embbench.decode); training not
     )
     apply_thread_budget(budget)
     return budget

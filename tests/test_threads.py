@@ -14,10 +14,11 @@ from embbench._threads import (
 )
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("cores", [1, 2, 4, 16])
 @pytest.mark.parametrize("gflops", [None, 0.01, 0.5, 4.0, 8.2, 35.1, 200.0])
-def test_auto_never_exceeds_the_cores(cores, gflops):
-    b = resolve_thread_budget(gflops_per_image=gflops, cores=cores)
+def test_auto_never_exceeds_the_cores(cores, gflops, ahead):
+    b = resolve_thread_budget(gflops_per_image=gflops, cores=cores, decode_ahead=ahead)
     assert b.intra_op >= 1 and b.workers >= 0
     assert b.intra_op + b.workers <= cores
     assert b.cores == cores and b.reason
@@ -35,6 +36,20 @@ def test_split_follows_decode_and_forward_cost():
     many = resolve_thread_budget(gflops_per_image=0.02, cores=16)
     assert many.workers > many.intra_op  # decoding needs most cores for a tiny model
     assert resolve_thread_budget(cores=1) == ThreadBudget(1, 0, 1, "one core: decode inline")
+
+
+def test_decoding_ahead_keeps_every_core_for_the_model_until_one_thread_cannot_keep_pace():
+    # embedding (embbench.decode.DecodeAhead): the background thread fills the forward's idle
+    # core time, so on 2 cores even a decode-bound model keeps both threads (ties: no worker)
+    for gflops in (0.02, 0.2, 0.77, 17.6):
+        b = resolve_thread_budget(gflops_per_image=gflops, cores=2, decode_ahead=True)
+        assert (b.intra_op, b.workers) == (2, 0), gflops
+        assert "background thread" in b.reason
+    # 16 cores and a tiny model: one decoding thread (1 / 2.5 ms) cannot feed 16 model threads
+    many = resolve_thread_budget(gflops_per_image=0.02, cores=16, decode_ahead=True)
+    assert many.workers > many.intra_op
+    vit = resolve_thread_budget(gflops_per_image=17.6, cores=16, decode_ahead=True)
+    assert (vit.intra_op, vit.workers) == (16, 0)
 
 
 def test_training_gets_the_threads_its_step_can_use(monkeypatch):
@@ -89,7 +104,7 @@ def test_apply_sets_torch_threads_and_logs(caplog):
 
 
 @pytest.mark.slow
-def test_bench_embedding_prints_splits_ceiling_and_gpu_line():
+def test_bench_embedding_prints_the_ratio_splits_and_gpu_line():
     import subprocess
     import sys
     from pathlib import Path
@@ -97,12 +112,13 @@ def test_bench_embedding_prints_splits_ceiling_and_gpu_line():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_embedding.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--models", "test_resnet", "--images", "16",
-         "--batch", "8", "--repeats", "1"],
+         "--batch", "8", "--rounds", "1", "--all-paths", "--splits", "--repeats", "1"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    for line in ("old default", "auto chose:", "physical ceiling", "x old default", "GPU"):
+    for line in ("EMBEDDING / CEILING (test_resnet", "old: inline, float", "ahead, nice 19",
+                 "BLAS_INFO=", "old default", "auto chose:", "x old default", "GPU"):  # fmt: skip
         assert line in out, out
     if not torch.cuda.is_available():
         assert "GPU benchmark not run" in out
