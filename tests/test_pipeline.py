@@ -303,3 +303,18 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, milvus_server, mlflow_
         f"second {second_s:.0f} s\n"
     )
     shutil.rmtree(tmp_path / "kfp", ignore_errors=True)
+
+
+def test_a_local_pipeline_that_cannot_run_fails_before_any_task(tmp_path):
+    """run-local checks what a notebook checks before its first cell, once, before kfp starts."""
+    pytest.importorskip("kfp")
+    from embbench.cells_validate import GridError
+    from embbench.pipeline import run_local
+
+    params = _tiny_params()
+    text = tmp_path / "text.yaml"  # text tasks asked of image-only models
+    text.write_text("models: [test_resnet]\ntasks: [image-image, text-image]\n")
+    params["01_embed"].append(text)
+    with pytest.raises(GridError, match="text-image model"):
+        run_local(params, pipeline_root=tmp_path / "kfp")
+    assert not (tmp_path / "kfp").exists()  # no task ran

@@ -36,7 +36,7 @@ from typing import Any
 from embbench._malloc import PROCESS_ENV
 from embbench._utils import stable_hash
 from embbench.paths import runs_dir
-from embbench.pipeline.grid import PipelineGrid, pipeline_grid
+from embbench.pipeline.grid import PipelineGrid, check_stages, pipeline_grid
 
 logger = logging.getLogger(__name__)
 
@@ -350,9 +350,15 @@ def run_local(
         options: Build options (``local`` is forced on).
 
     Raises:
+        GridError: The engine's up-front checks of stages 01-03 failed (before any task).
         RuntimeError: A task failed (kfp's message names it).
     """
     from kfp import local  # optional dependency (the `pipeline` extra)
+
+    # the data is here: the checks a notebook runs before its first cell, once, before the
+    # tasks (as `embbench ray run` does; `compile` cannot, the data is on the cluster's volume)
+    overrides = {k: v for k, v in (("milvus_uri", milvus_uri), ("tracking_uri", tracking_uri)) if v}
+    check_stages(params, overrides)
 
     root = Path(pipeline_root) if pipeline_root else runs_dir() / "kfp-local"
     local.init(
