@@ -257,14 +257,12 @@ def test_matmul_paths_give_identical_results(data):
 
 @pytest.mark.parametrize("n, group", [(4096, 64), (5000, 64), (1234, 16), (300, 4), (20011, 16)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_selection_by_levels_equals_topk(monkeypatch, n, group, ties):
+def test_selection_by_levels_equals_topk(n, group, ties):
     # Group maxima by levels, then top-k inside the best groups: the same values as a full
     # top-k, each column once, including partial last groups (at 20011 x 16: 1250 groups of 16
-    # plus 11 columns, then 78 groups of groups plus 2), rows made of massive exact ties, and
-    # bands of rows smaller than the block (MAXIMA_BYTES).
+    # plus 11 columns, then 78 groups of groups plus 2) and rows made of massive exact ties.
     from embbench.retrieval import _matmul
 
-    monkeypatch.setattr(_matmul, "MAXIMA_BYTES", 4 * 10 * (n // group))  # bands of 10 rows
     rng = np.random.default_rng(n + group)
     s = rng.standard_normal((37, n)).astype(np.float32)
     if ties:
@@ -282,9 +280,9 @@ def test_group_maxima_are_strided_groups():
     from embbench.retrieval._matmul import group_maxima
 
     s = np.random.default_rng(3).standard_normal((5, 70)).astype(np.float32)
-    g = 70 // 16
-    ref = s[:, : 16 * g].reshape(5, 16, g).max(axis=1)  # group j: columns j, j + g, ...
-    np.testing.assert_array_equal(group_maxima(s, 16), ref)
+    g = 70 // 16  # 4 groups of 16; columns 64-69 in none
+    ref = np.array([[max(row[j + g * i] for i in range(16)) for j in range(g)] for row in s])
+    np.testing.assert_array_equal(group_maxima(s, 16), ref.astype(np.float32))
 
 
 @pytest.mark.parametrize("data", ["clustered", "one_hot"])
@@ -303,12 +301,9 @@ def test_exact_with_two_stage_selection_matches_full_sort(data):
 
 
 @pytest.mark.parametrize("data", ["clustered", "one_hot"])
-def test_exact_over_many_blocks_and_bands_matches_full_sort(monkeypatch, data):
-    # Small blocks on 2 worker threads, group maxima taken in bands of 7 rows, two levels of
-    # groups (2600 columns: 162 groups of 16 plus 8, then 10 groups of groups plus 2).
-    from embbench.retrieval import _matmul
-
-    monkeypatch.setattr(_matmul, "MAXIMA_BYTES", 4 * 7 * 162)
+def test_exact_over_many_blocks_matches_full_sort(data):
+    # Small blocks on 2 worker threads, margin 0, two levels of groups (2600 columns: 162
+    # groups of 16 plus 8, then 10 groups of groups plus 2).
     x = clustered(13, n=2600, d=16, dups=300)[0] if data == "clustered" else one_hot(8, n=2600)
     sub = np.random.default_rng(1).choice(len(x), 240, replace=False)
     for path in ("numpy", "torch"):

@@ -59,8 +59,8 @@ class ExactBackend(SearchBackend):
         threads: Worker threads (blocks searched at once, each on single-threaded BLAS and
             torch); ``None`` uses torch's current thread count.
         margin: Extra candidates fetched beyond ``k`` so boundary ties rarely need widening.
-            Kept small: re-scoring the candidates costs ~2% of the product per candidate at
-            20k x 768, and rows whose ties cross the boundary are widened anyway.
+            Kept small: rows whose ties cross the boundary are widened anyway, and only the
+            candidates within ``2 tol`` of a row's ``k (+1)``-th fast score are re-scored.
         max_block_bytes: Budget for one block's ``(block, n)`` float32 score buffer (one per
             worker) when ``block_size`` is ``None`` (clamped to 64..4096 rows).
         matmul: Product path: ``auto`` (fastest here, measured once and cached per machine),
