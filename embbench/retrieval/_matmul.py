@@ -33,9 +33,9 @@ thread per block).
 
 Where the time goes (``benchmarks/bench_retrieval.py`` prints it for the machine it runs on, as
 "where exact's time goes"): at 20k x 768, one 838-query block on one thread of an AMD EPYC (Zen
-4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 255 ms; reading its 64 MiB
-of scores once for the group maxima 9.2 ms (3.6%: memory-bound, the scores of one call do not
-fit in cache); the rest of the selection 6.6 ms (2.6%); re-scoring and ranking 7.1 ms (2.8%).
+4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 248 ms; reading its 64 MiB
+of scores once for the group maxima 4.3 ms (1.7%: memory-bound, the scores of one call do not
+fit in cache); the rest of the selection 5.8 ms (2.3%); re-scoring and ranking 6.1 ms (2.5%).
 Taking the product in 4-16 MiB tiles to select while each tile was in cache (the previous
 design) measured worse: the tiles alone cost 1-2.5% (each call repacks the block's queries) and
 the selection on them ~8%.
