@@ -5,15 +5,22 @@ and then SOP test scale, 60k, x 768; queries = index, protocol ``within``, k = 5
 
 * the **floor**: the bare float32 matrix product ``queries @ index.T`` in the exact backend's
   blocks, with numpy (OpenBLAS) and with torch (MKL), one multi-threaded BLAS call per block; and
-  ``bare_tiles``, the exact backend's own products (same library, dtype, layout, tiles, one
-  single-threaded BLAS call per tile, blocks on ``--threads`` worker threads) with no selection:
-  no top-k, no ties, nothing else;
+  ``bare_blocks``, the exact backend's own products (same library, dtype, layout and call, one
+  single-threaded BLAS call per block, blocks on ``--threads`` worker threads) with no
+  selection: no top-k, no ties, nothing else;
 * the exact backend (``embbench.retrieval.ExactBackend``, its product path chosen by the machine's
   cached measurement), faiss ``IndexFlatIP`` (k + 1, own id dropped), Milvus Lite (FLAT, IP; build
   reported apart) and the metrics from rankings (ours vs torchmetrics);
 
 and prints each search's ratio to the bare products and to faiss, then exact / fastest bare
 product (target: <= 1.05), from the medians and as the median of the per-round ratios.
+
+**Where the exact search's time goes** (``parts``, printed after the rounds): one block of the
+exact backend on one thread, each part timed in thread CPU time (so other processes' load
+hardly moves it), best of ``--repeats`` (at least 5): the block's product, reading its scores
+once for the group maxima, the rest of the exact top-k, and canonical re-scoring with ranking
+(and widening), each as a share of the product. On another CPU (e.g. Intel) these shares say
+which part costs there: the product itself, memory bandwidth (the maxima) or the small steps.
 
 **Every library is timed the same way:** each run is a fresh process (``--rounds`` of them per
 library, interleaved so load changes hit all alike) that loads the data, warms up on one block of
@@ -56,8 +63,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBS = ("bare_numpy", "bare_torch", "bare_tiles", "exact", "faiss", "milvus")
-BARE = ("bare_numpy", "bare_torch", "bare_tiles")
+LIBS = ("bare_numpy", "bare_torch", "bare_blocks", "exact", "faiss", "milvus")
+BARE = ("bare_numpy", "bare_torch", "bare_blocks")
 FAISS_NOTE = (
     "note: faiss-cpu bundles OpenBLAS 0.3.15, which does not know recent CPUs (e.g. AMD Zen 5) and "
     "falls back to old kernels unless OPENBLAS_CORETYPE is set; compare its kernels above."
@@ -156,14 +163,14 @@ def _searcher(lib: str, x, k: int, threads: int, data: Path):
                 matmul_into(path, q[s:e], x, buf[: e - s])  # the same product, nothing else
 
         return run, extra
-    if lib == "bare_tiles":
+    if lib == "bare_blocks":
         from embbench.retrieval import ExactBackend
         from embbench.retrieval._matmul import (
+            block_scores,
             choose_matmul,
             run_blocks,
+            score_buffer,
             search_workers,
-            tile_buffer,
-            tiled_product,
         )
 
         block = min(n, ExactBackend().rows_per_block(n))
@@ -171,14 +178,14 @@ def _searcher(lib: str, x, k: int, threads: int, data: Path):
         workers = search_workers(threads)
         extra.update(block=block, matmul=path)
 
-        def run(q=x):  # the exact backend's products (same calls, tiles, threads), no selection
+        def run(q=x):  # the exact backend's products (same calls, blocks, threads), no selection
             bufs: queue.SimpleQueue = queue.SimpleQueue()  # fresh per search, as in the backend
             for _ in range(workers):
-                bufs.put(tile_buffer(block, n))
+                bufs.put(score_buffer(block, n))
 
             def one(start: int) -> None:
                 buf = bufs.get()
-                tiled_product(path, q[start : start + block], x, buf)
+                block_scores(path, q[start : start + block], x, buf)
                 bufs.put(buf)
 
             run_blocks(one, range(0, len(q), block), workers)
@@ -238,6 +245,9 @@ def _worker(args: argparse.Namespace) -> None:
     if lib.startswith("metrics_"):
         print("RESULT " + json.dumps(_metrics_worker(lib, data, args)), flush=True)
         return
+    if lib == "parts":
+        print("RESULT " + json.dumps(_parts_worker(data, args)), flush=True)
+        return
     queries = np.load(data / "x.npy")
     index = np.load(data / "index.npy") if (data / "index.npy").exists() else queries
     lib = lib.removeprefix("scale_")  # --milvus-scaling: 1k queries, a bigger index
@@ -262,6 +272,54 @@ def _worker(args: argparse.Namespace) -> None:
         np.save(data / f"ids_{lib}.npy", out[0])
         np.save(data / f"dists_{lib}.npy", out[1])
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _parts_worker(data: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Where one block of the exact search spends its time, on one thread (thread CPU time)."""
+    import numpy as np
+
+    from embbench.retrieval import ExactBackend
+    from embbench.retrieval._matmul import (
+        block_scores,
+        choose_matmul,
+        group_maxima,
+        score_buffer,
+        single_threaded_libraries,
+        top_candidates,
+    )
+    from embbench.retrieval.base import check_search_args
+
+    x = np.load(data / "x.npy")
+    n, qids = len(x), np.arange(len(x))
+    be = ExactBackend(threads=1)
+    block = min(n, be.rows_per_block(n))
+    q = x[:block]
+    path = choose_matmul(x.shape[1], args.threads, 2.0 * n * n * x.shape[1])
+    _, _, _, tol = check_search_args(x, x, args.k, qids)
+    kk = args.k + 1
+    c = min(n, kk + be.margin)
+    buf = score_buffer(block, n)
+    best: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.thread_time()
+        out = fn()
+        best[name] = min(best.get(name, float("inf")), time.thread_time() - t0)
+        return out
+
+    with single_threaded_libraries():
+        for _ in range(max(5, args.repeats) + 1):  # the first round warms up
+            scores = timed("product", lambda: block_scores(path, q, x, buf))
+            timed("group maxima", lambda s=scores: group_maxima(s))
+            timed("selection", lambda s=scores: top_candidates(s, c))
+            vals, cand = top_candidates(scores, c)
+
+            def rank(s=scores, v=vals, cd=cand):
+                return be._rank(s, q, x, v, cd, kk, tol, 0, qids)
+
+            timed("re-scoring + ranking", rank)
+    best["rest of selection"] = best.pop("selection") - best["group maxima"]
+    return {"block": block, "matmul": path, "ms": {k: v * 1e3 for k, v in best.items()}}
 
 
 def _metrics_worker(lib: str, data: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -458,6 +516,8 @@ def _one_size(args: argparse.Namespace) -> float:
             print(
                 "per-round exact / fastest bare product: " + ", ".join(f"{p:.3f}" for p in paired)
             )
+        if "exact" in libs:
+            runs["exact"]["parts"] = _run_child("parts", data, args)
         ids = {lib: np.load(data / f"ids_{lib}.npy") for lib in libs if "bare" not in lib}
         dists = {lib: np.load(data / f"dists_{lib}.npy") for lib in libs if "bare" not in lib}
         met = {m: _run_child(f"metrics_{m}", data, args) for m in ("ours", "torchmetrics")}
@@ -498,6 +558,18 @@ def _report(args, runs, ids, dists, met) -> float:
         f"ratio exact / fastest bare product ({fastest[1]}), medians: {e:.3f}; median of per-round "
         f"ratios: {runs['exact'].get('paired', float('nan')):.3f}  (target <= 1.05)"
     )
+    if "parts" in runs["exact"]:
+        p = runs["exact"]["parts"]
+        ms = p["ms"]
+        print(
+            f"where exact's time goes, one block of {p['block']} queries on one thread "
+            f"({p['matmul']}, thread CPU time, best of {max(5, args.repeats)}): product "
+            f"{ms['product']:.1f} ms; "
+            + "; ".join(
+                f"{part} {ms[part]:.1f} ms ({100 * ms[part] / ms['product']:.1f}%)"
+                for part in ("group maxima", "rest of selection", "re-scoring + ranking")
+            )
+        )
     if "faiss" in runs:
         print(FAISS_NOTE)
     print(

@@ -256,28 +256,34 @@ def test_matmul_paths_give_identical_results(data):
     np.testing.assert_array_equal(cross[0][0], ref_search(x, q, 9)[0])
 
 
-@pytest.mark.parametrize("n, group", [(4096, 64), (5000, 64), (1234, 16), (300, 4)])
+@pytest.mark.parametrize("n, group", [(4096, 64), (5000, 64), (1234, 16), (300, 4), (20011, 16)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_two_stage_selection_equals_topk(n, group, ties):
-    # Group maxima, then top-k inside the best groups: the same values as torch.topk, each column
-    # once, including a partial last group and rows made of massive exact ties.
-    import torch
-
-    from embbench.retrieval._matmul import top_candidates
+def test_selection_by_levels_equals_topk(n, group, ties):
+    # Group maxima by levels, then top-k inside the best groups: the same values as a full
+    # top-k, each column once, including partial last groups (at 20011 x 16: 1250 groups of 16
+    # plus 11 columns, then 78 groups of groups plus 2) and rows made of massive exact ties.
+    from embbench.retrieval import _matmul
 
     rng = np.random.default_rng(n + group)
     s = rng.standard_normal((37, n)).astype(np.float32)
     if ties:
         s = np.round(s).astype(np.float32)  # a handful of distinct values per row
-    t = torch.from_numpy(s)
     for c in (1, 8, 13):
-        vals, cols = top_candidates(t, c, group)
-        ref = torch.topk(t, c, dim=1).values
-        np.testing.assert_array_equal(np.sort(vals.numpy(), 1), np.sort(ref.numpy(), 1))
-        cols = cols.numpy()
+        vals, cols = _matmul.top_candidates(s, c, group)
+        ref = -np.sort(-s, axis=1)[:, :c]
+        np.testing.assert_array_equal(np.sort(vals, 1)[:, ::-1], ref)
         assert ((cols >= 0) & (cols < n)).all()
         assert all(len(set(row)) == c for row in cols)  # no column twice
-        np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals.numpy())
+        np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals)
+
+
+def test_group_maxima_are_strided_groups():
+    from embbench.retrieval._matmul import group_maxima
+
+    s = np.random.default_rng(3).standard_normal((5, 70)).astype(np.float32)
+    g = 70 // 16  # 4 groups of 16; columns 64-69 in none
+    ref = np.array([[max(row[j + g * i] for i in range(16)) for j in range(g)] for row in s])
+    np.testing.assert_array_equal(group_maxima(s, 16), ref.astype(np.float32))
 
 
 @pytest.mark.parametrize("data", ["clustered", "one_hot"])
@@ -296,17 +302,13 @@ def test_exact_with_two_stage_selection_matches_full_sort(data):
 
 
 @pytest.mark.parametrize("data", ["clustered", "one_hot"])
-def test_exact_over_many_tiles_matches_full_sort(monkeypatch, data):
-    # Small tiles: the product and first selection stage run tile by tile (9 tiles of 288 index
-    # rows, 8 rows left past the last full group slice), on 2 worker threads.
-    from embbench.retrieval import _matmul
-
-    monkeypatch.setattr(_matmul, "TILE_BYTES", 4 * 120 * 300)
-    assert _matmul.tile_rows(120, 2600) == 288
+def test_exact_over_many_blocks_matches_full_sort(data):
+    # Small blocks on 2 worker threads, margin 0, two levels of groups (2600 columns: 162
+    # groups of 16 plus 8, then 10 groups of groups plus 2).
     x = clustered(13, n=2600, d=16, dups=300)[0] if data == "clustered" else one_hot(8, n=2600)
     sub = np.random.default_rng(1).choice(len(x), 240, replace=False)
     for path in ("numpy", "torch"):
-        be = ExactBackend(matmul=path, threads=2, block_size=120)
+        be = ExactBackend(matmul=path, threads=2, block_size=120, margin=0)
         ids, dists = be.search(x, x[sub], 5, query_ids=sub)
         ref_ids, ref_d = ref_search(x, x[sub], 5, self_ids=sub)
         np.testing.assert_array_equal(ids, ref_ids)
@@ -487,6 +489,8 @@ def test_bench_retrieval_quick_prints_the_ratios():
     for line in (
         "ratio exact / baseline:",
         "ratio exact / fastest bare product",
+        "where exact's time goes",
+        "re-scoring + ranking",
         "targets: exact / fastest bare product: 2000 x 128:",
         "ratio torchmetrics / ours",
         "BLAS libraries and kernels",

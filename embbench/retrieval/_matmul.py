@@ -20,18 +20,25 @@ So the rule is:
 faiss is not offered as a path: faiss-cpu bundles its own older OpenBLAS (0.3.15), which does not
 know recent CPUs and falls back to slow kernels unless ``OPENBLAS_CORETYPE`` is set.
 
-The other half of a block is **candidate selection**, fused with the product
-(:func:`block_candidates`): the product of a block of queries runs in tiles of ~:data:`TILE_BYTES`
-(index rows by queries, so every tile is contiguous), and right after each tile's product the
-same thread reduces it to the maxima of strided groups of :data:`SELECT_GROUP` index rows (one
-pass of element-wise maxima over a tile still in cache); once per block, the ``c`` best groups
-per query are chosen and ``torch.topk`` runs over their members only. Each block runs on one
-thread with single-threaded libraries (:func:`run_blocks`), ``threads`` blocks at once: a
-multi-threaded OpenBLAS call leaves its worker threads spinning for a while after it returns
-(``THREAD_TIMEOUT``), and selection or re-scoring started then fought them for the cores (on 2
-cores, ``torch.topk`` after each product took 0.58 s with 2 torch threads against 0.30 s
-isolated). The measurement behind ``auto`` times both paths this way (tiles, selection, one
+The other half of a block is **candidate selection** (:func:`block_candidates`): the block's
+product in ONE call into a ``(block, n)`` buffer (exactly the bare product the benchmark takes as
+the floor), then an exact top-k by levels of strided group maxima (:func:`top_candidates`): one
+read of the scores, then only ~1/16 of them and the members of ``c`` groups per query. Each
+block runs on one thread with single-threaded libraries (:func:`run_blocks`), ``threads`` blocks
+at once: a multi-threaded OpenBLAS call leaves its worker threads spinning for a while after it
+returns (``THREAD_TIMEOUT``), and selection or re-scoring started then fought them for the cores
+(on 2 cores, ``torch.topk`` after each product took 0.58 s with 2 torch threads against 0.30 s
+isolated). The measurement behind ``auto`` times both paths this way (product and selection, one
 thread per block).
+
+Where the time goes (``benchmarks/bench_retrieval.py`` prints it for the machine it runs on, as
+"where exact's time goes"): at 20k x 768, one 838-query block on one thread of an AMD EPYC (Zen
+4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 248 ms; reading its 64 MiB
+of scores once for the group maxima 4.3 ms (1.7%: memory-bound, the scores of one call do not
+fit in cache); the rest of the selection 5.8 ms (2.3%); re-scoring and ranking 6.1 ms (2.5%).
+Taking the product in 4-16 MiB tiles to select while each tile was in cache (the previous
+design) measured worse: the tiles alone cost 1-2.5% (each call repacks the block's queries) and
+the selection on them ~8%.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -64,7 +71,6 @@ _CALIBRATION_SHAPE = (256, 8192)  # (queries, index rows) of the timing product
 SELECT_GROUP = 16  # members per group in the first selection stage (block_candidates)
 CALIBRATION_CAND = 8  # candidates per row selected in the timing (k = 5, self, margin 2)
 _MEMO: dict[str, str] = {}
-TILE_BYTES = 4 * 2**20  # one column tile of a block's scores: stays in the core's cache
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -81,69 +87,76 @@ def matmul_into(path: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> Non
         raise ValueError(f"matmul path must be one of {MATMUL_PATHS} or 'auto', got {path!r}")
 
 
-def top_candidates(scores: Any, n_cand: int, group: int = SELECT_GROUP) -> tuple[Any, Any]:
-    """The ``n_cand`` largest values of each row of a 2-D float32 torch tensor, and their columns.
+def _top_columns(a: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``c`` largest values of each row of ``a`` and their columns (unsorted)."""
+    cols = np.argpartition(a, a.shape[1] - c, axis=1)[:, a.shape[1] - c :]
+    return np.take_along_axis(a, cols, axis=1), cols
 
-    Exact, in two stages. With ``g = n // group`` groups, group ``j`` is the strided set of
-    columns ``j, j + g, j + 2g, ...`` (``group`` of them), so the group maxima are ``group - 1``
-    element-wise maxima of contiguous column slices (one SIMD pass over the scores, no reduction
-    loop per group); then the ``n_cand`` groups with the largest maxima are kept and
-    ``torch.topk`` runs over their columns (and the ``n % group`` columns past the last full
-    slice) only. Every value among a row's ``n_cand`` largest lies in one of those groups (a value
-    beaten by fewer than ``n_cand`` others has fewer than ``n_cand`` group maxima above it), and
-    every value left out is <= the smallest value returned, so the values equal ``torch.topk``'s
-    (which columns are returned among exactly equal values may differ; the exact backend
-    resolves ties by id).
+
+def group_maxima(scores: np.ndarray, group: int = SELECT_GROUP) -> np.ndarray:
+    """The maxima of the strided column groups of a 2-D float32 array: ``(rows, n // group)``.
+
+    Group ``j`` of a row is its columns ``j, j + g, ..., j + (group - 1) g`` (``g = n //
+    group``; the ``n % group`` last columns belong to none). Taken as one reduction over the
+    middle axis of a ``(rows, group, g)`` view, which reads each row once, front to back: about
+    twice as fast as ``group - 1`` element-wise maxima of column slices, which jump between rows
+    (4.5 against 8.9 ms for a cold 838 x 20k block; the read is memory-bound).
+    """
+    b, n = scores.shape
+    g = n // group
+    out = np.empty((b, g), dtype=np.float32)
+    np.max(scores[:, : group * g].reshape(b, group, g), axis=1, out=out)
+    return out
+
+
+def top_candidates(
+    scores: np.ndarray, n_cand: int, group: int = SELECT_GROUP
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_cand`` largest values of each row of a 2-D float32 array, and their columns.
+
+    Exact, by levels: the maxima of :func:`group_maxima` are searched the same way (so at
+    20k columns and ``group = 16``: 1,250 group maxima, then 78 maxima of those), then
+    ``n_cand`` groups with the largest maxima are kept and only their members (and the
+    ``n % group`` columns in no group) are compared. Every value among a row's ``n_cand``
+    largest lies in one of those groups (a value beaten by fewer than ``n_cand`` others has
+    fewer than ``n_cand`` group maxima above it), and every value left out is <= the smallest
+    value returned, so the values equal a full top-k's (which columns are returned among
+    exactly equal values may differ; the exact backend resolves ties by id). Rows with at most
+    ``2 * n_cand`` groups are searched directly.
 
     Returns:
-        ``(values, columns)``, each ``(rows, n_cand)``, unsorted.
+        ``(values, columns)``: float32 and int64 arrays ``(rows, n_cand)``, unsorted.
     """
-    import torch  # heavy; only the exact backend selects
-
     b, n = scores.shape
+    c = min(n_cand, n)
     n_groups = n // group
-    if n_groups <= 2 * n_cand:  # too few groups for the first stage to save anything
-        return torch.topk(scores, n_cand, dim=1, sorted=False)
-    s = scores.numpy()
-    main = n_groups * group
-    gmax = s[:, :n_groups].copy()
-    for j in range(1, group):
-        np.maximum(gmax, s[:, j * n_groups : (j + 1) * n_groups], out=gmax)
-    best = torch.topk(torch.from_numpy(gmax), n_cand, dim=1, sorted=False).indices
-    cols = (best[:, :, None] + n_groups * torch.arange(group)[None, None, :]).reshape(b, -1)
-    if main < n:  # the columns past the last full slice are always candidates
-        cols = torch.cat([cols, torch.arange(main, n).expand(b, n - main)], dim=1)
-    top, pos = torch.topk(torch.gather(scores, 1, cols), n_cand, dim=1, sorted=False)
-    return top, torch.gather(cols, 1, pos)
+    if n_groups <= 2 * c:  # too few groups for a level to save anything
+        return _top_columns(scores, c)
+    _, best = top_candidates(group_maxima(scores, group), c, group)  # the c best groups
+    cols = (best[:, :, None] + n_groups * np.arange(group)).reshape(b, -1)
+    if n_groups * group < n:  # the columns past the last full slice are always candidates
+        rest = np.arange(n_groups * group, n)
+        cols = np.concatenate([cols, np.broadcast_to(rest, (b, rest.size))], axis=1)
+    vals, pos = _top_columns(np.take_along_axis(scores, cols, axis=1), c)
+    return vals, np.take_along_axis(cols, pos, axis=1)
 
 
-def tile_rows(block: int, n: int, tile_bytes: int | None = None) -> int:
-    """Index rows per tile so that a ``(rows, block)`` float32 tile fits ``tile_bytes``.
-
-    A multiple of :data:`SELECT_GROUP`, at least ``16 * SELECT_GROUP``, at most ``n``.
-    """
-    rows = (tile_bytes or TILE_BYTES) // max(1, 4 * block) // SELECT_GROUP * SELECT_GROUP
-    return int(min(n, max(16 * SELECT_GROUP, rows)))
-
-
-def tile_buffer(block: int, n: int) -> np.ndarray:
-    """Scratch for one block of ``block`` queries: its ``(n, block)`` float32 scores (1-D)."""
+def score_buffer(block: int, n: int) -> np.ndarray:
+    """Scratch for one block of ``block`` queries: its ``(block, n)`` float32 scores (1-D)."""
     return np.empty(block * n, dtype=np.float32)
 
 
-def _tiles(queries: np.ndarray, index: np.ndarray, buf: np.ndarray) -> Iterator[tuple[int, Any]]:
-    """``(first index row, view)`` for each tile of the ``(n, b)`` scores ``index @ queries.T``.
+def block_scores(path: str, queries: np.ndarray, index: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """``queries @ index.T`` in float32 into ``buf`` (one call); returns the ``(b, n)`` view.
 
-    The scores are kept transposed (index rows by queries) so that every tile, and every group
-    slice of it, is one contiguous run of memory.
+    The product alone: the benchmark times it as the floor of :func:`block_candidates`.
     """
     b, n = queries.shape[0], index.shape[0]
     if buf.size < b * n:
         raise ValueError(f"score buffer too small: {buf.size} < {b * n} elements")
-    width = tile_rows(b, n)
-    for start in range(0, n, width):
-        stop = min(n, start + width)
-        yield start, buf[start * b : stop * b].reshape(stop - start, b)
+    scores = buf[: b * n].reshape(b, n)
+    matmul_into(path, queries, index, scores)
+    return scores
 
 
 def block_candidates(
@@ -151,76 +164,28 @@ def block_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_cand`` best fast scores of each query against ``index``, and their columns.
 
-    The fused step of the exact search, run on ONE thread per block (see :func:`run_blocks`).
-    The product is computed one tile of :func:`tile_rows` index rows at a time (~
-    :data:`TILE_BYTES`, transposed: ``index_tile @ queries.T``) into the block's scores in
-    ``buf``; right after each tile's product, while it is in that core's cache, the same thread
-    takes the maxima of its :data:`SELECT_GROUP` strided groups of index rows (group ``j`` of a
-    ``w``-row tile: rows ``j, j + w/g, ...``), as element-wise maxima of contiguous slices. Once
-    per block, the ``n_cand`` groups with the largest maxima are chosen per query and
-    ``torch.topk`` runs over their members only. Exact for the same reason as
-    :func:`top_candidates`: a value among a query's ``n_cand`` largest lies in one of its
-    ``n_cand`` best groups, and every value left out is <= the smallest returned.
+    The first step of the exact search, run on ONE thread per block (see :func:`run_blocks`):
+    the block's product in one call (:func:`block_scores`, the same call as the bare product
+    the benchmark takes as the floor), then :func:`top_candidates`. The scores stay in ``buf``
+    (``(b, n)``, row per query) for the caller (widening reads them).
 
     Args:
         path: The product path (:func:`matmul_into`).
         queries: ``(b, d)`` float32 queries.
         index: ``(n, d)`` float32 index vectors.
         n_cand: Candidates per query (clamped to ``n``).
-        buf: 1-D float32 scratch of :func:`tile_buffer` ``(b, n)`` elements (or more).
+        buf: 1-D float32 scratch of :func:`score_buffer` ``(b, n)`` elements (or more).
 
     Returns:
         ``(values, columns)``: float32 and int64 arrays ``(b, min(n_cand, n))``, unsorted;
         ``columns`` are index positions.
     """
-    import torch  # heavy; see top_candidates
-
-    b, n = queries.shape[0], index.shape[0]
-    c, g = min(n_cand, n), SELECT_GROUP
-    width = tile_rows(b, n)
-    sizes = [min(width, n - start) // g for start in range(0, n, width)]  # groups per tile
-    gmax = np.empty((sum(sizes), b), dtype=np.float32)  # group maxima, filled tile by tile
-    base, stride, rest, at = [], [], [], 0
-    for (start, out), ng in zip(_tiles(queries, index, buf), sizes, strict=True):
-        w = out.shape[0]
-        matmul_into(path, index[start : start + w], queries, out)
-        if ng:
-            m = gmax[at : at + ng]
-            np.maximum(out[:ng], out[ng : 2 * ng], out=m)
-            for j in range(2, g):
-                np.maximum(m, out[j * ng : (j + 1) * ng], out=m)
-            base.append(start + np.arange(ng))
-            stride.append(np.full(ng, ng))
-            at += ng
-        rest.extend(range(start + ng * g, start + w))  # past the last full slice: candidates
-    scores_t = buf[: b * n].reshape(n, b)
-    if at <= 2 * c:  # too few groups for the second stage to save anything
-        v, col = torch.topk(torch.from_numpy(scores_t).T, c, dim=1, sorted=False)
-        return v.numpy(), col.numpy()
-    gm = torch.from_numpy(np.ascontiguousarray(gmax.T))  # (b, groups)
-    best = torch.topk(gm, c, dim=1, sorted=False).indices.numpy()
-    members = np.concatenate(stride)[best][:, :, None] * np.arange(g)
-    cols = (np.concatenate(base)[best][:, :, None] + members).reshape(b, -1)
-    if rest:
-        cols = np.concatenate([cols, np.broadcast_to(np.array(rest), (b, len(rest)))], axis=1)
-    vals = scores_t.reshape(-1)[cols * b + np.arange(b)[:, None]]  # scores_t[cols, row]
-    v, pos = torch.topk(torch.from_numpy(vals), c, dim=1, sorted=False)
-    return v.numpy(), np.take_along_axis(cols, pos.numpy(), axis=1)
-
-
-def tiled_product(path: str, queries: np.ndarray, index: np.ndarray, buf: np.ndarray) -> None:
-    """The products of :func:`block_candidates` alone, same tiles and calls, no selection.
-
-    The floor of the fused step: the benchmark times it to tell the cost of selection and
-    re-scoring from that of the tiling.
-    """
-    for start, out in _tiles(queries, index, buf):
-        matmul_into(path, index[start : start + out.shape[0]], queries, out)
+    return top_candidates(block_scores(path, queries, index, buf), n_cand)
 
 
 def search_workers(threads: int | None) -> int:
     """Blocks searched at once: ``threads``, else torch's current thread count."""
-    import torch  # heavy; see top_candidates
+    import torch  # heavy; imported only when used
 
     return threads if threads is not None else torch.get_num_threads()
 
@@ -228,7 +193,7 @@ def search_workers(threads: int | None) -> int:
 @contextlib.contextmanager
 def single_threaded_libraries() -> Iterator[None]:
     """BLAS (threadpoolctl: OpenBLAS, MKL) and torch on one thread each, restored on exit."""
-    import torch  # heavy; see top_candidates
+    import torch  # heavy; imported only when used
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -243,7 +208,7 @@ def run_blocks(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R
     """``[fn(item) for item in items]`` on ``workers`` threads, libraries single-threaded.
 
     The heavy calls (BLAS, torch, numpy's gathers) release the GIL, so ``workers`` blocks run
-    at once, each on one core with its tile in that core's cache, and no BLAS worker thread is
+    at once, each on one core, and no BLAS worker thread is
     left spinning after a product to fight the selection for the cores (see module doc).
     """
     with single_threaded_libraries():
@@ -255,7 +220,7 @@ def run_blocks(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R
 
 def blas_fingerprint(threads: int | None) -> dict[str, object]:
     """What decides which product path is faster here (the key of the cached choice)."""
-    import torch  # heavy; see top_candidates
+    import torch  # heavy; imported only when used
 
     cpu, flags = platform.machine(), ""
     with contextlib.suppress(OSError):
@@ -266,7 +231,7 @@ def blas_fingerprint(threads: int | None) -> dict[str, object]:
                 flags = hashlib.sha1(line.encode()).hexdigest()[:12]
                 break
     return {
-        "measured": "tiles+selection, 1 thread per block",  # older choices re-measure
+        "measured": "block product+selection, 1 thread per block",  # older ones re-measure
         "cpu": cpu,
         "cpu_flags": flags,
         "numpy": np.__version__,
@@ -284,7 +249,7 @@ def blas_fingerprint(threads: int | None) -> dict[str, object]:
 def measure_paths(dim: int, threads: int | None, repeats: int = 5) -> dict[str, float]:
     """Effective GFLOP/s of each path on ``256 x 8192 x dim`` blocks (best of ``repeats``).
 
-    Timed as the search runs them: :func:`block_candidates` (tiled product and selection) on
+    Timed as the search runs them: :func:`block_candidates` (product and selection) on
     single-threaded libraries, one block per worker at once (:func:`run_blocks`).
     """
     rng = np.random.default_rng(0)
@@ -292,7 +257,7 @@ def measure_paths(dim: int, threads: int | None, repeats: int = 5) -> dict[str, 
     a = rng.standard_normal((m, dim), dtype=np.float32)
     b = rng.standard_normal((n, dim), dtype=np.float32)
     workers = search_workers(threads)
-    bufs = [tile_buffer(m, n) for _ in range(workers)]
+    bufs = [score_buffer(m, n) for _ in range(workers)]
     best = dict.fromkeys(MATMUL_PATHS, float("inf"))
     for rep in range(repeats + 1):  # the first round warms up (pools, buffers)
         for path in MATMUL_PATHS:  # interleaved, so a noisy neighbour hurts both alike
