@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -171,3 +172,43 @@ def test_lite_builds_the_index_with_the_parameters_asked_and_the_check_catches_i
         assert not col.reuse("c", 32, {"nlist": 1})  # a collection built so is not reused
     finally:
         col.close()
+
+
+# ---- a long-lived client of a milvus-lite server ----------------------------------------------
+_FAST_PINGS = {  # pymilvus' pings (every 10 s, also without calls), 20 times as often
+    "grpc.keepalive_time_ms": 500,
+    "grpc.http2.max_pings_without_data": 0,
+}
+
+
+@pytest.mark.parametrize("engine", ["server", "file"])
+def test_a_lite_client_idles_without_being_sent_away(
+    engine, services, tmp_path, monkeypatch, capfd
+):
+    """A Milvus Lite client that idles (a Ray worker training between cells) keeps its
+    connection: pymilvus' pings, made frequent, got GOAWAY too_many_pings within seconds."""
+    from pymilvus.client import grpc_handler
+
+    create = grpc_handler.GrpcHandler._create_grpc_channel
+
+    def fast_pings(self, address=None):
+        self._grpc_options = {**_FAST_PINGS, **self._grpc_options}  # a caller's options win
+        return create(self, address)
+
+    monkeypatch.setattr(grpc_handler.GrpcHandler, "_create_grpc_channel", fast_pings)
+    if engine == "server":
+        port = services.free_port()
+        services.start("milvus", tmp_path, port)
+        col = MilvusCollection(f"http://127.0.0.1:{port}")
+    else:
+        col = MilvusCollection(str(tmp_path / "lite.db"))  # its server runs in this process
+    assert col.is_lite()
+    client = col.connect()
+    states: list[str] = []
+    client._handler._channel.subscribe(lambda state: states.append(state.name))
+    time.sleep(4)  # idle: 8 pings at 0.5 s; the server's default policy sends away the third
+    assert client.list_collections(timeout=10) == []
+    col.close()
+    err = capfd.readouterr().err
+    assert "Received a GOAWAY" not in err, err[-2000:]
+    assert states and set(states) == {"READY"}, states  # the connection was never dropped

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GRPC_INSERT_BUDGET",
     "INSERT_BATCH",
+    "LITE_GRPC_OPTIONS",
     "MAX_NQ",
     "MAX_TOPK",
     "MilvusCollection",
@@ -56,6 +57,12 @@ MAX_NQ = 16_384  # a Milvus server caps the queries (nq) of one search call at 1
 MAX_TOPK = 16_384  # ... and the results (topk / limit) per query at 16,384
 GRPC_INSERT_BUDGET = 192 * 2**20  # bytes per insert call, well under the 256 MiB gRPC cap
 INSERT_BATCH = 8192  # default rows per insert call (fewer when the budget says so)
+# gRPC keepalive a ``milvus-lite server`` permits: grpc's default server policy wants pings at
+# least 5 min (300 s) apart and none while no call runs (:meth:`MilvusCollection._open`)
+LITE_GRPC_OPTIONS = {
+    "grpc.keepalive_time_ms": 360_000,
+    "grpc.keepalive_permit_without_calls": 0,
+}
 
 
 @contextlib.contextmanager
@@ -163,8 +170,6 @@ class MilvusCollection:
         """
         if self._client is not None:
             return self._client
-        from pymilvus import MilvusClient  # optional dependency, imported on use
-
         if self.is_local:
             path = Path(self.uri).expanduser().resolve()
             if path.suffix != ".db":
@@ -175,9 +180,7 @@ class MilvusCollection:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.uri = str(path)
         try:
-            self._client = MilvusClient(
-                uri=self.uri, token=self._token, timeout=min(self.timeout, 10.0)
-            )
+            self._client = self._open()
         except Exception as err:
             holder = lite_lock_holder(Path(self.uri)) if self.is_local else None
             held = f" (held by pid {holder[0]}: {holder[1]})" if holder else ""
@@ -190,6 +193,41 @@ class MilvusCollection:
             )
             raise RuntimeError(f"{self.owner}: cannot open {self.uri!r}: {err}.{hint}") from err
         return self._client
+
+    def _open(self) -> Any:
+        """A client with a connection of its own (``dedicated``), Lite with pings it permits.
+
+        pymilvus pings every 10 s, with or without calls; Milvus Lite's gRPC server (a
+        ``milvus-lite server``, or the one a ``.db`` file starts in this process) keeps gRPC's
+        default policy (pings at least 5 min apart, none while no call runs): the third ping
+        too early closes the connection with GOAWAY ``too_many_pings``. A server is asked its
+        version on a dedicated connection first (closed at once, so no shared connection keeps
+        pinging); Lite is opened with :data:`LITE_GRPC_OPTIONS`. Other servers keep pymilvus'
+        pings (a dead peer is noticed in seconds).
+        """
+        from pymilvus import MilvusClient  # optional dependency, imported on use
+
+        timeout = min(self.timeout, 10.0)
+        lite_options = {"dedicated": True, "grpc_options": dict(LITE_GRPC_OPTIONS)}
+        if self.is_local:
+            return MilvusClient(uri=self.uri, token=self._token, timeout=timeout, **lite_options)
+        probe = MilvusClient(uri=self.uri, token=self._token, timeout=timeout, dedicated=True)
+        try:
+            version = str(probe.get_server_version(timeout=self.timeout))
+        finally:
+            probe.close()
+        self._lite = version.lower().startswith("milvus_lite")
+        if not self._lite:
+            return MilvusClient(uri=self.uri, token=self._token, timeout=timeout, dedicated=True)
+        logger.info(
+            "%s: %s is a Milvus Lite server (%s): keepalive pings every %d s during calls only "
+            "(its gRPC server answers pymilvus' 10 s pings with GOAWAY too_many_pings)",
+            self.owner,
+            self.uri,
+            version,
+            LITE_GRPC_OPTIONS["grpc.keepalive_time_ms"] // 1000,
+        )
+        return MilvusClient(uri=self.uri, token=self._token, timeout=timeout, **lite_options)
 
     def close(self) -> None:
         """Close the client and, for Milvus Lite, stop its server so the file lock is released."""
