@@ -302,6 +302,7 @@ def test_a_resumed_run_reuses_the_model_version_it_registered(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
+        mlflow.set_experiment("registry")  # not the experiment id an earlier test left active
         with mlflow.start_run() as run:
             first = register_in_mlflow("efficientnet_lite0")
         with mlflow.start_run(run_id=run.info.run_id):  # the retry
