@@ -102,6 +102,45 @@ class _ShardBatches(Sampler[list[int]]):
 
 
 # ---- extraction --------------------------------------------------------------------------------
+class ModelForward:
+    """An embedder's model prepared for extraction on ``dev``, called on a batch of images.
+
+    Evaluation mode on ``dev``, channels_last where it is faster (:func:`channels_last_for`),
+    ``inference_mode`` and the autocast of ``amp_dtype`` (``None``: fp32); returns float32
+    vectors. The single-process path and the Ray Data actors (:mod:`embbench.embed_ray`) both
+    embed through it, so their vectors are the same.
+    """
+
+    def __init__(self, model: torch.nn.Module, dev: torch.device, amp_dtype) -> None:
+        self.dev, self.amp_dtype = dev, amp_dtype
+        self.model = model.to(dev).eval()
+        self.nhwc = channels_last_for(self.model, dev)
+        if self.nhwc:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """``N x C x H x W`` images (any layout) -> ``N x D`` float32 vectors."""
+        images = images.to(self.dev, non_blocking=True)
+        # uint8 batches arrive channels-last (embbench.decode): the layout the model takes
+        images = images.contiguous(
+            memory_format=torch.channels_last if self.nhwc else torch.contiguous_format
+        )
+        autocast = (
+            torch.autocast(device_type=self.dev.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            out = self.model(images)
+        return out.float().cpu().numpy()
+
+
+def unreadable(item_id: str, path: str, reason: str) -> dict:
+    """The cache's entry for an image that could not be read (logged as skipped)."""
+    logger.warning("skipping unreadable image %s: %s", path, reason)
+    return {"item_id": item_id, "path": path, "reason": reason}
+
+
 def embed_split(
     embedder,
     catalogue: Catalogue,
@@ -231,10 +270,7 @@ def _embed_locked(
             n_shards,
         )
 
-    model = embedder.model.to(dev).eval()
-    nhwc = channels_last_for(model, dev)
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
+    forward = ModelForward(embedder.model, dev, amp_dtype)
     prep = split_transform(embedder.transform)
     sampler = _ShardBatches(todo, batch_size)
     if num_workers > 0:
@@ -257,11 +293,6 @@ def _embed_locked(
     }
     t0 = time.perf_counter()
     n_images = 0
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else nullcontext()
-    )
     bar = tqdm(
         total=sum(stop - start for _, start, stop in todo),
         disable=not progress,
@@ -273,18 +304,10 @@ def _embed_locked(
             first = idx[0] if idx else bad[0][0]
             shard = pending[shard_of[first]]
             if images is not None:
-                images = images.to(dev, non_blocking=True)
-                # uint8 batches arrive channels-last (embbench.decode): the layout the model takes
-                images = images.contiguous(
-                    memory_format=torch.channels_last if nhwc else torch.contiguous_format
-                )
-                with autocast:
-                    out = model(images)
-                shard["vec"].append(out.float().cpu().numpy())
+                shard["vec"].append(forward(images))
                 shard["idx"].extend(idx)
             for i, reason in bad:
-                logger.warning("skipping unreadable image %s: %s", paths[i], reason)
-                shard["failed"].append({"item_id": ids[i], "path": paths[i], "reason": reason})
+                shard["failed"].append(unreadable(ids[i], paths[i], reason))
             n_images += len(idx) + len(bad)
             bar.update(len(idx) + len(bad))
             if len(shard["idx"]) + len(shard["failed"]) == shard["n"]:
@@ -395,10 +418,12 @@ def split_labels(es: EmbeddingSet, catalogue: Catalogue, column: str | None = No
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "ModelForward",
     "embed_split",
     "embed_splits",
     "embedding_cache",
     "split_labels",
+    "unreadable",
     "verified_complete",
     "resolve_device",
     "resolve_precision",

@@ -26,7 +26,6 @@ import logging
 import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +33,17 @@ import numpy as np
 import torch
 
 from embbench._ray import RayRunError, import_ray, ray_session
-from embbench._torch_utils import channels_last_for, resolve_device, resolve_precision
+from embbench._torch_utils import resolve_device, resolve_precision
 from embbench.cache import EmbeddingCache, EmbeddingSet
 from embbench.catalogue import Catalogue
-from embbench.embed import DEFAULT_SHARD_SIZE, ImageRows, embedding_cache, verified_complete
+from embbench.embed import (
+    DEFAULT_SHARD_SIZE,
+    ImageRows,
+    ModelForward,
+    embedding_cache,
+    unreadable,
+    verified_complete,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,28 +96,11 @@ class ShardEmbedder:
         decode_threads: int = 1,
     ) -> None:
         self.decoder = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
-        self.dev = resolve_device(device)
-        self.amp_dtype = resolve_precision(precision, self.dev)
-        self.model = embedder.model.to(self.dev).eval()
-        self.nhwc = channels_last_for(self.model, self.dev)
-        if self.nhwc:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        dev = resolve_device(device)
+        self.forward = ModelForward(embedder.model, dev, resolve_precision(precision, dev))
         self.rows = ImageRows(paths, embedder.transform)
         self.dim = embedder.embed_dim
         self.cache, self.ids, self.batch_size = cache, ids, batch_size
-
-    def _forward(self, images: torch.Tensor) -> np.ndarray:
-        images = images.to(self.dev, non_blocking=True)
-        if self.nhwc:
-            images = images.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast(device_type=self.dev.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            out = self.model(images)
-        return out.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Embed and write every shard of ``batch`` (columns ``shard``, ``start``, ``stop``)."""
@@ -122,16 +111,13 @@ class ShardEmbedder:
             for b in range(int(start), int(stop), self.batch_size):
                 items = list(itertools.islice(decoded, min(self.batch_size, int(stop) - b)))
                 good = [(i, t) for i, t, r in items if r is None]
-                for i, _, reason in items:
-                    if reason is not None:
-                        logger.warning(
-                            "skipping unreadable image %s: %s", self.rows.paths[i], reason
-                        )
-                        failed.append(
-                            {"item_id": self.ids[i], "path": self.rows.paths[i], "reason": reason}
-                        )
+                failed += [
+                    unreadable(self.ids[i], self.rows.paths[i], reason)
+                    for i, _, reason in items
+                    if reason is not None
+                ]
                 if good:
-                    vecs.append(self._forward(torch.stack([t for _, t in good])))
+                    vecs.append(self.forward(torch.stack([t for _, t in good])))
                     ok += [self.ids[i] for i, _ in good]
             vec = np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)
             self.cache.write_shard(int(s), vec, ok, failed)
