@@ -123,6 +123,20 @@ def _ipc_kernel_manager() -> type:
             kwargs.setdefault("transport", "ipc")
             kwargs.setdefault("ip", str(Path(tempfile.mkdtemp(prefix="embbench-kernel-")) / "k"))
             super().__init__(**kwargs)
+            self._clients: list[Any] = []
+
+        def client(self, **kwargs: Any) -> Any:
+            kc = super().client(**kwargs)
+            self._clients.append(kc)
+            return kc
+
+        def shutdown_kernel(self, *args: Any, **kwargs: Any) -> None:
+            # papermill leaves the channels of a kernel it was given (a warm kernel) open: stop
+            # them here, or their client warns "Could not destroy zmq context" when collected
+            for kc in self._clients:
+                kc.stop_channels()
+            self._clients.clear()
+            super().shutdown_kernel(*args, **kwargs)
 
     return IPCKernelManager
 
