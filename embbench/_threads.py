@@ -64,6 +64,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ __all__ = [
     "ThreadBudget",
     "apply_thread_budget",
     "available_cores",
+    "lower_priority",
     "resolve_thread_budget",
     "training_gflops",
 ]
@@ -229,3 +231,37 @@ def apply_thread_budget(budget: ThreadBudget) -> None:
         budget.cores,
         budget.reason,
     )
+
+
+def lower_priority(pid: int, nice: int) -> bool:
+    """Let process ``pid`` run on the CPU time others leave: niceness ``nice`` (never raised).
+
+    Linux shares the CPU between session autogroups first
+    (``/proc/sys/kernel/sched_autogroup_enabled``), and a Jupyter kernel starts a session of
+    its own, so the niceness of its threads alone would weigh nothing against another kernel:
+    its autogroup's (``/proc/<pid>/autogroup``) is set too, and every current thread's
+    (threads started later, the OpenMP pool and DataLoader workers, inherit it). Raising
+    niceness needs no privilege.
+
+    Returns:
+        Whether any setting took (``False`` where the platform has neither, e.g. not Linux).
+    """
+    took = False
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+        took = True
+    except OSError:  # no autogroups (kernel option), or not Linux
+        pass
+    try:
+        tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            took = True
+        except (OSError, AttributeError):  # gone meanwhile; no setpriority (not POSIX)
+            pass
+    if not took:
+        logger.info("could not lower the CPU priority of process %d", pid)
+    return took

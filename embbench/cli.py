@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace, names: list[str]) -> int:
     """Run the demo notebooks ``names`` in order (params checked) and say where things went."""
-    from embbench.notebooks import run_in_order
+    from embbench.notebook_graph import run_graph
     from embbench.paths import project_root, runs_dir
     from embbench.tracking import default_tracking_uri
 
@@ -94,9 +94,10 @@ def _run_demo(args: argparse.Namespace, names: list[str]) -> int:
             "weights: auto would fall back to random weights, and its records would say so"
         )
     root = project_root()
-    # each next notebook's kernel starts (and imports) while the one before runs
+    # two notebooks at once where one does not read the other's results; each next kernel
+    # starts (and imports) while others run
     steps = [(name, _params_for(name, root, args.params, demo=True)) for name in names]
-    outputs, report = run_in_order(steps)
+    outputs, report = run_graph(steps)
     logger.info("demo finished")
     lines = [
         "",

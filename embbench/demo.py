@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from embbench._utils import stable_hash
+from embbench._utils import hold_lock, stable_hash
 from embbench.catalogue import Catalogue
 from embbench.paths import data_dir
 
@@ -242,10 +242,17 @@ def make_demo_catalogue(
     )
     folder = Path(root) if root is not None else data_dir()
     folder = folder / f"demo-{stable_hash(spec, 10)}"
-    manifest = folder / "manifest.csv"
-    if not (manifest.is_file() and (folder / "spec.json").is_file()):
-        _generate(folder, spec)
+    if not _complete(folder):
+        # two processes loading the demo at once (`embbench demo` runs 01 and 02 together) must
+        # not both write it: the second waits and finds it complete
+        with hold_lock(folder.with_name(folder.name + ".lock"), f"demo catalogue {folder}"):
+            if not _complete(folder):
+                _generate(folder, spec)
     return _load(folder, spec)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "manifest.csv").is_file() and (folder / "spec.json").is_file()
 
 
 def _load(folder: Path, spec: dict) -> Catalogue:

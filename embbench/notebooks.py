@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from embbench._malloc import missing_allocator_env
+from embbench._threads import lower_priority
 from embbench._utils import stable_hash
 from embbench.analysis import AnalysisError
 from embbench.config import ConfigError, read_params_files
@@ -149,6 +150,30 @@ KERNEL_ENV_DEFAULTS = {
 }
 
 
+def kernel_env(name: str = "", output: Path | None = None) -> dict[str, str]:
+    """The environment a notebook's kernel starts with; this process's is left as it is.
+
+    This process's variables, :data:`KERNEL_ENV_DEFAULTS` where unset, glibc's allocator
+    settings (read when the kernel starts), the project's MLflow store unless
+    ``MLFLOW_TRACKING_URI`` says otherwise (MLflow used before the notebook's ``setup_mlflow``
+    would default to ``./mlruns`` under ``notebooks/``) and, for notebook ``name``, the
+    variables its MLflow runs name it by (not ``ipykernel_launcher.py``).
+    """
+    env = {**KERNEL_ENV_DEFAULTS, **os.environ, **missing_allocator_env()}
+    env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
+    if name:
+        env[NOTEBOOK_ENV] = str(notebook_path(name))
+        env[NOTEBOOK_OUTPUT_ENV] = str(output or "")
+    return env
+
+
+def start_kernel(env: Mapping[str, str], kernel_name: str = "python3") -> Any:
+    """A started kernel manager (IPC sockets) whose kernel has ``env``, in ``notebooks/``."""
+    km = _ipc_kernel_manager()(kernel_name=kernel_name)
+    km.start_kernel(cwd=str(project_root() / "notebooks"), env=dict(env))
+    return km
+
+
 class WarmKernel:
     """A kernel for notebook ``name``, started with its imports done while another one runs.
 
@@ -161,11 +186,12 @@ class WarmKernel:
     starts one, as without a warm kernel), with an INFO line.
     """
 
-    def __init__(self, name: str, kernel_name: str = "python3") -> None:
+    def __init__(self, name: str, kernel_name: str = "python3", *, nice: int = 0) -> None:
         self.name = name
         self.km: Any = None
         self.error: BaseException | None = None
         self._kernel_name = kernel_name
+        self._nice = nice
         self._imports = (
             f"import embbench, {config_for(name).__module__}, embbench.analysis, "
             "embbench.report, embbench.tracking"
@@ -175,10 +201,9 @@ class WarmKernel:
 
     def _start(self) -> None:
         try:
-            env = {**KERNEL_ENV_DEFAULTS, **os.environ, **missing_allocator_env()}
-            env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
-            self.km = _ipc_kernel_manager()(kernel_name=self._kernel_name)
-            self.km.start_kernel(cwd=str(project_root() / "notebooks"), env=env)
+            self.km = start_kernel(kernel_env(), self._kernel_name)
+            if self._nice:
+                lower_priority(self.km.provisioner.process.pid, self._nice)
             self._run(self._imports)
         except Exception as exc:  # papermill starts a kernel instead
             self.error = exc
@@ -252,27 +277,15 @@ def run_notebook(
     keep_latest = output is None
     output = output or executed_path(name, parameters)
     output.parent.mkdir(parents=True, exist_ok=True)
-    for key, value in KERNEL_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    # glibc reads its allocator settings when the kernel starts: it inherits them from here
-    os.environ.update(missing_allocator_env())
     logger.info("%s started with %s -> %s", name, [str(f) for f in params_files], output)
     t0 = time.monotonic()
-    # MLflow used in the kernel before the notebook's setup_mlflow would default to ./mlruns
-    # under notebooks/; point it at the project's store for this run only.
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if env_uri is None:
-        os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri()
-    # the kernel's MLflow runs name the notebook as their source (not ipykernel_launcher.py)
-    env_nb = {k: os.environ.get(k) for k in (NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV)}
-    os.environ[NOTEBOOK_ENV] = str(notebook_path(name))
-    os.environ[NOTEBOOK_OUTPUT_ENV] = str(output)
-    km = (
-        kernel.take({k: os.environ[k] for k in (NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV)})
-        if kernel
-        else None
-    )
+    # the kernel's environment is given to it, never set in this process: notebooks run at once
+    # (embbench.notebook_graph) from threads of one process
+    env = kernel_env(name, output)
+    own = {k: env[k] for k in (NOTEBOOK_ENV, NOTEBOOK_OUTPUT_ENV)}
+    km = kernel.take(own) if kernel else None
     try:
+        km = km or start_kernel(env, kernel_name)
         with KernelLogRelay(name) as relay:
             pm.execute_notebook(
                 str(notebook_path(name)),
@@ -284,7 +297,7 @@ def run_notebook(
                 log_output=False,
                 stdout_file=relay,
                 kernel_manager_class=_ipc_kernel_manager(),
-                **({"km": km} if km is not None else {}),
+                km=km,
             )
     except Exception:
         logger.info(
@@ -294,13 +307,6 @@ def run_notebook(
     finally:
         if km is not None:  # papermill leaves a kernel it was given running
             km.shutdown_kernel(now=True)
-        if env_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        for key, value in env_nb.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     if keep_latest:
         shutil.copyfile(output, output.parent / "latest.ipynb")
     logger.info("%s done in %.0f s -> %s", name, time.monotonic() - t0, output)
@@ -360,32 +366,6 @@ def render_report(
     latest = sorted((reports_dir() / "notebooks").glob("0[1-4]_*/latest.ipynb"))
     sources = [versioned_notebook(p) for p in latest]
     return export_html(executed, output, title=cfg.title, sources=[*sources, executed])
-
-
-def run_in_order(steps: Sequence[tuple[str, list[Path]]]) -> tuple[list[Path], Path | None]:
-    """Run notebooks one after the other, each next kernel started while the one before runs.
-
-    ``steps`` are (notebook, params files); ``05_analysis`` is rendered as the HTML report.
-    Returns the executed notebooks and the report's path (``None`` without 05).
-    """
-    outputs: list[Path] = []
-    report = None
-    warm: WarmKernel | None = None
-    try:
-        for i, (name, files) in enumerate(steps):
-            current, warm = warm, None
-            if i + 1 < len(steps):
-                warm = WarmKernel(steps[i + 1][0])
-            logger.info("[stage %d/%d] %s", i + 1, len(steps), name)
-            if name == REPORT_NOTEBOOK:
-                report = render_report(params_files=files, kernel=current)
-                outputs.append(reports_dir() / "notebooks" / REPORT_NOTEBOOK / "latest.ipynb")
-            else:
-                outputs.append(run_notebook(name, files, kernel=current))
-    finally:
-        if warm is not None:  # a notebook failed: its successor's kernel is not needed
-            warm.close()
-    return outputs, report
 
 
 def versioned_notebook(path: Path) -> Path:

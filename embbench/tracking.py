@@ -217,7 +217,11 @@ def setup_mlflow(uri: str = "", experiment: str = "embbench") -> str:
             art = runs_dir() / "mlartifacts"
             art.mkdir(parents=True, exist_ok=True)
             artifact_location = art.resolve().as_uri()
-        client.create_experiment(experiment, artifact_location=artifact_location)
+        try:
+            client.create_experiment(experiment, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException as err:  # created at once by another process
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     exp = mlflow.set_experiment(experiment)
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         # typed for ML, not GenAI (the 3.17 UI also needs ui_link's workflowType)

@@ -94,12 +94,20 @@ def test_papermill_kernels_inherit_the_env(monkeypatch, tmp_path):
         monkeypatch.delenv(key, raising=False)
     seen = {}
 
-    def execute_notebook(*args, **kwargs):
-        seen.update({k: os.environ.get(k) for k in PROCESS_ENV})
+    class Kernel:
+        def shutdown_kernel(self, now=False):
+            pass
 
-    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    def start_kernel(env, kernel_name="python3"):
+        seen.update({k: env.get(k) for k in PROCESS_ENV})
+        return Kernel()
+
+    monkeypatch.setattr(notebooks, "start_kernel", start_kernel)
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: None)
     notebooks.run_notebook("02_finetune", output=tmp_path / "out.ipynb", progress=False)
     assert seen == PROCESS_ENV
+    # given to the kernel, not set here: notebooks run at once from threads of one process
+    assert not any(k in os.environ for k in PROCESS_ENV)
 
 
 def test_makefile_kernel_and_dockerfile_carry_the_same_values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -84,9 +85,12 @@ def test_notebook_01_smoke_run_is_quiet_and_talks(capfd, caplog):
 
     caplog.set_level(logging.INFO)
     params = ROOT / "params"
+    environ = dict(os.environ)
     out = run_notebook(
         "01_embed", [params / "01_embed.yaml", params / "smoke" / "01_embed.yaml"], progress=False
     )
+    # the kernel's variables are given to it: notebooks run at once from threads of one process
+    assert dict(os.environ) == environ
     terminal = capfd.readouterr().err
     log = terminal + "\n".join(r.getMessage() for r in caplog.records)
     problems = [line for line in log.splitlines() if LOG_PROBLEM.search(line)]

@@ -87,7 +87,7 @@ def _top(runs: list) -> list:
 def test_the_demo_grid_on_ray_equals_the_demo_and_survives_a_lost_node(
     tmp_path, monkeypatch, services, ray_cluster
 ):
-    from embbench.notebooks import render_report, run_notebook
+    from embbench.notebook_graph import run_graph
     from embbench.pipeline.ray_grid import RayOptions, RayResources, RayRunError, run_on_ray
     from embbench.records import ResultStore
 
@@ -97,11 +97,12 @@ def test_the_demo_grid_on_ray_equals_the_demo_and_survives_a_lost_node(
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("EMBBENCH_DATA", str(tmp_path / "data"))  # generated once, shared
 
-    # what `make demo` runs, notebook by notebook (the Milvus server instead of the Lite file)
+    # what `make demo` runs: two notebooks at once on 2 cores, their Lite file served by a
+    # milvus-lite server of run_graph's own
     _home(monkeypatch, tmp_path / "demo")
-    for nb in NOTEBOOKS[:4]:
-        run_notebook(nb, params[nb], {"milvus_uri": uri}, progress=False)
-    assert render_report(params_files=params["05_analysis"]).is_file()
+    outputs, report = run_graph([(nb, params[nb]) for nb in NOTEBOOKS])
+    assert report.is_file() and len(outputs) == 5
+    assert (tmp_path / "demo" / "embbench_runs" / "milvus.db").exists()
     demo = _records()
     demo_runs = _mlflow_runs()
 
