@@ -27,6 +27,7 @@ after the other as before.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
 import subprocess
@@ -227,7 +228,9 @@ class _Schedule:
                         len(self.steps), name, f" (alongside {others})" if others else "",
                         f", at nice {self._nice(name)}" if self._nice(name) else "",
                     )  # fmt: skip
-                    running[pool.submit(self._one, name, files)] = name
+                    # in the caller's context: `embbench demo -f` marks its files shared there
+                    job = pool.submit(contextvars.copy_context().run, self._one, name, files)
+                    running[job] = name
                 if failure is None and pending:  # its imports done while the others run
                     self._kernel(pending[0][0])
                 if not running:  # a failure, with nothing left running

@@ -18,6 +18,7 @@ import pytest
 
 from embbench import notebook_graph
 from embbench.notebook_graph import LiteServer, run_graph
+from embbench.notebooks import resolve_params
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("01_embed", "02_finetune", "03_toptune", "04_crosstune", "05_analysis")
@@ -44,6 +45,8 @@ def timed(monkeypatch):
 
     def run(name, files, overrides=None, *, kernel=None, progress=True):
         assert isinstance(kernel, FakeKernel)
+        if files:
+            resolve_params(name, files, overrides)  # as run_notebook does first
         start = time.monotonic()
         time.sleep(SECONDS.get(name, 0.05))
         spans[name] = (start, time.monotonic())
@@ -102,6 +105,18 @@ def test_a_notebook_the_graph_does_not_know_reads_everything_before_it(timed):
     spans, _ = timed
     run_graph([("01_embed", []), ("02_finetune", []), ("99_mine", [])], slots=2)
     assert spans["99_mine"][0] >= max(spans["01_embed"][1], spans["02_finetune"][1])
+
+
+def test_files_the_demo_shares_between_notebooks_stay_shared_in_the_graph(timed, tmp_path):
+    from embbench.config import ConfigError, shared_params_files
+
+    mine = tmp_path / "my.yaml"  # `embbench demo -f my.yaml`: tasks means nothing to 02
+    mine.write_text("label: sku\ntasks: [image-image]\n")
+    steps = [("01_embed", [mine]), ("02_finetune", [mine])]
+    with pytest.raises(ConfigError, match="tasks"):
+        run_graph(steps, slots=2)  # not shared: 02 refuses it
+    with shared_params_files([mine]):
+        run_graph(steps, slots=2)  # shared: 02 leaves it out, in the notebooks' threads too
 
 
 @pytest.mark.slow
