@@ -124,6 +124,19 @@ def _needs(steps: Sequence[Step]) -> dict[str, set[str]]:
     }
 
 
+def _overlap(needs: Mapping[str, set[str]]) -> bool:
+    """Whether two notebooks may run at once: neither reads the other, even through a third."""
+    before: dict[str, set[str]] = {}
+    for name in needs:  # in order: what a notebook needs comes before it
+        before[name] = set(needs[name]).union(*(before.get(n, set()) for n in needs[name]))
+    names = list(needs)
+    return any(
+        a not in before[b] and b not in before[a]
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    )
+
+
 def _lite_users(steps: Sequence[Step]) -> list[str]:
     """The notebooks that would open the default Milvus Lite file (``milvus_uri`` empty)."""
     users = []
@@ -150,8 +163,8 @@ def run_graph(steps: Sequence[Step], *, slots: int | None = None) -> tuple[list[
         The first notebook's error; the notebooks running then are finished first (nothing
         they compute is lost), none is started after it.
     """
-    slots = slots or (2 if available_cores() >= 2 else 1)
     needs = _needs(steps)
+    slots = slots or (2 if available_cores() >= 2 and _overlap(needs) else 1)
     overrides: dict[str, dict[str, Any]] = {}
     server = None
     users = _lite_users(steps) if slots > 1 else []

@@ -107,6 +107,16 @@ def test_a_notebook_the_graph_does_not_know_reads_everything_before_it(timed):
     assert spans["99_mine"][0] >= max(spans["01_embed"][1], spans["02_finetune"][1])
 
 
+def test_no_lite_server_where_nothing_can_run_at_once(timed, monkeypatch):
+    asked = []
+    monkeypatch.setattr(notebook_graph, "_lite_users", lambda steps: asked.append(steps) or [])
+    run_graph([("02_finetune", []), ("04_crosstune", [])])  # 04 reads 02
+    run_graph([("01_embed", []), ("03_toptune", []), ("05_analysis", [])])
+    assert not asked and all(nice == 0 for _, nice in FakeKernel.made)
+    run_graph([("01_embed", []), ("02_finetune", [])])
+    assert asked or notebook_graph.available_cores() < 2
+
+
 def test_files_the_demo_shares_between_notebooks_stay_shared_in_the_graph(timed, tmp_path):
     from embbench.config import ConfigError, shared_params_files
 
