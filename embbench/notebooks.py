@@ -182,8 +182,10 @@ class WarmKernel:
     next notebook's kernel and runs those imports in the background instead. The kernel gets
     this process's environment when it starts (allocator settings included, read by glibc
     then); :meth:`take` sets what is the notebook's own (``EMBBENCH_NOTEBOOK``, ...) before
-    papermill runs it. A kernel that failed to start is given back as ``None`` (papermill then
-    starts one, as without a warm kernel), with an INFO line.
+    papermill runs it. A kernel that failed to start is given back as ``None`` (run_notebook then
+    starts one, as without a warm kernel), with an INFO line. ``nice`` > 0 lowers the kernel's
+    CPU priority (:func:`embbench._threads.lower_priority`) before its imports: a notebook run
+    beside another (:mod:`embbench.notebook_graph`).
     """
 
     def __init__(self, name: str, kernel_name: str = "python3", *, nice: int = 0) -> None:
@@ -205,7 +207,7 @@ class WarmKernel:
             if self._nice:
                 lower_priority(self.km.provisioner.process.pid, self._nice)
             self._run(self._imports)
-        except Exception as exc:  # papermill starts a kernel instead
+        except Exception as exc:  # run_notebook starts a kernel instead
             self.error = exc
 
     def _run(self, code: str, timeout: float = 300) -> None:
@@ -264,7 +266,8 @@ def run_notebook(
     """Execute notebook ``name`` with validated parameters; return the executed notebook's path.
 
     ``kernel``: a :class:`WarmKernel` started for ``name`` while something else ran (the
-    demo's next notebook); without one (or if it failed to start) papermill starts a kernel.
+    demo's next notebook); without one (or if it failed to start) a kernel is started here,
+    with the notebook's environment (:func:`kernel_env`), and shut down after.
 
     Raises:
         embbench.config.ConfigError: A params file has an unknown key or a bad value.
