@@ -42,6 +42,7 @@ from embbench._threads import available_cores
 from embbench.config import read_params_files
 from embbench.notebooks import REPORT_NOTEBOOK, WarmKernel, render_report, run_notebook
 from embbench.paths import reports_dir, runs_dir
+from embbench.services import lite_lock_holder
 from embbench.stages import config_for
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,13 @@ def run_graph(steps: Sequence[Step], *, slots: int | None = None) -> tuple[list[
     overrides: dict[str, dict[str, Any]] = {}
     server = None
     users = _lite_users(steps) if slots > 1 else []
+    holder = lite_lock_holder(runs_dir() / "milvus.db") if users else None
+    if holder:  # a JupyterLab kernel that ran a stage keeps the file open until it stops
+        logger.warning(
+            "%s is open in process %d (%s): it cannot be served to notebooks running at once; "
+            "they run one after the other", runs_dir() / "milvus.db", *holder,
+        )  # fmt: skip
+        users, slots = [], 1
     if users:
         server = LiteServer(runs_dir() / "milvus.db", runs_dir() / "milvus-lite-server.log")
         try:

@@ -117,6 +117,30 @@ def test_no_lite_server_where_nothing_can_run_at_once(timed, monkeypatch):
     assert asked or notebook_graph.available_cores() < 2
 
 
+@pytest.mark.slow
+def test_a_lite_file_another_process_holds_runs_the_notebooks_one_after_the_other(
+    timed, monkeypatch, tmp_path, caplog
+):
+    spans, _ = timed
+    monkeypatch.setenv("EMBBENCH_RUNS", str(tmp_path))
+    monkeypatch.setattr(notebook_graph, "_lite_users", lambda steps: ["01_embed"])
+    holder = subprocess.Popen(  # a JupyterLab kernel that ran stage 01
+        [sys.executable, "-c", "import sys, time; from pymilvus import MilvusClient; "
+         f"MilvusClient({str(tmp_path / 'milvus.db')!r}); print('open', flush=True); "
+         "time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        run_graph([("01_embed", []), ("02_finetune", [])], slots=2)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"is open in process {holder.pid}" in caplog.text
+    assert spans["02_finetune"][0] >= spans["01_embed"][1]  # one after the other
+    assert not (tmp_path / "milvus-lite-server.log").exists()  # no server tried
+
+
 def test_files_the_demo_shares_between_notebooks_stay_shared_in_the_graph(timed, tmp_path):
     from embbench.config import ConfigError, shared_params_files
 
