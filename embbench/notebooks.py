@@ -237,7 +237,8 @@ class WarmKernel:
         return None
 
     def close(self) -> None:
-        """Shut the kernel down (when it was not taken, or failed)."""
+        """Shut the kernel down (when it was not taken, or failed), once it has started."""
+        self._thread.join(timeout=120)  # still starting: closed after, not left running
         if self.km is not None and self.km.has_kernel:
             self.km.shutdown_kernel(now=True)
 

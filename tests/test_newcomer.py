@@ -187,6 +187,21 @@ def test_a_warm_kernel_runs_a_notebook_with_the_notebooks_own_environment(tmp_pa
     assert text.split() == ["the-notebook", "True", "True", str(pid)]
 
 
+@pytest.mark.slow
+def test_a_warm_kernel_closed_while_it_starts_is_not_left_running():
+    """The demo closes the next notebook's kernel when a notebook fails, maybe mid-start."""
+    from embbench.notebooks import WarmKernel
+
+    warm = WarmKernel("01_embed")
+    warm.close()  # at once: the kernel is still starting
+    warm._thread.join()
+    try:
+        assert warm.km is None or not warm.km.has_kernel
+    finally:
+        if warm.km is not None and warm.km.has_kernel:
+            warm.km.shutdown_kernel(now=True)
+
+
 def test_a_warm_kernel_that_cannot_start_leaves_it_to_papermill(caplog):
     from embbench.notebooks import WarmKernel
 
