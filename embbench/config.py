@@ -225,6 +225,11 @@ def shared_params_files(files: Iterable[str | Path]) -> Iterator[None]:
         _SHARED_FILES.reset(token)
 
 
+def current_shared_params_files() -> frozenset[str]:
+    """The files :func:`shared_params_files` marks shared here (to carry into another thread)."""
+    return _SHARED_FILES.get()
+
+
 def _other_stages_fields(notebook: str) -> set[str]:
     """The parameter names of every registered stage but ``notebook``."""
     names: set[str] = set()

@@ -244,8 +244,8 @@ def make_demo_catalogue(
     folder = folder / f"demo-{stable_hash(spec, 10)}"
     if not _complete(folder):
         # two processes loading the demo at once (`embbench demo` runs 01 and 02 together) must
-        # not both write it: the second waits and finds it complete
-        with hold_lock(folder.with_name(folder.name + ".lock"), f"demo catalogue {folder}"):
+        # not both write it: the second waits and finds it complete (a hidden lock file beside)
+        with hold_lock(folder.with_name(f".{folder.name}.lock"), f"demo catalogue {folder}"):
             if not _complete(folder):
                 _generate(folder, spec)
     return _load(folder, spec)

@@ -27,7 +27,6 @@ after the other as before.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import socket
 import subprocess
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from embbench._threads import available_cores
-from embbench.config import read_params_files
+from embbench.config import current_shared_params_files, read_params_files, shared_params_files
 from embbench.notebooks import REPORT_NOTEBOOK, WarmKernel, render_report, run_notebook
 from embbench.paths import reports_dir, runs_dir
 from embbench.services import lite_lock_holder
@@ -218,7 +217,11 @@ class _Schedule:
             self.kernels[name] = WarmKernel(name, nice=self._nice(name))
         return self.kernels[name]
 
-    def _one(self, name: str, files: list[Path]) -> None:
+    def _one(self, name: str, files: list[Path], shared: frozenset[str]) -> None:
+        with shared_params_files(shared):
+            self._run_one(name, files)
+
+    def _run_one(self, name: str, files: list[Path]) -> None:
         kernel = self._kernel(name)
         if name == REPORT_NOTEBOOK:
             self.report = render_report(params_files=files, kernel=kernel)
@@ -235,6 +238,10 @@ class _Schedule:
         done: set[str] = set()
         failure: BaseException | None = None
         pool = ThreadPoolExecutor(self.slots, thread_name_prefix="notebook")
+        # `embbench demo -f` marks its files shared in this thread's context; that marker alone
+        # goes to the notebooks' threads (a copy of the whole context would give them this
+        # thread's event loop too, which jupyter_client keeps in a context variable)
+        shared = current_shared_params_files()
         try:
             while pending or running:
                 while failure is None and pending and len(running) < self.slots:
@@ -249,9 +256,7 @@ class _Schedule:
                         len(self.steps), name, f" (alongside {others})" if others else "",
                         f", at nice {self._nice(name)}" if self._nice(name) else "",
                     )  # fmt: skip
-                    # in the caller's context: `embbench demo -f` marks its files shared there
-                    job = pool.submit(contextvars.copy_context().run, self._one, name, files)
-                    running[job] = name
+                    running[pool.submit(self._one, name, files, shared)] = name
                 if failure is None and pending:  # its imports done while the others run
                     self._kernel(pending[0][0])
                 if not running:  # a failure, with nothing left running

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from jupyter_core.utils import ensure_event_loop
 
 from embbench import notebook_graph
 from embbench.notebook_graph import LiteServer, run_graph
@@ -43,8 +44,11 @@ def timed(monkeypatch):
     FakeKernel.made = []
     fail: dict[str, Exception] = {}
 
+    main_loop = ensure_event_loop()  # jupyter_client's loop of this thread (a context variable)
+
     def run(name, files, overrides=None, *, kernel=None, progress=True):
         assert isinstance(kernel, FakeKernel)
+        assert ensure_event_loop() is not main_loop  # papermill in two threads: one loop each
         if files:
             resolve_params(name, files, overrides)  # as run_notebook does first
         start = time.monotonic()
