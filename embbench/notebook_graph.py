@@ -5,24 +5,26 @@ or 03, while 03 reads 01's cached test embeddings, 04 reads 02's checkpoints and
 05 reads them all (:data:`NEEDS`). One after the other on 2 cores, the cores were 135% busy
 (``/usr/bin/time -v``): 01 embeds at ~140%, 02 trains at ~150% (decoding inline between steps),
 and 03's top-tuning searches (tiny Keras MLPs) run on one core for ~45 of its ~85 s. So
-:func:`run_graph` runs two notebooks at once where the graph allows (one per core pair, at most
+:func:`run_graph` runs two notebooks at once where the graph allows (on 2 or more cores;
 ``slots``): 01 and 02 start together, 03 when 01 is done, 04 when 02 and 03 are, then 05.
 
 02 runs **in the background** (:data:`BACKGROUND`): its kernel is niced
 (:func:`embbench._threads.lower_priority`), so the chain 01 -> 03 -> 04 -> 05, the longer one,
 keeps the cores it uses and 02 fills what it leaves (the idle second core of 03's searches, the
-gaps between 01's models); once the chain waits for 02, 02 has the cores. Without the nice the
-two shared the cores evenly, 01 took 70 instead of 46 s and 03 then ran alone. Each notebook
-keeps its own thread budget (2 intra-op threads on 2 cores): the results do not depend on the
-schedule (the records of both schedules are compared in the README's figures).
+gaps between 01's models); once the chain waits for 02, 02 has the cores. Tried first without
+the nice (the same schedule by hand), the two shared the cores evenly: 01 took 70 s instead of
+46 s alone, and 03 then ran ~50 s alone; niced, 01 takes 51-57 s and 02 ends before 03. Each
+notebook keeps its own thread budget (2 intra-op threads on 2 cores): the results do not depend
+on the schedule (the records of both schedules are compared in the README's figures).
 
 Two notebooks cannot open one Milvus Lite file (one process holds it), so while notebooks run at
 once a ``milvus-lite server`` serves the file the notebooks would have opened
 (``<runs_dir>/milvus.db``, log ``<runs_dir>/milvus-lite-server.log``) on a free local port, and
 every notebook whose ``milvus_uri`` is empty gets that server's address (its executed copy shows
 it). Collections, and so the index, are the same. A notebook with its own ``milvus_uri`` (a
-Milvus server) keeps it. Where the server cannot start, or on one core, the notebooks run one
-after the other as before.
+Milvus server) keeps it. Where the server cannot start, the file is open in another process (a
+JupyterLab kernel that ran a stage), or there is one core, the notebooks run one after the other
+as before.
 """
 
 from __future__ import annotations
