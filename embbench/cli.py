@@ -61,7 +61,7 @@ def _dry(name: str, files: list[Path], overrides: dict | None = None) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo notebooks in order and say where everything went."""
+    """Run the demo notebooks (two at once where the graph allows) and say where things went."""
     from embbench.config import shared_params_files
     from embbench.notebooks import resolve_params
     from embbench.paths import project_root
@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace, names: list[str]) -> int:
-    """Run the demo notebooks ``names`` in order (params checked) and say where things went."""
+    """Run the demo notebooks ``names`` as a graph (params checked); say where things went."""
     from embbench.notebook_graph import run_graph
     from embbench.paths import project_root, runs_dir
     from embbench.tracking import default_tracking_uri
