@@ -219,20 +219,19 @@ class _Schedule:
             self.kernels[name] = WarmKernel(name, nice=self._nice(name))
         return self.kernels[name]
 
-    def _one(self, name: str, files: list[Path], shared: frozenset[str]) -> None:
+    def _one(
+        self, name: str, files: list[Path], kernel: WarmKernel, shared: frozenset[str]
+    ) -> tuple[Path, Path | None]:
+        """Run notebook ``name`` on ``kernel`` (a worker thread); its output and report."""
         with shared_params_files(shared):
-            self._run_one(name, files)
-
-    def _run_one(self, name: str, files: list[Path]) -> None:
-        kernel = self._kernel(name)
-        if name == REPORT_NOTEBOOK:
-            self.report = render_report(params_files=files, kernel=kernel)
-            self.outputs[name] = reports_dir() / "notebooks" / REPORT_NOTEBOOK / "latest.ipynb"
-        else:
+            if name == REPORT_NOTEBOOK:
+                report = render_report(params_files=files, kernel=kernel)
+                return reports_dir() / "notebooks" / REPORT_NOTEBOOK / "latest.ipynb", report
             progress = not self._nice(name)  # one papermill bar on the terminal: the chain's
-            self.outputs[name] = run_notebook(
+            out = run_notebook(
                 name, files, self.overrides.get(name), kernel=kernel, progress=progress
             )
+            return out, None
 
     def run(self) -> tuple[list[Path], Path | None]:
         pending = list(self.steps)
@@ -258,7 +257,8 @@ class _Schedule:
                         len(self.steps), name, f" (alongside {others})" if others else "",
                         f", at nice {self._nice(name)}" if self._nice(name) else "",
                     )  # fmt: skip
-                    running[pool.submit(self._one, name, files, shared)] = name
+                    kernel = self._kernel(name)  # kernels are made and closed here only
+                    running[pool.submit(self._one, name, files, kernel, shared)] = name
                 if failure is None and pending:  # its imports done while the others run
                     self._kernel(pending[0][0])
                 if not running:  # a failure, with nothing left running
@@ -267,6 +267,8 @@ class _Schedule:
                 for future in finished:
                     name = running.pop(future)
                     if future.exception() is None:
+                        self.outputs[name], report = future.result()
+                        self.report = report or self.report
                         done.add(name)
                     elif failure is None:
                         failure = future.exception()

@@ -66,8 +66,7 @@ def timed(monkeypatch):
     monkeypatch.setattr(notebook_graph, "render_report", report)
     monkeypatch.setattr(notebook_graph, "WarmKernel", FakeKernel)
     monkeypatch.setattr(notebook_graph, "_lite_users", lambda steps: [])
-    spans_fail = (spans, fail)
-    return spans_fail
+    return spans, fail
 
 
 def test_what_reads_nothing_runs_alongside_and_the_rest_waits_for_what_it_reads(timed):
