@@ -324,7 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="run the demo end to end")
+    d = sub.add_parser(
+        "demo",
+        help="run the demo end to end",
+        description="Run the notebooks on the demo catalogue as a graph: two at once where one "
+        "does not read the other's results (01 with 02; 03 after 01, 04 after 02 and 03, then "
+        "05), a milvus-lite server serving runs/milvus.db to them meanwhile "
+        "(runs/milvus-lite-server.log); one after the other on one core.",
+    )
     d.add_argument("--notebooks", default="", help="comma-separated subset, e.g. 01_embed")
     d.add_argument(
         "-f",
