@@ -277,6 +277,65 @@ def test_selection_by_levels_equals_topk(n, group, ties):
         np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals)
 
 
+@pytest.mark.parametrize("n", [2048, 4096, 5000, 20011])
+@pytest.mark.parametrize("ties", [False, True])
+def test_compiled_selection_equals_topk(n, ties):
+    # The numba twin of the levels: the same values as a full top-k, each column once, partial
+    # groups at both levels (20011: 1250 groups + 11 columns, 78 groups of groups + 2 groups).
+    from embbench.retrieval import _select_jit
+
+    rng = np.random.default_rng(n)
+    s = rng.standard_normal((37, n)).astype(np.float32)
+    if ties:
+        s = np.round(s).astype(np.float32)
+    for c in (1, 8):
+        vals, cols = _select_jit.top_candidates(s, c)
+        np.testing.assert_array_equal(np.sort(vals, 1)[:, ::-1], -np.sort(-s, axis=1)[:, :c])
+        assert all(len(set(row)) == c for row in cols)
+        np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals)
+    # The best value placed in each region the levels treat apart: the last group (in no group
+    # of groups unless 16 divides their number), the columns in no group, the last member of
+    # the last group.
+    g1 = n // 16
+    for col in (g1 - 1, n - 1, 16 * g1 - 1):
+        t = s.copy()
+        t[:, col] = 100.0
+        vals, cols = _select_jit.top_candidates(t, 3)
+        assert (cols == col).any(axis=1).all(), col
+    with pytest.raises(ValueError, match="n // 256 >= n_cand"):
+        _select_jit.top_candidates(s[:, :300], 2)
+
+
+def test_choose_select_loads_the_compiled_kernel_once_it_pays(monkeypatch, caplog):
+    from embbench.retrieval import _matmul
+
+    monkeypatch.setattr(_matmul, "_jit_state", {"scores": 0.0, "loaded": False, "failed": False})
+    monkeypatch.setattr(_matmul, "JIT_MIN_SCORES", 1e6)
+    assert _matmul.choose_select("auto", 4096, 6e5, 8) == "numpy"  # 6e5 searched so far
+    assert _matmul.choose_select("auto", 100, 6e5, 8) == "numpy"  # too few columns for it
+    assert _matmul.choose_select("numpy", 4096, 6e5, 8) == "numpy"  # forbidden
+    assert _matmul.choose_select("auto", 4096, 6e5, 8) == "numba"  # 2.4e6 >= 1e6: loaded
+    assert _matmul._jit_state["loaded"]
+    assert _matmul.choose_select("auto", 4096, 10.0, 8) == "numba"  # loaded: always used
+    with pytest.raises(ValueError, match="'gpu'"):
+        _matmul.choose_select("gpu", 4096, 10.0, 8)
+    with pytest.raises(ValueError, match="select must be"):
+        ExactBackend(select="gpu")
+
+    def broken():
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setattr(_matmul, "_jit_state", {"scores": 0.0, "loaded": False, "failed": False})
+    monkeypatch.setattr(_matmul, "_jit", broken)
+    with pytest.raises(ImportError, match="select='numba' needs numba"):
+        _matmul.choose_select("numba", 4096, 10.0, 8)
+    with caplog.at_level("WARNING", logger="embbench.retrieval._matmul"):
+        assert _matmul.choose_select("auto", 4096, 2e6, 8) == "numpy"
+    assert "compiled selection unavailable" in caplog.text
+    assert _matmul._jit_state["failed"]
+    assert _matmul.choose_select("auto", 4096, 2e6, 8) == "numpy"  # not tried again
+
+
 def test_group_maxima_are_strided_groups():
     from embbench.retrieval._matmul import group_maxima
 
@@ -291,9 +350,10 @@ def test_exact_with_two_stage_selection_matches_full_sort(data):
     # n > 17 groups of 64: the two-stage selection runs (the other tests' n are below it).
     x = clustered(11, n=2600, d=16, dups=300)[0] if data == "clustered" else one_hot(7, n=2600)
     sub = np.random.default_rng(0).choice(len(x), 120, replace=False)
-    for path in ("numpy", "torch"):
-        be = ExactBackend(matmul=path, threads=2)
+    for path, select in (("numpy", "numpy"), ("torch", "numpy"), ("numpy", "numba")):
+        be = ExactBackend(matmul=path, threads=2, select=select)
         ids, dists = be.search(x, x[sub], 5, query_ids=sub)
+        assert be.last_select == select
         ref_ids, ref_d = ref_search(x, x[sub], 5, self_ids=sub)
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(dists, ref_d, atol=1e-6)
@@ -307,9 +367,10 @@ def test_exact_over_many_blocks_matches_full_sort(data):
     # groups of 16 plus 8, then 10 groups of groups plus 2).
     x = clustered(13, n=2600, d=16, dups=300)[0] if data == "clustered" else one_hot(8, n=2600)
     sub = np.random.default_rng(1).choice(len(x), 240, replace=False)
-    for path in ("numpy", "torch"):
-        be = ExactBackend(matmul=path, threads=2, block_size=120, margin=0)
+    for path, select in (("numpy", "numpy"), ("torch", "numpy"), ("torch", "numba")):
+        be = ExactBackend(matmul=path, threads=2, block_size=120, margin=0, select=select)
         ids, dists = be.search(x, x[sub], 5, query_ids=sub)
+        assert be.last_select == select
         ref_ids, ref_d = ref_search(x, x[sub], 5, self_ids=sub)
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(dists, ref_d, atol=1e-6)
@@ -489,6 +550,8 @@ def test_bench_retrieval_quick_prints_the_ratios():
     for line in (
         "ratio exact / baseline:",
         "ratio exact / fastest bare product",
+        "ratio exact_numba / fastest bare product",
+        "exact (numpy selection) and exact_numba: identical ids and distances",
         "where exact's time goes",
         "re-scoring + ranking",
         "targets: exact / fastest bare product: 2000 x 128:",

@@ -31,12 +31,21 @@ returns (``THREAD_TIMEOUT``), and selection or re-scoring started then fought th
 isolated). The measurement behind ``auto`` times both paths this way (product and selection, one
 thread per block).
 
+The selection has two implementations with the same values (``select``, :func:`choose_select`):
+``numpy`` (:func:`top_candidates`, the levels above as numpy calls) and ``numba``
+(:mod:`embbench.retrieval._select_jit`, the same levels in one compiled loop per row: the row's
+group maxima in one vectorised pass, the few members read while the row is still in L2, the
+small steps as scalar scans instead of numpy calls with per-row overhead). ``auto`` keeps numpy
+until this process has searched :data:`JIT_MIN_SCORES` scores, since loading numba costs
+~0.5 s once per process, then uses the compiled one.
+
 Where the time goes (``benchmarks/bench_retrieval.py`` prints it for the machine it runs on, as
 "where exact's time goes"): at 20k x 768, one 838-query block on one thread of an AMD EPYC (Zen
-4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 248 ms; reading its 64 MiB
-of scores once for the group maxima 4.3 ms (1.7%: memory-bound, the scores of one call do not
-fit in cache); the rest of the selection 5.8 ms (2.3%); re-scoring and ranking 6.1 ms (2.5%).
-Taking the product in 4-16 MiB tiles to select while each tile was in cache (the previous
+4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 241 ms; the numpy
+selection 9.9 ms (reading the 64 MiB of scores once for the group maxima 4.2 ms, memory-bound:
+the scores of one call do not fit in cache; the rest 5.7 ms), the compiled one 3.7 ms (1.5%;
+``scores.max(axis=1)``, one bare read, takes 2.4 ms); re-scoring and ranking 5.6 ms (2.3%).
+Taking the product in 4-16 MiB tiles to select while each tile was in cache (an earlier
 design) measured worse: the tiles alone cost 1-2.5% (each call repacks the block's queries) and
 the selection on them ~8%.
 """
@@ -49,6 +58,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +80,17 @@ TORCH_MARGIN = 1.1  # torch is chosen only when >= 10% faster than numpy in the 
 _CALIBRATION_SHAPE = (256, 8192)  # (queries, index rows) of the timing product
 SELECT_GROUP = 16  # members per group in the first selection stage (block_candidates)
 CALIBRATION_CAND = 8  # candidates per row selected in the timing (k = 5, self, margin 2)
+SELECT_PATHS: tuple[str, ...] = ("numpy", "numba")
+# Scores a process searches before ``select="auto"`` loads the compiled selection: loading numba
+# and its cached kernel costs ~0.5 s of one core in a new process (0.15-0.2 s import, 0.3-0.45 s
+# for the first call, measured here), and the kernel saves ~0.35-0.4 ns of wall time per score
+# on 2 busy cores (20k x 20k: 0.15 s): it pays once a process has searched ~1.3e9 scores.
+JIT_MIN_SCORES = 1.5e9
 _MEMO: dict[str, str] = {}
+# This process's compiled selection: scores searched so far (the auto rule's counter), whether
+# the kernel is loaded, whether loading it failed (then auto stays on numpy).
+_jit_state: dict[str, float | bool] = {"scores": 0.0, "loaded": False, "failed": False}
+_jit_lock = threading.Lock()
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -160,14 +180,21 @@ def block_scores(path: str, queries: np.ndarray, index: np.ndarray, buf: np.ndar
 
 
 def block_candidates(
-    path: str, queries: np.ndarray, index: np.ndarray, n_cand: int, buf: np.ndarray
+    path: str,
+    queries: np.ndarray,
+    index: np.ndarray,
+    n_cand: int,
+    buf: np.ndarray,
+    select: str = "numpy",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_cand`` best fast scores of each query against ``index``, and their columns.
 
     The first step of the exact search, run on ONE thread per block (see :func:`run_blocks`):
     the block's product in one call (:func:`block_scores`, the same call as the bare product
-    the benchmark takes as the floor), then :func:`top_candidates`. The scores stay in ``buf``
-    (``(b, n)``, row per query) for the caller (widening reads them).
+    the benchmark takes as the floor), then the selection: :func:`top_candidates` (``numpy``)
+    or its compiled twin (``numba``, :mod:`embbench.retrieval._select_jit`; the same values,
+    used where :func:`jit_applies`). The scores stay in ``buf`` (``(b, n)``, row per query) for
+    the caller (widening reads them).
 
     Args:
         path: The product path (:func:`matmul_into`).
@@ -175,12 +202,94 @@ def block_candidates(
         index: ``(n, d)`` float32 index vectors.
         n_cand: Candidates per query (clamped to ``n``).
         buf: 1-D float32 scratch of :func:`score_buffer` ``(b, n)`` elements (or more).
+        select: The selection path, ``numpy`` or ``numba`` (see :func:`choose_select`).
 
     Returns:
         ``(values, columns)``: float32 and int64 arrays ``(b, min(n_cand, n))``, unsorted;
         ``columns`` are index positions.
     """
-    return top_candidates(block_scores(path, queries, index, buf), n_cand)
+    scores = block_scores(path, queries, index, buf)
+    if select == "numba" and jit_applies(index.shape[0], n_cand):
+        return _jit().top_candidates(scores, n_cand)
+    return top_candidates(scores, n_cand)
+
+
+def jit_applies(n: int, n_cand: int) -> bool:
+    """Whether the compiled selection serves ``n_cand`` candidates among ``n`` columns.
+
+    It needs at least ``n_cand`` groups of groups (``n // 256``); below that the numpy levels
+    search the rows directly anyway.
+    """
+    return n // (SELECT_GROUP * SELECT_GROUP) >= n_cand
+
+
+def _jit():  # the compiled selection module, imported (and numba loaded) on first use
+    import embbench.retrieval._select_jit as jit
+
+    return jit
+
+
+def choose_select(select: str, n: int, n_scores: float, n_cand: int) -> str:
+    """The selection path of one search: ``numpy`` or ``numba``.
+
+    ``auto`` (the default): ``numba`` once the compiled kernel is loaded in this process, or
+    once this process's searches, this one included, reach :data:`JIT_MIN_SCORES` scores
+    (loading it costs more than it saves before that); ``numpy`` otherwise, where the compiled
+    selection does not apply (:func:`jit_applies`), or where numba cannot be imported (logged
+    once). ``numba`` forces it (an ImportError says what to install), ``numpy`` forbids it.
+    Both give the same values, and the exact search the same ids and distances (tested).
+
+    Args:
+        select: ``auto``, ``numpy`` or ``numba``.
+        n: Index rows.
+        n_scores: Scores this search computes (queries x index rows).
+        n_cand: Candidates per query.
+    """
+    if select not in ("auto", *SELECT_PATHS):
+        raise ValueError(f"select must be 'auto' or one of {SELECT_PATHS}, got {select!r}")
+    with _jit_lock:
+        _jit_state["scores"] += n_scores
+        if select == "numpy" or not jit_applies(n, n_cand):
+            return "numpy"
+        if select == "numba":
+            if not _jit_state["loaded"]:
+                try:
+                    _load_jit()
+                except ImportError as exc:
+                    raise ImportError(
+                        f"select='numba' needs numba ({exc}); install it (pip install numba) "
+                        "or use select='auto'"
+                    ) from exc
+            return "numba"
+        if _jit_state["loaded"]:
+            return "numba"
+        if _jit_state["failed"] or _jit_state["scores"] < JIT_MIN_SCORES:
+            return "numpy"
+        try:
+            seconds = _load_jit()
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the numpy path still serves
+            _jit_state["failed"] = True
+            logger.warning("exact search: compiled selection unavailable (%s); using numpy", exc)
+            return "numpy"
+        logger.info(
+            "exact search: %.2g scores searched in this process; compiled selection (numba) "
+            "loaded in %.2f s",
+            _jit_state["scores"],
+            seconds,
+        )
+        return "numba"
+
+
+def _load_jit() -> float:
+    """Import the compiled selection and run it once (numba compiles it or loads its cache).
+
+    Returns:
+        The seconds it took.
+    """
+    t0 = time.perf_counter()
+    _jit().top_candidates(np.zeros((1, SELECT_GROUP * SELECT_GROUP), dtype=np.float32), 1)
+    _jit_state["loaded"] = True
+    return time.perf_counter() - t0
 
 
 def search_workers(threads: int | None) -> int:

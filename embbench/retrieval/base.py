@@ -143,10 +143,16 @@ class SearchBackend(abc.ABC):
 
 
 def check_unit(arr: np.ndarray, what: str) -> float:
-    """Raise unless rows are L2-normalised; return the largest row norm."""
+    """Raise unless rows are L2-normalised; return the largest row norm.
+
+    The squared norms accumulate in float32 (one pass, no temporary): a check to
+    :data:`UNIT_NORM_TOL` and a bound that the search's tolerance takes with 1% slack need no
+    more, and it is ~5x faster than :func:`row_norms`' float64 (2.9 against 15.4 ms at
+    20k x 768, serial before every exact search).
+    """
     if arr.shape[0] == 0:
         return 1.0
-    norms = row_norms(arr)
+    norms = np.sqrt(np.einsum("ij,ij->i", arr, arr), dtype=np.float64)
     worst = float(np.abs(norms - 1.0).max())
     if worst > UNIT_NORM_TOL:
         raise ValueError(

@@ -3,7 +3,8 @@
 Queries are split into blocks; each block is searched start to finish by ONE worker thread
 (``threads`` of them, :func:`embbench.retrieval._matmul.run_blocks`) with BLAS and torch limited
 to one thread: the block's product in one call, then an exact top-k by levels of group maxima
-(:func:`~embbench.retrieval._matmul.block_candidates`), then ``k (+1) + margin`` candidates
+(:func:`~embbench.retrieval._matmul.block_candidates`; numpy, or compiled by numba once a
+process has searched enough to pay for loading it), then ``k (+1) + margin`` candidates
 per query are re-scored canonically and ranked by (score desc, id asc), so ids and distances
 are identical whatever the path, block or threads. The only large temporaries are one
 ``(block, n)`` float32 score buffer per worker.
@@ -25,8 +26,10 @@ import numpy as np
 
 from embbench.retrieval._matmul import (
     MATMUL_PATHS,
+    SELECT_PATHS,
     block_candidates,
     choose_matmul,
+    choose_select,
     run_blocks,
     score_buffer,
     search_workers,
@@ -65,6 +68,10 @@ class ExactBackend(SearchBackend):
             worker) when ``block_size`` is ``None`` (clamped to 64..4096 rows).
         matmul: Product path: ``auto`` (fastest here, measured once and cached per machine),
             ``numpy`` (OpenBLAS) or ``torch`` (MKL). Results are identical across paths.
+        select: Candidate selection: ``auto`` (the compiled kernel once this process has
+            searched enough scores to pay for loading it, see
+            :func:`~embbench.retrieval._matmul.choose_select`), ``numpy`` or ``numba``.
+            Results are identical across paths.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class ExactBackend(SearchBackend):
         margin: int = 2,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
         matmul: str = "auto",
+        select: str = "auto",
     ) -> None:
         if block_size is not None and block_size < 1:
             raise ValueError(f"ExactBackend: block_size must be >= 1, got {block_size}")
@@ -85,18 +93,24 @@ class ExactBackend(SearchBackend):
             raise ValueError(
                 f"ExactBackend: matmul must be 'auto' or one of {MATMUL_PATHS}, got {matmul!r}"
             )
+        if select != "auto" and select not in SELECT_PATHS:
+            raise ValueError(
+                f"ExactBackend: select must be 'auto' or one of {SELECT_PATHS}, got {select!r}"
+            )
         self.block_size = block_size
         self.threads = threads
         self.margin = int(margin)
         self.max_block_bytes = int(max_block_bytes)
         self.matmul = matmul
+        self.select = select
         self.n_widened = 0  # rows whose candidate set had to be widened (last search)
         self.last_matmul = ""  # the product path the last search used
+        self.last_select = ""  # the selection path the last search used
 
     def __repr__(self) -> str:
         return (
             f"ExactBackend(block_size={self.block_size}, threads={self.threads}, "
-            f"margin={self.margin}, matmul={self.matmul!r})"
+            f"margin={self.margin}, matmul={self.matmul!r}, select={self.select!r})"
         )
 
     def rows_per_block(self, n: int) -> int:
@@ -120,6 +134,8 @@ class ExactBackend(SearchBackend):
         if path == "auto":
             path = choose_matmul(idx.shape[1], self.threads, 2.0 * n * nq * idx.shape[1])
         self.last_matmul = path
+        select = choose_select(self.select, n, float(n) * nq, n_cand)
+        self.last_select = select
         workers = search_workers(self.threads)
         bufs: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # one score buffer per worker
         for _ in range(min(workers, -(-nq // block))):
@@ -130,7 +146,7 @@ class ExactBackend(SearchBackend):
             qb = qry[start:stop]
             buf = bufs.get()
             try:
-                vals, cand = block_candidates(path, qb, idx, n_cand, buf)
+                vals, cand = block_candidates(path, qb, idx, n_cand, buf, select)
                 fast = buf[: qb.shape[0] * n].reshape(qb.shape[0], n)  # the block's scores
                 ids_b, sc_b, widened = self._rank(fast, qb, idx, vals, cand, kk, tol, start, qids)
             finally:
