@@ -306,6 +306,28 @@ def test_compiled_selection_equals_topk(n, ties):
         _select_jit.top_candidates(s[:, :300], 2)
 
 
+def test_compiled_selection_without_a_cache_location_compiles_in_process():
+    # A read-only install and home: numba refuses cache=True when the function is defined;
+    # the kernel is compiled uncached instead (one warning), and selects the same values.
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, numpy as np, numba.core.caching as c\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "c.CacheImpl._locator_classes = []\n"
+        "from embbench.retrieval import _select_jit as sj\n"
+        "s = np.random.default_rng(0).standard_normal((3, 4096)).astype(np.float32)\n"
+        "v, _ = sj.top_candidates(s, 4)\n"
+        "assert (np.sort(v, 1)[:, ::-1] == -np.sort(-s, 1)[:, :4]).all()\n"
+        "print(sj._uncached)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "top_candidates_rows" in proc.stdout
+    assert proc.stderr.count("no locator available") == 1, proc.stderr
+
+
 def test_choose_select_loads_the_compiled_kernel_once_it_pays(monkeypatch, caplog):
     from embbench.retrieval import _matmul
 
@@ -374,6 +396,46 @@ def test_exact_over_many_blocks_matches_full_sort(data):
         ref_ids, ref_d = ref_search(x, x[sub], 5, self_ids=sub)
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(dists, ref_d, atol=1e-6)
+
+
+def test_rank_rows_equals_select_top():
+    # The fixed-shape ranking: the same (score desc, id asc) order and padding as the flat one,
+    # with many exact ties, entries that are not candidates (-inf) and rows with fewer than k.
+    from embbench.retrieval.base import rank_rows, select_top
+
+    rng = np.random.default_rng(5)
+    b, c = 60, 9
+    cols = np.stack([rng.permutation(50)[:c] for _ in range(b)])
+    scores = np.round(rng.standard_normal((b, c)), 1).astype(np.float32)
+    scores[rng.random((b, c)) < 0.3] = -np.inf
+    scores[:3] = -np.inf  # rows with no candidate at all
+    for k in (1, 4, 12):
+        ids, sc = rank_rows(cols, scores, k)
+        rows, cpos = np.nonzero(np.isfinite(scores))
+        ref_ids, ref_sc = select_top(rows, cols[rows, cpos], scores[rows, cpos], b, k, None)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(sc, ref_sc)
+
+
+def test_within_never_rescores_the_query_itself(monkeypatch):
+    # Under protocol within the query is masked out of its candidates: k pairs per row are
+    # re-scored, not k + 1, and the results still equal the full sort.
+    from embbench.retrieval import base, exact
+
+    x, _ = clustered(4, n=400, d=16, dups=0)
+    seen = []
+
+    def counting(queries, index, cand):
+        seen.append(cand.size)
+        return base.candidate_scores(queries, index, cand)
+
+    monkeypatch.setattr(exact, "candidate_scores", counting)
+    be = ExactBackend(threads=1)
+    ids, dists = be.search(x, x, 5, query_ids=np.arange(len(x)))
+    ref_ids, ref_d = ref_search(x, x, 5, self_ids=np.arange(len(x)))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(dists, ref_d, atol=1e-6)
+    assert sum(seen) == 5 * len(x)
 
 
 def test_candidate_scores_equal_pair_scores_bit_for_bit():

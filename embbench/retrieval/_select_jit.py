@@ -20,13 +20,38 @@ when writable, else numba's per-user cache directory; ``NUMBA_CACHE_DIR`` overri
 
 from __future__ import annotations
 
+import logging
+
 import numba as nb
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 GROUP = 16  # members per group, at both levels
+_uncached: list[str] = []  # kernels numba could not cache (no writable cache location)
 
 
-@nb.njit(nogil=True, boundscheck=False, cache=True)
+def _compiled(fn):
+    """``numba.njit`` (no GIL, no bounds checks), cached on disk where numba finds a place.
+
+    With no writable cache location (a read-only install and home directory) numba refuses
+    ``cache=True`` when the function is defined; the kernel is then compiled in each process
+    (~1.3 s) instead of failing.
+    """
+    try:
+        return nb.njit(nogil=True, boundscheck=False, cache=True)(fn)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        if not _uncached:
+            logger.warning(
+                "compiled selection: %s; compiling it in this process (set NUMBA_CACHE_DIR to "
+                "a writable folder to cache it)",
+                exc,
+            )
+        _uncached.append(fn.__name__)
+        return nb.njit(nogil=True, boundscheck=False)(fn)
+
+
+@_compiled
 def _best(values, ids, size, c, out_v, out_i):
     """The ``c`` largest of ``values[:size]`` (``size >= c``) into ``out_v``/``out_i``.
 
@@ -51,7 +76,7 @@ def _best(values, ids, size, c, out_v, out_i):
     return out_v[lo]
 
 
-@nb.njit(nogil=True, boundscheck=False, cache=True)
+@_compiled
 def _strided_maxima(src, g, out):
     """``out[j] = max(src[j + m g] for m in range(GROUP))`` for ``j < g`` (vectorised)."""
     for j in range(g):
@@ -63,7 +88,7 @@ def _strided_maxima(src, g, out):
             out[j] = x if x > out[j] else out[j]
 
 
-@nb.njit(nogil=True, boundscheck=False, cache=True)
+@_compiled
 def _collect(src, starts, n_starts, stride, bound, tail_from, tail_to, buf_v, buf_i):
     """The members of groups ``starts`` and the columns in no group that reach ``bound``.
 
@@ -91,7 +116,7 @@ def _collect(src, starts, n_starts, stride, bound, tail_from, tail_to, buf_v, bu
     return size
 
 
-@nb.njit(nogil=True, boundscheck=False, cache=True)
+@_compiled
 def top_candidates_rows(scores, c, vals, cols):
     """Each row's ``c`` largest values and their columns into ``vals``/``cols`` (unsorted).
 

@@ -39,6 +39,7 @@ from embbench.retrieval.base import (
     candidate_scores,
     kth_score,
     pair_scores,
+    rank_rows,
     register_backend,
     select_top,
     to_sq_l2,
@@ -177,47 +178,57 @@ class ExactBackend(SearchBackend):
         """Re-score one block's candidates canonically and rank them; widen boundary ties.
 
         ``fast`` is the block's ``(b, n)`` fast score matrix, still in the worker's buffer.
+        Under ``within`` the query itself is masked out of its candidates first (it is never a
+        result, so it is neither re-scored nor ranked), and the ``k`` best others are
+        re-scored. Rows are ranked in place, (score desc, id asc) over the ``(b, c)``
+        candidate matrix; only widened rows go through the flat :func:`select_top`.
         """
         b, n_cand = cand.shape
-        k = kk - (1 if qids is not None else 0)
-        m = min(kk, n_cand)
-        canon_bc, need = self._rescore(qb, idx, vals, cand, m, tol)
-        rows, cpos = np.nonzero(need)
-        cols = cand[rows, cpos]
-        canon = canon_bc[rows, cpos]
+        sids = qids[start : start + b] if qids is not None else None
+        k = kk - (1 if sids is not None else 0)
+        v_min = vals.min(axis=1)  # no unfetched item has a higher fast score, the query's own
+        own = None
+        if sids is not None:
+            own = cand == sids[:, None]
+            vals = np.where(own, np.float32(-np.inf), vals)
+        m = min(k, n_cand)
+        canon = self._rescore(qb, idx, vals, cand, m, tol)
+        if own is not None:
+            canon[own] = -np.inf  # scored where every candidate was (a tiny index)
+        ids_b, sc_b = rank_rows(cand, canon, k)
         widened = 0
         if n_cand < idx.shape[0]:
-            kth = kth_score(canon_bc, m)
-            widen = np.flatnonzero(vals.min(axis=1) + tol >= kth)
+            kth = kth_score(canon, m)  # the k-th best re-scored score, the query's own aside
+            widen = np.flatnonzero(v_min + tol >= kth)
             if widen.size:
                 widened = int(widen.size)
-                rows, cols, canon = self._widen(fast, qb, idx, widen, kth, tol, rows, cols, canon)
-        sids = qids[start : start + b] if qids is not None else None
-        ids_b, sc_b = select_top(rows, cols, canon, b, k, sids)
+                rows, cols, w_canon = self._widen(fast, qb, idx, widen, kth, tol)
+                w_sids = sids[widen] if sids is not None else None
+                ids_b[widen], sc_b[widen] = select_top(rows, cols, w_canon, widen.size, k, w_sids)
         return ids_b, sc_b, widened
 
     @staticmethod
     def _rescore(
         qb: np.ndarray, idx: np.ndarray, vals: np.ndarray, cand: np.ndarray, m: int, tol: float
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> np.ndarray:
         """Canonical scores of the candidates that can be among a row's ``m`` best.
 
         A candidate whose fast score is more than ``2 tol`` below the row's ``m``-th best fast
         score is canonically below ``m`` others (each fast score is within ``tol`` of its
         canonical one), so it can be neither among the results nor a tie with them: it is not
-        re-scored (at 20k x 768, k = 5, ``within``: ~6 of 8 candidates are). The ``m`` best by
+        re-scored (at 20k x 768, k = 5, ``within``: ~5 of 8 candidates are). The ``m`` best by
         fast score of every row are re-scored together (:func:`candidate_scores`), the few
         others that qualify pair by pair (:func:`pair_scores`, the same kernel).
 
         Returns:
-            ``(canon, need)``: ``(b, c)`` canonical scores (``-inf`` where not re-scored) and
-            the mask of the re-scored candidates.
+            ``(b, c)`` canonical scores, ``-inf`` where not re-scored (``vals`` of ``-inf``,
+            candidates masked out, are re-scored only when every candidate is).
         """
         b, c = cand.shape
         canon = np.full((b, c), -np.inf, dtype=np.float32)
         if m >= c:
             canon[:] = candidate_scores(qb, idx, cand)
-            return canon, np.ones((b, c), dtype=bool)
+            return canon
         order = np.argsort(-vals, axis=1, kind="stable")
         head = order[:, :m]  # the m best fast scores of each row
         np.put_along_axis(
@@ -228,7 +239,7 @@ class ExactBackend(SearchBackend):
         er, ec = np.nonzero(need & np.isneginf(canon))
         if er.size:
             canon[er, ec] = pair_scores(qb, idx, er, cand[er, ec])
-        return canon, need | np.isfinite(canon)
+        return canon
 
     def _widen(
         self,
@@ -238,25 +249,19 @@ class ExactBackend(SearchBackend):
         widen: np.ndarray,
         kth: np.ndarray,
         tol: float,
-        rows: np.ndarray,
-        cols: np.ndarray,
-        canon: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Replace the candidates of rows ``widen`` by every item that could tie or beat kth.
+        """Every item that could tie or beat ``kth`` in rows ``widen``, re-scored canonically.
 
         Their fast scores are read from the block's score matrix ``fast`` (still in the
         worker's buffer): any float32 product is within ``tol`` of the
         canonical score. Computing them again instead (a product of a few queries against the
         whole index) streamed the index from memory once per block that had a widened row:
         ~17 ms per 838-query block at 20k x 768, ~7% of the block's product.
+
+        Returns:
+            ``(rows, cols, canon)``: positions in ``widen``, index ids and canonical scores.
         """
         thr = (kth[widen] - np.float32(tol)).astype(np.float32)
         r, c = np.nonzero(fast[widen] >= thr[:, None])
-        wr, wc = widen[r], c.astype(np.int64)
-        w_canon = pair_scores(qb, idx, wr, wc)
-        keep = ~np.isin(rows, widen)
-        return (
-            np.concatenate([rows[keep], wr]),
-            np.concatenate([cols[keep], wc]),
-            np.concatenate([canon[keep], w_canon]),
-        )
+        cols = c.astype(np.int64)
+        return r, cols, pair_scores(qb, idx, widen[r], cols)
