@@ -82,9 +82,10 @@ SELECT_GROUP = 16  # members per group in the first selection stage (block_candi
 CALIBRATION_CAND = 8  # candidates per row selected in the timing (k = 5, self, margin 2)
 SELECT_PATHS: tuple[str, ...] = ("numpy", "numba")
 # Scores a process searches before ``select="auto"`` loads the compiled selection: loading numba
-# and its cached kernel costs ~0.5 s of one core in a new process (0.15-0.2 s import, 0.3-0.45 s
-# for the first call, measured here), and the kernel saves ~0.35-0.4 ns of wall time per score
-# on 2 busy cores (20k x 20k: 0.15 s): it pays once a process has searched ~1.3e9 scores.
+# (with the scipy it imports) and its cached kernel costs ~0.5 s of one core in a new process
+# (0.15-0.2 s import, 0.3 s for the first call) and ~120 MB of memory, measured here; the kernel
+# saved 0.07-0.12 s of wall time on a 20k x 20k search on 2 cores (~0.2-0.3 ns per score), so
+# it pays once a process has searched ~1.5-2.5e9 scores (a 40-50k catalogue searched once).
 JIT_MIN_SCORES = 1.5e9
 _MEMO: dict[str, str] = {}
 # This process's compiled selection: scores searched so far (the auto rule's counter), whether
