@@ -503,8 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def _one_size(args: argparse.Namespace) -> float:
-    """The whole comparison at ``args.n`` vectors; returns exact / fastest bare product."""
+def _one_size(args: argparse.Namespace) -> dict[str, float]:
+    """The whole comparison at ``args.n`` vectors; returns each exact / fastest bare product."""
     import numpy as np
 
     print(f"\n===== {args.n} x {args.dim} =====")
@@ -547,7 +547,7 @@ def _one_size(args: argparse.Namespace) -> float:
     return _report(args, runs, ids, dists, met)
 
 
-def _report(args, runs, ids, dists, met) -> float:
+def _report(args, runs, ids, dists, met) -> dict[str, float]:
     import numpy as np
 
     print("\nBLAS libraries and kernels seen by each child (threadpoolctl):")

@@ -245,6 +245,9 @@ def choose_select(select: str, n: int, n_scores: float, n_cand: int) -> str:
         n: Index rows.
         n_scores: Scores this search computes (queries x index rows).
         n_cand: Candidates per query.
+
+    Returns:
+        ``numpy`` or ``numba``, what :func:`block_candidates` is to use for this search.
     """
     if select not in ("auto", *SELECT_PATHS):
         raise ValueError(f"select must be 'auto' or one of {SELECT_PATHS}, got {select!r}")

@@ -4,10 +4,11 @@ Queries are split into blocks; each block is searched start to finish by ONE wor
 (``threads`` of them, :func:`embbench.retrieval._matmul.run_blocks`) with BLAS and torch limited
 to one thread: the block's product in one call, then an exact top-k by levels of group maxima
 (:func:`~embbench.retrieval._matmul.block_candidates`; numpy, or compiled by numba once a
-process has searched enough to pay for loading it), then ``k (+1) + margin`` candidates
-per query are re-scored canonically and ranked by (score desc, id asc), so ids and distances
-are identical whatever the path, block or threads. The only large temporaries are one
-``(block, n)`` float32 score buffer per worker.
+process has searched enough to pay for loading it) fetches ``k (+1) + margin`` candidates per
+query, then the ``k`` best of them by fast score (the query itself aside, and any others within
+the tolerance of the ``k``-th) are re-scored canonically and ranked by (score desc, id asc), so
+ids and distances are identical whatever the path, block or threads. The only large
+temporaries are one ``(block, n)`` float32 score buffer per worker.
 
 Why one BLAS thread per block rather than a multi-threaded BLAS call per block: after a
 threaded OpenBLAS call its worker threads keep spinning (``THREAD_TIMEOUT``), so whatever runs
@@ -186,7 +187,7 @@ class ExactBackend(SearchBackend):
         b, n_cand = cand.shape
         sids = qids[start : start + b] if qids is not None else None
         k = kk - (1 if sids is not None else 0)
-        v_min = vals.min(axis=1)  # no unfetched item has a higher fast score, the query's own
+        v_min = vals.min(axis=1)  # no unfetched item scores higher (the query's own counts)
         own = None
         if sids is not None:
             own = cand == sids[:, None]
