@@ -41,10 +41,10 @@ until this process has searched :data:`JIT_MIN_SCORES` scores, since loading num
 
 Where the time goes (``benchmarks/bench_retrieval.py`` prints it for the machine it runs on, as
 "where exact's time goes"): at 20k x 768, one 838-query block on one thread of an AMD EPYC (Zen
-4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 241 ms; the numpy
-selection 9.9 ms (reading the 64 MiB of scores once for the group maxima 4.2 ms, memory-bound:
-the scores of one call do not fit in cache; the rest 5.7 ms), the compiled one 3.7 ms (1.5%;
-``scores.max(axis=1)``, one bare read, takes 2.4 ms); re-scoring and ranking 5.6 ms (2.3%).
+4, OpenBLAS SkylakeX kernels), in thread CPU time, the product took 243 ms; the numpy
+selection 10.1 ms (reading the 64 MiB of scores once for the group maxima 4.7 ms, memory-bound:
+the scores of one call do not fit in cache; the rest 5.4 ms), the compiled one 3.7 ms (1.5%;
+``scores.max(axis=1)``, one bare read, takes 2.4 ms); re-scoring and ranking 4.7 ms (1.9%).
 Taking the product in 4-16 MiB tiles to select while each tile was in cache (an earlier
 design) measured worse: the tiles alone cost 1-2.5% (each call repacks the block's queries) and
 the selection on them ~8%.
