@@ -55,7 +55,8 @@ def _compiled(fn):
 def _best(values, ids, size, c, out_v, out_i):
     """The ``c`` largest of ``values[:size]`` (``size >= c``) into ``out_v``/``out_i``.
 
-    Returns the smallest value kept (ties with it may be left out: callers treat them alike).
+    Returns:
+        The smallest value kept (values equal to it may be left out: callers treat them alike).
     """
     for i in range(c):
         out_v[i] = values[i]
