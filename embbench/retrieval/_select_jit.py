@@ -25,11 +25,10 @@ import logging
 import numba as nb
 import numpy as np
 
-from embbench.retrieval._matmul import SELECT_GROUP as GROUP  # members per group, both levels
-from embbench.retrieval._matmul import jit_applies
-
 logger = logging.getLogger(__name__)
 
+GROUP = 16  # members per group, at both levels: _matmul.SELECT_GROUP (not imported from
+# there: _matmul imports this module, and the package keeps no import cycles)
 _uncached: list[str] = []  # kernels numba could not cache (no writable cache location)
 
 
@@ -178,7 +177,7 @@ def top_candidates(scores: np.ndarray, n_cand: int) -> tuple[np.ndarray, np.ndar
         ``(values, columns)``: float32 and int64 arrays ``(b, n_cand)``, unsorted.
     """
     b, n = scores.shape
-    if not jit_applies(n, n_cand):
+    if n // (GROUP * GROUP) < n_cand:
         raise ValueError(f"compiled selection needs n // 256 >= n_cand, got n={n}, {n_cand=}")
     vals = np.empty((b, n_cand), dtype=np.float32)
     cols = np.empty((b, n_cand), dtype=np.int64)
